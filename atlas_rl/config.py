@@ -1,0 +1,46 @@
+"""Configuration dataclasses (TRL style: every field documented in ``metadata["help"]``, checked in
+``__post_init__`` with a message that says what to change)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EngineConfig:
+    """Settings of :class:`atlas_rl.rollout.RolloutEngine`.
+
+    Parameters:
+        num_speculative_tokens: draft length k of the fixed-k mode (0 = plain decoding).
+        max_rows: rows decoded at once; None decodes every row of a ``generate`` call together.
+        prefill_chunk_tokens: upper bound of (rows x padded prompt length) per prefill forward.
+        progress: show a progress bar over completion tokens.
+        reuse_cache: keep the preallocated KV cache between ``generate`` calls when it is large enough.
+    """
+
+    num_speculative_tokens: int = field(
+        default=4,
+        metadata={"help": "Draft length k for the fixed-k mode (0 disables speculation: plain decoding)."},
+    )
+    max_rows: int | None = field(
+        default=None,
+        metadata={"help": "Rows decoded concurrently; None = all rows of the call. Lower it to bound memory."},
+    )
+    prefill_chunk_tokens: int = field(
+        default=8192,
+        metadata={"help": "Max rows x padded prompt tokens in one prefill forward (bounds activation memory)."},
+    )
+    progress: bool = field(default=False, metadata={"help": "Show a tqdm progress bar over completion tokens."})
+    reuse_cache: bool = field(
+        default=True,
+        metadata={"help": "Keep the preallocated KV cache between generate() calls when it is large enough."},
+    )
+
+    def __post_init__(self) -> None:
+        k = self.num_speculative_tokens
+        if isinstance(k, bool) or not isinstance(k, int) or not (0 <= k <= 64):
+            raise ValueError(f"num_speculative_tokens must be an int in [0, 64], got {k!r}")
+        if self.max_rows is not None and (not isinstance(self.max_rows, int) or self.max_rows < 1):
+            raise ValueError(f"max_rows must be None or an int >= 1, got {self.max_rows!r}")
+        if not isinstance(self.prefill_chunk_tokens, int) or self.prefill_chunk_tokens < 1:
+            raise ValueError(f"prefill_chunk_tokens must be an int >= 1, got {self.prefill_chunk_tokens!r}")

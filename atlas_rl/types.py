@@ -1,0 +1,428 @@
+"""Plain data types shared by every part of atlas-rl.
+
+Vocabulary (fixed for the whole project, see DESIGN.md):
+
+* a *draft* is a chain of tokens proposed by a speculator;
+* *accepted* tokens are draft tokens the verifier kept;
+* after the first rejection the verifier emits one *recovered* token (sampled from the residual
+  distribution); when every draft token was accepted it emits one *bonus* token;
+* ``target_probs`` / ``draft_probs`` are the processed (temperature, top-k, top-p) distributions of
+  the target model and of the speculator — never "p" and "q";
+* **mean acceptance length** = tokens emitted per target verification forward of a sequence, the
+  bonus/recovered token included (1.0 means speculation gained nothing).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How tokens are sampled; applied identically to the target and to every draft distribution.
+
+    Args:
+        temperature: 0 means greedy (argmax) decoding; otherwise logits are divided by it.
+        top_k: keep the ``top_k`` most likely tokens; 0 (or -1) disables it.
+        top_p: nucleus sampling; keep the smallest set of tokens whose mass reaches ``top_p``; 1.0 disables it.
+        max_new_tokens: hard upper bound of completion tokens per sequence.
+        stop_token_ids: extra token ids that end a sequence (the stop token is kept in the completion).
+        ignore_eos: if False (default) the model's EOS token ids also end a sequence.
+        seed: makes sampling reproducible (one generator per sequence, derived from the seed and the
+            sequence's index in the batch); None draws fresh randomness.
+
+    Logprobs returned by the engine are ``log_softmax`` of the *processed* logits (``logits / temperature``
+    with top-k/top-p filtered tokens at -inf), i.e. the log-probability of the distribution the token was
+    sampled from. With ``top_k=0, top_p=1`` this is exactly TRL's recompute ``log_softmax(logits / T)``
+    (and vLLM's ``logprobs_mode="processed_logprobs"``). For greedy decoding (T=0) it is
+    ``log_softmax(logits)``.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {t!r}")
+        k = self.top_k
+        if isinstance(k, bool) or not isinstance(k, int) or k < -1:
+            raise ValueError(f"top_k must be an int >= 0 (0 or -1 disables it), got {k!r}")
+        if k == -1:
+            object.__setattr__(self, "top_k", 0)
+        p = self.top_p
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0.0 < p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1] (1.0 disables it), got {p!r}")
+        m = self.max_new_tokens
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {m!r}")
+        stops = self.stop_token_ids
+        if stops is None:
+            stops = ()
+        if isinstance(stops, int):
+            stops = (stops,)
+        try:
+            stops = tuple(stops)
+        except TypeError:
+            raise ValueError(f"stop_token_ids must be a sequence of ints, got {self.stop_token_ids!r}") from None
+        for s in stops:
+            if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+                raise ValueError(f"stop_token_ids must hold non-negative ints, got {s!r} in {stops!r}")
+        object.__setattr__(self, "stop_token_ids", stops)
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Draft:
+    """A chain of proposed tokens for one sequence.
+
+    ``draft_probs`` is ``[len(token_ids), vocab_size]`` — the processed draft distribution each token was
+    drawn from — or None for model-free speculators whose drafts are one-hot (deterministic).
+    ``confidence`` holds one number in [0, 1] per token: the speculator's own estimate that the token will
+    be accepted given that the previous ones were.
+    """
+
+    token_ids: list[int]
+    draft_probs: torch.Tensor | None = None  # [len(token_ids), vocab_size] or None (one-hot)
+    confidence: list[float] = field(default_factory=list)
+    speculator: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.confidence:
+            self.confidence = [1.0] * len(self.token_ids)
+        if len(self.confidence) != len(self.token_ids):
+            raise ValueError(f"Draft has {len(self.token_ids)} tokens but {len(self.confidence)} confidence values")
+        if self.draft_probs is not None and self.draft_probs.shape[0] != len(self.token_ids):
+            raise ValueError(
+                f"draft_probs has {self.draft_probs.shape[0]} rows for {len(self.token_ids)} draft tokens"
+            )
+
+    def truncate(self, n: int) -> Draft:
+        """The first ``n`` tokens of this draft."""
+        if n >= len(self.token_ids):
+            return self
+        return Draft(
+            token_ids=self.token_ids[:n],
+            draft_probs=None if self.draft_probs is None else self.draft_probs[:n],
+            confidence=self.confidence[:n],
+            speculator=self.speculator,
+        )
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class ProposeInput:
+    """What a speculator sees of the rows it drafts for, in one engine step.
+
+    ``token_ids[i]`` is the full sequence of row i so far (prompt + emitted tokens, the last one being the
+    *pending* token that is not yet in the target's KV cache). It is the engine's own list: read it, never
+    modify it.
+
+    ``hidden_states``, when the speculator asked for target features (``Speculator.hidden_layers``), maps
+    each requested layer (HF ``hidden_states`` index: 0 = embeddings, l = after decoder layer l, -1 = final
+    normed output) to ``[n, m, hidden]``: the target's features at the ``num_new[i]`` positions of the last
+    forward(s) that lie on the sequence and produced the tokens emitted since the previous step (for the
+    first step: the whole prompt), left-aligned and padded to ``m``. ``token_ids[i][-num_new[i]:]`` are
+    the tokens those positions produced.
+    """
+
+    row_ids: list[int]
+    group_ids: list[int]
+    token_ids: list[list[int]]
+    hidden_states: dict[int, torch.Tensor] | None = None  # layer -> [n, m, hidden]
+    num_new: list[int] | None = None
+    sampling: SamplingParams | None = None
+
+    def __len__(self) -> int:
+        return len(self.row_ids)
+
+
+@dataclass
+class VerifyResult:
+    """Output of a verifier for a batch of n rows with drafts padded to K tokens.
+
+    ``num_accepted[i]`` draft tokens of row i were accepted; row i emits ``num_accepted[i] + 1`` tokens:
+    ``output_ids[i, :num_accepted[i] + 1]`` (accepted drafts, then the recovered or bonus token), with
+    ``logprobs`` the target's processed log-probabilities of those tokens.
+    """
+
+    num_accepted: torch.Tensor  # [n] long
+    output_ids: torch.Tensor  # [n, K+1] long, valid up to num_accepted + 1
+    logprobs: torch.Tensor  # [n, K+1] float, valid up to num_accepted + 1
+
+
+@dataclass
+class CaptureRecord:
+    """One verification forward as seen by the opt-in capture hook (training data for learned speculators).
+
+    For row i, positions ``0 .. num_valid[i]-1`` of the forward lie on the final sequence: position j's
+    input token is ``input_ids[i, j]`` and the target's output there predicted ``next_ids[i, j]`` (the token
+    actually emitted after it). Positions past ``num_valid[i]`` held rejected drafts or padding.
+    Tensors are the engine's own (not copied): copy what you keep.
+    """
+
+    policy_version: int
+    row_ids: list[int]
+    input_ids: torch.Tensor  # [n, q] long
+    next_ids: torch.Tensor  # [n, q] long (valid up to num_valid)
+    num_valid: torch.Tensor  # [n] long
+    positions: torch.Tensor  # [n, q] long, absolute positions in each sequence
+    hidden_states: dict[int, torch.Tensor]  # layer index -> [n, q, hidden]; -1 is the final-norm output
+    target_logits: torch.Tensor  # [n, q, vocab] raw (unprocessed) logits
+    sampling: SamplingParams
+    is_prefill: bool = False
+
+
+@dataclass
+class SpeculatorStats:
+    """Counters of one speculator (vLLM's names)."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_emitted_tokens: int = 0  # tokens emitted by rows that used this speculator (bonus/recovered included)
+    num_row_forwards: int = 0  # verification forwards of rows that used this speculator
+    num_accepted_tokens_per_pos: list[int] = field(default_factory=list)
+    num_draft_tokens_per_pos: list[int] = field(default_factory=list)
+    propose_s: float = 0.0
+
+    def add_position_counts(self, draft_len: int, accepted: int) -> None:
+        while len(self.num_draft_tokens_per_pos) < draft_len:
+            self.num_draft_tokens_per_pos.append(0)
+            self.num_accepted_tokens_per_pos.append(0)
+        for j in range(draft_len):
+            self.num_draft_tokens_per_pos[j] += 1
+            if j < accepted:
+                self.num_accepted_tokens_per_pos[j] += 1
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        return self.num_emitted_tokens / self.num_row_forwards if self.num_row_forwards else float("nan")
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else float("nan")
+
+    def merge(self, other: SpeculatorStats) -> None:
+        self.num_drafts += other.num_drafts
+        self.num_draft_tokens += other.num_draft_tokens
+        self.num_accepted_tokens += other.num_accepted_tokens
+        self.num_emitted_tokens += other.num_emitted_tokens
+        self.num_row_forwards += other.num_row_forwards
+        self.propose_s += other.propose_s
+        n = max(len(self.num_draft_tokens_per_pos), len(other.num_draft_tokens_per_pos))
+        for lst in (self.num_draft_tokens_per_pos, self.num_accepted_tokens_per_pos):
+            lst.extend([0] * (n - len(lst)))
+        for j, v in enumerate(other.num_draft_tokens_per_pos):
+            self.num_draft_tokens_per_pos[j] += v
+        for j, v in enumerate(other.num_accepted_tokens_per_pos):
+            self.num_accepted_tokens_per_pos[j] += v
+
+
+@dataclass
+class StepRecord:
+    """One engine decode step: how many rows were active, how wide the forward was, what it emitted."""
+
+    num_rows: int
+    query_len: int  # tokens per row in the forward (longest draft + 1)
+    num_emitted: int
+    num_draft_tokens: int
+    num_accepted: int
+    forward_s: float
+    step_s: float
+
+
+@dataclass
+class SpecStats:
+    """Statistics of one or more ``generate`` calls, kept apart from any logger or exporter.
+
+    ``mean_acceptance_length`` counts decode-step verification forwards only: the first token of each
+    sequence comes out of the prefill forward and is counted in ``num_prefill_tokens``.
+    """
+
+    num_sequences: int = 0
+    num_steps: int = 0  # decode forwards of the whole batch
+    num_row_forwards: int = 0  # sum over decode steps of active rows
+    num_emitted_tokens: int = 0  # tokens emitted by decode steps
+    num_prefill_tokens: int = 0  # first tokens, sampled from the prefill forward
+    num_prefill_positions: int = 0  # (padded) prompt positions run through the target in prefill forwards
+    num_completion_tokens: int = 0  # all completion tokens returned
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_accepted_tokens_per_pos: list[int] = field(default_factory=list)
+    num_spec_off_row_steps: int = 0  # row-steps verified without any draft
+    per_speculator: dict[str, SpeculatorStats] = field(default_factory=dict)
+    prefill_s: float = 0.0
+    propose_s: float = 0.0
+    forward_s: float = 0.0
+    verify_s: float = 0.0
+    plan_s: float = 0.0
+    total_s: float = 0.0
+    steps: list[StepRecord] = field(default_factory=list)
+    policy_version: int = 0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        return self.num_emitted_tokens / self.num_row_forwards if self.num_row_forwards else float("nan")
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else float("nan")
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.num_completion_tokens / self.total_s if self.total_s > 0 else float("nan")
+
+    @property
+    def target_forwards_per_token(self) -> float:
+        return 1.0 / self.mean_acceptance_length if self.num_row_forwards else float("nan")
+
+    def speculator(self, name: str) -> SpeculatorStats:
+        if name not in self.per_speculator:
+            self.per_speculator[name] = SpeculatorStats()
+        return self.per_speculator[name]
+
+    def merge(self, other: SpecStats) -> None:
+        """Accumulate ``other`` into this object (e.g. over the steps of an RL run)."""
+        for name in (
+            "num_sequences",
+            "num_steps",
+            "num_row_forwards",
+            "num_emitted_tokens",
+            "num_prefill_tokens",
+            "num_prefill_positions",
+            "num_completion_tokens",
+            "num_drafts",
+            "num_draft_tokens",
+            "num_accepted_tokens",
+            "num_spec_off_row_steps",
+            "prefill_s",
+            "propose_s",
+            "forward_s",
+            "verify_s",
+            "plan_s",
+            "total_s",
+        ):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        n = max(len(self.num_accepted_tokens_per_pos), len(other.num_accepted_tokens_per_pos))
+        self.num_accepted_tokens_per_pos.extend([0] * (n - len(self.num_accepted_tokens_per_pos)))
+        for j, v in enumerate(other.num_accepted_tokens_per_pos):
+            self.num_accepted_tokens_per_pos[j] += v
+        for name, s in other.per_speculator.items():
+            self.speculator(name).merge(s)
+        self.steps.extend(other.steps)
+        self.policy_version = max(self.policy_version, other.policy_version)
+
+    def regime(self, max_rows: int | None = None, min_rows: int | None = None) -> dict[str, float]:
+        """Emitted tokens, wall time and mean acceptance length over the decode steps whose number of
+        active rows lies in ``[min_rows, max_rows]`` (e.g. the long tail of a batch: ``max_rows=8``)."""
+        sel = [
+            s
+            for s in self.steps
+            if (max_rows is None or s.num_rows <= max_rows) and (min_rows is None or s.num_rows >= min_rows)
+        ]
+        tokens = sum(s.num_emitted for s in sel)
+        secs = sum(s.step_s for s in sel)
+        row_fwd = sum(s.num_rows for s in sel)
+        return {
+            "steps": len(sel),
+            "tokens": tokens,
+            "seconds": secs,
+            "tokens_per_s": tokens / secs if secs > 0 else float("nan"),
+            "mean_acceptance_length": tokens / row_fwd if row_fwd else float("nan"),
+        }
+
+    def to_dict(self, with_steps: bool = False) -> dict[str, Any]:
+        d = asdict(self)
+        if not with_steps:
+            d.pop("steps")
+        d["mean_acceptance_length"] = self.mean_acceptance_length
+        d["acceptance_rate"] = self.acceptance_rate
+        d["tokens_per_s"] = self.tokens_per_s
+        for name, s in self.per_speculator.items():
+            d["per_speculator"][name]["mean_acceptance_length"] = s.mean_acceptance_length
+            d["per_speculator"][name]["acceptance_rate"] = s.acceptance_rate
+        return d
+
+
+@dataclass
+class RolloutBatch:
+    """The result of ``RolloutEngine.generate``.
+
+    Rows are grouped by prompt: rows ``g*num_generations .. (g+1)*num_generations-1`` are the samples of
+    prompt ``g``. ``logprobs[i][t]`` is the processed log-probability of ``completion_ids[i][t]`` (see
+    ``SamplingParams``).
+    """
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    logprobs: list[list[float]]
+    finish_reasons: list[FinishReason]
+    num_generations: int
+    stats: SpecStats
+    policy_version: int
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+    @property
+    def group_ids(self) -> list[int]:
+        return [i // self.num_generations for i in range(len(self.completion_ids))]
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return sum(len(c) for c in self.completion_ids)
+
+    @classmethod
+    def empty(cls, num_generations: int, policy_version: int) -> RolloutBatch:
+        return cls([], [], [], [], num_generations, SpecStats(policy_version=policy_version), policy_version)
+
+
+def as_token_lists(prompt_ids: Sequence[Sequence[int]] | torch.Tensor) -> list[list[int]]:
+    """Normalise prompts given as a list of lists or a 2-D tensor (no padding) to ``list[list[int]]``."""
+    if isinstance(prompt_ids, torch.Tensor):
+        if prompt_ids.dim() != 2:
+            raise ValueError(
+                f"prompt_ids as a tensor must be 2-D [num_prompts, length], got {tuple(prompt_ids.shape)}"
+            )
+        return [list(map(int, row)) for row in prompt_ids.tolist()]
+    if isinstance(prompt_ids, (str, bytes)):
+        raise ValueError("prompt_ids must be token ids (list[list[int]]), not a string: tokenize the prompt first")
+    out: list[list[int]] = []
+    for i, p in enumerate(prompt_ids):
+        if isinstance(p, torch.Tensor):
+            p = p.tolist()
+        if isinstance(p, (str, bytes)) or isinstance(p, int):
+            raise ValueError(
+                f"prompt_ids[{i}] must be a list of token ids, got {type(p).__name__}: pass a list of prompts"
+            )
+        row = []
+        for t in p:
+            if isinstance(t, bool) or not isinstance(t, int):
+                try:
+                    t = int(t)
+                except (TypeError, ValueError):
+                    raise ValueError(f"prompt_ids[{i}] holds a non-integer token {t!r}") from None
+            row.append(t)
+        out.append(row)
+    return out

@@ -1,0 +1,1 @@
+"""TRL adapters (installed as ``atlas_rl.trainers``)."""
