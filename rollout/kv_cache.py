@@ -1,0 +1,141 @@
+"""A preallocated, row-slotted KV cache for ragged speculative decoding with Hugging Face models.
+
+Layout: for every layer one key and one value buffer ``[max_rows, num_kv_heads, max_len, head_dim]``
+allocated once per ``generate`` call (or reused when large enough). Row r's tokens occupy positions
+``0 .. length[r]-1`` contiguously (left-aligned, no padding holes). A forward over ``q`` new tokens per row
+writes them at ``start[r] .. start[r]+q-1`` and attends through a 4-D mask ``key_pos <= query_pos``; rows
+that accepted fewer draft tokens simply roll their ``length`` back — rejected entries are overwritten by
+the next forward before anything can attend to them. Nothing is reallocated per step.
+
+Active rows are always the first ``num_rows`` slots: when rows finish, :meth:`compact` moves the survivors
+to the front (one copy when the batch shrinks, not one per step), so finished rows stop costing compute.
+
+The class plugs into HF models through the ``Cache.update`` protocol (``update(key, value, layer_idx)``
+returning the full keys/values to attend over), which is the same in transformers 4.5x and 5.x.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+
+class SlotKVCache(Cache):
+    """Preallocated per-row KV storage. Call :meth:`set_step` before every forward."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        max_rows: int,
+        max_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        # Deliberately not calling Cache.__init__: this cache owns its storage and needs no layer objects.
+        self.layers = []
+        self.layer_class_to_replicate = None
+        self.offloading = False
+        self.num_layers = num_layers
+        self.max_rows = max_rows
+        self.max_len = max_len
+        shape = (num_layers, max_rows, num_kv_heads, max_len, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)  # [L, rows, kv_heads, max_len, head_dim]
+        self.values = torch.zeros(shape, dtype=dtype, device=device)  # [L, rows, kv_heads, max_len, head_dim]
+        self._row0 = 0
+        self._nrows = 0
+        self._kv_len = 0
+        self._write_rows: torch.Tensor | None = None  # [n, 1]
+        self._write_pos: torch.Tensor | None = None  # [n, q]
+        self._uniform_start: int | None = None
+
+    def fits(self, max_rows: int, max_len: int, num_kv_heads: int, head_dim: int, dtype, device) -> bool:
+        return (
+            self.max_rows >= max_rows
+            and self.max_len >= max_len
+            and self.keys.shape[2] == num_kv_heads
+            and self.keys.shape[4] == head_dim
+            and self.keys.dtype == dtype
+            and self.keys.device == torch.device(device)
+        )
+
+    def set_step(self, row0: int, starts: torch.Tensor, q_len: int, kv_len: int) -> None:
+        """Prepare a forward of ``q_len`` tokens for rows ``row0 .. row0+len(starts)-1``.
+
+        ``starts`` ``[n]`` (long, on the cache device) is each row's first write position; ``kv_len`` is the
+        number of key positions to attend over (max over rows of ``start + q_len``).
+        """
+        n = int(starts.shape[0])
+        if row0 + n > self.max_rows or kv_len > self.max_len:
+            raise RuntimeError(f"KV cache too small: rows {row0 + n}/{self.max_rows}, length {kv_len}/{self.max_len}")
+        self._row0, self._nrows, self._kv_len = row0, n, kv_len
+        ar = torch.arange(q_len, device=starts.device)
+        self._write_pos = starts[:, None] + ar[None, :]  # [n, q]
+        self._write_rows = torch.arange(row0, row0 + n, device=starts.device)[:, None]  # [n, 1]
+        self._uniform_start = None
+
+    def set_uniform_step(self, row0: int, nrows: int, start: int, q_len: int) -> None:
+        """Fast path when all rows write at the same positions (e.g. prefill of a right-padded batch)."""
+        if row0 + nrows > self.max_rows or start + q_len > self.max_len:
+            raise RuntimeError("KV cache too small for this prefill")
+        self._row0, self._nrows, self._kv_len = row0, nrows, start + q_len
+        self._uniform_start = start
+        self._q_len = q_len
+
+    def update(
+        self,
+        key_states: torch.Tensor,  # [n, kv_heads, q, head_dim]
+        value_states: torch.Tensor,  # [n, kv_heads, q, head_dim]
+        layer_idx: int,
+        *args: object,
+        **kwargs: object,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        r0, r1 = self._row0, self._row0 + self._nrows
+        k_buf, v_buf = self.keys[layer_idx], self.values[layer_idx]
+        if self._uniform_start is not None:
+            s = self._uniform_start
+            q = key_states.shape[2]
+            k_buf[r0:r1, :, s : s + q] = key_states
+            v_buf[r0:r1, :, s : s + q] = value_states
+        else:
+            # advanced indices (rows [n,1], positions [n,q]) around a slice -> target shape [n, q, heads, dim]
+            k_buf[self._write_rows, :, self._write_pos] = key_states.transpose(1, 2)
+            v_buf[self._write_rows, :, self._write_pos] = value_states.transpose(1, 2)
+        return k_buf[r0:r1, :, : self._kv_len], v_buf[r0:r1, :, : self._kv_len]
+
+    def copy_rows(self, dst: torch.Tensor, src: torch.Tensor, length: int) -> None:
+        """``slot[dst[i]] = slot[src[i]]`` for the first ``length`` positions (dst and src: [m] long)."""
+        self.keys[:, dst, :, :length] = self.keys[:, src, :, :length]
+        self.values[:, dst, :, :length] = self.values[:, src, :, :length]
+
+    def compact(self, keep: torch.Tensor, length: int) -> None:
+        """Move the rows ``keep`` ([m] long, ascending) to slots ``0 .. m-1`` (first ``length`` positions)."""
+        m = int(keep.shape[0])
+        if m == 0:
+            return
+        if torch.equal(keep, torch.arange(m, device=keep.device)):
+            return
+        self.keys[:, :m, :, :length] = self.keys[:, keep, :, :length]
+        self.values[:, :m, :, :length] = self.values[:, keep, :, :length]
+
+    # --- parts of the HF Cache interface a model may query -------------------------------------------
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._kv_len
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return self.max_len
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False] * self.num_layers
+
+    def __len__(self) -> int:
+        return self.num_layers
+
+    def __repr__(self) -> str:
+        return f"SlotKVCache(layers={self.num_layers}, rows={self.max_rows}, max_len={self.max_len})"
