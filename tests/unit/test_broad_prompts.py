@@ -1,0 +1,150 @@
+"""Tests for the broad offline prompt set used to train the static speculator (atlas_rl.data.broad_prompts)."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections import Counter
+
+import pytest
+
+from atlas_rl.data.broad_prompts import BROAD_CATEGORIES, broad_prompts, normalize_prompt, split_prompts
+
+REQUIRED = {
+    "chat",
+    "writing",
+    "knowledge",
+    "reasoning",
+    "arithmetic",
+    "code_python",
+    "code_javascript",
+    "code_c",
+    "code_rust",
+    "code_sql",
+    "code_bash",
+    "json",
+    "tool_calls",
+}
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[dict]:
+    return broad_prompts()
+
+
+def test_categories_cover_the_brief() -> None:
+    assert REQUIRED <= set(BROAD_CATEGORIES)
+    assert len(set(BROAD_CATEGORIES)) == len(BROAD_CATEGORIES)
+    assert sum(c.startswith("code_") for c in BROAD_CATEGORIES) >= 4
+
+
+def test_counts(prompts: list[dict]) -> None:
+    assert len(prompts) >= 600
+    counts = Counter(p["category"] for p in prompts)
+    assert set(counts) == set(BROAD_CATEGORIES)
+    for category in BROAD_CATEGORIES:
+        assert counts[category] >= 40, (category, counts[category])
+
+
+def test_schema(prompts: list[dict]) -> None:
+    for p in prompts:
+        assert set(p) <= {"id", "category", "group", "prompt", "system"}
+        assert {"id", "category", "group", "prompt"} <= set(p)
+        assert isinstance(p["prompt"], str) and p["prompt"].strip() == p["prompt"] and p["prompt"]
+        assert p["group"].startswith(p["category"] + "/")
+        assert p["id"].startswith(p["category"] + "-")
+        if "system" in p:
+            assert isinstance(p["system"], str) and p["system"]
+    assert any("system" in p for p in prompts)
+    assert any("```" in p["prompt"] for p in prompts)  # some prompts carry a snippet to work on
+
+
+def test_ids_and_prompts_unique(prompts: list[dict]) -> None:
+    assert len({p["id"] for p in prompts}) == len(prompts)
+    assert len({p["prompt"] for p in prompts}) == len(prompts)
+    assert len({normalize_prompt(p["prompt"]) for p in prompts}) == len(prompts)
+
+
+def test_no_near_duplicates_across_groups(prompts: list[dict]) -> None:
+    """Prompts in different groups never share (almost) all their words: the split by group stays meaningful."""
+    words = [frozenset(re.findall(r"[a-z0-9]+", p["prompt"].lower())) for p in prompts]
+    worst = 0.0
+    for i, j in itertools.combinations(range(len(prompts)), 2):
+        if prompts[i]["group"] != prompts[j]["group"]:
+            a, b = words[i], words[j]
+            worst = max(worst, len(a & b) / len(a | b))
+    assert worst < 0.8
+
+
+def test_varied_lengths(prompts: list[dict]) -> None:
+    lengths = [len(p["prompt"]) for p in prompts]
+    assert min(lengths) < 40
+    assert max(lengths) > 300
+    assert sum(n > 150 for n in lengths) >= 60
+
+
+def test_deterministic() -> None:
+    assert broad_prompts() == broad_prompts()
+    assert broad_prompts(3) == broad_prompts(3)
+    other = broad_prompts(1)
+    assert len(other) == len(broad_prompts())
+    assert {p["prompt"] for p in other} != {p["prompt"] for p in broad_prompts()}  # the seed changes fillers
+    assert len({normalize_prompt(p["prompt"]) for p in other}) == len(other)
+
+
+def test_returns_fresh_objects() -> None:
+    first = broad_prompts()
+    first[0]["prompt"] = "changed"
+    assert broad_prompts()[0]["prompt"] != "changed"
+
+
+def test_mix_of_hand_written_and_templated(prompts: list[dict]) -> None:
+    for category in BROAD_CATEGORIES:
+        groups = Counter(p["group"] for p in prompts if p["category"] == category)
+        assert sum(n == 1 for n in groups.values()) >= 15, category  # hand-written: one prompt per group
+        assert any(n > 1 for n in groups.values()), category  # at least one template
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_split(prompts: list[dict], seed: int) -> None:
+    train, held = split_prompts(prompts, held_out_fraction=0.1, seed=seed)
+    assert len(train) + len(held) == len(prompts)
+    assert not {p["id"] for p in train} & {p["id"] for p in held}
+    assert not {p["group"] for p in train} & {p["group"] for p in held}
+    total = Counter(p["category"] for p in prompts)
+    held_counts = Counter(p["category"] for p in held)
+    train_counts = Counter(p["category"] for p in train)
+    for category in BROAD_CATEGORIES:
+        assert train_counts[category] > 0 and held_counts[category] > 0, category
+        assert held_counts[category] <= round(0.1 * total[category]) + 1, category
+        assert held_counts[category] >= 0.5 * 0.1 * total[category], category
+    assert 0.07 * len(prompts) <= len(held) <= 0.13 * len(prompts)
+    # order is preserved
+    index = {p["id"]: i for i, p in enumerate(prompts)}
+    assert [index[p["id"]] for p in train] == sorted(index[p["id"]] for p in train)
+    assert [index[p["id"]] for p in held] == sorted(index[p["id"]] for p in held)
+
+
+def test_split_deterministic_and_seeded(prompts: list[dict]) -> None:
+    a = split_prompts(prompts, seed=0)
+    assert a == split_prompts(prompts, seed=0)
+    assert {p["id"] for p in a[1]} != {p["id"] for p in split_prompts(prompts, seed=1)[1]}
+
+
+def test_split_larger_fraction(prompts: list[dict]) -> None:
+    train, held = split_prompts(prompts, held_out_fraction=0.3)
+    assert not {p["group"] for p in train} & {p["group"] for p in held}
+    assert 0.25 * len(prompts) <= len(held) <= 0.35 * len(prompts)
+
+
+def test_split_without_groups_uses_ids() -> None:
+    items = [{"id": f"x{i}", "category": "a" if i % 2 else "b", "prompt": f"p{i}"} for i in range(40)]
+    train, held = split_prompts(items, held_out_fraction=0.25)
+    assert Counter(p["category"] for p in held) == {"a": 5, "b": 5}
+    assert len(train) == 30
+
+
+def test_split_rejects_bad_fraction(prompts: list[dict]) -> None:
+    for bad in (0.0, 1.0, -0.1, 1.5):
+        with pytest.raises(ValueError):
+            split_prompts(prompts, held_out_fraction=bad)
