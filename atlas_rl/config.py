@@ -31,6 +31,13 @@ class EngineConfig:
         metadata={"help": "Max rows x padded prompt tokens in one prefill forward (bounds activation memory)."},
     )
     progress: bool = field(default=False, metadata={"help": "Show a tqdm progress bar over completion tokens."})
+    cpu_linear_kernel: bool = field(
+        default=True,
+        metadata={
+            "help": "On float32 CPU models, compute small decode-step matmuls as (W @ x.T).T, which streams each "
+            "weight once (see atlas_rl.rollout.cpu_linear); training forwards are untouched."
+        },
+    )
     reuse_cache: bool = field(
         default=True,
         metadata={"help": "Keep the preallocated KV cache between generate() calls when it is large enough."},

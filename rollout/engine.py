@@ -48,6 +48,7 @@ from atlas_rl.types import (
 from atlas_rl.verification import RejectionSampler, draw_uniforms
 from atlas_rl.verification.base import Verifier
 
+from .cpu_linear import install_cpu_linear
 from .kv_cache import SlotKVCache
 
 logger = logging.getLogger(__name__)
@@ -146,6 +147,7 @@ class RolloutEngine:
         self.policy_version = 0
         self._capture_hooks: list[CaptureHook] = []
         self._cache: SlotKVCache | None = None
+        self._uninstall_linear = install_cpu_linear(model) if self.config.cpu_linear_kernel else (lambda: None)
 
         mc = model.config
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
@@ -269,6 +271,12 @@ class RolloutEngine:
         finally:
             if was_training:
                 self.model.train()
+
+    def release(self) -> None:
+        """Give back what the engine holds: the KV cache buffers and the CPU linear-kernel routing."""
+        self._cache = None
+        self._uninstall_linear()
+        self._uninstall_linear = lambda: None
 
     # ------------------------------------------------------------------------------------------ checks
     def _validate_prompts(self, prompts: list[list[int]], sampling: SamplingParams) -> None:
