@@ -1,0 +1,154 @@
+"""Side-by-side rollout benchmark: every configuration on the same prompts and seeds, interleaved, as ratios.
+
+A *configuration* is a way to produce completions for a :class:`Workload` (HF ``generate``, the engine with
+k=0, the engine with a speculator at fixed k, ...). ``run_interleaved`` runs repetition 1 of every
+configuration, then repetition 2 of every configuration, and so on, so that machine noise (other processes,
+thermal state) hits all of them alike; results are reported relative to a baseline measured in the same run.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from atlas_rl.types import RolloutBatch, SpecStats
+
+from .workloads import Workload
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    """One run of one configuration on one workload."""
+
+    config: str
+    workload: str
+    completion_tokens: int
+    seconds: float
+    stats: SpecStats | None = None  # None for non-engine baselines (HF generate)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.completion_tokens / self.seconds if self.seconds > 0 else float("nan")
+
+
+@dataclass
+class ConfigSummary:
+    config: str
+    workload: str
+    runs: list[RunResult] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return statistics.median(r.tokens_per_s for r in self.runs)
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        stats = [r.stats for r in self.runs if r.stats is not None]
+        if not stats:
+            return float("nan")
+        em = sum(s.num_emitted_tokens for s in stats)
+        rf = sum(s.num_row_forwards for s in stats)
+        return em / rf if rf else float("nan")
+
+    def regime(self, max_rows: int) -> dict[str, float]:
+        """Throughput and acceptance over decode steps with at most ``max_rows`` active rows (all runs)."""
+        merged = SpecStats()
+        for r in self.runs:
+            if r.stats is not None:
+                merged.steps.extend(r.stats.steps)
+        return merged.regime(max_rows=max_rows)
+
+
+Runner = Callable[[Workload], tuple[RolloutBatch | None, int]]
+
+
+def hf_generate_runner(model: torch.nn.Module, tokenizer, eos_token_ids: list[int]) -> Runner:
+    """HF ``generate`` on the workload (left-padded batch, ``num_return_sequences`` samples per prompt).
+
+    Counts completion tokens up to and including the first EOS of each row, as the engine does; HF keeps
+    decoding finished rows until the longest one ends, which is part of what it costs.
+    """
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_ids[0]
+
+    @torch.inference_mode()
+    def run(w: Workload) -> tuple[None, int]:
+        maxlen = max(len(p) for p in w.prompt_ids)
+        ids = torch.full((len(w.prompt_ids), maxlen), pad_id, dtype=torch.long)
+        att = torch.zeros_like(ids)
+        for i, p in enumerate(w.prompt_ids):
+            ids[i, maxlen - len(p) :] = torch.tensor(p)
+            att[i, maxlen - len(p) :] = 1
+        dev = next(model.parameters()).device
+        sp = w.sampling
+        kwargs: dict = {"max_new_tokens": sp.max_new_tokens, "pad_token_id": pad_id, "eos_token_id": eos_token_ids}
+        if sp.greedy:
+            kwargs["do_sample"] = False
+        else:
+            kwargs.update(do_sample=True, temperature=sp.temperature, top_k=sp.top_k or None, top_p=sp.top_p)
+            if sp.seed is not None:
+                torch.manual_seed(sp.seed)
+        out = model.generate(
+            input_ids=ids.to(dev), attention_mask=att.to(dev), num_return_sequences=w.num_generations, **kwargs
+        )
+        comp = out[:, maxlen:].tolist()
+        eos = set(eos_token_ids)
+        n_tokens = 0
+        for row in comp:
+            for j, t in enumerate(row):
+                if t in eos:
+                    n_tokens += j + 1
+                    break
+            else:
+                n_tokens += len(row)
+        return None, n_tokens
+
+    return run
+
+
+def engine_runner(make_engine: Callable[[], object]) -> Runner:
+    """The atlas engine built fresh for each run by ``make_engine`` (fresh speculator state: only what a
+    single generate call learns — its own prompt, siblings and earlier rows — helps it)."""
+
+    def run(w: Workload) -> tuple[RolloutBatch, int]:
+        eng = make_engine()
+        batch = eng.generate(w.prompt_ids, w.sampling, num_generations=w.num_generations)
+        return batch, batch.num_completion_tokens
+
+    return run
+
+
+def run_interleaved(
+    workload: Workload,
+    configs: dict[str, Runner],
+    repeats: int = 1,
+    on_result: Callable[[RunResult], None] | None = None,
+) -> dict[str, ConfigSummary]:
+    """Run every configuration ``repeats`` times, interleaved, on the same workload."""
+    out = {name: ConfigSummary(name, workload.name) for name in configs}
+    for rep in range(repeats):
+        for name, runner in configs.items():
+            t0 = time.perf_counter()
+            batch, n_tokens = runner(workload)
+            secs = time.perf_counter() - t0
+            res = RunResult(name, workload.name, n_tokens, secs, batch.stats if batch is not None else None)
+            out[name].runs.append(res)
+            logger.info(
+                "%s / %s rep %d: %d tokens in %.1f s = %.1f tok/s",
+                workload.name,
+                name,
+                rep,
+                n_tokens,
+                secs,
+                res.tokens_per_s,
+            )
+            if on_result is not None:
+                on_result(res)
+    return out
