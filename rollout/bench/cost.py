@@ -12,6 +12,7 @@ import statistics
 import time
 
 import torch
+
 from atlas_rl.rollout.kv_cache import SlotKVCache
 
 logger = logging.getLogger(__name__)

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from atlas_rl.rollout.engine import RolloutEngine
 
 from atlas_rl.config import EngineConfig
 from atlas_rl.controller import FixedController
+from atlas_rl.rollout.engine import RolloutEngine
 from atlas_rl.speculators.suffix import SuffixSpeculator
 
 from .cost import verification_cost_table

@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
-from atlas_rl.rollout import RolloutEngine
 from engine_helpers import BigramSpeculator, NoisyOracleSpeculator, teacher_forced_logprobs
 
 from atlas_rl import SamplingParams
 from atlas_rl.config import EngineConfig
 from atlas_rl.controller import FixedController
 from atlas_rl.models import tiny_llama
+from atlas_rl.rollout import RolloutEngine
 
 PROMPTS = [[1, 5, 7], [2, 9, 11, 13, 4, 8, 3, 17, 21], [6], [30, 31, 32, 33, 34]]
 
