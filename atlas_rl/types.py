@@ -137,19 +137,11 @@ class ProposeInput:
     *pending* token that is not yet in the target's KV cache). It is the engine's own list: read it, never
     modify it.
 
-    ``hidden_states``, when the speculator asked for target features (``Speculator.hidden_layers``), maps
-    each requested layer (HF ``hidden_states`` index: 0 = embeddings, l = after decoder layer l, -1 = final
-    normed output) to ``[n, m, hidden]``: the target's features at the ``num_new[i]`` positions of the last
-    forward(s) that lie on the sequence and produced the tokens emitted since the previous step (for the
-    first step: the whole prompt), left-aligned and padded to ``m``. ``token_ids[i][-num_new[i]:]`` are
-    the tokens those positions produced.
     """
 
     row_ids: list[int]
     group_ids: list[int]
     token_ids: list[list[int]]
-    hidden_states: dict[int, torch.Tensor] | None = None  # layer -> [n, m, hidden]
-    num_new: list[int] | None = None
     sampling: SamplingParams | None = None
 
     def __len__(self) -> int:

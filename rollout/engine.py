@@ -429,10 +429,7 @@ class RolloutEngine:
         )
 
     def _max_draft_len(self, controller: Controller) -> int:
-        k = getattr(controller, "max_k", None)
-        if k is None:
-            k = getattr(controller, "k", self.config.num_speculative_tokens)
-        return int(k) if self.speculators else 0
+        return int(controller.max_k) if self.speculators else 0
 
     # ------------------------------------------------------------------------------------------ one wave
     def _prefill(
@@ -560,12 +557,14 @@ class RolloutEngine:
             for r in wave:
                 s.observe(r.row_id, r.completion[:1])
 
-        # features handed to hidden-state speculators: the whole prompt for the first step
-        pend_hidden: dict[int, torch.Tensor] | None = None
-        pend_new: list[int] | None = None
+        # hidden-state speculators see the prompt features of every row (the group's, shared by its samples)
+        hidden_specs = [sp for sp in specs.values() if sp.hidden_layers]
         if prompt_hidden is not None:
-            pend_hidden = {layer: h.repeat_interleave(n_gen, dim=0) for layer, h in prompt_hidden.items()}
-            pend_new = [r.prompt_len for r in wave]
+            feats = {layer: h.repeat_interleave(n_gen, dim=0) for layer, h in prompt_hidden.items()}
+            for sp in hidden_specs:
+                sp.observe_hidden(
+                    [r.row_id for r in wave], {la: feats[la] for la in sp.hidden_layers}, [r.prompt_len for r in wave]
+                )
 
         active = [r for r in wave if r.finish is None]
         group_left = {g_offset + g: n_gen for g in range(G)}
@@ -577,60 +576,57 @@ class RolloutEngine:
             keep = [i for i, r in enumerate(wave) if r.finish is None]
             keep_t = torch.tensor(keep, dtype=torch.long, device=dev)
             cache.compact(keep_t, max((r.cache_len for r in active), default=0))
-            if pend_hidden is not None:
-                pend_hidden = {k: v[keep_t] for k, v in pend_hidden.items()}
-                pend_new = [pend_new[i] for i in keep]
 
         step = 0
         while active:
             t_step = time.perf_counter()
             n = len(active)
-            # ---- plan
+            # ---- plan: per row, candidate (speculator, max draft tokens) pairs
             t0 = time.perf_counter()
-            plan = controller.plan(
-                PlanState(
-                    row_ids=[r.row_id for r in active],
-                    group_ids=[r.group_id for r in active],
-                    remaining=[r.remaining for r in active],
-                    speculators=spec_names,
-                    step=step,
-                    greedy=sampling.greedy,
-                )
+            state = PlanState(
+                row_ids=[r.row_id for r in active],
+                group_ids=[r.group_id for r in active],
+                remaining=[r.remaining for r in active],
+                speculators=spec_names,
+                step=step,
+                greedy=sampling.greedy,
             )
+            plan = controller.plan(state)
             stats.plan_s += time.perf_counter() - t0
-            # ---- propose
-            drafts: list[Draft | None] = [None] * n
-            by_spec: dict[str, list[int]] = {}
-            plan = [(name, min(int(k), k_cap)) for name, k in plan]
-            for i, (name, k) in enumerate(plan):
-                k = min(k, active[i].remaining - 1)
-                if name is not None and k > 0:
-                    by_spec.setdefault(name, []).append(i)
-            for name, idx in by_spec.items():
+            # ---- propose: each speculator once, batched over the rows that asked for it
+            candidates: list[dict[str, Draft]] = [{} for _ in range(n)]
+            by_spec: dict[str, list[tuple[int, int]]] = {}
+            for i, cands in enumerate(plan):
+                for name, k in cands:
+                    k = min(int(k), k_cap, active[i].remaining - 1)
+                    if name is not None and k > 0:
+                        by_spec.setdefault(name, []).append((i, k))
+            for name, pairs in by_spec.items():
                 spec = specs[name]
                 t0 = time.perf_counter()
-                hs = None
-                if pend_hidden is not None and spec.hidden_layers:
-                    idx_t = torch.tensor(idx, device=dev)
-                    hs = {layer: pend_hidden[layer][idx_t] for layer in spec.hidden_layers}
                 inp = ProposeInput(
-                    row_ids=[active[i].row_id for i in idx],
-                    group_ids=[active[i].group_id for i in idx],
-                    token_ids=[active[i].tokens for i in idx],
-                    hidden_states=hs,
-                    num_new=None if pend_new is None else [pend_new[i] for i in idx],
+                    row_ids=[active[i].row_id for i, _ in pairs],
+                    group_ids=[active[i].group_id for i, _ in pairs],
+                    token_ids=[active[i].tokens for i, _ in pairs],
                     sampling=sampling,
                 )
-                out = spec.propose(inp, [min(int(plan[i][1]), active[i].remaining - 1) for i in idx])
+                out = spec.propose(inp, [k for _, k in pairs])
                 dt = time.perf_counter() - t0
                 stats.propose_s += dt
                 stats.speculator(name).propose_s += dt
-                for i, d in zip(idx, out):
-                    cap = min(int(plan[i][1]), active[i].remaining - 1)
+                for (i, k), d in zip(pairs, out):
                     if d is not None and len(d) > 0:
-                        d = d.truncate(cap)
+                        d = d.truncate(k)
                         d.speculator = d.speculator or name
-                        drafts[i] = d
+                        candidates[i][name] = d
+            # ---- choose: the controller picks (and may shorten) one draft per row
+            t0 = time.perf_counter()
+            chosen = controller.choose(state, candidates)
+            stats.plan_s += time.perf_counter() - t0
+            drafts: list[Draft | None] = []
+            for i, d in enumerate(chosen):
+                cap = min(k_cap, active[i].remaining - 1)
+                drafts.append(d.truncate(cap) if d is not None and len(d) > 0 and cap > 0 else None)
             dlens = [len(d) if d is not None else 0 for d in drafts]
             K = max(dlens)
             q = K + 1
@@ -669,7 +665,7 @@ class RolloutEngine:
             stats.verify_s += time.perf_counter() - t0
             # ---- bookkeeping
             emitted_total = 0
-            per_row: list[tuple[str | None, int, int]] = []
+            per_row: list[tuple[Draft | None, int]] = []
             for i, r in enumerate(active):
                 a = acc[i]
                 toks = out_ids[i][: a + 1]
@@ -679,7 +675,7 @@ class RolloutEngine:
                 emitted_total += emitted
                 d = drafts[i]
                 name = d.speculator if d is not None else None
-                per_row.append((name, dlens[i], a))
+                per_row.append((d, a))
                 if d is not None:
                     ss = stats.speculator(name)
                     ss.num_drafts += 1
@@ -708,10 +704,13 @@ class RolloutEngine:
                 self._capture_step(
                     active, input_ids, position_ids, acc, out_ids, all_hidden, last_hidden, logits, sampling
                 )
-            if hidden_layers:
+            if hidden_specs:
+                # features of the positions that now lie on the sequences (pending token + accepted drafts)
                 m = max(acc) + 1
-                pend_hidden = {layer: all_hidden[layer][:, :m] for layer in hidden_layers}
-                pend_new = [a + 1 for a in acc]
+                num_new = [a + 1 for a in acc]
+                row_ids = [r.row_id for r in active]
+                for sp in hidden_specs:
+                    sp.observe_hidden(row_ids, {la: all_hidden[la][:, :m] for la in sp.hidden_layers}, num_new)
             # ---- shrink the batch
             keep = [i for i, r in enumerate(active) if r.finish is None]
             if len(keep) < n:
@@ -723,9 +722,6 @@ class RolloutEngine:
                 if survivors:
                     keep_t = torch.tensor(keep, dtype=torch.long, device=dev)
                     cache.compact(keep_t, max(r.cache_len for r in survivors))
-                    if pend_hidden is not None:
-                        pend_hidden = {k: v[keep_t] for k, v in pend_hidden.items()}
-                        pend_new = [pend_new[i] for i in keep]
                 active = survivors
             rec = StepRecord(
                 num_rows=n,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from atlas_rl.types import SpecStats, StepRecord
+from atlas_rl.types import Draft, SpecStats, StepRecord
 
 
 @dataclass
@@ -20,14 +20,27 @@ class PlanState:
     greedy: bool
 
 
-Plan = list[tuple[str | None, int]]  # per row: (speculator name or None, max draft tokens)
+# per row: the candidate (speculator name, max draft tokens) pairs to propose; [] = no speculation for that row
+Plan = list[list[tuple[str, int]]]
 
 
 class Controller(Protocol):
+    """Decides, per row and step, which speculator drafts and how far (or no speculation at all).
+
+    A decode step calls ``plan`` (which speculators should propose, up to how many tokens, per row), lets
+    each named speculator propose, then ``choose`` (one draft per row among the candidates, possibly cut
+    short, or None), verifies, and reports back through ``update``. ``finish`` sees the call's stats.
+    ``max_k`` bounds every draft (the engine sizes its KV cache with it).
+    """
+
+    max_k: int
+
     def plan(self, state: PlanState) -> Plan: ...
 
-    def update(self, record: StepRecord, per_row: list[tuple[str | None, int, int]]) -> None:
-        """After a step: the step record and per row (speculator, draft length, accepted)."""
+    def choose(self, state: PlanState, candidates: list[dict[str, Draft]]) -> list[Draft | None]: ...
+
+    def update(self, record: StepRecord, per_row: list[tuple[Draft | None, int]]) -> None:
+        """After a step: the step record and, per row, the verified draft (or None) and its accepted count."""
         ...
 
     def finish(self, stats: SpecStats) -> None: ...

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
+import torch
+
 from atlas_rl.types import Draft, ProposeInput
 
 
@@ -22,8 +24,10 @@ class Speculator(Protocol):
       (accepted drafts + the recovered/bonus token, truncated at a stop token);
     * ``stop(group_id)`` when every row of the group has finished.
 
-    ``hidden_layers`` names the target layers whose hidden states the speculator needs in ``propose``
-    (empty for model-free speculators, which then cost the engine nothing extra).
+    ``hidden_layers`` names the target layers whose hidden states the speculator needs (HF ``hidden_states``
+    index: 0 = embeddings, l = after decoder layer l, -1 = the final normed output); empty for model-free
+    speculators, which then cost the engine nothing extra. Speculators with ``hidden_layers`` must also
+    implement :class:`HiddenStateObserver`.
     """
 
     name: str
@@ -36,6 +40,25 @@ class Speculator(Protocol):
     def observe(self, row_id: int, emitted_ids: list[int]) -> None: ...
 
     def stop(self, group_id: int) -> None: ...
+
+
+@runtime_checkable
+class HiddenStateObserver(Protocol):
+    def observe_hidden(
+        self,
+        row_ids: list[int],
+        hidden_states: dict[int, torch.Tensor],  # layer -> [n, m, hidden]
+        num_new: list[int],
+    ) -> None:
+        """Target features of positions that now lie on the sequences, for every active row.
+
+        Called once after the prefill (``num_new[i]`` = prompt length: every prompt position) and after every
+        verification forward (``num_new[i]`` = accepted drafts + 1). Position j < ``num_new[i]`` of row i
+        produced the token ``tokens[len(tokens) - num_new[i] + j]`` of that row (``tokens`` = prompt + emitted,
+        the pending token last); a row that stopped in this step may have emitted fewer tokens. Tensors
+        belong to the engine: copy what you keep.
+        """
+        ...
 
 
 _REGISTRY: dict[str, Callable[..., Speculator]] = {}

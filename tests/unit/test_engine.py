@@ -354,3 +354,44 @@ def test_fixed_controller_k0_is_plain_decoding(model64):
     eng = RolloutEngine(model64, speculators=[spec], config=EngineConfig(num_speculative_tokens=4))
     out = eng.generate(PROMPTS, _greedy(8), controller=FixedController(0))
     assert out.stats.num_draft_tokens == 0 and out.stats.mean_acceptance_length == 1.0
+
+
+class _HiddenRecorder:
+    """A speculator that drafts nothing and records the target features the engine hands out."""
+
+    name = "recorder"
+    hidden_layers = (1, -1)
+
+    def __init__(self):
+        self.feats: dict[int, dict[int, list[torch.Tensor]]] = {}
+
+    def start(self, group_id, prompt_ids, row_ids):
+        pass
+
+    def observe(self, row_id, emitted_ids):
+        pass
+
+    def stop(self, group_id):
+        pass
+
+    def propose(self, rows, max_tokens):
+        return [None] * len(rows)
+
+    def observe_hidden(self, row_ids, hidden_states, num_new):
+        for i, r in enumerate(row_ids):
+            for layer, h in hidden_states.items():
+                self.feats.setdefault(r, {}).setdefault(layer, []).append(h[i, : num_new[i]].clone())
+
+
+def test_hidden_state_speculators_get_every_committed_position(model64):
+    rec = _HiddenRecorder()
+    oracle = NoisyOracleSpeculator(model64, noise=0.3)
+    eng = RolloutEngine(model64, speculators=[oracle, rec], config=EngineConfig(num_speculative_tokens=3))
+    out = eng.generate(PROMPTS[:2], _greedy(12), num_generations=2)
+    for r, (p, c) in enumerate(zip(out.prompt_ids, out.completion_ids)):
+        with torch.no_grad():
+            ref = model64.model(torch.tensor([p + c]), output_hidden_states=True).hidden_states
+        for layer in (1, -1):
+            got = torch.cat(rec.feats[r][layer], 0)  # positions 0 .. len(p)+len(c)-2 (the last token never ran)
+            assert got.shape[0] == len(p) + len(c) - 1
+            assert torch.allclose(got, ref[layer][0, : got.shape[0]], atol=1e-9)
