@@ -1,0 +1,258 @@
+"""Serving a :class:`DraftHead` as a speculator: its own per-row KV cache, fed by the engine's target features.
+
+Per row the speculator keeps the sequence (prompt + emitted tokens) and ``committed``: how many positions of
+it have passed through the draft layer with *target* features (always the positions the target has verified,
+so ``committed == len(tokens) - 1`` between steps: every token but the pending one). ``observe_hidden``
+extends the committed prefix eagerly, batched over rows (prompt positions are computed once per group and
+copied to the group's samples); ``propose`` then drafts a chain from the last committed position, writing the
+keys/values of its own draft positions past ``committed``, where the next verified features overwrite them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from atlas_rl.speculators.draft_head import DraftHead
+from atlas_rl.types import Draft, ProposeInput, SamplingParams
+from atlas_rl.verification.processing import processed_probs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _RowState:
+    slot: int
+    group_id: int
+    tokens: list[int]
+    committed: int = 0
+    h_last: torch.Tensor | None = None  # [hidden] draft-layer output at position committed-1
+
+
+class DraftHeadSpeculator:
+    """A learned speculator (static or adaptive role) around a :class:`DraftHead`.
+
+    Args:
+        head: the draft network, bound to the target (``head.bind_target(model, ...)``).
+        name: the speculator's name in stats and plans (e.g. "static", "adaptive").
+        seed: seeds the draft sampler (drafts may be random; verification keeps the output exact anyway).
+    """
+
+    def __init__(self, head: DraftHead, name: str = "static", seed: int = 0) -> None:
+        if head._embed is None or not head.lm_head_ready:
+            raise ValueError("bind the draft head to its target first: head.bind_target(model, init_lm_head=...)")
+        self.head = head
+        self.name = name
+        self.hidden_layers: tuple[int, ...] = tuple(head.config.fuse_layers)
+        self._gen = torch.Generator().manual_seed(seed)
+        self._rows: dict[int, _RowState] = {}
+        self._groups: dict[int, list[int]] = {}
+        self._free: list[int] = []
+        self._k: torch.Tensor | None = None  # [slots, kv_heads, max_len, head_dim]
+        self._v: torch.Tensor | None = None
+        self.policy_version = 0
+
+    # ------------------------------------------------------------------------------------------ storage
+    @property
+    def device(self) -> torch.device:
+        return self.head.fc.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.head.fc.weight.dtype
+
+    def _ensure_storage(self, slots: int, length: int) -> None:
+        c = self.head.config
+        cur_slots = 0 if self._k is None else self._k.shape[0]
+        cur_len = 0 if self._k is None else self._k.shape[2]
+        if slots <= cur_slots and length <= cur_len:
+            return
+        new_slots = max(slots, cur_slots, 8)
+        new_len = max(length, cur_len, 256)
+        if cur_len and length > cur_len:
+            new_len = max(new_len, 2 * cur_len)
+        if cur_slots and slots > cur_slots:
+            new_slots = max(new_slots, 2 * cur_slots)
+        shape = (new_slots, c.num_key_value_heads, new_len, c.head_dim)
+        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        if self._k is not None:
+            k[:cur_slots, :, :cur_len] = self._k
+            v[:cur_slots, :, :cur_len] = self._v
+        self._k, self._v = k, v
+
+    def _alloc_slot(self) -> int:
+        if self._free:
+            return self._free.pop()
+        return len(self._rows) + len(self._free)
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+    def start(self, group_id: int, prompt_ids: list[int], row_ids: list[int]) -> None:
+        self._groups[group_id] = list(row_ids)
+        for r in row_ids:
+            self._rows[r] = _RowState(slot=self._alloc_slot(), group_id=group_id, tokens=list(prompt_ids))
+
+    def observe(self, row_id: int, emitted_ids: list[int]) -> None:
+        st = self._rows.get(row_id)
+        if st is not None:
+            st.tokens.extend(emitted_ids)
+
+    def stop(self, group_id: int) -> None:
+        for r in self._groups.pop(group_id, []):
+            st = self._rows.pop(r, None)
+            if st is not None:
+                self._free.append(st.slot)
+
+    def reset(self) -> None:
+        self._rows.clear()
+        self._groups.clear()
+        self._free.clear()
+
+    def on_policy_update(self, version: int) -> None:
+        self.policy_version = version
+
+    # ------------------------------------------------------------------------------------------ features
+    @torch.inference_mode()
+    def observe_hidden(self, row_ids: list[int], hidden_states: dict[int, torch.Tensor], num_new: list[int]) -> None:
+        feats = torch.cat([hidden_states[la] for la in self.hidden_layers], -1)  # [n, m, n_layers*hidden]
+        known = [self._rows[r].slot for r in row_ids if r in self._rows]
+        if known:
+            self._ensure_storage(
+                max(known) + 1, max(self._rows[r].committed for r in row_ids if r in self._rows) + max(num_new) + 1
+            )
+        todo: list[int] = []  # indices into row_ids to compute
+        copies: list[tuple[int, int]] = []  # (row index, leader row index) for identical prompt prefixes
+        leader_of_group: dict[int, int] = {}
+        for i, r in enumerate(row_ids):
+            st = self._rows.get(r)
+            if st is None or num_new[i] <= 0 or len(st.tokens) < st.committed + num_new[i] + 1:
+                continue  # unknown row, or a row that stopped in this step (fewer tokens than features)
+            if st.committed == 0:
+                lead = leader_of_group.get(st.group_id)
+                if lead is not None and num_new[lead] == num_new[i]:
+                    copies.append((i, lead))
+                    continue
+                leader_of_group[st.group_id] = i
+            todo.append(i)
+        if todo:
+            self._extend(row_ids, todo, feats, num_new)
+        if copies:
+            L = max(num_new[i] for i, _ in copies)
+            dst = torch.tensor([self._rows[row_ids[i]].slot for i, _ in copies], device=self.device)
+            src = torch.tensor([self._rows[row_ids[j]].slot for _, j in copies], device=self.device)
+            self._k[dst, :, :L] = self._k[src, :, :L]
+            self._v[dst, :, :L] = self._v[src, :, :L]
+            for i, j in copies:
+                st, lead = self._rows[row_ids[i]], self._rows[row_ids[j]]
+                st.committed = lead.committed
+                st.h_last = lead.h_last
+
+    def _extend(self, row_ids: list[int], todo: list[int], feats: torch.Tensor, num_new: list[int]) -> None:
+        """Run the draft layer over the new verified positions of rows ``todo`` (with target features)."""
+        dev = self.device
+        head = self.head
+        states = [self._rows[row_ids[i]] for i in todo]
+        m = max(num_new[i] for i in todo)
+        n = len(todo)
+        start = torch.tensor([st.committed for st in states], device=dev)  # [n]
+        self._ensure_storage(max(st.slot for st in states) + 1, int(start.max()) + m + 1)
+        nxt = torch.zeros((n, m), dtype=torch.long)
+        for a, (i, st) in enumerate(zip(todo, states)):
+            c = st.committed
+            toks = st.tokens[c + 1 : c + 1 + num_new[i]]
+            nxt[a, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+        nxt = nxt.to(dev)
+        idx = torch.tensor(todo, device=feats.device)
+        f = feats[idx, :m].to(device=dev, dtype=self.dtype)  # [n, m, n_layers*hidden]
+        pos = start[:, None] + torch.arange(m, device=dev)[None]  # [n, m]
+        u = head.input_proj(nxt, head.fuse_features(f))
+        q, k, v = head.qkv(u, pos)
+        slots = torch.tensor([st.slot for st in states], device=dev)
+        self._k[slots[:, None], :, pos] = k.transpose(1, 2)
+        self._v[slots[:, None], :, pos] = v.transpose(1, 2)
+        kv_len = int(pos.max()) + 1
+        kpos = torch.arange(kv_len, device=dev)
+        mask = (kpos[None, None, :] <= pos[:, :, None])[:, None]  # [n, 1, m, kv]
+        attn = head.attend(q, self._k[slots, :, :kv_len], self._v[slots, :, :kv_len], mask)
+        h = head.finish_layer(u, attn)  # [n, m, hidden]
+        last = torch.tensor([num_new[i] - 1 for i in todo], device=dev)
+        h_last = h[torch.arange(n, device=dev), last]
+        for a, (i, st) in enumerate(zip(todo, states)):
+            st.committed += num_new[i]
+            st.h_last = h_last[a]
+
+    # ------------------------------------------------------------------------------------------ drafting
+    @torch.inference_mode()
+    def propose(self, rows: ProposeInput, max_tokens: list[int]) -> list[Draft]:
+        sampling = rows.sampling or SamplingParams()
+        out: list[Draft] = [Draft([], None, [], self.name) for _ in rows.row_ids]
+        live = []
+        for i, (r, k) in enumerate(zip(rows.row_ids, max_tokens)):
+            st = self._rows.get(r)
+            if k <= 0 or st is None or st.h_last is None:
+                continue
+            if st.committed != len(rows.token_ids[i]) - 1:
+                logger.debug(
+                    "row %d: draft head out of sync (%d vs %d); skipping", r, st.committed, len(rows.token_ids[i]) - 1
+                )
+                continue
+            live.append(i)
+        if not live:
+            return out
+        dev = self.device
+        head = self.head
+        states = [self._rows[rows.row_ids[i]] for i in live]
+        kmax = max(max_tokens[i] for i in live)
+        n = len(live)
+        self._ensure_storage(max(st.slot for st in states) + 1, max(st.committed for st in states) + kmax + 1)
+        slots = torch.tensor([st.slot for st in states], device=dev)
+        committed = torch.tensor([st.committed for st in states], device=dev)  # [n]
+        h = torch.stack([st.h_last for st in states])  # [n, hidden]
+        d2t = head.draft_to_target
+        V = head.config.target_vocab_size
+        tokens: list[torch.Tensor] = []
+        probs: list[torch.Tensor] = []
+        confs: list[torch.Tensor] = []
+        for j in range(kmax):
+            logits_d = head.logits(h)  # [n, draft_vocab]
+            if logits_d.dtype not in (torch.float32, torch.float64):
+                logits_d = logits_d.float()
+            if sampling.greedy:
+                conf, tok_d = torch.softmax(logits_d, -1).max(-1)
+                tok = d2t[tok_d]
+            else:
+                full = torch.full((n, V), float("-inf"), dtype=logits_d.dtype, device=dev)
+                full[:, d2t] = logits_d
+                p = processed_probs(full, sampling)  # [n, vocab], zero outside the draft vocabulary
+                tok = torch.multinomial(p.cpu(), 1, generator=self._gen)[:, 0].to(dev)
+                conf = p.gather(1, tok[:, None])[:, 0]
+                probs.append(p)
+                tok_d = head.target_to_draft[tok]
+            tokens.append(tok)
+            confs.append(conf)
+            if j + 1 < kmax:
+                pos = (committed + j)[:, None]  # [n, 1] draft position L + j - 1 ... (L = committed)
+                u = head.input_proj(tok[:, None], h[:, None])
+                q, k, v = head.qkv(u, pos)
+                self._k[slots[:, None], :, pos] = k.transpose(1, 2)
+                self._v[slots[:, None], :, pos] = v.transpose(1, 2)
+                kv_len = int(pos.max()) + 1
+                kpos = torch.arange(kv_len, device=dev)
+                mask = (kpos[None, None, :] <= pos[:, :, None])[:, None]
+                attn = head.attend(q, self._k[slots, :, :kv_len], self._v[slots, :, :kv_len], mask)
+                h = head.finish_layer(u, attn)[:, 0]
+                del tok_d
+        tok_all = torch.stack(tokens, 1).tolist()  # [n, kmax]
+        conf_all = torch.stack(confs, 1).tolist()
+        prob_all = torch.stack(probs, 1) if probs else None  # [n, kmax, vocab]
+        for a, i in enumerate(live):
+            k = max_tokens[i]
+            out[i] = Draft(
+                token_ids=tok_all[a][:k],
+                draft_probs=None if prob_all is None else prob_all[a, :k],
+                confidence=[min(1.0, max(0.0, c)) for c in conf_all[a][:k]],
+                speculator=self.name,
+            )
+        return out
