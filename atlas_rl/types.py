@@ -170,6 +170,11 @@ class CaptureRecord:
     input token is ``input_ids[i, j]`` and the target's output there predicted ``next_ids[i, j]`` (the token
     actually emitted after it). Positions past ``num_valid[i]`` held rejected drafts or padding.
     Tensors are the engine's own (not copied): copy what you keep.
+
+    A prefill record (``is_prefill``) covers the unique prompts of a group chunk (``row_ids`` empty; row g of
+    the record is prompt g of the chunk, padded to the longest): ``num_valid`` counts the prompt positions
+    whose next token is a prompt token, ``target_logits`` is empty and ``last_logits`` ``[n, vocab]`` holds the
+    logits at each prompt's last position (the distribution of the first completion token).
     """
 
     policy_version: int
@@ -182,6 +187,7 @@ class CaptureRecord:
     target_logits: torch.Tensor  # [n, q, vocab] raw (unprocessed) logits
     sampling: SamplingParams
     is_prefill: bool = False
+    last_logits: torch.Tensor | None = None  # [n, vocab] prefill only
 
 
 @dataclass
