@@ -481,7 +481,8 @@ class RolloutEngine:
                 for layer in hidden_layers:
                     hidden_chunks[layer].append(_pad_to(all_hidden[layer], max(len(p) for p in prompts)))
                 if self._capture_hooks:
-                    self._capture_prefill(chunk, ids, pos, all_hidden, last_hidden, last_logits[-1], sampling)
+                    rows_of = [[r.row_id for r in wave[gg * n_gen : (gg + 1) * n_gen]] for gg in range(g, g_end)]
+                    self._capture_prefill(chunk, rows_of, ids, pos, all_hidden, last_hidden, last_logits[-1], sampling)
             g = g_end
         # each group's prompt KV -> the slots of its samples (slot g*n_gen + s); src <= dst, gathered first
         if n_gen > 1:
@@ -493,7 +494,7 @@ class RolloutEngine:
         hidden = {layer: torch.cat(ch, 0) for layer, ch in hidden_chunks.items()} if hidden_layers else None
         return torch.cat(last_logits, 0), hidden
 
-    def _capture_prefill(self, chunk, ids, pos, all_hidden, last_hidden, last_logits, sampling) -> None:
+    def _capture_prefill(self, chunk, rows_of, ids, pos, all_hidden, last_hidden, last_logits, sampling) -> None:
         n, plen = ids.shape
         next_ids = torch.full_like(ids, -1)
         next_ids[:, :-1] = ids[:, 1:]
@@ -509,6 +510,7 @@ class RolloutEngine:
             sampling=sampling,
             is_prefill=True,
             last_logits=last_logits,
+            prompt_rows=rows_of,
         )
         for hook in self._capture_hooks:
             hook(rec)
