@@ -172,9 +172,10 @@ class CaptureRecord:
     Tensors are the engine's own (not copied): copy what you keep.
 
     A prefill record (``is_prefill``) covers the unique prompts of a group chunk (``row_ids`` empty; row g of
-    the record is prompt g of the chunk, padded to the longest, sampled by the rows ``prompt_rows[g]``): ``num_valid`` counts the prompt positions
-    whose next token is a prompt token, ``target_logits`` is empty and ``last_logits`` ``[n, vocab]`` holds the
-    logits at each prompt's last position (the distribution of the first completion token).
+    the record is prompt g of the chunk, padded to the longest, sampled by the rows ``prompt_rows[g]``):
+    ``num_valid`` counts the prompt positions whose next token is a prompt token, ``target_logits`` is empty
+    and ``last_logits`` ``[n, vocab]`` holds the logits at each prompt's last position (the distribution of
+    the first completion token).
     """
 
     policy_version: int
