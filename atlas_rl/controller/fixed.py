@@ -32,3 +32,45 @@ class FixedController:
 
     def finish(self, stats: SpecStats) -> None:
         pass
+
+
+class BestOfController:
+    """Fixed-k multi-speculator mode: every speculator proposes ``k`` tokens for every row and the draft with the
+    largest expected accepted length under its own confidences (sum over j of prod_{i<=j} confidence_i) is
+    verified. No cost model: the baseline the adaptive controller has to beat."""
+
+    def __init__(self, k: int, speculators: list[str] | None = None) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"k must be an int >= 0, got {k!r}")
+        self.k = k
+        self.max_k = k
+        self.speculators = speculators
+
+    def plan(self, state: PlanState) -> Plan:
+        names = self.speculators or state.speculators
+        unknown = [n for n in names if n not in state.speculators]
+        if unknown:
+            raise ValueError(f"BestOfController names speculators {unknown}; the engine has {state.speculators}")
+        if self.k == 0:
+            return [[] for _ in state.row_ids]
+        return [[(n, self.k) for n in names] for _ in state.row_ids]
+
+    def choose(self, state: PlanState, candidates: list[dict[str, Draft]]) -> list[Draft | None]:
+        out: list[Draft | None] = []
+        for cands in candidates:
+            best, best_score = None, -1.0
+            for d in cands.values():
+                score, run = 0.0, 1.0
+                for c in d.confidence:
+                    run *= c
+                    score += run
+                if score > best_score:
+                    best, best_score = d, score
+            out.append(best)
+        return out
+
+    def update(self, record: StepRecord, per_row: list[tuple[Draft | None, int]]) -> None:
+        pass
+
+    def finish(self, stats: SpecStats) -> None:
+        pass

@@ -395,3 +395,25 @@ def test_hidden_state_speculators_get_every_committed_position(model64):
             got = torch.cat(rec.feats[r][layer], 0)  # positions 0 .. len(p)+len(c)-2 (the last token never ran)
             assert got.shape[0] == len(p) + len(c) - 1
             assert torch.allclose(got, ref[layer][0, : got.shape[0]], atol=1e-9)
+
+
+def test_best_of_controller_picks_the_more_confident_draft_and_stays_lossless(model64):
+    from atlas_rl.controller import BestOfController
+
+    good = NoisyOracleSpeculator(model64, noise=0.0)
+    bad = BigramSpeculator(64, soft=False, name="bigram")
+    # the oracle reports full confidence; the bigram chain a low one
+    orig = bad.propose
+
+    def low_conf(rows, k):
+        ds = orig(rows, k)
+        for d in ds:
+            d.confidence = [0.1] * len(d)
+        return ds
+
+    bad.propose = low_conf
+    eng = RolloutEngine(model64, speculators=[bad, good], controller=BestOfController(3))
+    out = eng.generate(PROMPTS, _greedy(12), num_generations=2)
+    base = RolloutEngine(model64).generate(PROMPTS, _greedy(12), num_generations=2)
+    assert out.completion_ids == base.completion_ids
+    assert out.stats.per_speculator["oracle"].num_drafts > 0 and "bigram" not in out.stats.per_speculator
