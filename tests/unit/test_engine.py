@@ -416,4 +416,4 @@ def test_best_of_controller_picks_the_more_confident_draft_and_stays_lossless(mo
     out = eng.generate(PROMPTS, _greedy(12), num_generations=2)
     base = RolloutEngine(model64).generate(PROMPTS, _greedy(12), num_generations=2)
     assert out.completion_ids == base.completion_ids
-    assert out.stats.per_speculator["oracle"].num_drafts > 0 and "bigram" not in out.stats.per_speculator
+    assert out.stats.per_speculator["oracle"].num_drafts > 0 and out.stats.per_speculator["bigram"].num_drafts == 0
