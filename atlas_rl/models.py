@@ -603,3 +603,41 @@ def tiny_llama(
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         setattr(model.generation_config, key, getattr(config, key))
     return model
+
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
+    "'\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerBase:
+    """A byte-level tokenizer built in code (259 tokens: 256 bytes + ``<|endoftext|>``, ``<|im_start|>``,
+    ``<|im_end|>``) with a ChatML chat template, for tests of code that needs real text round trips (e.g. the TRL
+    trainers) without the embedded model. Use ``tiny_llama(vocab_size=len(tok), **tiny_token_ids(tok))``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        eos_token="<|im_end|>",
+        bos_token="<|im_start|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def tiny_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+    """``eos_token_id`` / ``bos_token_id`` / ``pad_token_id`` of ``tokenizer`` as ``tiny_llama`` overrides."""
+    return {
+        "eos_token_id": int(tokenizer.eos_token_id),
+        "bos_token_id": int(tokenizer.bos_token_id),
+        "pad_token_id": int(tokenizer.pad_token_id),
+    }

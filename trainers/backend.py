@@ -1,0 +1,345 @@
+"""The atlas rollout backend behind the TRL trainers: engine, speculators, adaptive-head retraining, metrics.
+
+Lifecycle inside an RL run (one instance per process):
+
+* ``generate(model, prompt_ids, sampling)`` — called by the trainer with the prompts TRL hands over (each
+  prompt repeated ``num_generations`` times in a row). Before rolling out, the last background retraining of
+  the adaptive head is joined and its weights published (and broadcast from rank 0 under several processes),
+  so the engine never drafts from a half-updated head. Runs of identical prompts become one prompt group,
+  prefilled once. The capture hook feeds the adaptive head's buffer (rank 0) at no extra target forward.
+  Afterwards the retraining starts again in a background thread (overlapping the trainer's loss/backward),
+  bounded by a fraction of the rollout's wall time.
+* ``on_policy_update(step)`` — after every optimizer step: the engine reads the trainer's parameters in
+  place, so only ``policy_version`` moves.
+* ``metrics()``, ``state_dict()`` / ``load_state_dict()`` (checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from atlas_rl.config import EngineConfig
+from atlas_rl.controller import BestOfController
+from atlas_rl.rollout import RolloutEngine
+from atlas_rl.speculators import SuffixSpeculator
+from atlas_rl.speculators.draft_head import DraftHead
+from atlas_rl.speculators.head_speculator import DraftHeadSpeculator
+from atlas_rl.types import RolloutBatch, SamplingParams, SpecStats
+
+logger = logging.getLogger(__name__)
+
+
+def group_runs(prompt_ids: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """Collapse runs of identical consecutive prompts: ``(unique prompts, run lengths)``."""
+    uniq: list[list[int]] = []
+    counts: list[int] = []
+    for p in prompt_ids:
+        p = list(p)
+        if uniq and uniq[-1] == p:
+            counts[-1] += 1
+        else:
+            uniq.append(p)
+            counts.append(1)
+    return uniq, counts
+
+
+class AtlasRolloutBackend:
+    """Owns the engine and the speculators of one training process."""
+
+    def __init__(
+        self,
+        options: Any,  # an AtlasArgs (AtlasGRPOConfig / AtlasRLOOConfig)
+        eos_token_ids: list[int],
+        process_index: int = 0,
+        num_processes: int = 1,
+        seed: int = 0,
+    ) -> None:
+        self.options = options
+        self.eos_token_ids = [int(t) for t in eos_token_ids]
+        self.process_index = process_index
+        self.num_processes = num_processes
+        self.seed = int(options.atlas_seed if options.atlas_seed is not None else seed)
+        self.engine: RolloutEngine | None = None
+        self._model: torch.nn.Module | None = None
+        self.static_head: DraftHead | None = None
+        self.adaptive_head: DraftHead | None = None
+        self.adaptive_trainer = None
+        self.buffer = None
+        self.suffix: SuffixSpeculator | None = None
+        self.num_calls = 0
+        self.policy_version = 0
+        self.last_stats: SpecStats | None = None
+        self.last_rollout_s = 0.0
+        self.last_train: dict[str, float] = {}
+        self.total = SpecStats()
+        self._pending_dir: Path | None = None
+        self._deferred_budget = 0.0
+
+    # ------------------------------------------------------------------------------------------ building
+    @property
+    def is_trainer_rank(self) -> bool:
+        return self.process_index == 0
+
+    def _wanted(self) -> set[str]:
+        names = set(self.options.atlas_speculator_names)
+        if "none" in names:
+            return set()
+        if "auto" in names:
+            return {"static", "adaptive", "suffix"}
+        return names
+
+    def _build(self, model: torch.nn.Module) -> None:
+        wanted = self._wanted()
+        specs = []
+        if "static" in wanted or "adaptive" in wanted:
+            self.static_head = self._load_static(model, required="static" in self.options.atlas_speculator_names)
+        if "static" in wanted and self.static_head is not None:
+            specs.append(DraftHeadSpeculator(self.static_head, name="static", seed=self.seed))
+        if "adaptive" in wanted:
+            from atlas_rl.speculators.adaptive import AdaptiveHeadConfig, build_adaptive_head
+            from atlas_rl.training.buffer import CaptureBuffer, CaptureBufferConfig
+            from atlas_rl.training.online import OnlineSpeculatorTrainer
+
+            dtype = torch.float32 if next(model.parameters()).dtype != torch.float64 else torch.float64
+            vocab = int(model.get_output_embeddings().weight.shape[0])
+            acfg = AdaptiveHeadConfig(draft_vocab_size=min(AdaptiveHeadConfig().draft_vocab_size, vocab))
+            self.adaptive_head = build_adaptive_head(
+                model, static=self.static_head, config=acfg, dtype=dtype, seed=self.seed
+            )
+            self.adaptive_head.to(next(model.parameters()).device)
+            specs.append(DraftHeadSpeculator(self.adaptive_head, name="adaptive", seed=self.seed + 1))
+            self.buffer = CaptureBuffer(CaptureBufferConfig(fuse_layers=tuple(self.adaptive_head.config.fuse_layers)))
+            self.adaptive_trainer = OnlineSpeculatorTrainer(self.adaptive_head, self.buffer)
+        if "suffix" in wanted:
+            self.suffix = SuffixSpeculator()
+            specs.append(self.suffix)
+        k = self.options.atlas_max_draft_tokens
+        cfg = EngineConfig(num_speculative_tokens=k, controller=self.options.atlas_controller)
+        controller = BestOfController(k) if (self.options.atlas_controller == "fixed" and len(specs) > 1) else None
+        self.engine = RolloutEngine(
+            model, speculators=specs, config=cfg, controller=controller, eos_token_ids=self.eos_token_ids
+        )
+        self.engine.policy_version = self.policy_version
+        if self.buffer is not None and self.is_trainer_rank:
+            self.buffer.attach(self.engine)
+        self._model = model
+        if self._pending_dir is not None:
+            d, self._pending_dir = self._pending_dir, None
+            self.load(d)
+        logger.info(
+            "atlas backend: speculators %s, controller %s",
+            [s.name for s in specs],
+            type(self.engine.controller).__name__,
+        )
+
+    def _load_static(self, model: torch.nn.Module, required: bool) -> DraftHead | None:
+        path = self.options.atlas_static_head
+        if path:
+            head = DraftHead.load(path, target=model)
+        else:
+            try:
+                from atlas_rl.speculators.defaults import load_static_head
+            except ImportError:  # pragma: no cover - the shipped head is optional
+                load_static_head = None
+            head = load_static_head(model) if load_static_head is not None else None
+        if head is None:
+            if required:
+                raise ValueError(
+                    "atlas_speculators names 'static' but no static head ships for this model: train one with "
+                    "recipes/train_static_speculator.py and pass atlas_static_head=PATH"
+                )
+            logger.info("no static draft head for this model; the adaptive head starts from scratch")
+            return None
+        dev = next(model.parameters()).device
+        dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+        return head.to(device=dev, dtype=dtype)
+
+    # ------------------------------------------------------------------------------------------ rollouts
+    def generate(
+        self, model: torch.nn.Module, prompt_ids: list[list[int]], sampling: SamplingParams
+    ) -> tuple[list[list[int]], list[list[float]]]:
+        if self.engine is None:
+            self._build(model)
+        elif model is not self._model:  # e.g. ZeRO-3 gathered a fresh module: point the engine at it
+            self.engine.model = model
+            self._model = model
+        self._before_rollout()
+        uniq, counts = group_runs(prompt_ids)
+        call_seed = (self.seed * 1_000_003 + self.num_calls * 7919 + self.process_index * 104_729) % (2**62)
+        sampling = SamplingParams(
+            temperature=sampling.temperature,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            max_new_tokens=sampling.max_new_tokens,
+            stop_token_ids=sampling.stop_token_ids,
+            ignore_eos=sampling.ignore_eos,
+            seed=call_seed,
+        )
+        self.num_calls += 1
+        t0 = time.perf_counter()
+        completions: list[list[int]] = []
+        logprobs: list[list[float]] = []
+        stats = SpecStats(policy_version=self.policy_version)
+        # one engine call per distinct group size (normally a single call: every group has num_generations rows)
+        order = sorted(set(counts), key=counts.index)
+        by_size: dict[int, RolloutBatch] = {}
+        for n in order:
+            idx = [i for i, c in enumerate(counts) if c == n]
+            batch = self.engine.generate([uniq[i] for i in idx], sampling, num_generations=n)
+            by_size[n] = batch
+            stats.merge(batch.stats)
+        cursor = {n: 0 for n in order}
+        for c in counts:
+            b = by_size[c]
+            start = cursor[c] * c
+            completions.extend(b.completion_ids[start : start + c])
+            logprobs.extend(b.logprobs[start : start + c])
+            cursor[c] += 1
+        self.last_rollout_s = time.perf_counter() - t0
+        stats.total_s = self.last_rollout_s
+        self.last_stats = stats
+        self.total.merge(stats)
+        if self.buffer is not None:
+            self.buffer.flush()
+        self._after_rollout()
+        return completions, logprobs
+
+    def _train_budget(self) -> float:
+        frac = self.options.atlas_adaptive_train_fraction
+        if frac <= 0:
+            return 0.0
+        return max(self.options.atlas_adaptive_train_min_s, frac * self.last_rollout_s)
+
+    def _after_rollout(self) -> None:
+        if self.adaptive_trainer is None or not self.is_trainer_rank:
+            return
+        budget = self._train_budget()
+        if budget <= 0:
+            return
+        if self.options.atlas_adaptive_background:
+            self.adaptive_trainer.start(time_budget_s=budget)
+        else:
+            self._deferred_budget = budget
+
+    def _before_rollout(self) -> None:
+        if self.adaptive_trainer is None:
+            return
+        if self.is_trainer_rank:
+            budget = self._deferred_budget
+            if budget > 0:
+                self._deferred_budget = 0.0
+                self.last_train = self.adaptive_trainer.step(time_budget_s=budget) or {}
+            elif self.adaptive_trainer.running or self.adaptive_trainer._thread is not None:
+                self.last_train = self.adaptive_trainer.wait() or {}
+            self.adaptive_trainer.publish()
+        self._broadcast_adaptive()
+
+    def _broadcast_adaptive(self) -> None:
+        """Make every rank draft with rank 0's adaptive head (gloo/nccl broadcast of its trainable weights)."""
+        if self.num_processes <= 1 or self.adaptive_head is None:
+            return
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        with torch.no_grad():
+            for name, p in self.adaptive_head.named_parameters():
+                if name == "lm_head.weight" and not self.adaptive_head.config.train_lm_head:
+                    continue
+                dist.broadcast(p.data, src=0)
+
+    def on_policy_update(self, version: int) -> None:
+        """The trainer's optimizer stepped: the (shared, in-place) weights are policy ``version``."""
+        if version <= self.policy_version:
+            return
+        self.policy_version = version
+        if self.engine is not None:
+            self.engine.update_weights(None, version=version)
+
+    # ------------------------------------------------------------------------------------------ metrics
+    def metrics(self) -> dict[str, float]:
+        s = self.last_stats
+        if s is None:
+            return {}
+        out: dict[str, float] = {
+            "atlas/rollout_tokens_per_s": s.num_completion_tokens / self.last_rollout_s
+            if self.last_rollout_s
+            else 0.0,
+            "atlas/rollout_s": self.last_rollout_s,
+            "atlas/mean_acceptance_length": s.mean_acceptance_length if s.num_row_forwards else 1.0,
+            "atlas/spec_off_fraction": s.num_spec_off_row_steps / s.num_row_forwards if s.num_row_forwards else 1.0,
+            "atlas/policy_version": float(self.policy_version),
+        }
+        rows = max(s.num_row_forwards, 1)
+        for name, ss in s.per_speculator.items():
+            out[f"atlas/speculator_share/{name}"] = ss.num_row_forwards / rows
+            if ss.num_row_forwards:
+                out[f"atlas/mean_acceptance_length/{name}"] = ss.mean_acceptance_length
+        if self.adaptive_trainer is not None:
+            m = self.adaptive_trainer.metrics()
+            out["atlas/speculator_train_loss"] = m.get("loss", float("nan"))
+            out["atlas/speculator_staleness"] = float(m.get("staleness", -1))
+            out["atlas/speculator_train_s"] = float(self.last_train.get("train_s", 0.0)) if self.last_train else 0.0
+            out["atlas/speculator_train_steps"] = float(m.get("steps", 0))
+        return out
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    STATE_FILE = "atlas_state.json"
+    TRAINER_FILE = "atlas_adaptive_trainer.safetensors"
+    SERVING_FILE = "atlas_adaptive_head.safetensors"
+
+    def save(self, directory: str | Path) -> None:
+        """Write the speculator state into a checkpoint folder (safetensors + JSON, no pickle): the adaptive
+        trainer (weights, optimizer, counters, RNG), the serving adaptive head, the suffix history, counters.
+        Waits for a running background retraining first."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        state: dict[str, Any] = {"num_calls": self.num_calls, "policy_version": self.policy_version}
+        if self.adaptive_trainer is not None:
+            if self.adaptive_trainer._thread is not None:
+                self.last_train = self.adaptive_trainer.wait() or {}
+            self.adaptive_trainer.save(d / self.TRAINER_FILE)
+            self.adaptive_head.save(d / self.SERVING_FILE)
+        if self.suffix is not None:
+            state["suffix"] = self.suffix.state_dict()
+        (d / self.STATE_FILE).write_text(json.dumps(state))
+
+    def load(self, directory: str | Path) -> None:
+        """Restore what :meth:`save` wrote (applied when the engine is built if it is not yet)."""
+        d = Path(directory)
+        if not (d / self.STATE_FILE).exists():
+            logger.warning("no atlas speculator state in %s; speculators start fresh", d)
+            return
+        if self.engine is None:
+            self._pending_dir = d
+            state = json.loads((d / self.STATE_FILE).read_text())
+            self.num_calls = int(state.get("num_calls", 0))
+            self.policy_version = int(state.get("policy_version", 0))
+            return
+        state = json.loads((d / self.STATE_FILE).read_text())
+        self.num_calls = int(state.get("num_calls", 0))
+        self.policy_version = max(self.policy_version, int(state.get("policy_version", 0)))
+        self.engine.policy_version = self.policy_version
+        if self.adaptive_trainer is not None and (d / self.TRAINER_FILE).exists():
+            self.adaptive_trainer.load(d / self.TRAINER_FILE)
+            serving = DraftHead.load(d / self.SERVING_FILE)
+            with torch.no_grad():
+                own = self.adaptive_head.state_dict()
+                for k, v in serving.state_dict().items():
+                    if k == "lm_head.weight" and not serving.config.train_lm_head:
+                        continue
+                    own[k].copy_(v)
+        if self.suffix is not None and "suffix" in state:
+            self.suffix.load_state_dict(state["suffix"])
+
+    def close(self) -> None:
+        if self.adaptive_trainer is not None and self.adaptive_trainer._thread is not None:
+            self.adaptive_trainer.wait()
+        if self.engine is not None:
+            self.engine.release()

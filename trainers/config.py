@@ -1,0 +1,157 @@
+"""Config dataclasses: TRL's GRPO/RLOO configs plus the atlas options (every one with a working default)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import GRPOConfig, RLOOConfig
+
+BACKENDS = ("atlas", "transformers", "vllm")
+
+
+@dataclass
+class AtlasArgs:
+    """The atlas options shared by :class:`AtlasGRPOConfig` and :class:`AtlasRLOOConfig`.
+
+    Users turn no knobs: the defaults run the full stack (static head when one ships for the model, adaptive
+    head retrained after every policy update, suffix index, the cost-aware controller).
+    """
+
+    generation_backend: str = field(
+        default="atlas",
+        metadata={
+            "help": "Who generates rollouts: 'atlas' (lossless speculative decoding, this package), "
+            "'transformers' (TRL's own model.generate path) or 'vllm' (TRL's vLLM path, use_vllm=True). "
+            "The last two leave TRL's generation untouched, for A/B runs."
+        },
+    )
+    atlas_speculators: str = field(
+        default="auto",
+        metadata={
+            "help": "Comma-separated speculators for the atlas backend: any of 'static', 'adaptive', 'suffix'; "
+            "'auto' = every one available for the model ('static' only ships for the embedded default); "
+            "'none' = plain decoding through the engine (the no-speculation baseline)."
+        },
+    )
+    atlas_static_head: str | None = field(
+        default=None,
+        metadata={
+            "help": "Path of a static draft head (.safetensors); None = the head shipped for the model, if any."
+        },
+    )
+    atlas_max_draft_tokens: int = field(
+        default=4, metadata={"help": "Longest draft the controller may verify per row and step."}
+    )
+    atlas_controller: str = field(
+        default="auto",
+        metadata={"help": "'auto' (cost-aware controller) or 'fixed' (every row drafts atlas_max_draft_tokens)."},
+    )
+    atlas_adaptive_train_fraction: float = field(
+        default=0.1,
+        metadata={
+            "help": "Time budget of each adaptive-head retraining, as a fraction of the last rollout's wall time "
+            "(0 disables retraining)."
+        },
+    )
+    atlas_adaptive_train_min_s: float = field(
+        default=1.0, metadata={"help": "Lower bound of the retraining time budget in seconds (when enabled)."}
+    )
+    atlas_adaptive_background: bool = field(
+        default=True,
+        metadata={
+            "help": "Retrain the adaptive head in a background thread while the trainer computes the loss and "
+            "gradients (overlapped); False retrains just before the next rollout."
+        },
+    )
+    atlas_importance_sampling_correction: bool = field(
+        default=False,
+        metadata={
+            "help": "Let TRL's (vLLM-path) importance-sampling correction run on atlas rollouts. atlas logprobs "
+            "are exact, so the ratios are 1 up to float error; on costs one extra forward per step."
+        },
+    )
+    atlas_seed: int | None = field(
+        default=None, metadata={"help": "Seed of the rollout sampler (None: derived from TrainingArguments.seed)."}
+    )
+
+    def _check_backend(self) -> None:
+        """Before TRL's own checks: map the backend onto TRL's switch."""
+        if self.generation_backend not in BACKENDS:
+            raise ValueError(f"generation_backend must be one of {BACKENDS}, got {self.generation_backend!r}")
+        if self.generation_backend == "vllm":
+            self.use_vllm = True  # TRL's own switch
+        elif self.use_vllm:
+            raise ValueError(
+                f"use_vllm=True conflicts with generation_backend={self.generation_backend!r}: "
+                "set generation_backend='vllm' (or use_vllm=False)"
+            )
+
+    def _check_atlas(self) -> None:
+        if self.generation_backend == "atlas":
+            if getattr(self, "use_transformers_continuous_batching", False):
+                raise ValueError(
+                    "use_transformers_continuous_batching=True conflicts with generation_backend='atlas': "
+                    "set generation_backend='transformers' to use TRL's continuous batching"
+                )
+            rp = getattr(self, "repetition_penalty", 1.0)
+            if rp not in (None, 1.0):
+                raise ValueError(
+                    f"repetition_penalty={rp} is not supported by generation_backend='atlas' (it would change the "
+                    "sampled distribution the logprobs refer to): set repetition_penalty=1.0 or use "
+                    "generation_backend='transformers'"
+                )
+            if getattr(self, "min_p", None) not in (None, 0.0):
+                raise ValueError(
+                    "min_p is not supported by generation_backend='atlas': set min_p=None or use "
+                    "generation_backend='transformers'"
+                )
+            gk = getattr(self, "generation_kwargs", None) or {}
+            unsupported = sorted(set(gk) - {"do_sample"})
+            if unsupported:
+                raise ValueError(
+                    f"generation_kwargs {unsupported} are not supported by generation_backend='atlas' (only "
+                    "do_sample): remove them or use generation_backend='transformers'"
+                )
+        names = [s.strip() for s in self.atlas_speculators.split(",") if s.strip()]
+        bad = [s for s in names if s not in ("auto", "none", "static", "adaptive", "suffix")]
+        if bad or not names or (len(names) > 1 and ({"auto", "none"} & set(names))):
+            raise ValueError(
+                f"atlas_speculators={self.atlas_speculators!r}: use 'auto', 'none' or a comma list of "
+                "static, adaptive, suffix"
+            )
+        if not isinstance(self.atlas_max_draft_tokens, int) or not 1 <= self.atlas_max_draft_tokens <= 16:
+            raise ValueError(f"atlas_max_draft_tokens must be an int in [1, 16], got {self.atlas_max_draft_tokens!r}")
+        if self.atlas_controller not in ("auto", "fixed"):
+            raise ValueError(f"atlas_controller must be 'auto' or 'fixed', got {self.atlas_controller!r}")
+        if not 0.0 <= self.atlas_adaptive_train_fraction <= 10.0:
+            raise ValueError("atlas_adaptive_train_fraction must be in [0, 10]")
+        if self.atlas_adaptive_train_min_s < 0:
+            raise ValueError("atlas_adaptive_train_min_s must be >= 0")
+
+    @property
+    def atlas_speculator_names(self) -> list[str]:
+        return [s.strip() for s in self.atlas_speculators.split(",") if s.strip()]
+
+    def atlas_options(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in AtlasArgs.__dataclass_fields__}
+
+
+@dataclass
+class AtlasGRPOConfig(GRPOConfig, AtlasArgs):
+    """``trl.GRPOConfig`` plus the atlas options (see :class:`AtlasArgs`); default backend: ``"atlas"``."""
+
+    def __post_init__(self) -> None:
+        self._check_backend()
+        super().__post_init__()
+        self._check_atlas()
+
+
+@dataclass
+class AtlasRLOOConfig(RLOOConfig, AtlasArgs):
+    """``trl.RLOOConfig`` plus the atlas options (see :class:`AtlasArgs`); default backend: ``"atlas"``."""
+
+    def __post_init__(self) -> None:
+        self._check_backend()
+        super().__post_init__()
+        self._check_atlas()

@@ -1,0 +1,151 @@
+"""What :class:`AtlasGRPOTrainer` and :class:`AtlasRLOOTrainer` add to TRL's trainers.
+
+Only the generation step changes: TRL still templates and tokenizes the prompts (``_tokenize_prompts``),
+computes rewards, advantages and the loss. ``_generate_single_turn`` hands the token ids to the atlas engine
+and returns completions (EOS included, as TRL's own paths do) and the logprobs of the sampled tokens
+(``log_softmax(logits / temperature)``, TRL's convention). With ``generation_backend`` "transformers" or
+"vllm" TRL's own code runs untouched; rollout time and throughput are logged for every backend, so A/B runs
+compare like with like.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from atlas_rl.types import SamplingParams
+
+from .backend import AtlasRolloutBackend
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_SUBDIR = "atlas"
+
+
+class _PolicyVersionCallback(TrainerCallback):
+    """Tells the backend after every optimizer step that the policy moved."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001 - TrainerCallback signature
+        backend = self.trainer.atlas_backend
+        if backend is not None:
+            backend.on_policy_update(int(state.global_step))
+        return control
+
+
+class AtlasTrainerMixin:
+    """Mixed into TRL trainer subclasses (before the TRL class in the MRO)."""
+
+    atlas_backend: AtlasRolloutBackend | None = None
+    # TRL's GRPO `_generate_single_turn` returns (completion_ids, logprobs); RLOO's returns completion_ids only
+    _atlas_returns_logprobs: bool = True
+
+    def _atlas_init(self) -> None:
+        args = self.args
+        self._atlas_backend_name = getattr(args, "generation_backend", "transformers")
+        self._atlas_in_generate = False
+        self._atlas_is_active = False
+        if self._atlas_backend_name != "atlas":
+            return
+        from atlas_rl.rollout.engine import check_model_supported
+
+        check_model_supported(self.accelerator.unwrap_model(self.model))
+        self.atlas_backend = AtlasRolloutBackend(
+            args,
+            eos_token_ids=list(self.eos_token_ids),
+            process_index=self.accelerator.process_index,
+            num_processes=self.accelerator.num_processes,
+            seed=args.seed,
+        )
+        if getattr(args, "atlas_importance_sampling_correction", False) and hasattr(
+            self, "vllm_importance_sampling_correction"
+        ):
+            self.vllm_importance_sampling_correction = True
+            self._atlas_is_active = True
+        self.add_callback(_PolicyVersionCallback(self))
+
+    # TRL gates its (vLLM-path) importance-sampling correction on `use_vllm`; with the atlas backend and
+    # atlas_importance_sampling_correction=True it reads True there, but False inside generation, so every
+    # other vLLM-specific branch stays off.
+    @property
+    def use_vllm(self) -> bool:
+        raw = self.__dict__.get("_atlas_use_vllm_raw", False)
+        active = self.__dict__.get("_atlas_is_active", False) and not self.__dict__.get("_atlas_in_generate", False)
+        return bool(raw or active)
+
+    @use_vllm.setter
+    def use_vllm(self, value: bool) -> None:
+        self.__dict__["_atlas_use_vllm_raw"] = value
+
+    def _generate(self, prompts: list):
+        self._atlas_in_generate = True
+        try:
+            return super()._generate(prompts)
+        finally:
+            self._atlas_in_generate = False
+
+    def _atlas_sampling(self) -> SamplingParams:
+        gk = getattr(self.args, "generation_kwargs", None) or {}
+        greedy = gk.get("do_sample", True) is False
+        return SamplingParams(
+            temperature=0.0 if greedy else float(self.temperature),
+            top_k=int(self.top_k or 0),
+            top_p=float(self.top_p if self.top_p is not None else 1.0),
+            max_new_tokens=int(self.max_completion_length),
+            stop_token_ids=tuple(int(t) for t in self.eos_token_ids),
+            ignore_eos=True,  # TRL's eos_token_ids are the stop set, exactly
+        )
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, *args, **kwargs):
+        mode = "train" if self.model.training else "eval"
+        t0 = time.perf_counter()
+        if self.atlas_backend is None:
+            out = super()._generate_single_turn(prompt_ids, images, multimodal_fields, *args, **kwargs)
+            secs = time.perf_counter() - t0
+            completion_ids = out[0] if self._atlas_returns_logprobs else out
+            n_tok = sum(len(c) for c in completion_ids)
+            self._metrics[mode]["atlas/rollout_s"].append(secs)
+            self._metrics[mode]["atlas/rollout_tokens_per_s"].append(n_tok / secs if secs > 0 else 0.0)
+            return out
+        if images is not None and any(im for im in images):
+            raise ValueError(
+                "generation_backend='atlas' does not support image inputs: use generation_backend='transformers'"
+            )
+        from trl.models.utils import unwrap_model_for_generation
+
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped,
+                self.accelerator,
+                gather_deepspeed3_params=getattr(self.args, "ds3_gather_for_generation", True),
+            ) as unwrapped,
+            torch.no_grad(),
+        ):
+            completion_ids, logprobs = self.atlas_backend.generate(
+                unwrapped, [list(map(int, p)) for p in prompt_ids], self._atlas_sampling()
+            )
+        for key, value in self.atlas_backend.metrics().items():
+            self._metrics[mode][key].append(value)
+        return (completion_ids, logprobs) if self._atlas_returns_logprobs else completion_ids
+
+    # --------------------------------------------------------------------------------------- checkpoints
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.atlas_backend is None or not self.args.should_save:
+            return
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        self.atlas_backend.save(os.path.join(folder, CHECKPOINT_SUBDIR))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if self.atlas_backend is not None and checkpoint is not None:
+            self.atlas_backend.load(os.path.join(checkpoint, CHECKPOINT_SUBDIR))
