@@ -34,12 +34,16 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="a small smoke run (a few minutes at most)")
     p.add_argument(
         "--scenario",
-        choices=("default", "grid", "drift"),
+        choices=("default", "grid", "drift", "controller-drift"),
         default="default",
         help="default: HF generate vs k=0 vs suffix at fixed k; grid: the auto controller vs every speculator at "
-        "its best fixed k at 1/4/16/64 active rows; drift: two speculators whose quality drifts over rounds",
+        "its best fixed k at 1/4/16/64 active rows; drift: the policy fine-tuned Python -> C over versions, "
+        "static / suffix / adaptive / all three per version, the adaptive head retrained in between; "
+        "controller-drift: two synthetic speculators whose quality drifts over rounds",
     )
     p.add_argument("--batch-sizes", type=_ints, default=None, help="grid: active rows per cell (default 1,4,16,64)")
+    p.add_argument("--static-head", default=None, help="drift: static head checkpoint (default: the shipped one)")
+    p.add_argument("--versions", type=int, default=None, help="drift: policy versions, v0 included (default 5)")
 
 
 def _cmd_bench_scenario(args: argparse.Namespace) -> int:
@@ -72,11 +76,35 @@ def _cmd_bench_scenario(args: argparse.Namespace) -> int:
     else:
         report = run_drift(opts, command=command)
         print(render_drift_markdown(report))
-    print(f"wrote {args.scenario}.json and {args.scenario}.md into {opts.out_dir} ({report['wall_s']:.0f} s)")
+    name = "grid" if args.scenario == "grid" else "drift"  # controller-drift writes drift.json / drift.md
+    print(f"wrote {name}.json and {name}.md into {opts.out_dir} ({report['wall_s']:.0f} s)")
+    return 0
+
+
+def _cmd_bench_drift(args: argparse.Namespace) -> int:
+    from atlas_rl.rollout.bench.drift import DriftOptions, render_policy_drift_markdown, run_policy_drift
+
+    kw: dict = dict(model=args.model, out_dir=args.out, repeats=args.repeats, static_head=args.static_head)
+    if args.max_new_tokens != 128:  # the default bench's default: drift uses its own unless given
+        kw["max_new_tokens"] = args.max_new_tokens
+    if args.ks != (2, 4, 8):
+        kw["k"] = args.ks[0]
+    if args.versions is not None:
+        kw["num_versions"] = args.versions
+    try:
+        opts = DriftOptions.quick(**kw) if args.quick else DriftOptions(**kw)
+    except ValueError as e:
+        print(f"atlas-rl bench: {e}", file=sys.stderr)
+        return 2
+    report = run_policy_drift(opts, command="atlas-rl " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    print(render_policy_drift_markdown(report))
+    print(f"wrote policy_drift.json and policy_drift.md into {opts.out_dir} ({report['wall_s']:.0f} s)")
     return 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.scenario == "drift":
+        return _cmd_bench_drift(args)
     if args.scenario != "default":
         return _cmd_bench_scenario(args)
     from atlas_rl.rollout.bench.run import BenchOptions, run_bench
@@ -115,44 +143,99 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "demo", help="Roll out a few GRPO-style groups on the embedded default, with and without speculation."
+        "demo",
+        help="A GRPO run with generation_backend='atlas' on the embedded default and a verifiable arithmetic task.",
+        description="Trains a few GRPO steps (rollouts through the atlas engine, a paired no-speculation rollout per "
+        "step as the baseline), writes a run directory and prints the report summary. Defaults finish in about "
+        "10 minutes on a 2-core CPU; scale up with the flags.",
     )
     p.add_argument("--model", default=None, help="model directory or hub id (default: embedded SmolLM2-135M)")
-    p.add_argument("--prompts", type=int, default=2, help="prompts (arithmetic word problems)")
-    p.add_argument("--generations", type=int, default=4, help="samples per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--tiny", action="store_true", help="a tiny random model and byte tokenizer (smoke test)")
+    p.add_argument("--algo", choices=["grpo", "rloo"], default="grpo")
+    p.add_argument("--steps", type=int, default=5, help="optimizer steps (default 5)")
+    p.add_argument("--prompts", type=int, default=4, help="prompts per step (default 4)")
+    p.add_argument("--generations", type=int, default=4, help="samples per prompt (default 4)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="completion tokens (default 64)")
+    p.add_argument("--lr", type=float, default=2e-5, help="learning rate (default 2e-5)")
+    p.add_argument("--speculators", default="auto", help="'auto', 'none' or a list of static,adaptive,suffix")
+    p.add_argument("--no-baseline", action="store_true", help="skip the paired no-speculation rollouts")
+    p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    p.add_argument("--seed", type=int, default=0)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from atlas_rl import SamplingParams
-    from atlas_rl.controller import FixedController
-    from atlas_rl.data.tasks import arithmetic_reward, arithmetic_tasks
-    from atlas_rl.models import load_target
-    from atlas_rl.rollout import RolloutEngine
-    from atlas_rl.rollout.bench.workloads import chat_ids
-    from atlas_rl.speculators import SuffixSpeculator
+    from atlas_rl.trainers.runner import TaskRunConfig, run_task
 
-    model, tok = load_target(args.model)
-    tasks = arithmetic_tasks(args.prompts, seed=0)
-    prompts = [chat_ids(tok, t.messages()) for t in tasks]
-    sp = SamplingParams(temperature=1.0, max_new_tokens=args.max_new_tokens, seed=0)
-    rows = []
-    for name, specs, ctrl in [("no speculation", [], None), ("suffix k=2", [SuffixSpeculator()], FixedController(2))]:
-        eng = RolloutEngine(model, speculators=specs, controller=ctrl)
-        b = eng.generate(prompts, sp, num_generations=args.generations)
-        rewards = [
-            arithmetic_reward(tok.decode(c, skip_special_tokens=True), tasks[g].answer)
-            for c, g in zip(b.completion_ids, b.group_ids)
-        ]
-        rows.append((name, b, sum(rewards) / len(rewards)))
-    first = rows[0][1]
-    print(f"prompt: {tasks[0].prompt}\nsample: {tok.decode(first.completion_ids[0], skip_special_tokens=True)!r}\n")
-    for name, b, r in rows:
-        s = b.stats
-        print(
-            f"{name:16s} {s.tokens_per_s:6.1f} tok/s  mean acceptance length {s.mean_acceptance_length:.2f}  "
-            f"reward {r:.2f}  ({b.num_completion_tokens} tokens)"
+    try:
+        cfg = TaskRunConfig(
+            algo=args.algo,
+            model=args.model,
+            tiny=args.tiny,
+            steps=args.steps,
+            prompts=args.prompts,
+            generations=args.generations,
+            max_new_tokens=args.max_new_tokens,
+            learning_rate=args.lr,
+            speculators=args.speculators,
+            baseline_every=0 if args.no_baseline else 1,
+            seed=args.seed,
+            run_dir=args.out,
         )
+    except ValueError as e:
+        print(f"atlas-rl demo: {e}", file=sys.stderr)
+        return 2
+    try:
+        run_dir = run_task(cfg, command="atlas-rl " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"atlas-rl demo: {e}", file=sys.stderr)
+        return 2
+    _print_summary(run_dir)
+    return 0
+
+
+def _print_summary(run_dir) -> None:
+    import json
+
+    rep = json.loads((run_dir / "report.json").read_text())
+    h = rep["headline"]
+
+    def f(v, nd=2):
+        return "n/a" if v is None else f"{v:.{nd}f}"
+
+    off = h.get("spec_off_fraction")
+    print(f"\nrun directory: {run_dir}")
+    print(f"report:        {run_dir / 'report.html'} (also report.md, report.json)")
+    print(f"speed-up:      {f(h.get('speedup'))}x rollout tokens/s vs {h.get('baseline')}")
+    print(
+        f"throughput:    {f(h.get('rollout_tokens_per_s'), 1)} tok/s atlas, "
+        f"{f(h.get('baseline_rollout_tokens_per_s'), 1)} tok/s without speculation (medians over steps)"
+    )
+    print(
+        f"mean acceptance length: {f(h.get('mean_acceptance_length'))} tokens per target forward; "
+        f"speculation off in {f(off if off is None else 100 * off, 0)}% "
+        "of row-steps"
+    )
+    print(f"reward:        {f(h.get('reward_first'))} (first step) -> {f(h.get('reward_last'))} (last step)")
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="Write report.md, report.html and report.json for a run directory.")
+    p.add_argument("run_dir", help="a run directory written by `atlas-rl demo` or a recipe")
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from atlas_rl.metrics.report import ReportError, write_report
+
+    try:
+        paths = write_report(args.run_dir)
+    except ReportError as e:
+        print(f"atlas-rl report: {e}", file=sys.stderr)
+        return 2
+    for kind, path in paths.items():
+        print(f"{kind:5s} {path}")
+    _print_summary(Path(args.run_dir))
     return 0
 
 
@@ -162,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_bench(sub)
     _add_demo(sub)
+    _add_report(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -173,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_bench(args)
     if args.command == "demo":
         return _cmd_demo(args)
+    if args.command == "report":
+        return _cmd_report(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -79,6 +79,8 @@ class AtlasRolloutBackend:
         self.last_train: dict[str, float] = {}
         self.total = SpecStats()
         self._pending_dir: Path | None = None
+        self._baseline_engine: RolloutEngine | None = None
+        self.last_baseline: dict[str, float] | None = None
         self._deferred_budget = 0.0
 
     # ------------------------------------------------------------------------------------------ building
@@ -207,8 +209,29 @@ class AtlasRolloutBackend:
         self.total.merge(stats)
         if self.buffer is not None:
             self.buffer.flush()
+        self.last_baseline = None
+        every = getattr(self.options, "atlas_baseline_every", 0)
+        if every and (self.num_calls - 1) % every == 0:  # before retraining starts: nothing else competes for the CPU
+            self.last_baseline = self._baseline(model, uniq, counts, sampling)
         self._after_rollout()
         return completions, logprobs
+
+    def _baseline(
+        self, model: torch.nn.Module, uniq: list[list[int]], counts: list[int], sampling: SamplingParams
+    ) -> dict[str, float]:
+        """The same rollout (prompts, seed, policy) without speculation; its output is discarded."""
+        if self._baseline_engine is None:
+            self._baseline_engine = RolloutEngine(model, speculators=[], eos_token_ids=self.eos_token_ids)
+        self._baseline_engine.model = model
+        t0 = time.perf_counter()
+        tokens = 0
+        for n in sorted(set(counts), key=counts.index):
+            idx = [i for i, c in enumerate(counts) if c == n]
+            tokens += self._baseline_engine.generate(
+                [uniq[i] for i in idx], sampling, num_generations=n
+            ).num_completion_tokens
+        secs = time.perf_counter() - t0
+        return {"tokens_per_s": tokens / secs if secs > 0 else 0.0, "rollout_s": secs}
 
     def _train_budget(self) -> float:
         frac = self.options.atlas_adaptive_train_fraction
@@ -276,11 +299,26 @@ class AtlasRolloutBackend:
             "atlas/spec_off_fraction": s.num_spec_off_row_steps / s.num_row_forwards if s.num_row_forwards else 1.0,
             "atlas/policy_version": float(self.policy_version),
         }
+        hist = getattr(s, "draft_len_histogram", None)
+        if hist:
+            total = sum(hist)
+            for k, c in enumerate(hist):
+                out[f"atlas/k_hist/{k}"] = c / total if total else 0.0
+        cal = getattr(s, "calibration_error", None)
+        if cal is not None and cal == cal:  # not NaN
+            out["atlas/calibration_error"] = cal
+        if s.num_steps:
+            out["atlas/plan_ms_per_step"] = 1000.0 * s.plan_s / s.num_steps
         rows = max(s.num_row_forwards, 1)
         for name, ss in s.per_speculator.items():
             out[f"atlas/speculator_share/{name}"] = ss.num_row_forwards / rows
             if ss.num_row_forwards:
                 out[f"atlas/mean_acceptance_length/{name}"] = ss.mean_acceptance_length
+        if self.last_baseline is not None:
+            base = self.last_baseline["tokens_per_s"]
+            out["atlas/baseline_rollout_tokens_per_s"] = base
+            out["atlas/baseline_rollout_s"] = self.last_baseline["rollout_s"]
+            out["atlas/speedup"] = out["atlas/rollout_tokens_per_s"] / base if base > 0 else float("nan")
         if self.adaptive_trainer is not None:
             m = self.adaptive_trainer.metrics()
             out["atlas/speculator_train_loss"] = m.get("loss", float("nan"))

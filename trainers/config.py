@@ -71,6 +71,14 @@ class AtlasArgs:
             "are exact, so the ratios are 1 up to float error; on costs one extra forward per step."
         },
     )
+    atlas_baseline_every: int = field(
+        default=0,
+        metadata={
+            "help": "Every N rollouts also run the same prompts with the same seed through the engine without "
+            "speculation (discarded for training) and log the paired speed-up (atlas/speedup); 0 = never. "
+            "It costs a second rollout: for reports and demos."
+        },
+    )
     atlas_seed: int | None = field(
         default=None, metadata={"help": "Seed of the rollout sampler (None: derived from TrainingArguments.seed)."}
     )
@@ -128,6 +136,8 @@ class AtlasArgs:
             raise ValueError("atlas_adaptive_train_fraction must be in [0, 10]")
         if self.atlas_adaptive_train_min_s < 0:
             raise ValueError("atlas_adaptive_train_min_s must be >= 0")
+        if not isinstance(self.atlas_baseline_every, int) or self.atlas_baseline_every < 0:
+            raise ValueError(f"atlas_baseline_every must be an int >= 0, got {self.atlas_baseline_every!r}")
 
     @property
     def atlas_speculator_names(self) -> list[str]:

@@ -1,0 +1,78 @@
+"""The full demo on the embedded default, and the report rendered by a real browser (headless Chromium)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from atlas_rl.cli import main
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    # the test setup installs Debian's chromium package when it is missing
+    subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=600)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], capture_output=True, timeout=1200)
+    return shutil.which("chromium")
+
+
+@pytest.mark.slow
+def test_report_plots_render_in_headless_chromium(tmp_path):
+    out = tmp_path / "demo"
+    assert (
+        main(
+            [
+                "demo",
+                "--tiny",
+                "--steps",
+                "2",
+                "--prompts",
+                "2",
+                "--generations",
+                "2",
+                "--max-new-tokens",
+                "8",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    browser = _chromium()
+    if browser is None:
+        pytest.fail("chromium could not be installed (apt-get install chromium)")
+    proc = subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            (out / "report.html").as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert 'data-plots="5/5"' in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_full_demo_on_the_embedded_default(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    h = rep["headline"]
+    assert h["steps"] == 5 and h["rollout_tokens_per_s"] > 0 and h["baseline_rollout_tokens_per_s"] > 0
+    assert h["speedup"] > 0

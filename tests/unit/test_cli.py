@@ -1,0 +1,64 @@
+"""The atlas-rl command: demo on a tiny model writes a full report; clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from atlas_rl.cli import main
+from atlas_rl.metrics.report import HEADLINE_FIELDS
+
+
+def test_tiny_demo_writes_a_report_with_every_headline_field(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = main(
+        [
+            "demo",
+            "--tiny",
+            "--steps",
+            "1",
+            "--prompts",
+            "2",
+            "--generations",
+            "2",
+            "--max-new-tokens",
+            "8",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    rep = json.loads((out / "report.json").read_text())
+    for key in HEADLINE_FIELDS:
+        assert key in rep["headline"], key
+    assert rep["headline"]["steps"] == 1 and rep["headline"]["baseline_rollout_tokens_per_s"] > 0
+    html = (out / "report.html").read_text()
+    assert html.count('class="plot"') == 5 and "data:image/png;base64," in html
+    assert (out / "report.md").exists()
+    printed = capsys.readouterr().out
+    assert "speed-up:" in printed and "mean acceptance length" in printed
+
+
+def test_report_errors_are_clear(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no training-step metrics" in capsys.readouterr().err
+
+
+def test_demo_bad_model_path_is_clear(tmp_path, capsys):
+    assert (
+        main(["demo", "--model", str(tmp_path / "no_such_model"), "--steps", "1", "--out", str(tmp_path / "r")]) == 2
+    )
+    assert "no_such_model" in capsys.readouterr().err
+
+
+def test_demo_bad_flags_are_clear(capsys):
+    assert main(["demo", "--tiny", "--generations", "1"]) == 2
+    assert "generations" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo", "--algo", "ppo"])

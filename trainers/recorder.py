@@ -1,0 +1,64 @@
+"""``RunRecorder``: writes a run directory (``run.json`` + ``metrics.jsonl``) that ``atlas-rl report`` reads."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+class RunRecorder(TrainerCallback):
+    """Appends every TRL log entry (with its step) to ``RUN_DIR/metrics.jsonl``; ``run.json`` says what ran."""
+
+    def __init__(self, run_dir: str | Path, meta: dict[str, Any] | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.meta = dict(meta or {})
+        self._t0 = time.time()
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001 - TrainerCallback signature
+        if state.is_world_process_zero:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            meta = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), **self.meta}
+            for k in ("generation_backend", "atlas_speculators", "atlas_controller", "atlas_max_draft_tokens"):
+                if hasattr(args, k):
+                    meta.setdefault(k, getattr(args, k))
+            for k in (
+                "num_generations",
+                "max_completion_length",
+                "temperature",
+                "learning_rate",
+                "max_steps",
+                "per_device_train_batch_size",
+            ):
+                if hasattr(args, k):
+                    meta.setdefault(k, getattr(args, k))
+            (self.run_dir / "run.json").write_text(json.dumps(meta, indent=1, default=str))
+            (self.run_dir / "metrics.jsonl").write_text("")
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+        if state.is_world_process_zero and logs:
+            rec = {"step": state.global_step, "time_s": time.time() - self._t0}
+            rec.update({k: _clean(v) for k, v in logs.items() if isinstance(v, (int, float, str)) or v is None})
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        if state.is_world_process_zero:
+            path = self.run_dir / "run.json"
+            meta = json.loads(path.read_text()) if path.exists() else {}
+            meta["wall_s"] = time.time() - self._t0
+            meta["global_steps"] = state.global_step
+            path.write_text(json.dumps(meta, indent=1, default=str))
+        return control
