@@ -172,6 +172,7 @@ class AtlasRolloutBackend:
             self.engine.model = model
             self._model = model
         self._before_rollout()
+        self._refresh_heads(model)
         uniq, counts = group_runs(prompt_ids)
         call_seed = (self.seed * 1_000_003 + self.num_calls * 7919 + self.process_index * 104_729) % (2**62)
         sampling = SamplingParams(
@@ -232,6 +233,22 @@ class AtlasRolloutBackend:
             ).num_completion_tokens
         secs = time.perf_counter() - t0
         return {"tokens_per_s": tokens / secs if secs > 0 else 0.0, "rollout_s": secs}
+
+    def _refresh_heads(self, model: torch.nn.Module) -> None:
+        """The policy moved: re-copy the frozen output rows of the draft heads; under ZeRO-3 (parameters exist only
+        inside the gather context) also re-copy the embedding they read."""
+        zero3 = any(hasattr(p, "ds_id") for p in model.get_input_embeddings().parameters())
+        for head in (self.static_head, self.adaptive_head):
+            if head is None:
+                continue
+            if zero3:
+                head.bind_target(model, init_lm_head=False, copy_embedding=True)
+            if not head.config.train_lm_head:
+                with torch.no_grad():
+                    out = model.get_output_embeddings().weight
+                    head.lm_head.weight.copy_(out[head.draft_to_target.to(out.device)].to(head.lm_head.weight.dtype))
+        if zero3 and self.adaptive_trainer is not None:
+            object.__setattr__(self.adaptive_trainer.train_head, "_embed", self.adaptive_head._embed)
 
     def _train_budget(self) -> float:
         frac = self.options.atlas_adaptive_train_fraction

@@ -6,6 +6,7 @@ Shared by ``atlas-rl demo`` and ``recipes/grpo.py`` / ``recipes/rloo.py``.
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -103,6 +104,8 @@ def run_task(cfg: TaskRunConfig, command: str | None = None) -> Path:
         atlas_baseline_every=cfg.baseline_every if cfg.backend == "atlas" else 0,
         shuffle_dataset=False,
     )
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        common["ddp_backend"] = "gloo"  # several CPU processes (DDP or DeepSpeed): accelerate finds no backend alone
     common.update(cfg.extra)
     if cfg.algo == "grpo":
         args = AtlasGRPOConfig(**common)

@@ -189,7 +189,8 @@ class DraftHead(nn.Module):
             draft_to_target = torch.arange(c.draft_vocab_size)
         self.register_buffer("draft_to_target", draft_to_target.long().clone(), persistent=True)
         self.register_buffer("target_to_draft", self._inverse_map(draft_to_target), persistent=False)
-        self._embed: nn.Embedding | None = None  # the target's input embedding (frozen; not part of the state)
+        # the target's input embedding weights [vocab, hidden], frozen, not part of the state (see bind_target)
+        self._embed: torch.Tensor | None = None
         # a frozen output head is not stored in checkpoints: it must come from the target before use
         self.lm_head_ready = c.train_lm_head
         self._init_weights()
@@ -209,27 +210,34 @@ class DraftHead(nn.Module):
             nn.init.normal_(self.fuse.weight, std=std)
 
     # ----------------------------------------------------------------------------------------- binding
-    def bind_target(self, model: nn.Module, init_lm_head: bool = False) -> DraftHead:
-        """Use the target's (frozen) input embedding; optionally copy its output rows into the draft head."""
-        emb = model.get_input_embeddings()
-        if emb.weight.shape != (self.config.target_vocab_size, self.config.hidden_size):
+    def bind_target(self, model: nn.Module, init_lm_head: bool = False, copy_embedding: bool = False) -> DraftHead:
+        """Use the target's (frozen) input embedding; optionally copy its output rows into the draft head.
+
+        The embedding is read as a tensor (``F.embedding``), never by calling the target's module (so no framework
+        hooks fire, e.g. DeepSpeed ZeRO-3's parameter tracking). By default the head shares the target's storage
+        and so follows in-place policy updates; ``copy_embedding=True`` keeps a private copy (for targets whose
+        parameters are only materialised temporarily, like ZeRO-3: call this again at each rollout).
+        """
+        weight = model.get_input_embeddings().weight
+        if tuple(weight.shape) != (self.config.target_vocab_size, self.config.hidden_size):
             raise ValueError(
                 f"this draft head expects a target with vocabulary {self.config.target_vocab_size} and hidden size "
-                f"{self.config.hidden_size}; the model has {tuple(emb.weight.shape)}"
+                f"{self.config.hidden_size}; the model has {tuple(weight.shape)}"
             )
-        object.__setattr__(self, "_embed", emb)  # not registered: never saved, never trained
+        w = weight.detach()
+        object.__setattr__(self, "_embed", w.clone() if copy_embedding else w)  # not registered: never saved/trained
         if init_lm_head:
             with torch.no_grad():
-                w = model.get_output_embeddings().weight[self.draft_to_target.to(emb.weight.device)]
-                self.lm_head.weight.copy_(w.to(device=self.lm_head.weight.device, dtype=self.lm_head.weight.dtype))
+                out = model.get_output_embeddings().weight
+                rows = out[self.draft_to_target.to(out.device)]
+                self.lm_head.weight.copy_(rows.to(device=self.lm_head.weight.device, dtype=self.lm_head.weight.dtype))
             self.lm_head_ready = True
         return self
 
-    @property
-    def embed(self) -> nn.Embedding:
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:  # tokens: [...] long -> [..., hidden]
         if self._embed is None:
             raise RuntimeError("DraftHead.bind_target(model) must be called before use")
-        return self._embed
+        return F.embedding(tokens.to(self._embed.device), self._embed)
 
     # ----------------------------------------------------------------------------------------- pieces
     def fuse_features(self, feats: torch.Tensor) -> torch.Tensor:  # feats: [..., n_layers*hidden] -> [..., hidden]
@@ -240,7 +248,8 @@ class DraftHead(nn.Module):
         tokens: torch.Tensor,  # [b, t] long: x_{t+1}, the token after each position
         g: torch.Tensor,  # [b, t, hidden] fused target features or the draft's own previous outputs
     ) -> torch.Tensor:  # [b, t, hidden]
-        e = self.embed(tokens).to(g.dtype)
+        with torch.no_grad():  # the target's embedding is frozen: no gradient into the target's weights
+            e = self.embed(tokens).to(g.dtype)
         return self.fc(torch.cat([self.norm_e(e), self.norm_g(g)], -1))
 
     def qkv(
