@@ -5,22 +5,41 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+DEFAULT_MAX_K = 8  # the auto controller's longest draft when num_speculative_tokens is not set
+
 
 @dataclass
 class EngineConfig:
     """Settings of :class:`atlas_rl.rollout.RolloutEngine`.
 
     Parameters:
-        num_speculative_tokens: draft length k of the fixed-k mode (0 = plain decoding).
+        num_speculative_tokens: the longest draft. None (default) lets the controller choose up to
+            ``DEFAULT_MAX_K``; an int k fixes it (max_k of the "auto" controller, k of the "fixed" one; 0 = plain
+            decoding).
+        controller: "auto" (the confidence-aware controller with a measured cost model decides per step and row)
+            or "fixed" (every row drafts k tokens with the first speculator). None (default): "auto" unless
+            ``num_speculative_tokens`` is given, which asks for fixed-k drafting.
         max_rows: rows decoded at once; None decodes every row of a ``generate`` call together.
         prefill_chunk_tokens: upper bound of (rows x padded prompt length) per prefill forward.
         progress: show a progress bar over completion tokens.
         reuse_cache: keep the preallocated KV cache between ``generate`` calls when it is large enough.
     """
 
-    num_speculative_tokens: int = field(
-        default=4,
-        metadata={"help": "Draft length k for the fixed-k mode (0 disables speculation: plain decoding)."},
+    num_speculative_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Longest draft: None lets the auto controller choose up to DEFAULT_MAX_K tokens; an int is the "
+            "auto controller's max_k, or k of the fixed mode (0 disables speculation)."
+        },
+    )
+    controller: str | None = field(
+        default=None,
+        metadata={
+            "help": "'auto': the controller picks speculator and draft length per step and row from measured "
+            "costs and calibrated confidence (never slower than plain decoding by design); 'fixed': every row "
+            "drafts num_speculative_tokens tokens with the first speculator (benchmarks, baselines). None: "
+            "'auto' unless num_speculative_tokens is set."
+        },
     )
     max_rows: int | None = field(
         default=None,
@@ -44,9 +63,15 @@ class EngineConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.controller is None:
+            self.controller = "auto" if self.num_speculative_tokens is None else "fixed"
+        if self.controller not in ("auto", "fixed"):
+            raise ValueError(f"controller must be 'auto', 'fixed' or None, got {self.controller!r}")
+        if self.num_speculative_tokens is None:
+            self.num_speculative_tokens = DEFAULT_MAX_K
         k = self.num_speculative_tokens
         if isinstance(k, bool) or not isinstance(k, int) or not (0 <= k <= 64):
-            raise ValueError(f"num_speculative_tokens must be an int in [0, 64], got {k!r}")
+            raise ValueError(f"num_speculative_tokens must be None or an int in [0, 64], got {k!r}")
         if self.max_rows is not None and (not isinstance(self.max_rows, int) or self.max_rows < 1):
             raise ValueError(f"max_rows must be None or an int >= 1, got {self.max_rows!r}")
         if not isinstance(self.prefill_chunk_tokens, int) or self.prefill_chunk_tokens < 1:

@@ -204,6 +204,34 @@ class SpeculatorStats:
     num_accepted_tokens_per_pos: list[int] = field(default_factory=list)
     num_draft_tokens_per_pos: list[int] = field(default_factory=list)
     propose_s: float = 0.0
+    # predicted vs realised acceptance of draft tokens whose outcome was observed (the controller fills it):
+    # CALIBRATION_BINS rows of [tokens, sum of predicted acceptance, sum of realised acceptance (0/1)],
+    # binned by the predicted value
+    calibration: list[list[float]] = field(default_factory=list)
+
+    def add_calibration(self, predicted: float, accepted: bool) -> None:
+        """Count one draft token whose acceptance was predicted as ``predicted`` and then observed."""
+        if not self.calibration:
+            self.calibration = [[0.0, 0.0, 0.0] for _ in range(CALIBRATION_BINS)]
+        b = self.calibration[min(CALIBRATION_BINS - 1, max(0, int(predicted * CALIBRATION_BINS)))]
+        b[0] += 1.0
+        b[1] += predicted
+        b[2] += float(accepted)
+
+    @property
+    def calibration_error(self) -> float:
+        """Expected calibration error: sum over bins of |predicted - realised| accepted tokens / tokens."""
+        return _calibration_error(self.calibration)
+
+    @property
+    def mean_predicted_acceptance(self) -> float:
+        n = sum(b[0] for b in self.calibration)
+        return sum(b[1] for b in self.calibration) / n if n else float("nan")
+
+    @property
+    def mean_realised_acceptance(self) -> float:
+        n = sum(b[0] for b in self.calibration)
+        return sum(b[2] for b in self.calibration) / n if n else float("nan")
 
     def add_position_counts(self, draft_len: int, accepted: int) -> None:
         while len(self.num_draft_tokens_per_pos) < draft_len:
@@ -236,6 +264,32 @@ class SpeculatorStats:
             self.num_draft_tokens_per_pos[j] += v
         for j, v in enumerate(other.num_accepted_tokens_per_pos):
             self.num_accepted_tokens_per_pos[j] += v
+        self.calibration = _merge_calibration(self.calibration, other.calibration)
+
+
+CALIBRATION_BINS = 10
+
+
+def _calibration_error(bins: list[list[float]]) -> float:
+    n = sum(b[0] for b in bins)
+    return sum(abs(b[1] - b[2]) for b in bins) / n if n else float("nan")
+
+
+def _merge_calibration(a: list[list[float]], b: list[list[float]]) -> list[list[float]]:
+    if not b:
+        return a
+    if not a:
+        return [list(x) for x in b]
+    return [[x + y for x, y in zip(ra, rb)] for ra, rb in zip(a, b)]
+
+
+@dataclass
+class ProposeRecord:
+    """One speculator's ``propose`` call in one engine step."""
+
+    rows: int  # rows it drafted for
+    tokens: int  # sum over those rows of the draft tokens asked for (max_tokens)
+    seconds: float
 
 
 @dataclass
@@ -249,6 +303,7 @@ class StepRecord:
     num_accepted: int
     forward_s: float
     step_s: float
+    proposals: dict[str, ProposeRecord] = field(default_factory=dict)  # per speculator called this step
 
 
 @dataclass
@@ -296,6 +351,38 @@ class SpecStats:
     @property
     def target_forwards_per_token(self) -> float:
         return 1.0 / self.mean_acceptance_length if self.num_row_forwards else float("nan")
+
+    @property
+    def draft_len_histogram(self) -> list[int]:
+        """Decode steps by the longest draft verified in the step (index k = k draft tokens; 0 = no speculation)."""
+        hist: list[int] = []
+        for s in self.steps:
+            k = s.query_len - 1
+            hist.extend([0] * (k + 1 - len(hist)))
+            hist[k] += 1
+        return hist
+
+    @property
+    def num_spec_off_steps(self) -> int:
+        """Decode steps verified without any draft (speculation off for the whole batch)."""
+        return sum(1 for s in self.steps if s.query_len == 1)
+
+    @property
+    def plan_ms_per_step(self) -> float:
+        """The controller's overhead (plan + choose + update) per decode step, in milliseconds."""
+        return 1000.0 * self.plan_s / self.num_steps if self.num_steps else float("nan")
+
+    @property
+    def calibration(self) -> list[list[float]]:
+        """Predicted vs realised acceptance over every speculator (see :attr:`SpeculatorStats.calibration`)."""
+        out: list[list[float]] = []
+        for s in self.per_speculator.values():
+            out = _merge_calibration(out, s.calibration)
+        return out
+
+    @property
+    def calibration_error(self) -> float:
+        return _calibration_error(self.calibration)
 
     def speculator(self, name: str) -> SpeculatorStats:
         if name not in self.per_speculator:
@@ -359,9 +446,19 @@ class SpecStats:
         d["mean_acceptance_length"] = self.mean_acceptance_length
         d["acceptance_rate"] = self.acceptance_rate
         d["tokens_per_s"] = self.tokens_per_s
+        d["draft_len_histogram"] = self.draft_len_histogram
+        d["num_spec_off_steps"] = self.num_spec_off_steps
+        d["plan_ms_per_step"] = self.plan_ms_per_step
+        d["calibration_error"] = self.calibration_error
         for name, s in self.per_speculator.items():
-            d["per_speculator"][name]["mean_acceptance_length"] = s.mean_acceptance_length
-            d["per_speculator"][name]["acceptance_rate"] = s.acceptance_rate
+            sd = d["per_speculator"][name]
+            sd["mean_acceptance_length"] = s.mean_acceptance_length
+            sd["acceptance_rate"] = s.acceptance_rate
+            sd["row_share"] = s.num_drafts / self.num_row_forwards if self.num_row_forwards else float("nan")
+            sd["token_share"] = s.num_draft_tokens / self.num_draft_tokens if self.num_draft_tokens else float("nan")
+            sd["calibration_error"] = s.calibration_error
+            sd["mean_predicted_acceptance"] = s.mean_predicted_acceptance
+            sd["mean_realised_acceptance"] = s.mean_realised_acceptance
         return d
 
 

@@ -33,12 +33,22 @@ import torch
 from tqdm.auto import tqdm
 
 from atlas_rl.config import EngineConfig
-from atlas_rl.controller import Controller, FixedController, PlanState
+from atlas_rl.controller import (
+    AutoController,
+    AutoControllerConfig,
+    Controller,
+    FixedController,
+    PlanState,
+    RowOutcome,
+    VerificationCost,
+)
+from atlas_rl.controller.cost import cost_cache_key, load_or_calibrate
 from atlas_rl.speculators.base import Speculator
 from atlas_rl.types import (
     CaptureRecord,
     Draft,
     ProposeInput,
+    ProposeRecord,
     RolloutBatch,
     SamplingParams,
     SpecStats,
@@ -111,8 +121,10 @@ class RolloutEngine:
         model: a Hugging Face causal LM of the Llama/Qwen/Mistral family (any device, fp32/fp64/bf16).
         speculators: speculators the controller may use; ``[]`` or None gives plain decoding.
         config: :class:`EngineConfig`.
-        controller: decides per row and step which speculator and how many draft tokens; default
-            ``FixedController(config.num_speculative_tokens)`` over the first speculator.
+        controller: decides per row and step which speculator and how many draft tokens; default (with
+            speculators and ``config.controller == "auto"``) an :class:`AutoController` with
+            ``max_k = config.num_speculative_tokens`` over this engine's calibrated cost model
+            (:meth:`verification_cost`), else ``FixedController(config.num_speculative_tokens)``.
         verifier: defaults to the batched :class:`RejectionSampler`.
         eos_token_ids: stop tokens besides ``SamplingParams.stop_token_ids``; default: the model's
             ``generation_config.eos_token_id``.
@@ -142,12 +154,12 @@ class RolloutEngine:
             if s.name in self.speculators:
                 raise ValueError(f"two speculators are named {s.name!r}; names must be unique")
             self.speculators[s.name] = s
-        self.controller: Controller = controller or FixedController(self.config.num_speculative_tokens)
         self.verifier: Verifier = verifier or RejectionSampler()
         self.policy_version = 0
         self._capture_hooks: list[CaptureHook] = []
         self._cache: SlotKVCache | None = None
         self._uninstall_linear = install_cpu_linear(model) if self.config.cpu_linear_kernel else (lambda: None)
+        self._verification_cost: VerificationCost | None = None
 
         mc = model.config
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
@@ -171,6 +183,7 @@ class RolloutEngine:
         # transformers >= 5.2x names the decoder's cache argument `cache`; older releases `past_key_values`
         params = inspect.signature(model.get_decoder().forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self.controller: Controller = controller or self._default_controller()
 
     # ------------------------------------------------------------------------------------------ public
     @property
@@ -180,6 +193,46 @@ class RolloutEngine:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    def verification_cost(self, budget_s: float | None = None) -> VerificationCost:
+        """This engine's verification cost model: cached per model/device/dtype/threads, else measured now within
+        ``budget_s`` seconds (default ``AutoControllerConfig.calibration_budget_s``); refined online by the auto
+        controller."""
+        if self._verification_cost is None:
+            from .bench.cost import forward_cost_ms
+
+            mc = self.model.config
+            key = cost_cache_key(
+                mc.to_dict(),
+                str(self.device) if self.device.type != "cuda" else torch.cuda.get_device_name(self.device),
+                str(self.dtype),
+                torch.get_num_threads(),
+                extra=f"cpu_linear={self.config.cpu_linear_kernel}",
+            )
+
+            def timer(rows: int, tokens: int, repeats: int) -> float:
+                return forward_cost_ms(self.model, rows, tokens, repeats=repeats, warmup=0, engine=self) / 1000.0
+
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                self._verification_cost = load_or_calibrate(
+                    key,
+                    timer,
+                    max_tokens=max(9, self.config.num_speculative_tokens + 1),
+                    budget_s=budget_s or AutoControllerConfig().calibration_budget_s,
+                )
+            finally:
+                if was_training:
+                    self.model.train()
+        return self._verification_cost
+
+    def _default_controller(self) -> Controller:
+        k = self.config.num_speculative_tokens
+        if self.config.controller == "fixed" or not self.speculators or k == 0:
+            return FixedController(k)
+        cfg = AutoControllerConfig(max_k=k)
+        return AutoController(cfg, cost=self.verification_cost(cfg.calibration_budget_s))
 
     def add_capture_hook(self, fn: CaptureHook) -> _HookHandle:
         """Call ``fn(CaptureRecord)`` after every target forward (prefill and verification); off by default.
@@ -263,6 +316,8 @@ class RolloutEngine:
         self._validate_prompts(prompts, sampling)
 
         controller = controller or self.controller
+        if getattr(controller, "needs_cost_model", False) and self.speculators:
+            controller.set_cost_model(self.verification_cost())  # type: ignore[attr-defined]
         was_training = self.model.training
         self.model.eval()
         try:
@@ -599,6 +654,7 @@ class RolloutEngine:
             # ---- propose: each speculator once, batched over the rows that asked for it
             candidates: list[dict[str, Draft]] = [{} for _ in range(n)]
             by_spec: dict[str, list[tuple[int, int]]] = {}
+            proposals: dict[str, ProposeRecord] = {}
             for i, cands in enumerate(plan):
                 for name, k in cands:
                     k = min(int(k), k_cap, active[i].remaining - 1)
@@ -617,6 +673,7 @@ class RolloutEngine:
                 dt = time.perf_counter() - t0
                 stats.propose_s += dt
                 stats.speculator(name).propose_s += dt
+                proposals[name] = ProposeRecord(len(pairs), sum(k for _, k in pairs), dt)
                 for (i, k), d in zip(pairs, out):
                     if d is not None and len(d) > 0:
                         d = d.truncate(k)
@@ -668,7 +725,7 @@ class RolloutEngine:
             stats.verify_s += time.perf_counter() - t0
             # ---- bookkeeping
             emitted_total = 0
-            per_row: list[tuple[Draft | None, int]] = []
+            per_row: list[RowOutcome] = []
             for i, r in enumerate(active):
                 a = acc[i]
                 toks = out_ids[i][: a + 1]
@@ -678,7 +735,7 @@ class RolloutEngine:
                 emitted_total += emitted
                 d = drafts[i]
                 name = d.speculator if d is not None else None
-                per_row.append((d, a))
+                per_row.append(RowOutcome(d, a, toks))
                 if d is not None:
                     ss = stats.speculator(name)
                     ss.num_drafts += 1
@@ -734,9 +791,12 @@ class RolloutEngine:
                 num_accepted=sum(acc),
                 forward_s=t_fwd,
                 step_s=time.perf_counter() - t_step,
+                proposals=proposals,
             )
             stats.steps.append(rec)
+            t0 = time.perf_counter()
             controller.update(rec, per_row)
+            stats.plan_s += time.perf_counter() - t0
             step += 1
 
     def _stop_finished_groups(self, group_left: dict[int, int]) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from atlas_rl.types import Draft, SpecStats, StepRecord
 
@@ -24,6 +24,14 @@ class PlanState:
 Plan = list[list[tuple[str, int]]]
 
 
+class RowOutcome(NamedTuple):
+    """What verification made of one row's step (rows in the order of the step's ``PlanState``)."""
+
+    draft: Draft | None  # the verified draft (None: the row verified no draft)
+    accepted: int  # draft tokens accepted: token j of the draft was accepted iff j < accepted
+    output_ids: list[int]  # the accepted draft tokens, then the recovered or bonus token (accepted + 1 ids)
+
+
 class Controller(Protocol):
     """Decides, per row and step, which speculator drafts and how far (or no speculation at all).
 
@@ -39,8 +47,8 @@ class Controller(Protocol):
 
     def choose(self, state: PlanState, candidates: list[dict[str, Draft]]) -> list[Draft | None]: ...
 
-    def update(self, record: StepRecord, per_row: list[tuple[Draft | None, int]]) -> None:
-        """After a step: the step record and, per row, the verified draft (or None) and its accepted count."""
+    def update(self, record: StepRecord, per_row: list[RowOutcome]) -> None:
+        """After a step: the step record (timings, per-speculator propose calls) and each row's outcome."""
         ...
 
     def finish(self, stats: SpecStats) -> None: ...

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from atlas_rl.controller.base import Plan, PlanState
+from atlas_rl.controller.base import Plan, PlanState, RowOutcome
 from atlas_rl.types import Draft, SpecStats, StepRecord
 
 
@@ -27,7 +27,7 @@ class FixedController:
     def choose(self, state: PlanState, candidates: list[dict[str, Draft]]) -> list[Draft | None]:
         return [next(iter(c.values()), None) for c in candidates]
 
-    def update(self, record: StepRecord, per_row: list[tuple[Draft | None, int]]) -> None:
+    def update(self, record: StepRecord, per_row: list[RowOutcome]) -> None:
         pass
 
     def finish(self, stats: SpecStats) -> None:
@@ -69,7 +69,7 @@ class BestOfController:
             out.append(best)
         return out
 
-    def update(self, record: StepRecord, per_row: list[tuple[Draft | None, int]]) -> None:
+    def update(self, record: StepRecord, per_row: list[RowOutcome]) -> None:
         pass
 
     def finish(self, stats: SpecStats) -> None:

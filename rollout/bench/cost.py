@@ -10,10 +10,14 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from atlas_rl.rollout.kv_cache import SlotKVCache
+
+if TYPE_CHECKING:
+    from atlas_rl.rollout.engine import RolloutEngine
 
 logger = logging.getLogger(__name__)
 
@@ -26,12 +30,15 @@ def forward_cost_ms(
     context: int = 128,
     repeats: int = 3,
     warmup: int = 1,
+    engine: RolloutEngine | None = None,
 ) -> float:
     """Median wall time (ms) of one engine-style forward: ``rows`` rows, ``tokens`` new tokens each, on top of a
-    KV cache already holding ``context`` tokens per row; includes the LM head over every position."""
+    KV cache already holding ``context`` tokens per row; includes the LM head over every position.
+
+    ``engine``: time through this engine (its kernel choices); default a plain ``RolloutEngine(model)``."""
     from atlas_rl.rollout import RolloutEngine
 
-    eng = RolloutEngine(model)
+    eng = engine if engine is not None else RolloutEngine(model)
     dev, dtype = eng.device, eng.dtype
     cache = SlotKVCache(eng.num_layers, rows, context + tokens, eng.num_kv_heads, eng.head_dim, dtype, dev)
     vocab = eng.vocab_size

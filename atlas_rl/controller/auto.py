@@ -1,0 +1,424 @@
+"""The confidence-aware controller: per step and row, which speculator drafts, how far, or no speculation at all.
+
+Every decode step maximises *expected emitted tokens per second of wall time*:
+
+* **plan** (before drafting) decides which speculators to ask and for how many tokens. A speculator whose
+  predicted drafting cost is negligible (``cheap_fraction`` of a step) is always asked for ``max_k`` tokens:
+  asking is how the controller keeps learning its quality (see :mod:`.tracker`). A costly one (a draft head) is
+  asked for the length ``L`` that maximises the expected rate *including its drafting cost*, or not at all when
+  no length beats plain decoding. The expected rate is estimated from a reservoir of the speculator's recent
+  drafts (their confidence bins per position) re-scored with the current, optimistic calibration, summed over
+  random batches of the current size: at small batches it credits the selection ``choose`` will make, at large
+  batches it is ``rows x`` the mean. Nothing is asked when even perfect drafts could not pay (large batches on a
+  compute-bound device).
+* **choose** (after drafting) turns each draft's confidences into calibrated per-token acceptance
+  (:class:`.calibration.AcceptanceModel`; a cautious lower bound for drafts that are evaluated whether verified
+  or not, an optimistic one for soft drafts under sampling, which only verification can evaluate), and picks
+  the longest draft ``q`` of the batch that
+  maximises ``sum_rows E_row(q) / (forward(rows, q + 1) + overhead(rows) + drafting)``; every row takes its best
+  speculator's draft cut to ``q`` (and cut earlier where the chance that all its tokens so far are accepted
+  falls below ``tail_min_prob``). ``q = 0`` — no speculation for anyone — unless speculation beats plain
+  decoding by ``margin``. This is where "never slower" is enforced.
+* **update** refines the verification cost table from the step's forward time, each speculator's drafting cost
+  from its propose time, and the calibration from the outcomes of *every* one-hot draft proposed (verified or
+  not, read off the tokens the rows emit) and of the verified soft drafts.
+
+Cold start: a speculator never observed is assumed to accept ``prior_mean`` of its tokens (0.5) with a wide
+posterior; it is asked (cheap, or optimistic value) and verified where a 0.5 acceptance pays, so a good
+speculator is found within a few steps and a useless one is switched off as soon as its first outcomes arrive
+(at batch 64, after one step). Evidence decays with a half-life of ``half_life_steps`` steps, so a switched-off
+speculator is eventually re-examined and a drifting one is followed; re-examining a costly speculator whose
+drafts went unused is rate-limited to ``exploration_budget`` of the recent wall time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from atlas_rl.controller.base import Plan, PlanState, RowOutcome
+from atlas_rl.controller.calibration import AcceptanceModel, confidence_bins
+from atlas_rl.controller.cost import VerificationCost
+from atlas_rl.controller.draft_cost import DraftCost
+from atlas_rl.controller.planning import best_length, expected_tokens
+from atlas_rl.controller.tracker import DraftTracker, Outcomes, PendingDraft
+from atlas_rl.types import CALIBRATION_BINS, Draft, SpecStats, SpeculatorStats, StepRecord
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AutoControllerConfig:
+    """Settings of :class:`AutoController` (defaults need no tuning; the product turns no knobs).
+
+    Decisions: ``max_k``, ``margin``, ``tail_min_prob``, ``cheap_fraction``.
+    Calibration: ``prior_mean``, ``prior_strength``, ``half_life_steps``, ``exploration_beta``.
+    Planning estimate: ``reservoir_size``, ``plan_batches``, ``seed``. Cost table: ``calibration_budget_s``.
+    """
+
+    max_k: int = field(default=8, metadata={"help": "Longest draft the controller may choose (1..64)."})
+    margin: float = field(
+        default=0.02,
+        metadata={
+            "help": "Speculate only when the predicted tokens/s beat plain decoding by this fraction (>= 0): a "
+            "safety margin against estimation error."
+        },
+    )
+    tail_min_prob: float = field(
+        default=0.01,
+        metadata={"help": "Cut a draft where the probability that all its tokens so far are accepted drops below."},
+    )
+    cheap_fraction: float = field(
+        default=0.01,
+        metadata={
+            "help": "A speculator whose predicted drafting cost is below this fraction of a plain step is always "
+            "asked for max_k tokens (keeps its calibration fresh at no real cost)."
+        },
+    )
+    prior_mean: float = field(
+        default=0.5, metadata={"help": "Per-token acceptance assumed for a speculator with no evidence, in (0, 1)."}
+    )
+    prior_strength: float = field(
+        default=2.0, metadata={"help": "Pseudo-observations behind each prior of the calibration (> 0)."}
+    )
+    half_life_steps: float = field(
+        default=50.0,
+        metadata={
+            "help": "Decode steps after which acceptance evidence weighs half (> 0); lower follows drift faster."
+        },
+    )
+    exploration_beta: float = field(
+        default=1.0,
+        metadata={"help": "Posterior standard deviations of optimism when deciding which speculators to ask (>= 0)."},
+    )
+    caution_beta: float = field(
+        default=0.5,
+        metadata={
+            "help": "Posterior standard deviations of pessimism when deciding what to verify (>= 0): thin evidence "
+            "must not make a step slower (learning needs no verification: every asked draft is evaluated)."
+        },
+    )
+    exploration_budget: float = field(
+        default=0.02,
+        metadata={
+            "help": "Share of recent wall time that a costly speculator's unused drafts may take (in [0, 1)): "
+            "re-examining a speculator whose drafts did not pay is rate-limited to this."
+        },
+    )
+    reservoir_size: int = field(
+        default=256, metadata={"help": "Recent drafts per speculator kept to estimate what asking it is worth."}
+    )
+    plan_batches: int = field(
+        default=32, metadata={"help": "Random batches drawn from the reservoir per planning estimate (>= 1)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the planner's random batches (reproducible plans)."})
+    calibration_budget_s: float = field(
+        default=5.0,
+        metadata={"help": "Wall-time bound of the verification cost calibration at engine start (> 0 s)."},
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_k, bool) or not isinstance(self.max_k, int) or not (1 <= self.max_k <= 64):
+            raise ValueError(f"max_k must be an int in [1, 64], got {self.max_k!r}; use FixedController(0) for k=0")
+        if not (self.margin >= 0):
+            raise ValueError(f"margin must be >= 0, got {self.margin!r}")
+        if not (0.0 <= self.tail_min_prob < 1.0):
+            raise ValueError(f"tail_min_prob must lie in [0, 1), got {self.tail_min_prob!r}")
+        if not (0.0 <= self.exploration_budget < 1.0):
+            raise ValueError(f"exploration_budget must lie in [0, 1), got {self.exploration_budget!r}")
+        if not (0.0 <= self.cheap_fraction < 1.0):
+            raise ValueError(f"cheap_fraction must lie in [0, 1), got {self.cheap_fraction!r}")
+        if not (0.0 < self.prior_mean < 1.0):
+            raise ValueError(f"prior_mean must lie in (0, 1), got {self.prior_mean!r}")
+        if not (self.prior_strength > 0):
+            raise ValueError(f"prior_strength must be > 0, got {self.prior_strength!r}")
+        if not (self.half_life_steps > 0):
+            raise ValueError(f"half_life_steps must be > 0, got {self.half_life_steps!r}")
+        if not (self.exploration_beta >= 0) or not (self.caution_beta >= 0):
+            raise ValueError(
+                f"exploration_beta and caution_beta must be >= 0, got {self.exploration_beta!r}, {self.caution_beta!r}"
+            )
+        if self.reservoir_size < 1 or self.plan_batches < 1:
+            raise ValueError("reservoir_size and plan_batches must be >= 1")
+        if not (self.calibration_budget_s > 0):
+            raise ValueError(f"calibration_budget_s must be > 0, got {self.calibration_budget_s!r}")
+
+
+class _Reservoir:
+    """The most recent drafts of one speculator in one mode, as confidence bins per position (-1: no token)."""
+
+    def __init__(self, size: int, max_k: int) -> None:
+        self.bins = np.full((size, max_k), -1, dtype=np.int64)  # [size, max_k]
+        self.asked = np.zeros(size, dtype=np.int64)  # [size] tokens asked for
+        self.ptr = 0
+        self.count = 0
+
+    def add(self, bins: np.ndarray, asked: np.ndarray) -> None:  # bins: [m, max_k], asked: [m]
+        size = len(self.asked)
+        bins, asked = bins[-size:], asked[-size:]
+        idx = (self.ptr + np.arange(len(asked))) % size
+        self.bins[idx] = bins
+        self.asked[idx] = asked
+        self.ptr = int((self.ptr + len(asked)) % size)
+        self.count = min(size, self.count + len(asked))
+
+
+class AutoController:
+    """Picks per step and row the speculator and draft length that maximise expected tokens per second.
+
+    Args:
+        config: :class:`AutoControllerConfig`.
+        cost: the verification cost model; ``RolloutEngine`` provides its calibrated one when None.
+        draft_cost: drafting cost per speculator (learned online; a fresh one when None).
+    """
+
+    def __init__(
+        self,
+        config: AutoControllerConfig | None = None,
+        cost: VerificationCost | None = None,
+        draft_cost: DraftCost | None = None,
+    ) -> None:
+        self.config = config or AutoControllerConfig()
+        c = self.config
+        self.max_k = c.max_k
+        self.cost = cost
+        self.draft_cost = draft_cost or DraftCost()
+        self.acceptance = AcceptanceModel(
+            c.max_k,
+            prior_mean=c.prior_mean,
+            prior_strength=c.prior_strength,
+            half_life_steps=c.half_life_steps,
+            beta=c.exploration_beta,
+            beta_low=c.caution_beta,
+        )
+        self._tracker = DraftTracker()
+        self._reservoirs: dict[tuple[str, bool], _Reservoir] = {}
+        self._rng = np.random.default_rng(c.seed)
+        # per-step state between plan/choose and update
+        self._asked: dict[str, int] = {}
+        self._step_rows: list[int] = []
+        self._soft: dict[int, tuple[str, list[int], list[float]]] = {}
+        self._greedy = False
+        self._last_update_s = 0.0
+        self._recent_s = 0.0  # decayed wall time of recent steps
+        self._wasted_s: dict[str, float] = {}  # decayed drafting time per speculator whose drafts went unused
+        self._decay = 0.5 ** (1.0 / c.half_life_steps)
+        self._call_calibration: dict[str, np.ndarray] = {}  # speculator -> [CALIBRATION_BINS, 3]
+
+    # ------------------------------------------------------------------------------------------ wiring
+    @property
+    def needs_cost_model(self) -> bool:
+        return self.cost is None
+
+    def set_cost_model(self, cost: VerificationCost) -> None:
+        self.cost = cost
+
+    def _cost(self) -> VerificationCost:
+        if self.cost is None:
+            raise ValueError(
+                "AutoController has no verification cost model: pass cost=... (see atlas_rl.controller.cost), or "
+                "use it through RolloutEngine.generate, which supplies the engine's calibrated one"
+            )
+        return self.cost
+
+    def _step_cost(self, n: int) -> np.ndarray:
+        """``[max_k+1]`` seconds of a step of ``n`` rows whose longest draft has q = 0 .. max_k tokens."""
+        cost = self._cost()
+        return cost.forward_curve(n, self.max_k + 1) + cost.overhead_s(n)
+
+    # ------------------------------------------------------------------------------------------ plan
+    def plan(self, state: PlanState) -> Plan:
+        n, K = len(state.row_ids), self.max_k
+        self._tracker.retain(set(state.row_ids))
+        self._greedy = state.greedy
+        step_s = self._step_cost(n)  # [K+1]
+        base_rate = n / step_s[0]
+        self._asked = {}
+        # even perfect drafts (every token accepted) cannot pay: do not even ask
+        perfect = n * np.arange(1, K + 2) / step_s
+        if perfect[1:].max() > base_rate:
+            for name in state.speculators:
+                L = self._plan_length(name, state.greedy, n, step_s, base_rate)
+                if L > 0:
+                    self._asked[name] = L
+        out: Plan = []
+        for rem in state.remaining:
+            cap = rem - 1
+            out.append([(name, min(L, cap)) for name, L in self._asked.items()] if cap > 0 else [])
+        return out
+
+    def _plan_length(self, name: str, greedy: bool, n: int, step_s: np.ndarray, base_rate: float) -> int:
+        """Tokens to ask ``name`` for (0: do not ask)."""
+        K = self.max_k
+        if self.draft_cost.predict(name, n, K) <= self.config.cheap_fraction * step_s[0]:
+            return K
+        if self._wasted_s.get(name, 0.0) > self.config.exploration_budget * self._recent_s:
+            return 0  # its recent drafts cost more than the exploration budget and were not used: wait
+        draft_s = np.array([self.draft_cost.predict(name, n, L) for L in range(1, K + 1)])  # [K]
+        totals = self._sampled_totals(name, greedy, n)  # [M, K+1]
+        best_L, best_rate = 0, base_rate
+        for L in range(1, K + 1):
+            rate = float((totals[:, : L + 1] / (step_s[: L + 1] + draft_s[L - 1])).max(1).mean())
+            if rate > best_rate:
+                best_L, best_rate = L, rate
+        return best_L
+
+    def _sampled_totals(self, name: str, greedy: bool, n: int) -> np.ndarray:
+        """``[M, max_k+1]`` optimistic expected tokens of a batch of ``n`` rows asking ``name``, cut to q tokens,
+        over M random batches of its recent drafts (one line, ``n x`` the mean, at large batches)."""
+        est = self.acceptance.estimates(name, greedy)
+        res = self._reservoirs.get((name, greedy))
+        if res is None or res.count == 0:
+            return n * expected_tokens(est.marginal_optimistic[None])
+        K = self.max_k
+        bins = res.bins[: res.count]  # [R, K]
+        j = np.arange(K)[None, :]
+        acc = np.where(
+            bins >= 0,
+            est.optimistic[j, np.maximum(bins, 0)],
+            np.where(j >= res.asked[: res.count, None], est.marginal_optimistic[None, :], 0.0),
+        )  # [R, K]
+        e = expected_tokens(acc)  # [R, K+1]
+        if n >= 16 or res.count < 2:
+            return n * e.mean(0, keepdims=True)
+        idx = self._rng.integers(0, res.count, size=(self.config.plan_batches, n))
+        return e[idx].sum(1)
+
+    # ------------------------------------------------------------------------------------------ choose
+    def choose(self, state: PlanState, candidates: list[dict[str, Draft]]) -> list[Draft | None]:
+        n, K = len(candidates), self.max_k
+        greedy = state.greedy
+        self._step_rows = list(state.row_ids)
+        self._soft = {}
+        names = list(self._asked) or sorted({s for c in candidates for s in c})
+        if not names or n == 0:
+            return [None] * n
+        col = {s: i for i, s in enumerate(names)}
+        # every candidate token at once: (row, speculator column, position) -> calibrated acceptance
+        flat = [(i, col[s], d) for i, c in enumerate(candidates) for s, d in c.items() if s in col and len(d) > 0]
+        lens = np.zeros((n, len(names)), dtype=np.int64)  # [n, S] draft lengths (capped at K)
+        acc = np.zeros((n, len(names), K))  # [n, S, K] calibrated acceptance, 0 past each draft's end
+        low = np.zeros((n, len(names), K))  # [n, S, K] what decisions use (a cautious or an exploring bound)
+        bins = np.full((n, len(names), K), -1, dtype=np.int64)  # [n, S, K] confidence bins, -1 past the end
+        if flat:
+            m = np.array([min(len(d), K) for _, _, d in flat])
+            ri = np.repeat([i for i, _, _ in flat], m)
+            ci = np.repeat([c for _, c, _ in flat], m)
+            pj = np.arange(int(m.sum())) - np.repeat(np.cumsum(m) - m, m)
+            conf = np.fromiter((x for _, _, d in flat for x in d.confidence[:K]), dtype=float, count=int(m.sum()))
+            b = confidence_bins(conf)
+            est = [self.acceptance.estimates(s, greedy) for s in names]
+            acc[ri, ci, pj] = np.stack([e.mean for e in est])[ci, pj, b]  # [S, K, B] gathered
+            # decisions: cautious where every asked draft is evaluated anyway (one-hot drafts, greedy); optimistic
+            # for soft drafts under sampling, which only verification can evaluate (exploration by verifying)
+            soft = np.repeat([d.draft_probs is not None and not greedy for _, _, d in flat], m)
+            low[ri, ci, pj] = np.where(
+                soft,
+                np.stack([e.optimistic for e in est])[ci, pj, b],
+                np.stack([e.pessimistic for e in est])[ci, pj, b],
+            )
+            bins[ri, ci, pj] = b
+            lens[[i for i, _, _ in flat], [c for _, c, _ in flat]] = m
+        self._remember(state, candidates, names, bins, acc, lens)
+        E = expected_tokens(low)  # [n, S, K+1]
+        best_s = E.argmax(1)  # [n, K+1]
+        total = E.max(1).sum(0)  # [K+1]
+        sunk = sum(self.draft_cost.predict(s, n, L) for s, L in self._asked.items())
+        q, _ = best_length(total, self._step_cost(n) + sunk, self.config.margin)
+        out: list[Draft | None] = [None] * n
+        if q == 0:
+            return out
+        si = best_s[:, q]  # [n]
+        rows = np.arange(n)
+        surv = np.cumprod(low[rows, si, :q], axis=1)  # [n, q] chance that all tokens so far are accepted
+        keep = np.minimum((surv >= self.config.tail_min_prob).sum(1), lens[rows, si])  # [n]
+        for i in np.nonzero(keep)[0].tolist():
+            name, m = names[si[i]], int(keep[i])
+            d = candidates[i][name]
+            out[i] = d.truncate(m)
+            if d.draft_probs is not None and not greedy:
+                self._soft[i] = (name, bins[i, si[i], :m].tolist(), acc[i, si[i], :m].tolist())
+        return out
+
+    def _remember(
+        self,
+        state: PlanState,
+        candidates: list[dict[str, Draft]],
+        names: list[str],
+        bins: np.ndarray,  # [n, S, K]
+        acc: np.ndarray,  # [n, S, K]
+        lens: np.ndarray,  # [n, S]
+    ) -> None:
+        """Register one-hot candidates with the tracker and every asked row's draft with the reservoirs."""
+        greedy = state.greedy
+        remaining = np.asarray(state.remaining)
+        asked_rows = np.nonzero(remaining > 1)[0]
+        for c, s in enumerate(names):
+            L = self._asked.get(s)
+            if L is None or len(asked_rows) == 0:
+                continue
+            key = (s, greedy)
+            if key not in self._reservoirs:
+                self._reservoirs[key] = _Reservoir(self.config.reservoir_size, self.max_k)
+            self._reservoirs[key].add(bins[asked_rows, c], np.minimum(L, remaining[asked_rows] - 1))
+        for i, c in zip(*np.nonzero(lens)):
+            s = names[c]
+            d = candidates[i][s]
+            if d.draft_probs is None or greedy:
+                m = int(lens[i, c])
+                self._tracker.add(state.row_ids[i], PendingDraft(s, greedy, d.token_ids, m, bins[i, c], acc[i, c]))
+
+    # ------------------------------------------------------------------------------------------ update
+    def update(self, record: StepRecord, per_row: list[RowOutcome]) -> None:
+        t0 = time.perf_counter()
+        cost = self._cost()
+        propose_s = sum(p.seconds for p in record.proposals.values())
+        overhead = record.step_s - record.forward_s - propose_s + self._last_update_s
+        cost.observe(record.num_rows, record.query_len, record.forward_s, overhead)
+        used = {o.draft.speculator for o in per_row if o.draft is not None}
+        self._recent_s = self._decay * self._recent_s + record.step_s
+        for name in list(self._wasted_s):
+            self._wasted_s[name] *= self._decay
+        for name, p in record.proposals.items():
+            self.draft_cost.observe(name, p)
+            if name not in used:
+                self._wasted_s[name] = self._wasted_s.get(name, 0.0) + p.seconds
+        greedy = self._greedy
+        self.acceptance.decay(greedy)
+        outcomes: dict[tuple[str, bool], Outcomes] = {}
+        for i, o in enumerate(per_row):
+            if i < len(self._step_rows):
+                self._tracker.emit(self._step_rows[i], o.output_ids, outcomes)
+            soft = self._soft.get(i)
+            if soft is not None and o.draft is not None:
+                name, bins, pred = soft
+                out = outcomes.setdefault((name, greedy), Outcomes())
+                for j in range(min(len(o.draft), len(bins), o.accepted + 1)):
+                    out.add(j, bins[j], pred[j], j < o.accepted)
+        self._observe(outcomes)
+        self._soft = {}
+        self._last_update_s = time.perf_counter() - t0
+
+    def _observe(self, outcomes: dict[tuple[str, bool], Outcomes]) -> None:
+        for (name, greedy), obs in outcomes.items():
+            if not obs.positions:
+                continue
+            pos = np.array(obs.positions, dtype=np.int64)
+            bins = np.array(obs.bins, dtype=np.int64)
+            ok = np.array(obs.accepted, dtype=float)
+            pred = np.array(obs.predicted, dtype=float)
+            self.acceptance.observe(name, greedy, pos, bins, ok, pred)
+            cal = self._call_calibration.setdefault(name, np.zeros((CALIBRATION_BINS, 3)))
+            pb = np.clip((pred * CALIBRATION_BINS).astype(np.int64), 0, CALIBRATION_BINS - 1)
+            np.add.at(cal, pb, np.stack([np.ones_like(pred), pred, ok], 1))
+
+    def finish(self, stats: SpecStats) -> None:
+        """Hand the call's predicted-vs-realised acceptance to ``stats``; drafts still pending are censored."""
+        for name, cal in self._call_calibration.items():
+            stats.speculator(name).merge(SpeculatorStats(calibration=cal.tolist()))
+        self._call_calibration = {}
+        self._tracker.clear()
+        self._soft = {}

@@ -1,0 +1,217 @@
+"""The verification cost model (calibration within a time bound, interpolation, cache, online refinement), the
+drafting cost model, the calibration arithmetic and the controller statistics in SpecStats."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from atlas_rl.controller import DraftCost, VerificationCost
+from atlas_rl.controller.calibration import AcceptanceModel, confidence_bins, position_groups
+from atlas_rl.controller.cost import calibrate, cost_cache_key, cost_cache_path, load_or_calibrate
+from atlas_rl.controller.planning import best_length, expected_tokens
+from atlas_rl.controller.tracker import DraftTracker, Outcomes, PendingDraft
+from atlas_rl.types import ProposeRecord, SpecStats, SpeculatorStats, StepRecord
+
+
+def sleeping_timer(fn, calls: list | None = None):
+    """A timer whose forwards take ``fn(rows, tokens)`` seconds of real wall time (it sleeps)."""
+
+    def timer(rows: int, tokens: int, repeats: int) -> float:
+        if calls is not None:
+            calls.append((rows, tokens, repeats))
+        time.sleep(fn(rows, tokens) * repeats)
+        return fn(rows, tokens)
+
+    return timer
+
+
+def test_calibration_stays_within_its_time_budget():
+    law = lambda r, t: 0.002 + 0.0004 * r * t  # noqa: E731 - 64 rows x 9 tokens = 0.23 s: the full grid takes ~1.5 s
+    calls: list = []
+    t0 = time.perf_counter()
+    cost = calibrate(sleeping_timer(law, calls), max_tokens=9, budget_s=0.4)
+    elapsed = time.perf_counter() - t0
+    assert elapsed <= 0.4 * 1.25, elapsed  # estimates are pessimistic: at most a small overshoot
+    assert (1, 1) in cost.measured and len(cost.measured) < 20  # the budget cut the grid short
+    # every point is answered anyway, measured points exactly
+    for (r, t), s in cost.measured.items():
+        assert cost.forward_s(r, t) == pytest.approx(s)
+    assert cost.forward_s(64, 9) > cost.forward_s(64, 1) > cost.forward_s(1, 1)
+    big = calibrate(sleeping_timer(law), max_tokens=9, budget_s=10.0)
+    assert len(big.measured) == 20  # a generous budget measures the whole grid (and stops early)
+
+
+def test_interpolation_between_measurements_and_pessimism_beyond():
+    law = lambda r, t: 0.01 + 0.001 * r * t  # noqa: E731 - affine in rows, sub-linear in tokens at few rows
+    measured = {(r, t): law(r, t) for r in (1, 4, 16) for t in (1, 2, 3, 5, 9)}
+    cost = VerificationCost(measured)
+    for r, t in [(8, 3), (10, 2), (4, 4), (12, 7)]:  # between measured rows and token counts
+        assert cost.forward_s(r, t) == pytest.approx(law(r, t), rel=0.05)
+    assert cost.forward_s(4, 4) == pytest.approx(law(4, 4))  # a measured row: exact in tokens
+    assert cost.forward_s(64, 1) == pytest.approx(law(64, 1))  # one token: linear extrapolation in rows
+    for r, t in [(64, 5), (300, 2), (4, 12), (64, 12)]:  # beyond: pessimistic but bounded by t x one token
+        assert law(r, t) <= cost.forward_s(r, t) <= t * cost.forward_s(r, 1) + 1e-12
+    # the share a verified token adds grows toward 1 with unmeasured rows (more compute-bound)
+    rel = [cost.forward_s(r, 5) / cost.forward_s(r, 1) for r in (16, 64, 256, 1024)]
+    assert rel == sorted(rel) and rel[-1] < 5
+    curve = cost.forward_curve(8, 9)
+    assert curve.shape == (9,) and np.all(np.diff(curve) > 0)
+    only_one_token = VerificationCost({(1, 1): 0.1, (4, 1): 0.12})
+    assert only_one_token.forward_s(4, 3) == pytest.approx(0.36)  # no multi-token data: compute-bound
+
+
+def test_online_refinement_moves_estimates_toward_observed_timings():
+    law = lambda r, t: 0.01 * r**0.5 * (1 + 0.1 * (t - 1))  # noqa: E731
+    cost = VerificationCost({(r, t): law(r, t) for r in (1, 4, 16, 64) for t in (1, 2, 3, 5, 9)}, refine_rate=0.2)
+    before = cost.forward_s(4, 3)
+    far = cost.forward_s(64, 9)
+    errors = []
+    for _ in range(40):
+        cost.observe(4, 3, 2 * before, overhead_s=0.004)  # this machine turned out twice as slow there
+        errors.append(abs(cost.forward_s(4, 3) - 2 * before))
+    assert all(b <= a + 1e-12 for a, b in zip(errors, errors[1:]))  # monotone approach
+    assert cost.forward_s(4, 3) == pytest.approx(2 * before, rel=0.02)
+    assert cost.forward_s(4, 1) > law(4, 1) * 1.1  # the same rows' other cells share part of the drift
+    assert cost.forward_s(64, 9) == pytest.approx(far)  # far away nothing moved
+    assert cost.overhead_s(4) == pytest.approx(0.004, rel=0.05)
+    frozen = VerificationCost({(1, 1): 0.01, (1, 2): 0.012}, refine_rate=0.0)
+    frozen.observe(1, 2, 1.0)
+    assert frozen.forward_s(1, 2) == pytest.approx(0.012)
+
+
+def test_cost_cache_is_reused_and_keyed(tmp_path):
+    law = lambda r, t: 0.0005 * (1 + 0.2 * t) * r  # noqa: E731
+    calls: list = []
+    key = cost_cache_key({"hidden_size": 64, "_name_or_path": "/a"}, "cpu", "torch.float32", 2)
+    assert key == cost_cache_key({"hidden_size": 64, "_name_or_path": "/b"}, "cpu", "torch.float32", 2)
+    assert key != cost_cache_key({"hidden_size": 64}, "cpu", "torch.float32", 1)  # threads matter
+    assert key != cost_cache_key({"hidden_size": 128}, "cpu", "torch.float32", 2)
+    c1 = load_or_calibrate(key, sleeping_timer(law, calls), max_tokens=9, budget_s=2.0, root=tmp_path)
+    n = len(calls)
+    assert not c1.from_cache and n > 0 and cost_cache_path(key, tmp_path).is_file()
+    c2 = load_or_calibrate(key, sleeping_timer(law, calls), max_tokens=9, budget_s=2.0, root=tmp_path)
+    assert c2.from_cache and len(calls) == n and c2.measured == c1.measured
+    c3 = load_or_calibrate(key, sleeping_timer(law, calls), max_tokens=17, budget_s=2.0, root=tmp_path)
+    assert not c3.from_cache and len(calls) > n  # a longer max_k than the cache covers: measured again
+    n = len(calls)
+    short = load_or_calibrate("other", sleeping_timer(law, calls), max_tokens=17, budget_s=0.05, root=tmp_path)
+    assert (64, 17) not in short.measured and len(calls) > n  # the budget stopped it short of the grid
+    n = len(calls)
+    again = load_or_calibrate("other", sleeping_timer(law, calls), max_tokens=17, budget_s=0.05, root=tmp_path)
+    assert again.from_cache and len(calls) == n  # ... and it is reused all the same
+    cost_cache_path(key, tmp_path).write_text("{not json")
+    c4 = load_or_calibrate(key, sleeping_timer(law), max_tokens=9, budget_s=1.0, root=tmp_path)
+    assert not c4.from_cache and json.loads(cost_cache_path(key, tmp_path).read_text())["measured"]
+
+
+def test_draft_cost_learns_a_linear_law():
+    law = lambda rows, depth: 0.0002 + 0.001 * depth + 0.00005 * rows * depth  # noqa: E731
+    dc = DraftCost()
+    assert dc.predict("head", 4, 4) == 0.0  # never seen: free until measured
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        rows, depth = int(rng.integers(1, 64)), int(rng.integers(1, 9))
+        dc.observe("head", ProposeRecord(rows, rows * depth, law(rows, depth)))
+    for rows, depth in [(1, 1), (8, 4), (64, 8), (32, 2)]:
+        assert dc.predict("head", rows, depth) == pytest.approx(law(rows, depth), rel=0.1)
+
+
+def test_expected_tokens_and_best_length():
+    e = expected_tokens(np.array([[0.5, 0.5, 0.0], [1.0, 1.0, 1.0]]))
+    assert e.tolist() == [[1.0, 1.5, 1.75, 1.75], [1.0, 2.0, 3.0, 4.0]]
+    q, rates = best_length(np.array([2.0, 2.1, 2.2]), np.array([1.0, 1.0, 1.0]), margin=0.05)
+    assert q == 2 and rates.tolist() == [2.0, 2.1, 2.2]
+    q, _ = best_length(np.array([2.0, 2.02, 2.03]), np.array([1.0, 1.0, 1.0]), margin=0.02)
+    assert q == 0  # 1.5% better is inside the safety margin
+
+
+def test_acceptance_model_shrinks_decays_and_detects_drift():
+    m = AcceptanceModel(max_k=8, prior_mean=0.5, prior_strength=2.0, half_life_steps=10, drift_z=4.0)
+    est = m.estimates("s", True)
+    assert np.allclose(est.mean, 0.5) and np.all(est.optimistic > 0.75)  # cold: prior, wide posterior
+    pos = np.zeros(200, dtype=np.int64)
+    bins = confidence_bins(np.full(200, 0.9))
+    m.observe("s", True, pos, bins, np.ones(200) * (np.arange(200) % 10 < 9), np.full(200, 0.9))
+    est = m.estimates("s", True)
+    assert est.mean[0, bins[0]] == pytest.approx(0.9, abs=0.01)
+    assert est.mean[1, 0] > 0.8  # an unseen cell borrows from its position's and speculator's evidence
+    for _ in range(30):
+        m.decay(True)
+    assert m.observed_tokens("s", True) < 200 * 0.5**2.9
+    assert m.drift_events("s", True) == 0
+    m.observe("s", True, pos[:40], bins[:40], np.zeros(40), np.full(40, 0.9))  # the speculator broke
+    assert m.drift_events("s", True) == 1
+    assert position_groups(16).tolist() == [0, 1, 2, 3, 4, 4, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7]
+
+
+def test_tracker_resolves_drafts_against_emitted_tokens_across_steps():
+    t = DraftTracker()
+    pd = PendingDraft("s", True, [5, 6, 7, 8], 4, np.array([1, 2, 3, 4]), np.array([0.9, 0.8, 0.7, 0.6]))
+    t.add(0, pd)
+    t.add(0, PendingDraft("u", True, [9], 1, np.array([0]), np.array([0.3])))
+    out: dict = {}
+    t.emit(0, [5], out)  # token 0 of "s" matches; "u" is rejected at once
+    t.emit(0, [6, 1], out)  # token 1 matches, token 2 rejected: token 3 is censored
+    s: Outcomes = out[("s", True)]
+    assert s.positions == [0, 1, 2] and s.accepted == [True, True, False] and s.bins == [1, 2, 3]
+    assert out[("u", True)].accepted == [False] and len(t) == 0
+
+
+def test_spec_stats_report_controller_statistics():
+    a = SpecStats(num_steps=3, plan_s=0.003, num_row_forwards=6, num_draft_tokens=4)
+    a.steps = [
+        StepRecord(2, 1, 2, 0, 0, 0.1, 0.1),
+        StepRecord(2, 3, 5, 4, 3, 0.1, 0.1),
+        StepRecord(2, 3, 4, 4, 2, 0.1, 0.1),
+    ]
+    ss = a.speculator("s")
+    ss.num_drafts, ss.num_draft_tokens = 2, 4
+    for p, ok in [(0.9, True), (0.9, True), (0.2, False), (0.25, True)]:
+        ss.add_calibration(p, ok)
+    assert a.draft_len_histogram == [1, 0, 2] and a.num_spec_off_steps == 1
+    assert a.plan_ms_per_step == pytest.approx(1.0)
+    assert ss.mean_predicted_acceptance == pytest.approx(0.5625) and ss.mean_realised_acceptance == 0.75
+    assert ss.calibration_error == pytest.approx((0.2 + 0.55) / 4)
+    d = a.to_dict()
+    assert d["per_speculator"]["s"]["row_share"] == pytest.approx(2 / 6) and d["num_spec_off_steps"] == 1
+    b = SpecStats()
+    b.merge(a)
+    b.merge(a)
+    assert b.per_speculator["s"].calibration[9][0] == 4 and b.draft_len_histogram == [2, 0, 4]
+    assert SpeculatorStats().calibration_error != SpeculatorStats().calibration_error  # nan without data
+
+
+def test_a_timing_spike_does_not_become_a_permanent_belief():
+    # a 2-token forward measured at 26x one token (another process took the cores): bounded by running the
+    # tokens one after the other, and the extra rows by running the rows one after the other
+    cost = VerificationCost({(1, 1): 0.1, (1, 2): 2.6, (1, 3): 0.13, (4, 1): 0.12, (4, 2): 0.05})
+    assert cost.forward_s(1, 2) == pytest.approx(0.2)
+    assert cost.forward_s(1, 3) == pytest.approx(0.2)  # never cheaper than fewer tokens
+    assert cost.forward_s(4, 2) == pytest.approx(0.2)  # never cheaper than fewer rows
+    calls: list = []
+    spiky = {(1, 2): 3.0}
+
+    def timer(rows: int, tokens: int, repeats: int) -> float:
+        calls.append((rows, tokens))
+        return spiky.pop((rows, tokens), 0.01 * rows * (1 + 0.1 * tokens))
+
+    c = calibrate(timer, max_tokens=9, budget_s=5.0, rows=(1,), tokens=(1, 2, 3))
+    assert calls.count((1, 2)) == 2 and c.measured[(1, 2)] == pytest.approx(0.012)  # re-measured, min kept
+
+
+def test_a_disturbed_calibration_is_used_but_not_cached(tmp_path):
+    seen: dict = {}
+
+    def timer(rows: int, tokens: int, repeats: int) -> float:
+        n = seen[(rows, tokens)] = seen.get((rows, tokens), 0) + 1
+        if (rows, tokens) == (1, 1):
+            return 0.01 if n <= 2 else 0.05  # the machine got busy: the first point measured again is 5x slower
+        return 0.01 * rows * (1 + 0.1 * tokens)
+
+    cost = load_or_calibrate("k", timer, max_tokens=9, budget_s=5.0, root=tmp_path)
+    assert not cost.reliable and not cost_cache_path("k", tmp_path).exists()
+    assert cost.forward_s(1, 1) == pytest.approx(0.01)
