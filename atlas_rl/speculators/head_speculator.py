@@ -223,13 +223,16 @@ class DraftHeadSpeculator:
                 conf, tok_d = torch.softmax(logits_d, -1).max(-1)
                 tok = d2t[tok_d]
             else:
-                full = torch.full((n, V), float("-inf"), dtype=logits_d.dtype, device=dev)
-                full[:, d2t] = logits_d
-                p = processed_probs(full, sampling)  # [n, vocab], zero outside the draft vocabulary
-                tok = torch.multinomial(p.cpu(), 1, generator=self._gen)[:, 0].to(dev)
-                conf = p.gather(1, tok[:, None])[:, 0]
+                # processing the draft-vocabulary logits equals processing the full-vocabulary logits with -inf
+                # outside the draft vocabulary, restricted to it (temperature, top-k, top-p only see finite
+                # values): sample in draft space, then scatter into the [n, vocab] distribution the verifier needs
+                p_d = processed_probs(logits_d, sampling)  # [n, draft_vocab]
+                tok_d = torch.multinomial(p_d.cpu(), 1, generator=self._gen)[:, 0].to(dev)
+                tok = d2t[tok_d]
+                conf = p_d.gather(1, tok_d[:, None])[:, 0]
+                p = torch.zeros((n, V), dtype=p_d.dtype, device=dev)  # zero outside the draft vocabulary
+                p[:, d2t] = p_d
                 probs.append(p)
-                tok_d = head.target_to_draft[tok]
             tokens.append(tok)
             confs.append(conf)
             if j + 1 < kmax:

@@ -1,0 +1,252 @@
+"""The adaptive draft head: a lighter :class:`DraftHead`, retrained online while the policy changes.
+
+It is the same EAGLE-style network as the static head (one decoder layer over the target's features), made
+cheaper per draft token in the two places that dominate its cost:
+
+* a narrower MLP (``intermediate_size``, default 512 instead of the static head's 1536), and
+* a smaller draft vocabulary: the first ``draft_vocab_size`` tokens (default 2048) of the static head's
+  frequency-ranked vocabulary (``draft_to_target`` is ordered most frequent first), so the frozen output rows,
+  the head's largest matmul, cost a quarter of the static head's 8192 rows.
+
+Warm start from a static head (``build_adaptive_head(model, static=...)``): every tensor whose shape matches is
+copied (the fusion layer when both fuse the same target layers, the input projection, the norms, attention),
+the MLP is *sliced* — the ``intermediate_size`` hidden units with the largest
+``|gate_i| * |up_i| * |down_:,i|`` (a magnitude criterion that keeps the units contributing most) — and the
+output rows are the target's rows of the kept tokens (the static head's frozen rows restricted to its first
+``draft_vocab_size`` tokens). Without a static head the head starts from random weights, with a vocabulary
+ranked by :func:`rank_vocab` over token sequences (or the first ids).
+
+Because the output rows are frozen copies of the target's, the draft vocabulary can be swapped at any time
+without retraining (:func:`set_draft_vocab`), and after a policy update the rows can be refreshed from the new
+target (:func:`refresh_frozen_rows`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from atlas_rl.speculators.draft_head import DraftHead, DraftHeadConfig
+from atlas_rl.training.samples import SequenceSample
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "AdaptiveHeadConfig",
+    "build_adaptive_head",
+    "head_cost_macs",
+    "rank_vocab",
+    "rank_vocab_from_samples",
+    "refresh_frozen_rows",
+    "set_draft_vocab",
+]
+
+
+@dataclass
+class AdaptiveHeadConfig:
+    """Shape of the adaptive head (target-dependent sizes come from the target, or the static head).
+
+    Parameters:
+        draft_vocab_size: tokens the head can propose (the first N of the static head's ranked vocabulary).
+        intermediate_size: MLP width of the draft layer.
+        fuse_layers: target layers fused as features; None = the static head's, or (-1,) without one.
+        warm_start: copy / slice the static head's weights when one is given.
+    """
+
+    draft_vocab_size: int = field(
+        default=2048, metadata={"help": "Tokens the head can propose: the static head's N most frequent."}
+    )
+    intermediate_size: int = field(default=512, metadata={"help": "MLP width of the draft layer (static: 1536)."})
+    fuse_layers: tuple[int, ...] | None = field(
+        default=None, metadata={"help": "Target layers fused as features; None = the static head's (else (-1,))."}
+    )
+    warm_start: bool = field(default=True, metadata={"help": "Initialise from the static head when given one."})
+
+    def __post_init__(self) -> None:
+        for name in ("draft_vocab_size", "intermediate_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"AdaptiveHeadConfig.{name} must be a positive int, got {v!r}")
+        if self.fuse_layers is not None:
+            self.fuse_layers = tuple(int(x) for x in self.fuse_layers)
+            if not self.fuse_layers:
+                raise ValueError("fuse_layers must name at least one target layer, or be None (the static head's)")
+
+
+def rank_vocab(
+    sequences: Iterable[Iterable[int]], vocab_size: int, n: int, prior: torch.Tensor | None = None
+) -> torch.Tensor:  # [n] long, most frequent first
+    """The ``n`` most frequent token ids over ``sequences`` (ties, and unseen tokens, by ``prior`` order, else id)."""
+    counts = torch.zeros(vocab_size, dtype=torch.float64)
+    for s in sequences:
+        t = torch.as_tensor(list(s), dtype=torch.long)
+        if t.numel():
+            counts += torch.bincount(t, minlength=vocab_size).double()[:vocab_size]
+    return _rank(counts, n, prior)
+
+
+def _rank(counts: torch.Tensor, n: int, prior: torch.Tensor | None) -> torch.Tensor:
+    """Indices of ``counts`` by decreasing count; ties by position in ``prior`` (unlisted last), then by id."""
+    V = counts.numel()
+    order = prior.long() if prior is not None else torch.arange(V)
+    rank = torch.full((V,), float(V), dtype=torch.float64)
+    rank[order] = torch.arange(order.numel(), dtype=torch.float64)
+    idx = torch.argsort(rank, stable=True)  # by prior rank, then id
+    idx = idx[torch.argsort(counts[idx], descending=True, stable=True)]  # stable: ties keep the prior order
+    return idx[:n].clone()
+
+
+def rank_vocab_from_samples(
+    samples: Iterable[SequenceSample], vocab_size: int, n: int, prior: torch.Tensor | None = None
+) -> torch.Tensor:  # [n] long, most frequent first
+    """The ``n`` tokens of largest expected frequency in captured samples: every token of the sequences plus the
+    target's probability mass at each labeled position (its top-K soft labels), so tokens the policy would likely
+    emit count too; ties and unseen tokens by ``prior`` order (else id)."""
+    counts = torch.zeros(vocab_size, dtype=torch.float64)
+    for s in samples:
+        counts += torch.bincount(s.tokens.long(), minlength=vocab_size).double()[:vocab_size]
+        m = s.label_mask
+        ids, probs = s.label_ids[m], s.label_probs[m].double()
+        ok = ids >= 0
+        counts.index_add_(0, ids[ok], probs[ok])
+    return _rank(counts, n, prior)
+
+
+def _output_rows(model: nn.Module, ids: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    w = model.get_output_embeddings().weight
+    return w[ids.to(w.device)].detach().to(device=like.device, dtype=like.dtype)
+
+
+@torch.no_grad()
+def set_draft_vocab(head: DraftHead, model: nn.Module, draft_to_target: torch.Tensor) -> None:
+    """Swap a frozen-row head's draft vocabulary in place (same size): new ids, their target output rows.
+
+    Only valid for heads with frozen output rows (``train_lm_head`` False): the trained part of the head does
+    not depend on which rows follow it. Call at a safe point (the engine not drafting).
+    """
+    if head.config.train_lm_head:
+        raise ValueError("set_draft_vocab needs a head with frozen output rows (train_lm_head=False)")
+    d2t = draft_to_target.long().flatten().to(head.draft_to_target.device)
+    if d2t.numel() != head.config.draft_vocab_size:
+        raise ValueError(f"expected {head.config.draft_vocab_size} token ids, got {d2t.numel()}")
+    if d2t.unique().numel() != d2t.numel():
+        raise ValueError("draft_to_target holds duplicate token ids")
+    head.draft_to_target.copy_(d2t)
+    head.target_to_draft = head._inverse_map(d2t.cpu()).to(head.draft_to_target.device)
+    head.lm_head.weight.copy_(_output_rows(model, d2t, head.lm_head.weight))
+    head.lm_head_ready = True
+
+
+@torch.no_grad()
+def refresh_frozen_rows(head: DraftHead, model: nn.Module) -> None:
+    """Re-copy the target's (possibly updated) output rows into a frozen-row head (after a policy update)."""
+    if not head.config.train_lm_head:
+        head.lm_head.weight.copy_(_output_rows(model, head.draft_to_target, head.lm_head.weight))
+        head.lm_head_ready = True
+
+
+def head_cost_macs(config: DraftHeadConfig) -> int:
+    """Multiply-accumulates per drafted token of a head (draft layer + output rows; fusion excluded: it runs on
+    verified positions only)."""
+    c = config
+    H = c.hidden_size
+    attn = H * c.num_attention_heads * c.head_dim * 2 + H * c.num_key_value_heads * c.head_dim * 2
+    return 2 * H * H + attn + 3 * H * c.intermediate_size + H * c.draft_vocab_size
+
+
+def build_adaptive_head(
+    model: nn.Module,
+    static: DraftHead | None = None,
+    config: AdaptiveHeadConfig | None = None,
+    vocab_ranking: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> DraftHead:
+    """A light draft head for ``model``, bound to it and ready to serve (see the module docstring).
+
+    Args:
+        model: the target (HF causal LM).
+        static: the static head to take the vocabulary ranking and the warm start from.
+        config: :class:`AdaptiveHeadConfig`.
+        vocab_ranking: ``[>= draft_vocab_size]`` token ids, most frequent first; overrides the static head's.
+        dtype: parameter dtype.
+        seed: initialisation seed of what is not copied.
+    """
+    cfg = config or AdaptiveHeadConfig()
+    fuse = cfg.fuse_layers or (tuple(static.config.fuse_layers) if static is not None else (-1,))
+    if vocab_ranking is None:
+        vocab_ranking = static.draft_to_target if static is not None else None
+    n = cfg.draft_vocab_size
+    if vocab_ranking is not None:
+        if vocab_ranking.numel() < n:
+            raise ValueError(
+                f"the vocabulary ranking holds {vocab_ranking.numel()} tokens, fewer than draft_vocab_size={n}: "
+                "lower AdaptiveHeadConfig.draft_vocab_size"
+            )
+        d2t = vocab_ranking.detach().long().flatten()[:n].cpu()
+    else:
+        d2t = torch.arange(n)
+    overrides: dict = dict(draft_vocab_size=n, intermediate_size=cfg.intermediate_size, fuse_layers=fuse)
+    if static is not None:
+        sc = static.config
+        overrides.update(
+            num_attention_heads=sc.num_attention_heads,
+            num_key_value_heads=sc.num_key_value_heads,
+            head_dim=sc.head_dim,
+            max_position_embeddings=sc.max_position_embeddings,
+        )
+    hc = DraftHeadConfig.from_target(model, **overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = DraftHead(hc, draft_to_target=d2t)
+    if static is not None and cfg.warm_start:
+        _warm_start(head, static)
+    head.to(dtype)
+    head.bind_target(model, init_lm_head=not hc.train_lm_head)
+    logger.info(
+        "adaptive head: vocab %d, MLP %d, fuse %s; %.2f M MACs per draft token%s",
+        n,
+        cfg.intermediate_size,
+        fuse,
+        head_cost_macs(hc) / 1e6,
+        f" (static: {head_cost_macs(static.config) / 1e6:.2f} M)" if static is not None else "",
+    )
+    return head
+
+
+@torch.no_grad()
+def _warm_start(head: DraftHead, static: DraftHead) -> None:
+    src = static.state_dict()
+    dst = head.state_dict()
+    copied, sliced, skipped = [], [], []
+    I_new = head.config.intermediate_size
+    I_old = static.config.intermediate_size
+    keep: torch.Tensor | None = None
+    if I_new <= I_old:
+        g = src["gate_proj.weight"].float().norm(dim=1)
+        u = src["up_proj.weight"].float().norm(dim=1)
+        d = src["down_proj.weight"].float().norm(dim=0)
+        keep = torch.argsort(g * u * d, descending=True, stable=True)[:I_new].sort().values
+    for name, t in dst.items():
+        if name in ("lm_head.weight", "draft_to_target"):
+            continue  # output rows come from the target; the vocabulary was chosen by the caller
+        s = src.get(name)
+        if s is None:
+            skipped.append(name)
+            continue
+        if s.shape == t.shape:
+            t.copy_(s.to(t.dtype))
+            copied.append(name)
+        elif keep is not None and name in ("gate_proj.weight", "up_proj.weight"):
+            t.copy_(s[keep.to(s.device)].to(t.dtype))
+            sliced.append(name)
+        elif keep is not None and name == "down_proj.weight":
+            t.copy_(s[:, keep.to(s.device)].to(t.dtype))
+            sliced.append(name)
+        else:
+            skipped.append(name)
+    logger.info("adaptive warm start: copied %d tensors, sliced %s, kept random %s", len(copied), sliced, skipped)

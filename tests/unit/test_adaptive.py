@@ -1,0 +1,109 @@
+"""Adaptive head: lighter than the static head, warm-started from it (copy / slice / first-N vocabulary), lossless
+as a speculator, and its frozen vocabulary rows can follow the target."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from atlas_rl import SamplingParams
+from atlas_rl.controller import FixedController
+from atlas_rl.models import tiny_llama
+from atlas_rl.rollout import RolloutEngine
+from atlas_rl.speculators.adaptive import (
+    AdaptiveHeadConfig,
+    build_adaptive_head,
+    head_cost_macs,
+    rank_vocab,
+    refresh_frozen_rows,
+    set_draft_vocab,
+)
+from atlas_rl.speculators.draft_head import DraftHead, DraftHeadConfig
+from atlas_rl.speculators.head_speculator import DraftHeadSpeculator
+
+V = 96
+PROMPTS = [[1, 5, 7], [2, 9, 11, 13, 4, 8, 3, 17, 21], [6], [30, 31, 32, 33, 34]]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(vocab_size=V, seed=0)
+
+
+def _static(model, fuse=(1, -1)) -> DraftHead:
+    cfg = DraftHeadConfig.from_target(model, draft_vocab_size=64, fuse_layers=fuse, intermediate_size=96)
+    ranked = torch.randperm(V, generator=torch.Generator().manual_seed(1))[:64]  # "frequency-ranked"
+    head = DraftHead(cfg, draft_to_target=ranked)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # not the init: copies are recognisable
+    return head.bind_target(model, init_lm_head=True)
+
+
+def test_warm_start_copies_what_matches_slices_the_mlp_and_keeps_the_first_tokens(model):
+    static = _static(model)
+    head = build_adaptive_head(model, static, AdaptiveHeadConfig(draft_vocab_size=24, intermediate_size=32))
+    assert head.config.fuse_layers == (1, -1) and head.config.draft_vocab_size == 24
+    assert torch.equal(head.draft_to_target, static.draft_to_target[:24])
+    assert torch.equal(head.lm_head.weight, model.lm_head.weight[static.draft_to_target[:24]])
+    assert torch.equal(head.lm_head.weight, static.lm_head.weight[:24])  # the static head's first frozen rows
+    for name in ("fuse.weight", "fc.weight", "q_proj.weight", "o_proj.weight", "norm_e.weight", "norm.weight"):
+        assert torch.equal(head.state_dict()[name], static.state_dict()[name]), name
+    # the MLP keeps the 32 hidden units of largest |gate| |up| |down|, in their original order
+    score = (
+        static.gate_proj.weight.norm(dim=1) * static.up_proj.weight.norm(dim=1) * static.down_proj.weight.norm(dim=0)
+    )
+    keep = score.argsort(descending=True)[:32].sort().values
+    assert torch.equal(head.gate_proj.weight, static.gate_proj.weight[keep])
+    assert torch.equal(head.up_proj.weight, static.up_proj.weight[keep])
+    assert torch.equal(head.down_proj.weight, static.down_proj.weight[:, keep])
+    assert head_cost_macs(head.config) < 0.75 * head_cost_macs(static.config)
+    cold = build_adaptive_head(model, static, AdaptiveHeadConfig(24, 32, warm_start=False))
+    assert not torch.equal(cold.fc.weight, static.fc.weight)
+    other = build_adaptive_head(model, static, AdaptiveHeadConfig(24, 32, fuse_layers=(-1,)))
+    assert other.config.fuse_layers == (-1,) and not isinstance(other.fuse, torch.nn.Linear)  # nothing to copy
+
+
+def test_adaptive_drafts_keep_the_engine_lossless(model):
+    head = build_adaptive_head(model, _static(model), AdaptiveHeadConfig(draft_vocab_size=24, intermediate_size=32))
+    sp = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+    base = RolloutEngine(model).generate(PROMPTS, sp, num_generations=2)
+    eng = RolloutEngine(model, speculators=[DraftHeadSpeculator(head, name="adaptive")], controller=FixedController(3))
+    out = eng.generate(PROMPTS, sp, num_generations=2)
+    assert out.completion_ids == base.completion_ids and out.stats.num_draft_tokens > 0
+    assert out.stats.per_speculator["adaptive"].num_drafts > 0
+
+
+def test_rank_vocab_orders_by_frequency_with_prior_tie_break():
+    seqs = [[5, 5, 5, 2, 2, 9], [2, 5, 7]]
+    assert rank_vocab(seqs, 10, 4).tolist() == [5, 2, 7, 9]  # 5:4, 2:3, then 7 and 9 once each (lower id first)
+    prior = torch.tensor([9, 8, 7, 6, 5, 4, 3, 2, 1, 0])
+    assert rank_vocab(seqs, 10, 5, prior=prior).tolist() == [5, 2, 9, 7, 8]  # ties and unseen by the prior
+
+
+def test_vocab_swap_and_row_refresh_follow_the_target(model):
+    head = build_adaptive_head(model, config=AdaptiveHeadConfig(draft_vocab_size=16, intermediate_size=16))
+    assert torch.equal(head.draft_to_target, torch.arange(16))
+    new = torch.arange(40, 56).flip(0)
+    set_draft_vocab(head, model, new)
+    assert torch.equal(head.draft_to_target, new) and torch.equal(head.lm_head.weight, model.lm_head.weight[new])
+    assert int(head.target_to_draft[55]) == 0 and int(head.target_to_draft[0]) == -1
+    moved = tiny_llama(vocab_size=V, seed=0)
+    with torch.no_grad():
+        moved.lm_head.weight.add_(1.0)  # a policy update
+    refresh_frozen_rows(head, moved)
+    assert torch.equal(head.lm_head.weight, moved.lm_head.weight[new])
+    with pytest.raises(ValueError, match="duplicate"):
+        set_draft_vocab(head, model, torch.zeros(16, dtype=torch.long))
+    with pytest.raises(ValueError, match="draft_vocab_size"):
+        build_adaptive_head(model, _static(model), AdaptiveHeadConfig(draft_vocab_size=80))
+    with pytest.raises(ValueError, match="intermediate_size"):
+        AdaptiveHeadConfig(intermediate_size=0)
