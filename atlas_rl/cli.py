@@ -32,6 +32,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-hf", action="store_true", help="skip HF generate")
     p.add_argument("--no-cost-table", action="store_true", help="skip the verification cost table")
     p.add_argument("--quick", action="store_true", help="a small smoke run (a few minutes at most)")
+    p.add_argument("--no-stack", action="store_true", help="skip the static/full-stack configurations")
+    p.add_argument("--no-vllm", action="store_true", help="skip vLLM even when it is available")
+    p.add_argument("--vllm-python", default=None, help="Python with vLLM (default: .venv-vllm/bin/python if present)")
     p.add_argument(
         "--scenario",
         choices=("default", "grid", "drift", "controller-drift"),
@@ -118,6 +121,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         with_hf=not args.no_hf,
         cost_table=not args.no_cost_table,
+        with_stack=not args.no_stack,
+        vllm_python="none" if args.no_vllm else args.vllm_python,
     )
     if args.quick:
         kw.update(

