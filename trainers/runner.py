@@ -49,6 +49,16 @@ class TaskRunConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         if self.generations < 2:
             raise ValueError("generations must be >= 2 (GRPO/RLOO compare samples within a group)")
+        for name in ("temperature", "learning_rate"):
+            v = getattr(self, name)
+            if isinstance(v, str):  # YAML 1.1 reads "5e-5" (no dot) as a string
+                try:
+                    v = float(v)
+                except ValueError:
+                    raise ValueError(f"{name} must be a number, got {v!r}") from None
+                setattr(self, name, v)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {v!r}")
         if self.model is not None and self.tiny:
             raise ValueError("give either a model path or --tiny, not both")
 

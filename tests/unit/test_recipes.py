@@ -80,3 +80,14 @@ def test_tiny_grpo_recipe_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rep = json.loads((run_dir / "report.json").read_text())
     assert rep["headline"]["steps"] == 1
+
+
+def test_task_config_reads_yaml_exponent_strings_and_rejects_bad_numbers():
+    from atlas_rl.trainers.runner import TaskRunConfig
+
+    # `--set learning_rate=5e-5` goes through yaml.safe_load, which (YAML 1.1) returns the string "5e-5"
+    assert TaskRunConfig(learning_rate=yaml.safe_load("5e-5")).learning_rate == 5e-5
+    with pytest.raises(ValueError, match="learning_rate must be a number"):
+        TaskRunConfig(learning_rate="fast")
+    with pytest.raises(ValueError, match="temperature must be a number >= 0"):
+        TaskRunConfig(temperature=-1.0)
