@@ -44,6 +44,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "static / suffix / adaptive / all three per version, the adaptive head retrained in between; "
         "controller-drift: two synthetic speculators whose quality drifts over rounds",
     )
+    p.add_argument(
+        "--speculators",
+        default=None,
+        help="grid: comma list, e.g. suffix,static (default: suffix + static if shipped)",
+    )
     p.add_argument("--batch-sizes", type=_ints, default=None, help="grid: active rows per cell (default 1,4,16,64)")
     p.add_argument("--static-head", default=None, help="drift: static head checkpoint (default: the shipped one)")
     p.add_argument("--versions", type=int, default=None, help="drift: policy versions, v0 included (default 5)")
@@ -63,6 +68,8 @@ def _cmd_bench_scenario(args: argparse.Namespace) -> int:
         kw["ks"] = args.ks
     if args.batch_sizes:
         kw["batch_sizes"] = args.batch_sizes
+    if args.speculators and args.scenario == "grid":
+        kw["speculators"] = tuple(s.strip() for s in args.speculators.split(",") if s.strip())
     if args.quick:
         kw.update(max_new_tokens=min(args.max_new_tokens, 32), drift_rows=2, drift_rounds=3)
         kw.setdefault("ks", (1, 2, 4))

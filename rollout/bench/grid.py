@@ -52,7 +52,11 @@ class GridOptions:
     batch_sizes: tuple[int, ...] = field(default=(1, 4, 16, 64), metadata={"help": "Active rows per grid cell."})
     ks: tuple[int, ...] = field(default=(1, 2, 4, 8), metadata={"help": "Fixed draft lengths tried per speculator."})
     speculators: tuple[str, ...] = field(
-        default=("suffix",), metadata={"help": "Registered speculator names (atlas_rl.speculators registry)."}
+        default=("auto",),
+        metadata={
+            "help": "Speculator names: registered ones (e.g. 'suffix'), 'static' (the head shipped for the model), "
+            "or 'auto' = suffix, plus static when a head ships for the model."
+        },
     )
     max_k: int = field(default=8, metadata={"help": "The controller's longest draft."})
     max_new_tokens: int = field(default=128, metadata={"help": "New tokens per row."})
@@ -195,6 +199,23 @@ def _stats(r: RunResult) -> dict | None:
     return r.stats.to_dict() if r.stats is not None else None
 
 
+def _speculator_factories(model: torch.nn.Module, names: tuple[str, ...]) -> dict[str, Callable[[], Speculator]]:
+    """A fresh speculator per engine; ``"static"`` is the draft head shipped for ``model`` (clear error if none)."""
+    from atlas_rl.speculators.defaults import load_static_speculator
+
+    factories: dict[str, Callable[[], Speculator]] = {}
+    if tuple(names) == ("auto",):
+        names = ("suffix", "static") if load_static_speculator(model) is not None else ("suffix",)
+    for name in names:
+        if name == "static":
+            if load_static_speculator(model) is None:
+                raise ValueError("speculator 'static' requested but no static draft head ships for this model")
+            factories[name] = lambda: load_static_speculator(model)
+        else:
+            factories[name] = lambda name=name: build_speculator(name)
+    return factories
+
+
 def run_grid(opts: GridOptions, command: str = "atlas-rl bench --scenario grid") -> dict:
     from atlas_rl.models import load_target
 
@@ -205,7 +226,7 @@ def run_grid(opts: GridOptions, command: str = "atlas-rl bench --scenario grid")
     eos = list(RolloutEngine(model).eos_token_ids)
     report = _header(opts, model, command) | {"scenario": "grid", "cells": {}}
     cost, report["verification_cost"] = _calibrate(model, eos, opts.max_k)
-    factories = {name: (lambda name=name: build_speculator(name)) for name in opts.speculators}
+    factories = _speculator_factories(model, opts.speculators)
     configs = {"k0": engine_runner(lambda: RolloutEngine(model, eos_token_ids=eos))}
     for sp, make in factories.items():
         for k in opts.ks:
@@ -232,7 +253,7 @@ def run_grid(opts: GridOptions, command: str = "atlas-rl bench --scenario grid")
         results = run_interleaved(w, configs, repeats=opts.repeats)
         report["cells"][str(rows)] = {
             "description": w.description,
-            **_summary(results, list(opts.speculators), opts.ks),
+            **_summary(results, list(factories), opts.ks),
             "runs": _runs(results),
         }
         (out_dir / "grid.json").write_text(json.dumps(report, indent=1))

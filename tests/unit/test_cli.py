@@ -62,3 +62,13 @@ def test_demo_bad_flags_are_clear(capsys):
     assert "generations" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["demo", "--algo", "ppo"])
+
+
+def test_grid_speculators_static_without_a_shipped_head_is_a_clear_error():
+    from atlas_rl.models import tiny_llama
+    from atlas_rl.rollout.bench.grid import _speculator_factories
+
+    model = tiny_llama(seed=0)
+    assert list(_speculator_factories(model, ("auto",))) == ["suffix"]  # no head ships for a random tiny model
+    with pytest.raises(ValueError, match="no static draft head ships"):
+        _speculator_factories(model, ("suffix", "static"))
