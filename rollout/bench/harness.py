@@ -9,6 +9,7 @@ thermal state) hits all of them alike; results are reported relative to a baseli
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -129,6 +130,12 @@ def engine_runner(make_engine: Callable[[], object]) -> Runner:
     return run
 
 
+def _omp_bind(threads: int) -> str:
+    """The first ``threads`` cores this process may run on, as vLLM's ``VLLM_CPU_OMP_THREADS_BIND`` list."""
+    cores = sorted(os.sched_getaffinity(0))[: max(1, threads)]
+    return ",".join(str(c) for c in cores)
+
+
 def vllm_runner(python: str, model_dir: str, speculative: dict | None, eos_token_ids: list[int]) -> Runner:
     """vLLM (``vllm-cpu`` on CPU) in a subprocess of ``python``, timed inside that process after a warm-up; its
     mean acceptance length comes from vLLM's own spec-decode counters when ``speculative`` is set."""
@@ -156,7 +163,10 @@ def vllm_runner(python: str, model_dir: str, speculative: dict | None, eos_token
         }
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump(job, f)
-        proc = subprocess.run([python, script, f.name], capture_output=True, text=True, timeout=3600)
+        env = dict(os.environ)
+        # vLLM binds its OpenMP threads itself: give it the cores (and as many threads) this process computes on
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", _omp_bind(torch.get_num_threads()))
+        proc = subprocess.run([python, script, f.name], capture_output=True, text=True, timeout=3600, env=env)
         line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("{")), None)
         if proc.returncode != 0 or line is None:
             raise RuntimeError(f"vLLM run failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
@@ -166,6 +176,7 @@ def vllm_runner(python: str, model_dir: str, speculative: dict | None, eos_token
         return None, r["tokens"], r["seconds"]
 
     run.last_tau = None
+    run.optional = True
     return run
 
 
@@ -177,10 +188,21 @@ def run_interleaved(
 ) -> dict[str, ConfigSummary]:
     """Run every configuration ``repeats`` times, interleaved, on the same workload."""
     out = {name: ConfigSummary(name, workload.name) for name in configs}
+    failed: set[str] = set()
     for rep in range(repeats):
         for name, runner in configs.items():
+            if name in failed:
+                continue
             t0 = time.perf_counter()
-            result = runner(workload)
+            try:
+                result = runner(workload)
+            except Exception as e:  # an optional external system (vLLM) must not sink the whole benchmark
+                if not getattr(runner, "optional", False):
+                    raise
+                logger.error("%s / %s failed and is left out of this workload: %s", workload.name, name, e)
+                failed.add(name)
+                out.pop(name, None)
+                continue
             secs = time.perf_counter() - t0
             batch, n_tokens = result[0], result[1]
             if len(result) > 2:

@@ -268,6 +268,8 @@ def run_bench(opts: BenchOptions, command: str = "atlas-rl bench") -> dict:
     for w in workloads:
         logger.info("workload %s: %s", w.name, w.description)
         results = run_interleaved(w, configs, repeats=opts.repeats)
+        for name in sorted(set(configs) - set(results)):
+            notes.append(f"{name} failed on workload {w.name} and is left out of its table (see the log)")
         report["workloads"][w.name] = {
             "description": w.description,
             "rows": _summary_rows(results, "engine_k0"),
