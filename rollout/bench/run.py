@@ -80,7 +80,8 @@ def find_vllm_python(explicit: str | None = None) -> str | None:
 
     if explicit == "none":
         return None
-    for cand in (explicit, os.environ.get("ATLAS_RL_VLLM_PYTHON"), str(Path(".venv-vllm/bin/python").resolve())):
+    # absolute(), never resolve(): a venv's python is a symlink to the base interpreter, which has no vllm
+    for cand in (explicit, os.environ.get("ATLAS_RL_VLLM_PYTHON"), str(Path(".venv-vllm/bin/python").absolute())):
         if cand and Path(cand).exists():
             return cand
     return sys.executable if importlib.util.find_spec("vllm") is not None else None

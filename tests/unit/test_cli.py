@@ -72,3 +72,16 @@ def test_grid_speculators_static_without_a_shipped_head_is_a_clear_error():
     assert list(_speculator_factories(model, ("auto",))) == ["suffix"]  # no head ships for a random tiny model
     with pytest.raises(ValueError, match="no static draft head ships"):
         _speculator_factories(model, ("suffix", "static"))
+
+
+def test_bench_finds_the_vllm_venv_python_without_resolving_its_symlink(tmp_path, monkeypatch):
+    from atlas_rl.rollout.bench.run import find_vllm_python
+
+    bindir = tmp_path / ".venv-vllm" / "bin"
+    bindir.mkdir(parents=True)
+    (bindir / "python3").write_text("")
+    (bindir / "python").symlink_to("python3")  # as venv makes it: resolving it would leave the venv
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ATLAS_RL_VLLM_PYTHON", raising=False)
+    assert find_vllm_python() == str(bindir / "python")
+    assert find_vllm_python("none") is None
