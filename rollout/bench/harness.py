@@ -97,7 +97,8 @@ def hf_generate_runner(model: torch.nn.Module, tokenizer, eos_token_ids: list[in
         if sp.greedy:
             kwargs["do_sample"] = False
         else:
-            kwargs.update(do_sample=True, temperature=sp.temperature, top_k=sp.top_k or None, top_p=sp.top_p)
+            # top_k=0, never None: None falls back to GenerationConfig's default top_k=50 (another distribution)
+            kwargs.update(do_sample=True, temperature=sp.temperature, top_k=sp.top_k or 0, top_p=sp.top_p)
             if sp.seed is not None:
                 torch.manual_seed(sp.seed)
         out = model.generate(
