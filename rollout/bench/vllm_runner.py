@@ -33,7 +33,7 @@ def main(job_path: str) -> None:
         n=job["num_generations"],
         temperature=job["temperature"],
         top_p=job["top_p"],
-        top_k=job["top_k"] if job["top_k"] > 0 else -1,
+        top_k=job["top_k"] if job["top_k"] else -1,  # None or 0: no top-k
         max_tokens=job["max_new_tokens"],
         seed=job["seed"],
         stop_token_ids=job["stop_token_ids"],
