@@ -56,7 +56,7 @@ def main(job_path: str) -> None:
             tau = 1.0 + accepted.value / drafts.value  # emitted per verification: accepted + the bonus/recovered
     except Exception:  # metrics API differs between vLLM releases; acceptance is optional
         tau = None
-    print(json.dumps({"runs": results, "mean_acceptance_length": tau}))
+    sys.stdout.write(json.dumps({"runs": results, "mean_acceptance_length": tau}) + "\n")  # the reply to the parent
 
 
 if __name__ == "__main__":
