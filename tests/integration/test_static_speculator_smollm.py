@@ -56,9 +56,7 @@ def test_static_head_is_lossless_and_accepts_on_held_out_prompts(target, held_ou
     out = eng.generate(held_out, sp)
     assert out.completion_ids == base.completion_ids
     tau = out.stats.mean_acceptance_length
-    # the shipped head's card: held-out tau 1.55 at T=0 (76 prompts, 128 tokens); 1.48 on this subset. The bound
-    # checks the head is functional (a broken/misaligned head gives ~1.0), not the 2.5 expectation (missed)
-    assert tau > 1.3, f"mean acceptance length {tau:.2f} at T=0, k=4 on held-out prompts"
+    assert tau > 1.5, f"mean acceptance length {tau:.2f} at T=0, k=4 on held-out prompts"
 
 
 def test_static_head_sampling_keeps_exact_logprobs(target, held_out):
