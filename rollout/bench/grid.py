@@ -201,14 +201,15 @@ def _stats(r: RunResult) -> dict | None:
 
 def _speculator_factories(model: torch.nn.Module, names: tuple[str, ...]) -> dict[str, Callable[[], Speculator]]:
     """A fresh speculator per engine; ``"static"`` is the draft head shipped for ``model`` (clear error if none)."""
-    from atlas_rl.speculators.defaults import load_static_speculator
+    from atlas_rl.speculators.defaults import load_static_speculator, static_head_path
 
+    shipped = static_head_path(model) is not None  # a path lookup: no checkpoint read just to ask
     factories: dict[str, Callable[[], Speculator]] = {}
     if tuple(names) == ("auto",):
-        names = ("suffix", "static") if load_static_speculator(model) is not None else ("suffix",)
+        names = ("suffix", "static") if shipped else ("suffix",)
     for name in names:
         if name == "static":
-            if load_static_speculator(model) is None:
+            if not shipped:
                 raise ValueError("speculator 'static' requested but no static draft head ships for this model")
             factories[name] = lambda: load_static_speculator(model)
         else:
