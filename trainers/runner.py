@@ -146,3 +146,22 @@ def run_task(cfg: TaskRunConfig, command: str | None = None) -> Path:
     if trainer.accelerator.is_main_process:
         write_report(run_dir)
     return run_dir
+
+
+def recipe_main(algo: str, description: str, argv: list[str] | None = None) -> Path:
+    """The body of ``recipes/grpo.py`` and ``recipes/rloo.py``: ``--config YAML`` plus ``--set key=value``."""
+    import argparse
+
+    import yaml
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML with TaskRunConfig fields (+ 'extra': trainer fields)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a YAML field")
+    args = parser.parse_args(argv)
+    with open(args.config) as f:
+        fields = yaml.safe_load(f) or {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        fields[key] = yaml.safe_load(value)
+    fields.setdefault("algo", algo)
+    return run_task(TaskRunConfig(**fields), command=" ".join(shlex.quote(a) for a in sys.argv))
