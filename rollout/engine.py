@@ -318,6 +318,14 @@ class RolloutEngine:
         controller = controller or self.controller
         if getattr(controller, "needs_cost_model", False) and self.speculators:
             controller.set_cost_model(self.verification_cost())  # type: ignore[attr-defined]
+        if hasattr(controller, "set_speculator_priors"):
+            priors = {
+                name: float(p)
+                for name, s in self.speculators.items()
+                if (p := getattr(s, "expected_acceptance", None)) is not None
+            }
+            if priors:
+                controller.set_speculator_priors(priors)
         was_training = self.model.training
         self.model.eval()
         try:

@@ -15,7 +15,9 @@ Every decode step maximises *expected emitted tokens per second of wall time*:
   (:class:`.calibration.AcceptanceModel`; a cautious lower bound for drafts that are evaluated whether verified
   or not, an optimistic one for soft drafts under sampling, which only verification can evaluate), and picks
   the longest draft ``q`` of the batch that
-  maximises ``sum_rows E_row(q) / (forward(rows, q + 1) + overhead(rows) + drafting)``; every row takes its best
+  maximises ``effective(q) / (forward(rows, q + 1) + overhead(rows))`` (the drafting time is already spent), where ``effective`` credits
+  the rows' expected tokens ``E_row(q)`` with what they save of the batch's wall time (the slowest row sets the
+  number of steps; see :mod:`.planning`); every row takes its best
   speculator's draft cut to ``q`` (and cut earlier where the chance that all its tokens so far are accepted
   falls below ``tail_min_prob``). ``q = 0`` — no speculation for anyone — unless speculation beats plain
   decoding by ``margin``. This is where "never slower" is enforced.
@@ -43,7 +45,7 @@ from atlas_rl.controller.base import Plan, PlanState, RowOutcome
 from atlas_rl.controller.calibration import AcceptanceModel, confidence_bins
 from atlas_rl.controller.cost import VerificationCost
 from atlas_rl.controller.draft_cost import DraftCost
-from atlas_rl.controller.planning import best_length, expected_tokens
+from atlas_rl.controller.planning import best_length, effective_tokens, expected_tokens, step_cost_split
 from atlas_rl.controller.tracker import DraftTracker, Outcomes, PendingDraft
 from atlas_rl.types import CALIBRATION_BINS, Draft, SpecStats, SpeculatorStats, StepRecord
 
@@ -84,6 +86,13 @@ class AutoControllerConfig:
     prior_strength: float = field(
         default=2.0, metadata={"help": "Pseudo-observations behind each prior of the calibration (> 0)."}
     )
+    informed_prior_strength: float = field(
+        default=16.0,
+        metadata={
+            "help": "Pseudo-observations behind a speculator's own expected acceptance (e.g. from a draft head's "
+            "card; > 0): a measured prior needs less exploration than the generic prior_mean."
+        },
+    )
     half_life_steps: float = field(
         default=50.0,
         metadata={
@@ -99,6 +108,13 @@ class AutoControllerConfig:
         metadata={
             "help": "Posterior standard deviations of pessimism when deciding what to verify (>= 0): thin evidence "
             "must not make a step slower (learning needs no verification: every asked draft is evaluated)."
+        },
+    )
+    soft_explore_tokens: float = field(
+        default=16.0,
+        metadata={
+            "help": "Soft drafts under sampling are judged optimistically (explored by verifying them) until this "
+            "many of the speculator's draft tokens were observed (decayed count, >= 0); then by the calibrated mean."
         },
     )
     exploration_budget: float = field(
@@ -133,8 +149,11 @@ class AutoControllerConfig:
             raise ValueError(f"cheap_fraction must lie in [0, 1), got {self.cheap_fraction!r}")
         if not (0.0 < self.prior_mean < 1.0):
             raise ValueError(f"prior_mean must lie in (0, 1), got {self.prior_mean!r}")
-        if not (self.prior_strength > 0):
-            raise ValueError(f"prior_strength must be > 0, got {self.prior_strength!r}")
+        if not (self.prior_strength > 0) or not (self.informed_prior_strength > 0):
+            raise ValueError(
+                f"prior_strength and informed_prior_strength must be > 0, got {self.prior_strength!r}, "
+                f"{self.informed_prior_strength!r}"
+            )
         if not (self.half_life_steps > 0):
             raise ValueError(f"half_life_steps must be > 0, got {self.half_life_steps!r}")
         if not (self.exploration_beta >= 0) or not (self.caution_beta >= 0):
@@ -143,6 +162,8 @@ class AutoControllerConfig:
             )
         if self.reservoir_size < 1 or self.plan_batches < 1:
             raise ValueError("reservoir_size and plan_batches must be >= 1")
+        if not (self.soft_explore_tokens >= 0):
+            raise ValueError(f"soft_explore_tokens must be >= 0, got {self.soft_explore_tokens!r}")
         if not (self.calibration_budget_s > 0):
             raise ValueError(f"calibration_budget_s must be > 0, got {self.calibration_budget_s!r}")
 
@@ -216,6 +237,12 @@ class AutoController:
     def set_cost_model(self, cost: VerificationCost) -> None:
         self.cost = cost
 
+    def set_speculator_priors(self, priors: dict[str, float]) -> None:
+        """Per-token acceptance each named speculator expects before any evidence (``expected_acceptance`` of
+        the speculator, e.g. from a draft head's card); the others start from ``prior_mean``."""
+        for name, mean in priors.items():
+            self.acceptance.set_prior(name, mean, self.config.informed_prior_strength)
+
     def _cost(self) -> VerificationCost:
         if self.cost is None:
             raise ValueError(
@@ -228,6 +255,11 @@ class AutoController:
         """``[max_k+1]`` seconds of a step of ``n`` rows whose longest draft has q = 0 .. max_k tokens."""
         cost = self._cost()
         return cost.forward_curve(n, self.max_k + 1) + cost.overhead_s(n)
+
+    def _split(self, n: int, step_s: np.ndarray) -> tuple[float, float]:
+        """``(fixed, per_row)`` seconds of a plain step of ``n`` rows (:func:`.planning.step_cost_split`)."""
+        base_1 = float(self._step_cost(1)[0]) if n > 1 else float(step_s[0])
+        return step_cost_split(float(step_s[0]), base_1, n)
 
     # ------------------------------------------------------------------------------------------ plan
     def plan(self, state: PlanState) -> Plan:
@@ -258,6 +290,8 @@ class AutoController:
         if self._wasted_s.get(name, 0.0) > self.config.exploration_budget * self._recent_s:
             return 0  # its recent drafts cost more than the exploration budget and were not used: wait
         draft_s = np.array([self.draft_cost.predict(name, n, L) for L in range(1, K + 1)])  # [K]
+        # optimistic on purpose (it decides whether to *ask*): rows assumed alike, so the batch's expected tokens
+        # are its effective tokens; choose() decides on the actual drafts, where the slowest row counts
         totals = self._sampled_totals(name, greedy, n)  # [M, K+1]
         best_L, best_rate = 0, base_rate
         for L in range(1, K + 1):
@@ -312,12 +346,21 @@ class AutoController:
             b = confidence_bins(conf)
             est = [self.acceptance.estimates(s, greedy) for s in names]
             acc[ri, ci, pj] = np.stack([e.mean for e in est])[ci, pj, b]  # [S, K, B] gathered
-            # decisions: cautious where every asked draft is evaluated anyway (one-hot drafts, greedy); optimistic
-            # for soft drafts under sampling, which only verification can evaluate (exploration by verifying)
+            # decisions: cautious where every asked draft is evaluated anyway (one-hot drafts, greedy). Soft drafts
+            # under sampling are evaluated only by verifying them: optimistic while their evidence is thin
+            # (exploration by verifying), the calibrated mean once it is not (evidence decays, so a speculator left
+            # unverified becomes thin, and optimistic, again)
             soft = np.repeat([d.draft_probs is not None and not greedy for _, _, d in flat], m)
+            thin = np.array(
+                [self.acceptance.observed_tokens(s, greedy) < self.config.soft_explore_tokens for s in names]
+            )[ci]
             low[ri, ci, pj] = np.where(
                 soft,
-                np.stack([e.optimistic for e in est])[ci, pj, b],
+                np.where(
+                    thin,
+                    np.stack([e.optimistic for e in est])[ci, pj, b],
+                    np.stack([e.mean for e in est])[ci, pj, b],
+                ),
                 np.stack([e.pessimistic for e in est])[ci, pj, b],
             )
             bins[ri, ci, pj] = b
@@ -325,9 +368,15 @@ class AutoController:
         self._remember(state, candidates, names, bins, acc, lens)
         E = expected_tokens(low)  # [n, S, K+1]
         best_s = E.argmax(1)  # [n, K+1]
-        total = E.max(1).sum(0)  # [K+1]
-        sunk = sum(self.draft_cost.predict(s, n, L) for s, L in self._asked.items())
-        q, _ = best_length(total, self._step_cost(n) + sunk, self.config.margin)
+        best_E = E.max(1)  # [n, K+1]
+        step_s = self._step_cost(n)
+        # the rows that can bound the batch's remaining steps: those furthest from their token budget
+        rem = np.asarray(state.remaining)
+        behind = rem >= rem.max() - K if n else np.zeros(0, dtype=bool)
+        total = effective_tokens(best_E.sum(0), best_E[behind].min(0), n, *self._split(n, step_s))  # [K+1]
+        # the drafting time of this step is spent whatever is verified: the choice weighs only what verifying
+        # more tokens costs against what it saves (a sunk cost added to both sides would favour speculating)
+        q, _ = best_length(total, step_s, self.config.margin)
         out: list[Draft | None] = [None] * n
         if q == 0:
             return out

@@ -68,7 +68,9 @@ class Estimates:
 
 
 class _Counts:
-    def __init__(self, groups: int) -> None:
+    def __init__(self, groups: int, prior: float, strength: float) -> None:
+        self.prior = prior  # acceptance assumed before evidence (the model's prior_mean or the speculator's own)
+        self.strength = strength  # pseudo-observations behind it (at every level of the hierarchy)
         self.acc = np.zeros((groups, NUM_BINS))  # [G, B] decayed accepted counts
         self.tot = np.zeros((groups, NUM_BINS))  # [G, B] decayed observed counts
         self.long_acc = 0.0  # speculator level, long memory
@@ -114,11 +116,28 @@ class AcceptanceModel:
         self.groups = position_groups(max_k)
         self.num_groups = int(self.groups.max()) + 1 if max_k else 1
         self._tables: dict[tuple[str, bool], _Counts] = {}
+        self._priors: dict[str, tuple[float, float]] = {}
+
+    def set_prior(self, name: str, mean: float, strength: float | None = None) -> None:
+        """Acceptance to assume for ``name`` before evidence, in place of ``prior_mean`` (e.g. the held-out
+        acceptance on a draft head's card), worth ``strength`` pseudo-observations (default ``prior_strength``):
+        a speculator measured to be weak is then not explored at a loss."""
+        if not (0.0 < mean < 1.0):
+            raise ValueError(f"prior acceptance of {name!r} must lie in (0, 1), got {mean!r}")
+        k = self.prior_strength if strength is None else float(strength)
+        if not (k > 0):
+            raise ValueError(f"prior strength of {name!r} must be > 0, got {strength!r}")
+        self._priors[name] = (float(mean), k)
+        for (n, _), t in self._tables.items():
+            if n == name:
+                t.prior, t.strength = float(mean), k
+                t.cache = None
 
     def _table(self, name: str, greedy: bool) -> _Counts:
         key = (name, greedy)
         if key not in self._tables:
-            self._tables[key] = _Counts(self.num_groups)
+            prior, strength = self._priors.get(name, (self.prior_mean, self.prior_strength))
+            self._tables[key] = _Counts(self.num_groups, prior, strength)
         return self._tables[key]
 
     def drift_events(self, name: str, greedy: bool) -> int:
@@ -177,8 +196,8 @@ class AcceptanceModel:
         return t.cache
 
     def _compute(self, t: _Counts) -> Estimates:
-        k, beta = self.prior_strength, self.beta
-        m_s = (t.long_acc + k * self.prior_mean) / (t.long_tot + k)
+        k, beta = t.strength, self.beta
+        m_s = (t.long_acc + k * t.prior) / (t.long_tot + k)
         acc_g, tot_g = t.acc.sum(1), t.tot.sum(1)  # [G]
         m_g = (acc_g + k * m_s) / (tot_g + k)  # [G]
         m_gb = (t.acc + k * m_g[:, None]) / (t.tot + k)  # [G, B]

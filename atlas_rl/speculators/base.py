@@ -28,6 +28,11 @@ class Speculator(Protocol):
     index: 0 = embeddings, l = after decoder layer l, -1 = the final normed output); empty for model-free
     speculators, which then cost the engine nothing extra. Speculators with ``hidden_layers`` must also
     implement :class:`HiddenStateObserver`.
+
+    Optionally, ``expected_acceptance`` (float in (0, 1)) is the per-token acceptance the speculator expects
+    under sampling before any evidence (e.g. measured on held-out prompts when it was trained); the auto
+    controller starts from it instead of its generic prior, so a speculator known to be weak is not explored at
+    a loss.
     """
 
     name: str

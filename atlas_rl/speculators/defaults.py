@@ -81,7 +81,20 @@ def load_static_speculator(
     head = DraftHead.load(path, target=model, dtype=dtype or p.dtype).to(p.device)
     head.eval()
     logger.info("loaded the shipped static draft head %s for %s", path.name, target_fingerprint(model))
-    return DraftHeadSpeculator(head, name=name)
+    return DraftHeadSpeculator(head, name=name, expected_acceptance=card_acceptance(DraftHead.read_card(path)))
+
+
+def card_acceptance(card: dict, temperature: str = "T=1") -> float | None:
+    """Per-token acceptance of a draft head measured on held-out prompts, from its card: accepted draft tokens
+    over *observed* ones (a token is observed when every token before it was accepted), or None if the card
+    has no such figure. ``accepted_per_pos[j]`` is the share of drafts whose token j was accepted."""
+    try:
+        per_pos = [float(x) for x in card["held_out"][temperature]["static"]["accepted_per_pos"]]
+    except (KeyError, TypeError, ValueError):
+        return None
+    observed = 1.0 + sum(per_pos[:-1])
+    rate = sum(per_pos) / observed if per_pos else 0.0
+    return min(0.95, max(0.01, rate)) if per_pos else None
 
 
 def default_speculators(model: nn.Module) -> list[Speculator]:

@@ -2,16 +2,20 @@
 
 Per row the speculator keeps the sequence (prompt + emitted tokens) and ``committed``: how many positions of
 it have passed through the draft layer with *target* features (always the positions the target has verified,
-so ``committed == len(tokens) - 1`` between steps: every token but the pending one). ``observe_hidden``
-extends the committed prefix eagerly, batched over rows (prompt positions are computed once per group and
-copied to the group's samples); ``propose`` then drafts a chain from the last committed position, writing the
-keys/values of its own draft positions past ``committed``, where the next verified features overwrite them.
+once caught up, ``committed == len(tokens) - 1``: every token but the pending one). ``observe_hidden``
+runs the prompt positions through the draft layer at once, batched over rows (computed once per group and
+copied to the group's samples), but only *queues* the features of decode steps: the draft layer catches up
+on a row's queued positions in one batched call when the row is next asked for a draft (or when the queue
+reaches ``max_pending`` positions). While the controller keeps speculation off (large batches) the head then
+costs nothing per step, and a catch-up over many positions reads the head's weights once instead of once per
+step. ``propose`` drafts a chain from the last committed position, writing the keys/values of its own draft
+positions past ``committed``, where the next verified features overwrite them.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,6 +33,8 @@ class _RowState:
     tokens: list[int]
     committed: int = 0
     h_last: torch.Tensor | None = None  # [hidden] draft-layer output at position committed-1
+    pending: list[torch.Tensor] = field(default_factory=list)  # queued target features, each [m_i, F]
+    num_pending: int = 0  # positions queued in ``pending``
 
 
 class DraftHeadSpeculator:
@@ -38,9 +44,24 @@ class DraftHeadSpeculator:
         head: the draft network, bound to the target (``head.bind_target(model, ...)``).
         name: the speculator's name in stats and plans (e.g. "static", "adaptive").
         seed: seeds the draft sampler (drafts may be random; verification keeps the output exact anyway).
+        max_pending: decode positions a row may queue before the draft layer catches up on them anyway.
+        expected_acceptance: per-token acceptance expected under sampling before any evidence (the controller's
+            prior for this speculator; e.g. from the head's card), or None.
     """
 
-    def __init__(self, head: DraftHead, name: str = "static", seed: int = 0) -> None:
+    def __init__(
+        self,
+        head: DraftHead,
+        name: str = "static",
+        seed: int = 0,
+        max_pending: int = 256,
+        expected_acceptance: float | None = None,
+    ) -> None:
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+        if expected_acceptance is not None and not (0.0 < expected_acceptance < 1.0):
+            raise ValueError(f"expected_acceptance must lie in (0, 1), got {expected_acceptance!r}")
+        self.expected_acceptance = expected_acceptance
         if head._embed is None or not head.lm_head_ready:
             raise ValueError("bind the draft head to its target first: head.bind_target(model, init_lm_head=...)")
         self.head = head
@@ -50,6 +71,7 @@ class DraftHeadSpeculator:
         self._rows: dict[int, _RowState] = {}
         self._groups: dict[int, list[int]] = {}
         self._free: list[int] = []
+        self.max_pending = max_pending
         self._k: torch.Tensor | None = None  # [slots, kv_heads, max_len, head_dim]
         self._v: torch.Tensor | None = None
         self.policy_version = 0
@@ -117,29 +139,30 @@ class DraftHeadSpeculator:
     @torch.inference_mode()
     def observe_hidden(self, row_ids: list[int], hidden_states: dict[int, torch.Tensor], num_new: list[int]) -> None:
         feats = torch.cat([hidden_states[la] for la in self.hidden_layers], -1)  # [n, m, n_layers*hidden]
-        known = [self._rows[r].slot for r in row_ids if r in self._rows]
-        if known:
-            self._ensure_storage(
-                max(known) + 1, max(self._rows[r].committed for r in row_ids if r in self._rows) + max(num_new) + 1
-            )
-        todo: list[int] = []  # indices into row_ids to compute
+        todo: list[int] = []  # indices into row_ids to compute now (prompt positions)
         copies: list[tuple[int, int]] = []  # (row index, leader row index) for identical prompt prefixes
         leader_of_group: dict[int, int] = {}
+        overflow = False
         for i, r in enumerate(row_ids):
             st = self._rows.get(r)
-            if st is None or num_new[i] <= 0 or len(st.tokens) < st.committed + num_new[i] + 1:
+            if st is None or num_new[i] <= 0 or len(st.tokens) < st.committed + st.num_pending + num_new[i] + 1:
                 continue  # unknown row, or a row that stopped in this step (fewer tokens than features)
-            if st.committed == 0:
+            if st.committed == 0 and st.num_pending == 0:
                 lead = leader_of_group.get(st.group_id)
                 if lead is not None and num_new[lead] == num_new[i]:
                     copies.append((i, lead))
                     continue
                 leader_of_group[st.group_id] = i
-            todo.append(i)
+                todo.append(i)
+            else:  # a decode step: queue (the features are a fresh tensor per target forward; keep a view)
+                st.pending.append(feats[i, : num_new[i]])
+                st.num_pending += num_new[i]
+                overflow = overflow or st.num_pending >= self.max_pending
         if todo:
             self._extend(row_ids, todo, feats, num_new)
         if copies:
             L = max(num_new[i] for i, _ in copies)
+            self._ensure_storage(max(self._rows[row_ids[i]].slot for i, _ in copies) + 1, L + 1)
             dst = torch.tensor([self._rows[row_ids[i]].slot for i, _ in copies], device=self.device)
             src = torch.tensor([self._rows[row_ids[j]].slot for _, j in copies], device=self.device)
             self._k[dst, :, :L] = self._k[src, :, :L]
@@ -148,6 +171,25 @@ class DraftHeadSpeculator:
                 st, lead = self._rows[row_ids[i]], self._rows[row_ids[j]]
                 st.committed = lead.committed
                 st.h_last = lead.h_last
+        if overflow:
+            self.catch_up([r for r in row_ids if r in self._rows and self._rows[r].num_pending >= self.max_pending])
+
+    @torch.inference_mode()
+    def catch_up(self, row_ids: list[int]) -> None:
+        """Run the draft layer over the queued decode positions of ``row_ids`` (one batched call)."""
+        rows = [r for r in row_ids if r in self._rows and self._rows[r].num_pending > 0]
+        if not rows:
+            return
+        states = [self._rows[r] for r in rows]
+        m = max(st.num_pending for st in states)
+        F = states[0].pending[0].shape[-1]
+        feats = torch.zeros((len(rows), m, F), dtype=states[0].pending[0].dtype, device=states[0].pending[0].device)
+        for a, st in enumerate(states):
+            feats[a, : st.num_pending] = torch.cat(st.pending, 0)
+        num_new = [st.num_pending for st in states]
+        for st in states:
+            st.pending, st.num_pending = [], 0
+        self._extend(rows, list(range(len(rows))), feats, num_new)
 
     def _extend(self, row_ids: list[int], todo: list[int], feats: torch.Tensor, num_new: list[int]) -> None:
         """Run the draft layer over the new verified positions of rows ``todo`` (with target features)."""
@@ -188,6 +230,7 @@ class DraftHeadSpeculator:
     def propose(self, rows: ProposeInput, max_tokens: list[int]) -> list[Draft]:
         sampling = rows.sampling or SamplingParams()
         out: list[Draft] = [Draft([], None, [], self.name) for _ in rows.row_ids]
+        self.catch_up([r for r, k in zip(rows.row_ids, max_tokens) if k > 0])
         live = []
         for i, (r, k) in enumerate(zip(rows.row_ids, max_tokens)):
             st = self._rows.get(r)

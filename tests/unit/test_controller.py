@@ -319,3 +319,43 @@ def test_config_errors_are_actionable():
     ctl = AutoController()
     with pytest.raises(ValueError, match="cost model"):
         ctl.plan(PlanState([0], [0], [5], ["s"], 0, True))
+
+
+def test_effective_tokens_price_the_slowest_row():
+    """A batch is done when its slowest row is: on a CPU-like cost (a fixed part plus a part per row), extra tokens
+    of rows that run ahead only save their per-row cost. Three rows with good drafts and one without must not
+    speculate where the plain sum of expected tokens says it pays; with one row both objectives agree."""
+    from atlas_rl.controller.planning import effective_tokens, step_cost_split
+
+    K = 4
+    cost = lambda rows, tokens: 0.047 + 0.025 * rows + 0.012 * rows * (tokens - 1)  # noqa: E731
+    e_good = expected_tokens(np.full((1, K), 0.6))[0]  # [K+1]
+    rows_E = np.stack([e_good, e_good, e_good, np.ones(K + 1)])  # [4, K+1]: the last row has no draft
+    step_s = np.array([cost(4, q + 1) for q in range(K + 1)])
+    fixed, per_row = step_cost_split(cost(4, 1), cost(1, 1), 4)
+    assert fixed == pytest.approx(0.047) and per_row == pytest.approx(0.025)
+    q_sum, _ = best_length(rows_E.sum(0), step_s, 0.0)
+    eff = effective_tokens(rows_E.sum(0), rows_E.min(0), 4, fixed, per_row)
+    q_eff, _ = best_length(eff, step_s, 0.0)
+    assert q_sum > 0 and q_eff == 0
+    # every row drafting well: the slowest row gains too, and speculation still pays
+    eff_all = effective_tokens(4 * e_good, e_good, 4, fixed, per_row)
+    assert best_length(eff_all, step_s, 0.0)[0] > 0
+    # one row: effective tokens are its expected tokens
+    f1, p1 = step_cost_split(cost(1, 1), cost(1, 1), 1)
+    assert np.allclose(effective_tokens(e_good, e_good, 1, f1, p1), e_good)
+
+
+def test_a_speculators_own_prior_spares_exploring_it_at_a_loss():
+    """A speculator known to be weak (its card says 5% per token) is not verified at all, where the generic
+    prior (50%) makes the controller verify a few of its drafts before it learns better."""
+    cost = cpu_like(0.15)
+    weak = SynthSpec("weak", lambda s: 0.05)
+    generic = simulate(AutoController(AutoControllerConfig(max_k=8), cost=table_cost(cost)), [weak], 1, 60, cost, 2)
+    ctl = AutoController(AutoControllerConfig(max_k=8), cost=table_cost(cost))
+    ctl.set_speculator_priors({"weak": 0.05})
+    informed = simulate(ctl, [weak], 1, 60, cost, seed=2)
+    assert sum(q > 0 for q in generic.q) > 0
+    assert sum(q > 0 for q in informed.q) == 0
+    with pytest.raises(ValueError, match="prior acceptance of 'weak'"):
+        ctl.set_speculator_priors({"weak": 1.5})

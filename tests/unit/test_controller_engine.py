@@ -149,3 +149,12 @@ def test_per_call_auto_controller_gets_the_engine_cost_model():
     ctl = AutoController(AutoControllerConfig(max_k=3))
     out = eng.generate(PROMPTS, _greedy(6), controller=ctl)
     assert ctl.cost is eng.verification_cost() and out.stats.num_steps > 0
+
+
+def test_engine_hands_a_speculators_expected_acceptance_to_the_controller(model64):
+    spec = BigramSpeculator(64, soft=False)
+    spec.expected_acceptance = 0.2
+    ctl = AutoController(AutoControllerConfig(max_k=4), cost=_table(lambda r, t: 0.01 * (1 + 0.3 * (t - 1))))
+    RolloutEngine(model64, speculators=[spec], controller=ctl).generate(PROMPTS[:1], _greedy(2))
+    est = ctl.acceptance.estimates(spec.name, True)  # nothing observed yet beyond a step or two: near the prior
+    assert abs(float(est.marginal[0]) - 0.2) < 0.15

@@ -88,6 +88,35 @@ def test_training_time_test_equals_the_inference_chain(model):
         assert float(probs.max()) == pytest.approx(d.confidence[j], abs=1e-9)
 
 
+@pytest.mark.parametrize("max_pending", [256, 2])
+def test_queued_decode_features_catch_up_to_the_eager_result(model, max_pending):
+    """Decode-step features are queued and run through the draft layer only when a draft is asked for (or the
+    queue is full): the drafts then equal those of a speculator that saw every feature at once."""
+    head = _head(model, fuse=(1, 2))
+    prompt = PROMPTS[1]
+    P = len(prompt)
+    seq = prompt + [3, 4, 5, 6, 7, 8]
+    feats = _features(model, seq, head.config.fuse_layers)
+    ref = _primed(model, head, seq, P)
+    lazy = DraftHeadSpeculator(head, seed=3, max_pending=max_pending)
+    lazy.start(0, prompt, [0])
+    lazy.observe(0, seq[P : P + 1])
+    lazy.observe_hidden([0], {la: h[:, :P] for la, h in feats.items()}, [P])  # prompt positions: computed now
+    pos = P
+    for c in (1, 2, 1, 1):  # decode steps emitting 1, 2, 1, 1 tokens
+        lazy.observe(0, seq[pos + 1 : pos + 1 + c])
+        lazy.observe_hidden([0], {la: h[:, pos : pos + c] for la, h in feats.items()}, [c])
+        pos += c
+    assert pos == len(seq) - 1
+    assert lazy._rows[0].num_pending < max_pending  # queued (or flushed when the queue filled)
+    greedy = SamplingParams(temperature=0)
+    (a,) = ref.propose(ProposeInput([0], [0], [seq], sampling=greedy), [4])
+    (b,) = lazy.propose(ProposeInput([0], [0], [seq], sampling=greedy), [4])
+    assert lazy._rows[0].num_pending == 0 and lazy._rows[0].committed == len(seq) - 1
+    assert a.token_ids == b.token_ids
+    assert b.confidence == pytest.approx(a.confidence, abs=1e-9)
+
+
 @pytest.mark.parametrize("fuse", [(1, 2), (-1,)])
 def test_head_drafts_keep_the_engine_lossless(model, fuse):
     head = _head(model, fuse=fuse)

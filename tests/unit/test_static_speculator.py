@@ -269,3 +269,11 @@ def test_no_shipped_head_for_other_targets(tiny, caplog):
     assert load_static_speculator(tiny) is None
     assert "no shipped static draft head" in caplog.text
     assert [type(s) for s in default_speculators(tiny)] == [SuffixSpeculator]
+
+
+def test_card_acceptance_is_accepted_over_observed_tokens():
+    from atlas_rl.speculators.defaults import card_acceptance
+
+    card = {"held_out": {"T=1": {"static": {"accepted_per_pos": [0.5, 0.25, 0.125]}}}}
+    assert card_acceptance(card) == pytest.approx(0.875 / 1.75)  # every observed token accepted half the time
+    assert card_acceptance({}) is None and card_acceptance({"held_out": {"T=0": {}}}) is None
