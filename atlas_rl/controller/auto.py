@@ -13,24 +13,25 @@ Every decode step maximises *expected emitted tokens per second of wall time*:
   compute-bound device).
 * **choose** (after drafting) turns each draft's confidences into calibrated per-token acceptance
   (:class:`.calibration.AcceptanceModel`; a cautious lower bound for drafts that are evaluated whether verified
-  or not, an optimistic one for soft drafts under sampling, which only verification can evaluate), and picks
-  the longest draft ``q`` of the batch that
-  maximises ``effective(q) / (forward(rows, q + 1) + overhead(rows))`` (the drafting time is already spent), where ``effective`` credits
-  the rows' expected tokens ``E_row(q)`` with what they save of the batch's wall time (the slowest row sets the
-  number of steps; see :mod:`.planning`); every row takes its best
-  speculator's draft cut to ``q`` (and cut earlier where the chance that all its tokens so far are accepted
-  falls below ``tail_min_prob``). ``q = 0`` — no speculation for anyone — unless speculation beats plain
-  decoding by ``margin``. This is where "never slower" is enforced.
+  or not; for soft drafts under sampling, which only verification can evaluate, an optimistic one while the
+  evidence is thin, then the mean), and picks the longest draft ``q`` of the batch that maximises
+  ``effective(q) / (forward(rows, q + 1) + overhead(rows))`` (the drafting time is already spent), where
+  ``effective`` credits the rows' expected tokens ``E_row(q)`` with what they save of the batch's wall time (the
+  slowest row sets the number of steps; see :mod:`.planning`); every row takes its best speculator's draft cut
+  to ``q`` (and cut earlier where the chance that all its tokens so far are accepted falls below
+  ``tail_min_prob``). ``q = 0`` — no speculation for anyone — unless speculation beats plain decoding by
+  ``margin``. This is where "never slower" is enforced.
 * **update** refines the verification cost table from the step's forward time, each speculator's drafting cost
   from its propose time, and the calibration from the outcomes of *every* one-hot draft proposed (verified or
   not, read off the tokens the rows emit) and of the verified soft drafts.
 
 Cold start: a speculator never observed is assumed to accept ``prior_mean`` of its tokens (0.5) with a wide
-posterior; it is asked (cheap, or optimistic value) and verified where a 0.5 acceptance pays, so a good
-speculator is found within a few steps and a useless one is switched off as soon as its first outcomes arrive
-(at batch 64, after one step). Evidence decays with a half-life of ``half_life_steps`` steps, so a switched-off
-speculator is eventually re-examined and a drifting one is followed; re-examining a costly speculator whose
-drafts went unused is rate-limited to ``exploration_budget`` of the recent wall time.
+posterior, unless it states its own ``expected_acceptance`` (a draft head's held-out figure, worth
+``informed_prior_strength`` observations); it is asked (cheap, or optimistic value) and verified where such an
+acceptance pays, so a good speculator is found within a few steps and a useless one is switched off as soon as
+its first outcomes arrive (at batch 64, after one step). Evidence decays with a half-life of ``half_life_steps``
+steps, so a switched-off speculator is eventually re-examined and a drifting one is followed; re-examining a
+costly speculator whose drafts went unused is rate-limited to ``exploration_budget`` of the recent wall time.
 """
 
 from __future__ import annotations
