@@ -542,6 +542,11 @@ class SuffixSpeculator:
 
     name: str = "suffix"
     hidden_layers: tuple[int, ...] = ()
+    # The controller's starting belief (per-token acceptance): what the index achieved on held-out broad prompts
+    # (0.49 per observed token at T=0, ~0.2 at T=1, k=4; static head v1 card). Its one-hot drafts are evaluated
+    # from the emitted tokens whether verified or not, so a workload where it does better (code edits, repeated
+    # expressions) is learned within a few steps, without verifying drafts on thin evidence at a loss.
+    expected_acceptance: float | None = 0.3
 
     def __init__(self, config: SuffixConfig | None = None, **overrides: Any) -> None:
         if config is None:
