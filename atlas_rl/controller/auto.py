@@ -353,7 +353,11 @@ class AutoController:
             # unverified becomes thin, and optimistic, again)
             soft = np.repeat([d.draft_probs is not None and not greedy for _, _, d in flat], m)
             thin = np.array(
-                [self.acceptance.observed_tokens(s, greedy) < self.config.soft_explore_tokens for s in names]
+                [
+                    not self.acceptance.has_prior(s)  # a measured prior is evidence: no optimistic phase
+                    and self.acceptance.observed_tokens(s, greedy) < self.config.soft_explore_tokens
+                    for s in names
+                ]
             )[ci]
             low[ri, ci, pj] = np.where(
                 soft,

@@ -140,6 +140,10 @@ class AcceptanceModel:
             self._tables[key] = _Counts(self.num_groups, prior, strength)
         return self._tables[key]
 
+    def has_prior(self, name: str) -> bool:
+        """Whether ``name`` started from its own (informed) prior rather than the generic ``prior_mean``."""
+        return name in self._priors
+
     def drift_events(self, name: str, greedy: bool) -> int:
         """How many times a drift was detected for ``name`` (its evidence halved)."""
         t = self._tables.get((name, greedy))

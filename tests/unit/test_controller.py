@@ -359,3 +359,18 @@ def test_a_speculators_own_prior_spares_exploring_it_at_a_loss():
     assert sum(q > 0 for q in informed.q) == 0
     with pytest.raises(ValueError, match="prior acceptance of 'weak'"):
         ctl.set_speculator_priors({"weak": 1.5})
+
+
+def test_a_measured_prior_skips_the_optimistic_phase_of_soft_drafts():
+    """Soft drafts under sampling are explored by verifying them while evidence is thin, unless the speculator
+    brought a measured prior (a draft head's card): a weak head is then never verified at a loss."""
+    cost = cpu_like(0.15)
+    weak = SynthSpec("head", lambda s: 0.05, soft=True)
+    generic = simulate(
+        AutoController(AutoControllerConfig(max_k=8), cost=table_cost(cost)), [weak], 1, 60, cost, 9, greedy=False
+    )
+    ctl = AutoController(AutoControllerConfig(max_k=8), cost=table_cost(cost))
+    ctl.set_speculator_priors({"head": 0.12})  # its optimistic bound (+1 sd) would pay at one row, the mean not
+    informed = simulate(ctl, [weak], 1, 60, cost, seed=9, greedy=False)
+    assert sum(q > 0 for q in generic.q) > 0
+    assert sum(q > 0 for q in informed.q) == 0
