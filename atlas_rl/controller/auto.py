@@ -346,7 +346,8 @@ class AutoController:
             conf = np.fromiter((x for _, _, d in flat for x in d.confidence[:K]), dtype=float, count=int(m.sum()))
             b = confidence_bins(conf)
             est = [self.acceptance.estimates(s, greedy) for s in names]
-            acc[ri, ci, pj] = np.stack([e.mean for e in est])[ci, pj, b]  # [S, K, B] gathered
+            mean = np.stack([e.mean for e in est])[ci, pj, b]  # [S, K, B] gathered
+            acc[ri, ci, pj] = mean
             # decisions: cautious where every asked draft is evaluated anyway (one-hot drafts, greedy). Soft drafts
             # under sampling are evaluated only by verifying them: optimistic while their evidence is thin
             # (exploration by verifying), the calibrated mean once it is not (evidence decays, so a speculator left
@@ -364,7 +365,7 @@ class AutoController:
                 np.where(
                     thin,
                     np.stack([e.optimistic for e in est])[ci, pj, b],
-                    np.stack([e.mean for e in est])[ci, pj, b],
+                    mean,
                 ),
                 np.stack([e.pessimistic for e in est])[ci, pj, b],
             )

@@ -92,9 +92,9 @@ def card_acceptance(card: dict, temperature: str = "T=1") -> float | None:
         per_pos = [float(x) for x in card["held_out"][temperature]["static"]["accepted_per_pos"]]
     except (KeyError, TypeError, ValueError):
         return None
-    observed = 1.0 + sum(per_pos[:-1])
-    rate = sum(per_pos) / observed if per_pos else 0.0
-    return min(0.95, max(0.01, rate)) if per_pos else None
+    if not per_pos:
+        return None
+    return min(0.95, max(0.01, sum(per_pos) / (1.0 + sum(per_pos[:-1]))))
 
 
 def default_speculators(model: nn.Module) -> list[Speculator]:
