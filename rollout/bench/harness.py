@@ -121,12 +121,16 @@ def hf_generate_runner(model: torch.nn.Module, tokenizer, eos_token_ids: list[in
 
 def engine_runner(make_engine: Callable[[], object]) -> Runner:
     """The atlas engine built fresh for each run by ``make_engine`` (fresh speculator state: only what a
-    single generate call learns — its own prompt, siblings and earlier rows — helps it)."""
+    single generate call learns — its own prompt, siblings and earlier rows — helps it).
 
-    def run(w: Workload) -> tuple[RolloutBatch, int]:
+    Timed: ``generate`` only. Building the engine (loading a draft head from disk, allocating) happens once per
+    training run, not per rollout, so — like vLLM's start-up — it is not part of what a rollout costs."""
+
+    def run(w: Workload) -> tuple[RolloutBatch, int, float]:
         eng = make_engine()
+        t0 = time.perf_counter()
         batch = eng.generate(w.prompt_ids, w.sampling, num_generations=w.num_generations)
-        return batch, batch.num_completion_tokens
+        return batch, batch.num_completion_tokens, time.perf_counter() - t0
 
     return run
 

@@ -85,3 +85,28 @@ def test_bench_finds_the_vllm_venv_python_without_resolving_its_symlink(tmp_path
     monkeypatch.delenv("ATLAS_RL_VLLM_PYTHON", raising=False)
     assert find_vllm_python() == str(bindir / "python")
     assert find_vllm_python("none") is None
+
+
+def test_bench_engine_runner_times_generate_not_engine_construction():
+    """A rollout's cost is generate(): building the engine (loading a draft head) happens once per training run."""
+    import time
+
+    import torch
+
+    from atlas_rl import SamplingParams
+    from atlas_rl.models import tiny_llama
+    from atlas_rl.rollout import RolloutEngine
+    from atlas_rl.rollout.bench.harness import engine_runner, run_interleaved
+    from atlas_rl.rollout.bench.workloads import Workload
+
+    model = tiny_llama(vocab_size=64, dtype=torch.float32, seed=0)
+
+    def slow_to_build() -> RolloutEngine:
+        time.sleep(0.5)  # e.g. a draft head read from disk
+        return RolloutEngine(model)
+
+    sp = SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True)
+    w = Workload("w", "one row", [[1, 2, 3]], 1, sp)
+    out = run_interleaved(w, {"slow": engine_runner(slow_to_build)})
+    run = out["slow"].runs[0]
+    assert run.completion_tokens == 4 and 0 < run.seconds < 0.5
