@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> dict:
     from atlas_rl.rollout import RolloutEngine
     from atlas_rl.types import SamplingParams
 
+    from .workloads import grpo_workload
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="target (default: the embedded default)")
     p.add_argument("--rollouts", type=int, default=3, help="rollouts of 8 prompts x 8 generations per side")
@@ -47,9 +49,8 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     model, tok = load_target(args.model)
     model.eval()
-    tasks = arithmetic_tasks(8, seed=0)
-    texts = [tok.apply_chat_template(t.messages(), tokenize=False, add_generation_prompt=True) for t in tasks]
-    ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
+    tasks = arithmetic_tasks(8, seed=0)  # the prompts of grpo_workload(seed=0), for their answers
+    ids = grpo_workload(tok, 8, 8, args.max_new_tokens, seed=0).prompt_ids  # templated as TRL does (chat_ids)
     eos = model.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
