@@ -82,6 +82,7 @@ class AtlasRolloutBackend:
         self._baseline_engine: RolloutEngine | None = None
         self.last_baseline: dict[str, float] | None = None
         self._deferred_budget = 0.0
+        self.last_probe: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------------------ building
     @property
@@ -213,6 +214,7 @@ class AtlasRolloutBackend:
         every = getattr(self.options, "atlas_baseline_every", 0)
         if every and (self.num_calls - 1) % every == 0:  # before retraining starts: nothing else competes for the CPU
             self.last_baseline = self._baseline(model, uniq, counts, sampling)
+        self.last_probe = self._probe_acceptance()
         self._after_rollout()
         return completions, logprobs
 
@@ -232,6 +234,33 @@ class AtlasRolloutBackend:
             ).num_completion_tokens
         secs = time.perf_counter() - t0
         return {"tokens_per_s": tokens / secs if secs > 0 else 0.0, "rollout_s": secs}
+
+    def _probe_acceptance(self) -> dict[str, float]:
+        """Estimated T=1 acceptance length of each draft head on this rollout's captured completions (before the
+        adaptive head trains on them): see :mod:`atlas_rl.training.acceptance`. Rank 0 only (it holds the
+        buffer); a few completions, no target forward."""
+        n = int(getattr(self.options, "atlas_acceptance_probe", 0))
+        if n <= 0 or self.buffer is None or not self.is_trainer_rank:
+            return {}
+        from atlas_rl.training.acceptance import estimate_acceptance
+
+        fresh = self.buffer.samples(min_version=self.policy_version)
+        fresh = [s for s in fresh if s.policy_version == self.policy_version and s.num_labels > 0]
+        if not fresh:
+            return {}
+        picked = [fresh[(i * len(fresh)) // min(n, len(fresh))] for i in range(min(n, len(fresh)))]
+        k = int(self.options.atlas_max_draft_tokens)
+        out: dict[str, float] = {}
+        t0 = time.perf_counter()
+        fuse = tuple(self.buffer.config.fuse_layers)
+        for name, head in (("static", self.static_head), ("adaptive", self.adaptive_head)):
+            if head is None or tuple(head.config.fuse_layers) != fuse:
+                continue
+            tau, _, count = estimate_acceptance(head, picked, k)
+            if count:
+                out[f"atlas/estimated_acceptance_length/{name}"] = tau
+        out["atlas/acceptance_probe_s"] = time.perf_counter() - t0
+        return out
 
     def _refresh_heads(self, model: torch.nn.Module) -> None:
         """The policy moved: re-copy the frozen output rows of the draft heads; under ZeRO-3 (parameters exist only
@@ -336,6 +365,7 @@ class AtlasRolloutBackend:
             out["atlas/baseline_rollout_tokens_per_s"] = base
             out["atlas/baseline_rollout_s"] = self.last_baseline["rollout_s"]
             out["atlas/speedup"] = out["atlas/rollout_tokens_per_s"] / base if base > 0 else float("nan")
+        out.update(self.last_probe)
         if self.adaptive_trainer is not None:
             m = self.adaptive_trainer.metrics()
             out["atlas/speculator_train_loss"] = m.get("loss", float("nan"))

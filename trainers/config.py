@@ -79,6 +79,15 @@ class AtlasArgs:
             "It costs a second rollout: for reports and demos."
         },
     )
+    atlas_acceptance_probe: int = field(
+        default=4,
+        metadata={
+            "help": "After each rollout, replay the draft chain of every draft head (static, adaptive) on this many "
+            "of its captured completions and log the estimated T=1 acceptance length "
+            "(atlas/estimated_acceptance_length/<head>): how well each head tracks the current policy even when "
+            "the controller verifies nothing. No target forward; 0 = off."
+        },
+    )
     atlas_seed: int | None = field(
         default=None, metadata={"help": "Seed of the rollout sampler (None: derived from TrainingArguments.seed)."}
     )
@@ -136,6 +145,8 @@ class AtlasArgs:
             raise ValueError("atlas_adaptive_train_fraction must be in [0, 10]")
         if self.atlas_adaptive_train_min_s < 0:
             raise ValueError("atlas_adaptive_train_min_s must be >= 0")
+        if not isinstance(self.atlas_acceptance_probe, int) or self.atlas_acceptance_probe < 0:
+            raise ValueError(f"atlas_acceptance_probe must be an int >= 0, got {self.atlas_acceptance_probe!r}")
         if not isinstance(self.atlas_baseline_every, int) or self.atlas_baseline_every < 0:
             raise ValueError(f"atlas_baseline_every must be an int >= 0, got {self.atlas_baseline_every!r}")
 

@@ -99,11 +99,24 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else math.nan
 
 
+def _per_speculator(series: dict[str, list[float]], name: str) -> dict[str, float]:
+    out = {
+        "share": _mean(series[f"share/{name}"]),
+        "mean_acceptance_length": _mean(series[f"mean_acceptance_length/{name}"]),
+    }
+    est = _finite(series.get(f"estimated_acceptance_length/{name}", []))
+    if est:  # a draft head's estimated T=1 acceptance on the first and the last rollout
+        out["estimated_acceptance_length_first"] = est[0]
+        out["estimated_acceptance_length_last"] = est[-1]
+    return out
+
+
 def summarize(run: Run) -> dict[str, Any]:
     """Per-step series and the headline figures of a run."""
     steps = run.steps
     keys = sorted({k for s in steps for k in s})
     specs = sorted({k.split("/", 2)[2] for k in keys if k.startswith("atlas/speculator_share/")})
+    probed = sorted({k.split("/", 2)[2] for k in keys if k.startswith("atlas/estimated_acceptance_length/")})
     khist = sorted({int(k.rsplit("/", 1)[1]) for k in keys if k.startswith("atlas/k_hist/")})
     series: dict[str, list[float]] = {
         "step": [float(s["step"]) for s in steps],
@@ -122,6 +135,8 @@ def summarize(run: Run) -> dict[str, Any]:
     for name in specs:
         series[f"share/{name}"] = _series(steps, f"atlas/speculator_share/{name}")
         series[f"mean_acceptance_length/{name}"] = _series(steps, f"atlas/mean_acceptance_length/{name}")
+    for name in probed:  # draft heads replayed on each rollout's captured completions (no target forward)
+        series[f"estimated_acceptance_length/{name}"] = _series(steps, f"atlas/estimated_acceptance_length/{name}")
     k_total = {k: sum(_finite(_series(steps, f"atlas/k_hist/{k}"))) for k in khist}
     rewards = _finite(series["reward"])
     headline = {
@@ -136,16 +151,10 @@ def summarize(run: Run) -> dict[str, Any]:
         "step_time_s_mean": _mean(series["step_time"]),
         "reward_first": rewards[0] if rewards else math.nan,
         "reward_last": rewards[-1] if rewards else math.nan,
-        "per_speculator": {
-            name: {
-                "share": _mean(series[f"share/{name}"]),
-                "mean_acceptance_length": _mean(series[f"mean_acceptance_length/{name}"]),
-            }
-            for name in specs
-        },
+        "per_speculator": {name: _per_speculator(series, name) for name in specs},
         "k_histogram": {str(k): v for k, v in k_total.items()},
     }
-    return {"meta": run.meta, "headline": headline, "series": series, "speculators": specs}
+    return {"meta": run.meta, "headline": headline, "series": series, "speculators": specs, "probed": probed}
 
 
 # ------------------------------------------------------------------------------------------------ plots
@@ -182,6 +191,8 @@ def _plots(summary: dict[str, Any]) -> dict[str, str]:
     ax.plot(x, s["mean_acceptance_length"], "o-", label="all", color="black")
     for name in summary["speculators"]:
         ax.plot(x, s[f"mean_acceptance_length/{name}"], ".-", label=name)
+    for name in summary.get("probed", []):
+        ax.plot(x, s[f"estimated_acceptance_length/{name}"], "x:", label=f"{name} (estimated, T=1)")
     ax.axhline(1.0, color="grey", lw=0.5)
     ax.set(xlabel="step", ylabel="tokens per target forward", title="Mean acceptance length")
     ax.legend()
@@ -241,9 +252,18 @@ def render_markdown(summary: dict[str, Any]) -> str:
     lines += ["| headline | value |", "|---|---|"]
     for k in HEADLINE_FIELDS:
         lines.append(f"| {k} | {_fmt(h.get(k))} |")
-    lines += ["", "| speculator | share of row-steps | mean acceptance length |", "|---|---|---|"]
+    lines += [
+        "",
+        "| speculator | share of row-steps | mean acceptance length | estimated τ (T=1), first → last rollout |",
+        "|---|---|---|---|",
+    ]
     for name, v in h["per_speculator"].items():
-        lines.append(f"| {name} | {_fmt(v['share'])} | {_fmt(v['mean_acceptance_length'])} |")
+        est = (
+            f"{_fmt(v['estimated_acceptance_length_first'])} → {_fmt(v['estimated_acceptance_length_last'])}"
+            if "estimated_acceptance_length_first" in v
+            else "—"
+        )
+        lines.append(f"| {name} | {_fmt(v['share'])} | {_fmt(v['mean_acceptance_length'])} | {est} |")
     s = summary["series"]
     lines += [
         "",
