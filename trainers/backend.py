@@ -83,6 +83,7 @@ class AtlasRolloutBackend:
         self.last_baseline: dict[str, float] | None = None
         self._deferred_budget = 0.0
         self.last_probe: dict[str, float] = {}
+        self.last_capture_s = 0.0
 
     # ------------------------------------------------------------------------------------------ building
     @property
@@ -185,6 +186,7 @@ class AtlasRolloutBackend:
             seed=call_seed,
         )
         self.num_calls += 1
+        hook0 = self.buffer.hook_s if self.buffer is not None else 0.0
         t0 = time.perf_counter()
         completions: list[list[int]] = []
         logprobs: list[list[float]] = []
@@ -210,6 +212,7 @@ class AtlasRolloutBackend:
         self.total.merge(stats)
         if self.buffer is not None:
             self.buffer.flush()
+            self.last_capture_s = self.buffer.hook_s - hook0
         self.last_baseline = None
         every = getattr(self.options, "atlas_baseline_every", 0)
         if every and (self.num_calls - 1) % every == 0:  # before retraining starts: nothing else competes for the CPU
@@ -340,6 +343,9 @@ class AtlasRolloutBackend:
             if self.last_rollout_s
             else 0.0,
             "atlas/rollout_s": self.last_rollout_s,
+            # where the rollout's time goes: target forwards, and the capture hook feeding the adaptive head
+            "atlas/rollout_forward_s": s.forward_s,
+            "atlas/rollout_capture_s": self.last_capture_s,
             "atlas/mean_acceptance_length": s.mean_acceptance_length if s.num_row_forwards else 1.0,
             "atlas/spec_off_fraction": s.num_spec_off_row_steps / s.num_row_forwards if s.num_row_forwards else 1.0,
             "atlas/policy_version": float(self.policy_version),

@@ -86,6 +86,9 @@ def test_two_steps_every_backend(tmp_path, backend, algo):
     assert len(reward.completions) == 8  # 2 steps x 4 completions
     for h in logs:  # rollout time and throughput are logged for every backend (A/B runs)
         assert h["atlas/rollout_s"] > 0 and h["atlas/rollout_tokens_per_s"] > 0
+        if backend == "atlas":  # where the rollout time went
+            assert 0 < h["atlas/rollout_forward_s"] < h["atlas/rollout_s"]
+            assert 0 < h["atlas/rollout_capture_s"] < h["atlas/rollout_s"]
     if backend == "atlas":
         h = logs[-1]
         for key in (
