@@ -1,0 +1,180 @@
+"""Compare GRPO runs of two generation backends over several seeds: rollout and step time, reward curves.
+
+Usage (run directories written by ``recipes/grpo.py``; any number of seeds per backend)::
+
+    python -m atlas_rl.rollout.bench.grpo_ab --a runs/grpo_atlas runs/grpo_atlas_s1 \
+        --b runs/grpo_transformers runs/grpo_transformers_s1 --out docs/results/grpo_ab.md
+
+Speed: ratios of summed rollout seconds, of rollout tokens/s (the backends' completions differ in length once the
+runs diverge, so tokens/s is the fair rate) and of summed step seconds, per seed and over all seeds.
+
+"Speculation must not change learning": each run is one sample of a noisy learning curve (sampling, data order),
+so the backends are compared against the spread between seeds of the same backend. Per run, the mean over its
+steps of reward, policy entropy and completion length; Welch's t-test between the backends' run means (two
+seeds or more per side); and, for the reward, the pooled per-step band (min..max over seeds) of each backend.
+Needs scipy (the ``dev`` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+FIELDS = {
+    "reward": "reward",
+    "entropy": "entropy",
+    "length": "completions/mean_length",
+    "rollout_s": "atlas/rollout_s",
+    "step_s": "step_time",
+    "tok_s": "atlas/rollout_tokens_per_s",
+}
+
+
+def load_run(run_dir: str | Path) -> dict[str, Any]:
+    """Per-step series of one run directory (``metrics.jsonl`` lines that carry a training loss)."""
+    d = Path(run_dir)
+    path = d / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: pass run directories written by recipes/grpo.py")
+    steps = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    steps = [s for s in steps if "loss" in s]
+    if not steps:
+        raise ValueError(f"{path} holds no training-step metrics")
+    meta = json.loads((d / "run.json").read_text()) if (d / "run.json").exists() else {}
+    out: dict[str, Any] = {"name": d.name, "meta": meta, "n": len(steps)}
+    for key, field in FIELDS.items():
+        out[key] = [float(s.get(field, math.nan)) for s in steps]
+    out["tokens"] = [r * t for r, t in zip(out["rollout_s"], out["tok_s"])]
+    est = sorted({k.split("/", 2)[2] for s in steps for k in s if k.startswith("atlas/estimated_acceptance_length/")})
+    out["estimated"] = {
+        name: [float(s.get(f"atlas/estimated_acceptance_length/{name}", math.nan)) for s in steps] for name in est
+    }
+    out["tau"] = [float(s.get("atlas/mean_acceptance_length", math.nan)) for s in steps]
+    out["spec_off"] = [float(s.get("atlas/spec_off_fraction", math.nan)) for s in steps]
+    return out
+
+
+def _mean(xs: list[float]) -> float:
+    xs = [x for x in xs if not math.isnan(x)]
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def _welch(a: list[float], b: list[float]) -> float:
+    if len(a) < 2 or len(b) < 2:
+        return math.nan
+    from scipy import stats
+
+    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def compare(runs_a: list[dict[str, Any]], runs_b: list[dict[str, Any]], label_a: str, label_b: str) -> str:
+    n = min(r["n"] for r in runs_a + runs_b)
+    lines = [f"## {label_a} vs {label_b}: {len(runs_a)} vs {len(runs_b)} seeds, first {n} steps of each run", ""]
+
+    def tot(r: dict[str, Any], key: str) -> float:
+        return sum(r[key][:n])
+
+    lines += [
+        "### Speed",
+        "",
+        f"| run pair | rollout s {label_b} / {label_a} | rollout tok/s {label_a} / {label_b} | "
+        f"step s {label_b} / {label_a} |",
+        "|---|---|---|---|",
+    ]
+    for ra, rb in zip(runs_a, runs_b):
+        lines.append(
+            f"| {ra['name']} / {rb['name']} | {tot(rb, 'rollout_s') / tot(ra, 'rollout_s'):.2f} | "
+            f"{(tot(ra, 'tokens') / tot(ra, 'rollout_s')) / (tot(rb, 'tokens') / tot(rb, 'rollout_s')):.2f} | "
+            f"{tot(rb, 'step_s') / tot(ra, 'step_s'):.2f} |"
+        )
+    sa = {k: sum(tot(r, k) for r in runs_a) for k in ("rollout_s", "tokens", "step_s")}
+    sb = {k: sum(tot(r, k) for r in runs_b) for k in ("rollout_s", "tokens", "step_s")}
+    lines.append(
+        f"| **all** | **{sb['rollout_s'] / sa['rollout_s']:.2f}** | "
+        f"**{(sa['tokens'] / sa['rollout_s']) / (sb['tokens'] / sb['rollout_s']):.2f}** | "
+        f"**{sb['step_s'] / sa['step_s']:.2f}** |"
+    )
+    lines += [
+        "",
+        f"Totals: rollout {sa['rollout_s']:.0f} s ({label_a}) vs {sb['rollout_s']:.0f} s ({label_b}); "
+        f"rollout tokens/s {sa['tokens'] / sa['rollout_s']:.1f} vs {sb['tokens'] / sb['rollout_s']:.1f}; "
+        f"whole steps {sa['step_s']:.0f} s vs {sb['step_s']:.0f} s.",
+        "",
+        "### Learning (per run: mean over its steps)",
+        "",
+        f"| quantity | {label_a} runs | {label_b} runs | {label_a} mean | {label_b} mean | Welch p |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key in ("reward", "entropy", "length"):
+        ma = [_mean(r[key][:n]) for r in runs_a]
+        mb = [_mean(r[key][:n]) for r in runs_b]
+        lines.append(
+            f"| {key} | {', '.join(f'{x:.3f}' for x in ma)} | {', '.join(f'{x:.3f}' for x in mb)} | "
+            f"{_mean(ma):.3f} | {_mean(mb):.3f} | {_welch(ma, mb):.2f} |"
+        )
+    lines += [
+        "",
+        "### Per step (mean over seeds, min..max in brackets)",
+        "",
+        f"| step | reward {label_a} | reward {label_b} | entropy {label_a} | entropy {label_b} | "
+        f"rollout s {label_a} | rollout s {label_b} |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(runs: list[dict[str, Any]], key: str, i: int, fmt: str) -> str:
+        xs = [r[key][i] for r in runs]
+        if len(xs) == 1:
+            return format(xs[0], fmt)
+        return f"{format(statistics.fmean(xs), fmt)} [{format(min(xs), fmt)}..{format(max(xs), fmt)}]"
+
+    for i in range(n):
+        lines.append(
+            f"| {i + 1} | {cell(runs_a, 'reward', i, '.3f')} | {cell(runs_b, 'reward', i, '.3f')} | "
+            f"{cell(runs_a, 'entropy', i, '.2f')} | {cell(runs_b, 'entropy', i, '.2f')} | "
+            f"{cell(runs_a, 'rollout_s', i, '.0f')} | {cell(runs_b, 'rollout_s', i, '.0f')} |"
+        )
+    probed = [r for r in runs_a + runs_b if r["estimated"]]
+    if probed:
+        lines += ["", "### Draft heads as the policy moves (estimated T=1 acceptance length on each rollout)", ""]
+        for r in probed:
+            names = sorted(r["estimated"])
+            lines += [
+                f"{r['name']}: measured τ {_mean(r['tau'][:n]):.2f}, spec-off share {_mean(r['spec_off'][:n]):.2f}",
+                "",
+                "| step | " + " | ".join(names) + " |",
+                "|---|" + "---|" * len(names),
+            ]
+            for i in range(n):
+                lines.append(f"| {i + 1} | " + " | ".join(f"{r['estimated'][m][i]:.3f}" for m in names) + " |")
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--a", nargs="+", required=True, help="run directories of backend A (e.g. atlas), one per seed")
+    p.add_argument("--b", nargs="+", required=True, help="run directories of backend B (e.g. transformers)")
+    p.add_argument("--label-a", default=None, help="name of backend A (default: from run.json)")
+    p.add_argument("--label-b", default=None, help="name of backend B (default: from run.json)")
+    p.add_argument("--out", default=None, help="also write the markdown here")
+    args = p.parse_args(argv)
+    try:
+        runs_a = [load_run(d) for d in args.a]
+        runs_b = [load_run(d) for d in args.b]
+    except (FileNotFoundError, ValueError) as e:
+        p.error(str(e))
+    la = args.label_a or runs_a[0]["meta"].get("generation_backend", "A")
+    lb = args.label_b or runs_b[0]["meta"].get("generation_backend", "B")
+    text = compare(runs_a, runs_b, la, lb)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)  # noqa: T201 - a command-line report
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
