@@ -376,7 +376,9 @@ class AtlasRolloutBackend:
             m = self.adaptive_trainer.metrics()
             out["atlas/speculator_train_loss"] = m.get("loss", float("nan"))
             out["atlas/speculator_staleness"] = float(m.get("staleness", -1))
-            out["atlas/speculator_train_s"] = float(self.last_train.get("train_s", 0.0)) if self.last_train else 0.0
+            # the retraining that finished before this rollout (its share of the step), and the run's total
+            out["atlas/speculator_train_s"] = float(self.last_train.get("call_s", 0.0)) if self.last_train else 0.0
+            out["atlas/speculator_train_s_total"] = float(m.get("train_s", 0.0))
             out["atlas/speculator_train_steps"] = float(m.get("steps", 0))
         return out
 

@@ -101,6 +101,8 @@ def test_two_steps_every_backend(tmp_path, backend, algo):
             assert key in h, key
         assert any(k.startswith("atlas/speculator_share/") for k in h)
         assert trainer.atlas_backend.policy_version == 2
+        # per step: the retraining joined before this rollout (one so far at step 2); the total accumulates
+        assert 0 < h["atlas/speculator_train_s"] <= h["atlas/speculator_train_s_total"]
         for h in logs:  # every rollout: the adaptive head's estimated acceptance on its fresh captured completions
             est = h["atlas/estimated_acceptance_length/adaptive"]
             assert 1.0 <= est <= 1.0 + cfg.atlas_max_draft_tokens
