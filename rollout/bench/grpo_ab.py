@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -169,13 +170,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     la = args.label_a or runs_a[0]["meta"].get("generation_backend", "A")
     lb = args.label_b or runs_b[0]["meta"].get("generation_backend", "B")
-    import sys
-
     cmd = " ".join(argv if argv is not None else sys.argv[1:])
     text = f"Command: `python -m atlas_rl.rollout.bench.grpo_ab {cmd}`\n\n" + compare(runs_a, runs_b, la, lb)
     if args.out:
         Path(args.out).write_text(text)
-    print(text)  # noqa: T201 - a command-line report
+    sys.stdout.write(text)  # a command-line report
     return 0
 
 
