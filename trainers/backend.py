@@ -247,8 +247,7 @@ class AtlasRolloutBackend:
             return {}
         from atlas_rl.training.acceptance import estimate_acceptance
 
-        fresh = self.buffer.samples(min_version=self.policy_version)
-        fresh = [s for s in fresh if s.policy_version == self.policy_version and s.num_labels > 0]
+        fresh = [s for s in self.buffer.samples(min_version=self.policy_version) if s.num_labels > 0]
         if not fresh:
             return {}
         picked = [fresh[(i * len(fresh)) // min(n, len(fresh))] for i in range(min(n, len(fresh)))]

@@ -221,6 +221,8 @@ def test_bad_configs_fail_clearly(tmp_path):
         AtlasGRPOConfig(**_common(tmp_path, "foo"))
     with pytest.raises(ValueError, match="repetition_penalty"):
         AtlasGRPOConfig(**_common(tmp_path, "atlas", repetition_penalty=1.2))
+    with pytest.raises(ValueError, match="atlas_acceptance_probe"):
+        AtlasGRPOConfig(**_common(tmp_path, "atlas", atlas_acceptance_probe=-1))
     with pytest.raises(ValueError, match="atlas_speculators"):
         AtlasGRPOConfig(**_common(tmp_path, "atlas", atlas_speculators="medusa"))
     with pytest.raises(ValueError, match="AtlasGRPOConfig"):
