@@ -19,7 +19,7 @@ import torch
 
 from atlas_rl.types import RolloutBatch, SpecStats
 
-from .workloads import Workload
+from .workloads import Workload, left_pad
 
 logger = logging.getLogger(__name__)
 
@@ -85,12 +85,7 @@ def hf_generate_runner(model: torch.nn.Module, tokenizer, eos_token_ids: list[in
 
     @torch.inference_mode()
     def run(w: Workload) -> tuple[None, int]:
-        maxlen = max(len(p) for p in w.prompt_ids)
-        ids = torch.full((len(w.prompt_ids), maxlen), pad_id, dtype=torch.long)
-        att = torch.zeros_like(ids)
-        for i, p in enumerate(w.prompt_ids):
-            ids[i, maxlen - len(p) :] = torch.tensor(p)
-            att[i, maxlen - len(p) :] = 1
+        ids, att = left_pad(w.prompt_ids, pad_id)  # [B, W] each
         dev = next(model.parameters()).device
         sp = w.sampling
         kwargs: dict = {"max_new_tokens": sp.max_new_tokens, "pad_token_id": pad_id, "eos_token_id": eos_token_ids}
@@ -104,7 +99,7 @@ def hf_generate_runner(model: torch.nn.Module, tokenizer, eos_token_ids: list[in
         out = model.generate(
             input_ids=ids.to(dev), attention_mask=att.to(dev), num_return_sequences=w.num_generations, **kwargs
         )
-        comp = out[:, maxlen:].tolist()
+        comp = out[:, ids.shape[1] :].tolist()
         eos = set(eos_token_ids)
         n_tokens = 0
         for row in comp:

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from atlas_rl.rollout import RolloutEngine
     from atlas_rl.types import SamplingParams
 
-    from .workloads import grpo_workload
+    from .workloads import grpo_workload, left_pad
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="target (default: the embedded default)")
@@ -46,10 +46,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     batch = engine.generate(ids, sp, num_generations=8)
     rows = [p_ for p_ in ids for _ in range(8)]  # TRL's order: each prompt repeated num_generations times
     seqs = [r + c for r, c in zip(rows, batch.completion_ids)]
-    width = max(map(len, seqs))
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
-    inp = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])  # [64, width] left-padded
-    att = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])  # [64, width]
+    inp, att = left_pad(seqs, pad)  # [64, width] each
+    width = inp.shape[1]
     worst, tokens = 0.0, 0
     with torch.no_grad():
         for lo in range(0, len(seqs), 16):

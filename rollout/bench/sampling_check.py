@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     from atlas_rl.rollout import RolloutEngine
     from atlas_rl.types import SamplingParams
 
-    from .workloads import grpo_workload
+    from .workloads import grpo_workload, left_pad
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="target (default: the embedded default)")
@@ -71,9 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
     engine = RolloutEngine(model, speculators=[])
     for rep in range(args.rollouts):
         rows = [p_ for p_ in ids for _ in range(8)]  # TRL: each prompt repeated num_generations times
-        width = max(map(len, rows))
-        inp = torch.tensor([[pad] * (width - len(r)) + r for r in rows])  # [64, width] left-padded
-        att = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])  # [64, width]
+        inp, att = left_pad(rows, pad)  # [64, width] each
+        width = inp.shape[1]
         torch.manual_seed(1000 + rep)
         t0 = time.perf_counter()
         with torch.no_grad():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from atlas_rl.data.prompts import GENERAL_PROMPTS
 from atlas_rl.data.tasks import arithmetic_tasks
 from atlas_rl.types import SamplingParams
@@ -64,3 +66,15 @@ def tail_workload(tokenizer, num_generations: int = 8, max_new_tokens: int = 128
     w.name = "tail"
     w.description = f"1 prompt x {num_generations} samples (<= {num_generations} active rows), T=1.0"
     return w
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids [B, W], attention_mask [B, W])`` of ``rows`` left-padded to the longest, as HF ``generate`` and
+    TRL's logprob recompute take them."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    return ids, mask

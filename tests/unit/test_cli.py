@@ -126,3 +126,29 @@ def test_bench_reports_the_first_error_of_a_failed_vllm_run_not_the_tail():
     msg = _root_cause(stderr)
     assert msg.startswith("first error: Traceback") and "the real cause" in msg
     assert _root_cause("just noise").startswith("last output: just noise")
+
+
+def test_bench_hf_runner_left_pads_prompts_of_different_lengths():
+    """The HF baseline of the bench: a left-padded batch gives each prompt the tokens it gets alone (greedy)."""
+    import torch
+
+    from atlas_rl.models import tiny_llama, tiny_token_ids, tiny_tokenizer
+    from atlas_rl.rollout.bench.harness import hf_generate_runner
+    from atlas_rl.rollout.bench.workloads import Workload, left_pad
+    from atlas_rl.types import SamplingParams
+
+    ids, mask = left_pad([[5, 6], [7], [1, 2, 3]], 0)
+    assert ids.tolist() == [[0, 5, 6], [0, 0, 7], [1, 2, 3]] and mask.tolist() == [[0, 1, 1], [0, 0, 1], [1, 1, 1]]
+    tok = tiny_tokenizer()
+    model = tiny_llama(vocab_size=len(tok), hidden_size=64, seed=0, **tiny_token_ids(tok)).eval()
+    prompts = [[5, 9, 11, 4, 7], [8, 3]]
+    eos = [int(model.generation_config.eos_token_id or 0)]
+    w = Workload("t", "t", prompts, 1, SamplingParams(temperature=0.0, max_new_tokens=6))
+    _, n_tokens = hf_generate_runner(model, tok, eos)(w)
+    alone = 0
+    with torch.no_grad():
+        for p in prompts:
+            out = model.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False, pad_token_id=eos[0])
+            row = out[0, len(p) :].tolist()
+            alone += next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
+    assert n_tokens == alone > 0
