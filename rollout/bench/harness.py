@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -136,14 +137,19 @@ def _omp_bind(threads: int) -> str:
     return ",".join(str(c) for c in cores)
 
 
-def _root_cause(stderr: str, limit: int = 1500) -> str:
-    """The first error of a subprocess's stderr (its first traceback or ERROR line), not just the tail: vLLM's
-    engine-core death is reported last, after the error that caused it."""
-    lines = stderr.splitlines()
+def _root_cause(output: str, limit: int = 1500) -> str:
+    """The first error of a subprocess's output (its first traceback or ERROR line), not just the tail: vLLM's
+    engine-core death is reported last, after the error that caused it. vLLM prefixes every log line, so a
+    traceback cut at ``limit`` may not reach its exception line: that line is then appended."""
+    lines = output.splitlines()
     first = next((i for i, ln in enumerate(lines) if "Traceback" in ln or " ERROR " in ln or "Error:" in ln), None)
     if first is None:
-        return "last output: " + stderr[-limit:]
-    return "first error: " + "\n".join(lines[first : first + 40])[:limit]
+        return "last output: " + output[-limit:]
+    block = "\n".join(lines[first : first + 40])[:limit]
+    exc = next((ln for ln in lines[first:] if re.search(r"\b[A-Z]\w*(Error|Exception): ", ln)), None)
+    if exc is not None and exc not in block:
+        block += "\n... " + exc.strip()
+    return "first error: " + block
 
 
 def vllm_runner(python: str, model_dir: str, speculative: dict | None, eos_token_ids: list[int]) -> Runner:

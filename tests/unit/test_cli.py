@@ -152,3 +152,13 @@ def test_bench_hf_runner_left_pads_prompts_of_different_lengths():
             row = out[0, len(p) :].tolist()
             alone += next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
     assert n_tokens == alone > 0
+
+
+def test_bench_root_cause_reaches_the_exception_line_of_a_long_prefixed_traceback():
+    from atlas_rl.rollout.bench.harness import _root_cause
+
+    prefix = "(Worker pid=1) ERROR 11-29 07:01:46 [multiproc_executor.py:1063] " + "x" * 60
+    lines = [prefix + " Traceback (most recent call last):"] + [prefix + f" frame {i}" for i in range(30)]
+    lines.append(prefix + " RuntimeError: CPU Generator does not use offset")
+    msg = _root_cause("\n".join(lines))
+    assert msg.startswith("first error: ") and msg.endswith("RuntimeError: CPU Generator does not use offset")
