@@ -55,7 +55,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench_scenario(args: argparse.Namespace) -> int:
-    from atlas_rl.rollout.bench.grid import (
+    from atlas_rl.bench.grid import (
         GridOptions,
         render_drift_markdown,
         render_grid_markdown,
@@ -92,7 +92,7 @@ def _cmd_bench_scenario(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_drift(args: argparse.Namespace) -> int:
-    from atlas_rl.rollout.bench.drift import DriftOptions, render_policy_drift_markdown, run_policy_drift
+    from atlas_rl.bench.drift import DriftOptions, render_policy_drift_markdown, run_policy_drift
 
     kw: dict = dict(model=args.model, out_dir=args.out, repeats=args.repeats, static_head=args.static_head)
     if args.max_new_tokens != 128:  # the default bench's default: drift uses its own unless given
@@ -117,7 +117,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return _cmd_bench_drift(args)
     if args.scenario != "default":
         return _cmd_bench_scenario(args)
-    from atlas_rl.rollout.bench.run import BenchOptions, run_bench
+    from atlas_rl.bench.run import BenchOptions, run_bench
 
     kw: dict = dict(
         model=args.model,
@@ -145,7 +145,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"atlas-rl bench: {e}", file=sys.stderr)
         return 2
-    from atlas_rl.rollout.bench.run import render_markdown
+    from atlas_rl.bench.run import render_markdown
 
     report = run_bench(opts, command="atlas-rl " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     print(render_markdown(report))

@@ -199,7 +199,7 @@ class RolloutEngine:
         ``budget_s`` seconds (default ``AutoControllerConfig.calibration_budget_s``); refined online by the auto
         controller."""
         if self._verification_cost is None:
-            from .bench.cost import forward_cost_ms
+            from .cost_probe import forward_cost_ms
 
             mc = self.model.config
             key = cost_cache_key(
@@ -404,6 +404,23 @@ class RolloutEngine:
             **{self._cache_kwarg: cache},
         )
         return out.last_hidden_state, (out.hidden_states if want_hidden else None)
+
+    def _target_forward(
+        self,
+        input_ids: torch.Tensor,  # [n, q] the pending token and the drafts of every active row (right-padded)
+        starts: torch.Tensor,  # [n] tokens of each row already in the KV cache (= position of input_ids[:, 0])
+        cache: SlotKVCache,
+        want_hidden: bool,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """One decode/verification forward of slots 0..n-1: writes the q new keys/values of every row at its own
+        offset and returns ``(last_hidden [n, q, hidden], hidden_states or None)``. The step loop, the cost probe
+        and the benches call only this."""
+        q = input_ids.shape[1]
+        kv_len = int(starts.max()) + q
+        position_ids = starts[:, None] + torch.arange(q, device=starts.device)[None, :]
+        mask = self._mask(starts, q, kv_len)
+        cache.set_step(0, starts, q, kv_len)
+        return self._forward(input_ids, position_ids, mask, cache, want_hidden)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., hidden] -> [..., vocab] raw logits, upcast to float32 at least."""
@@ -709,12 +726,9 @@ class RolloutEngine:
                 ids_list.append(row)
             input_ids = torch.tensor(ids_list, dtype=torch.long, device=dev)  # [n, q]
             starts = torch.tensor([r.cache_len for r in active], dtype=torch.long, device=dev)  # [n]
-            kv_len = int(max(r.cache_len for r in active)) + q
             position_ids = starts[:, None] + torch.arange(q, device=dev)[None, :]
-            mask = self._mask(starts, q, kv_len)
-            cache.set_step(0, starts, q, kv_len)
             want_hidden = bool(hidden_layers) or bool(self._capture_hooks)
-            last_hidden, all_hidden = self._forward(input_ids, position_ids, mask, cache, want_hidden)
+            last_hidden, all_hidden = self._target_forward(input_ids, starts, cache, want_hidden)
             logits = self._logits(last_hidden)  # [n, q, vocab]
             t_fwd = time.perf_counter() - t0
             stats.forward_s += t_fwd

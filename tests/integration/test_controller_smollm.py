@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from atlas_rl import SamplingParams
+from atlas_rl.bench.workloads import grpo_workload
 from atlas_rl.config import EngineConfig
 from atlas_rl.controller import AutoController, AutoControllerConfig
 from atlas_rl.rollout import RolloutEngine
-from atlas_rl.rollout.bench.workloads import grpo_workload
 from atlas_rl.speculators import SuffixSpeculator
 
 pytestmark = pytest.mark.slow

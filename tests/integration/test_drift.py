@@ -13,8 +13,8 @@ from importlib.util import find_spec
 import pytest
 import torch
 
+from atlas_rl.bench.drift import CONFIGS, DriftOptions
 from atlas_rl.cli import main
-from atlas_rl.rollout.bench.drift import CONFIGS, DriftOptions
 
 
 @pytest.fixture(autouse=True)

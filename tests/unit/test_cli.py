@@ -67,8 +67,8 @@ def test_demo_bad_flags_are_clear(capsys):
 
 
 def test_grid_speculators_static_without_a_shipped_head_is_a_clear_error():
+    from atlas_rl.bench.grid import _speculator_factories
     from atlas_rl.models import tiny_llama
-    from atlas_rl.rollout.bench.grid import _speculator_factories
 
     model = tiny_llama(seed=0)
     assert list(_speculator_factories(model, ("auto",))) == ["suffix"]  # no head ships for a random tiny model
@@ -77,7 +77,7 @@ def test_grid_speculators_static_without_a_shipped_head_is_a_clear_error():
 
 
 def test_bench_finds_the_vllm_venv_python_without_resolving_its_symlink(tmp_path, monkeypatch):
-    from atlas_rl.rollout.bench.run import find_vllm_python
+    from atlas_rl.bench.run import find_vllm_python
 
     bindir = tmp_path / ".venv-vllm" / "bin"
     bindir.mkdir(parents=True)
@@ -96,10 +96,10 @@ def test_bench_engine_runner_times_generate_not_engine_construction():
     import torch
 
     from atlas_rl import SamplingParams
+    from atlas_rl.bench.harness import engine_runner, run_interleaved
+    from atlas_rl.bench.workloads import Workload
     from atlas_rl.models import tiny_llama
     from atlas_rl.rollout import RolloutEngine
-    from atlas_rl.rollout.bench.harness import engine_runner, run_interleaved
-    from atlas_rl.rollout.bench.workloads import Workload
 
     model = tiny_llama(vocab_size=64, dtype=torch.float32, seed=0)
 
@@ -115,7 +115,7 @@ def test_bench_engine_runner_times_generate_not_engine_construction():
 
 
 def test_bench_reports_the_first_error_of_a_failed_vllm_run_not_the_tail():
-    from atlas_rl.rollout.bench.harness import _root_cause
+    from atlas_rl.bench.harness import _root_cause
 
     stderr = "\n".join(
         ["INFO loading"] * 50
@@ -132,9 +132,9 @@ def test_bench_hf_runner_left_pads_prompts_of_different_lengths():
     """The HF baseline of the bench: a left-padded batch gives each prompt the tokens it gets alone (greedy)."""
     import torch
 
+    from atlas_rl.bench.harness import hf_generate_runner
+    from atlas_rl.bench.workloads import Workload, left_pad
     from atlas_rl.models import tiny_llama, tiny_token_ids, tiny_tokenizer
-    from atlas_rl.rollout.bench.harness import hf_generate_runner
-    from atlas_rl.rollout.bench.workloads import Workload, left_pad
     from atlas_rl.types import SamplingParams
 
     ids, mask = left_pad([[5, 6], [7], [1, 2, 3]], 0)
@@ -155,7 +155,7 @@ def test_bench_hf_runner_left_pads_prompts_of_different_lengths():
 
 
 def test_bench_root_cause_reaches_the_exception_line_of_a_long_prefixed_traceback():
-    from atlas_rl.rollout.bench.harness import _root_cause
+    from atlas_rl.bench.harness import _root_cause
 
     prefix = "(Worker pid=1) ERROR 11-29 07:01:46 [multiproc_executor.py:1063] " + "x" * 60
     lines = [prefix + " Traceback (most recent call last):"] + [prefix + f" frame {i}" for i in range(30)]

@@ -12,11 +12,11 @@ from engine_helpers import BigramSpeculator, teacher_forced_logprobs
 
 import atlas_rl.controller.cost as cost_mod
 from atlas_rl import SamplingParams
+from atlas_rl.bench.synthetic import ReplayOracleSpeculator
 from atlas_rl.config import EngineConfig
 from atlas_rl.controller import AutoController, AutoControllerConfig, FixedController, VerificationCost
 from atlas_rl.models import tiny_llama
 from atlas_rl.rollout import RolloutEngine
-from atlas_rl.rollout.bench.synthetic import ReplayOracleSpeculator
 
 PROMPTS = [[1, 5, 7], [2, 9, 11, 13, 4, 8, 3, 17, 21], [6], [30, 31, 32, 33, 34]]
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from atlas_rl.rollout.bench.grpo_ab import compare, load_run, main
+from atlas_rl.bench.grpo_ab import compare, load_run, main
 
 
 def _run(d, backend, rollout_s, tok_s, rewards, step_s=100.0):

@@ -1,6 +1,6 @@
 """Same weights, two samplers: TRL's ``transformers`` generation path vs the atlas engine (T=1, no speculation).
 
-    .venv/bin/python -m atlas_rl.rollout.bench.sampling_check --rollouts 3 --out bench_out/sampling_check.json
+    .venv/bin/python -m atlas_rl.bench.sampling_check --rollouts 3 --out bench_out/sampling_check.json
 
 The GRPO A/B compares learning curves of the two backends; they can only agree if, at the same weights, both
 sample the same distribution. This draws ``rollouts`` x (8 arithmetic prompts x 8 generations, 128 tokens) from

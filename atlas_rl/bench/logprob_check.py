@@ -5,7 +5,7 @@ engine, then one plain forward of the model over the left-padded prompt+completi
 recomputes them); prints the largest absolute difference of the sampled tokens' logprobs. The unit tests check
 this on a tiny model; this is the same check on the real target at the shape of the GRPO runs.
 
-    python -m atlas_rl.rollout.bench.logprob_check [--model DIR] [--seed 7]
+    python -m atlas_rl.bench.logprob_check [--model DIR] [--seed 7]
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Usage (run directories written by ``recipes/grpo.py``; any number of seeds per backend)::
 
-    python -m atlas_rl.rollout.bench.grpo_ab --a runs/grpo_atlas runs/grpo_atlas_s1 \
+    python -m atlas_rl.bench.grpo_ab --a runs/grpo_atlas runs/grpo_atlas_s1 \
         --b runs/grpo_transformers runs/grpo_transformers_s1 --out docs/results/grpo_ab.md
 
 Speed: ratios of summed rollout seconds, of rollout tokens/s (the backends' completions differ in length once the
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     la = args.label_a or runs_a[0]["meta"].get("generation_backend", "A")
     lb = args.label_b or runs_b[0]["meta"].get("generation_backend", "B")
     cmd = " ".join(argv if argv is not None else sys.argv[1:])
-    text = f"Command: `python -m atlas_rl.rollout.bench.grpo_ab {cmd}`\n\n" + compare(runs_a, runs_b, la, lb)
+    text = f"Command: `python -m atlas_rl.bench.grpo_ab {cmd}`\n\n" + compare(runs_a, runs_b, la, lb)
     if args.out:
         Path(args.out).write_text(text)
     sys.stdout.write(text)  # a command-line report

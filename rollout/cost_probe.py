@@ -1,5 +1,7 @@
 """Measured verification cost: one target forward for ``rows`` active rows x ``tokens`` tokens per row.
 
+Production code: the controller's cost model is calibrated with it (``RolloutEngine.verification_cost``).
+
 This is the physics the controller reasons with: on a GPU verifying a few tokens costs about as much as
 generating one (memory-bound); on a 2-core CPU with many rows a verified token costs about as much as a
 generated one (compute-bound) and speculation cannot pay.
@@ -45,15 +47,12 @@ def forward_cost_ms(
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (rows, tokens), generator=gen).to(dev)
     starts = torch.full((rows,), context, dtype=torch.long, device=dev)
-    pos = starts[:, None] + torch.arange(tokens, device=dev)[None, :]
-    mask = eng._mask(starts, tokens, context + tokens)
     times = []
     for i in range(warmup + repeats):
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        cache.set_step(0, starts, tokens, context + tokens)
-        hidden, _ = eng._forward(ids, pos, mask, cache, False)
+        hidden, _ = eng._target_forward(ids, starts, cache, False)
         eng._logits(hidden)
         if dev.type == "cuda":
             torch.cuda.synchronize()

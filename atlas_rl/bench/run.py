@@ -19,10 +19,10 @@ import torch
 
 from atlas_rl.config import EngineConfig
 from atlas_rl.controller import FixedController
+from atlas_rl.rollout.cost_probe import verification_cost_table
 from atlas_rl.rollout.engine import RolloutEngine
 from atlas_rl.speculators.suffix import SuffixSpeculator
 
-from .cost import verification_cost_table
 from .harness import ConfigSummary, engine_runner, hf_generate_runner, run_interleaved, vllm_runner
 from .workloads import Workload, greedy_workload, grpo_workload, tail_workload
 

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``atlas-rl bench``: an application on top of the engine, never imported by it."""
