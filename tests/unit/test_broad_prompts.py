@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import re
 from collections import Counter
 
@@ -148,3 +150,35 @@ def test_split_rejects_bad_fraction(prompts: list[dict]) -> None:
     for bad in (0.0, 1.0, -0.1, 1.5):
         with pytest.raises(ValueError):
             split_prompts(prompts, held_out_fraction=bad)
+
+
+# Pinned before the prompt tables moved from Python to JSONL package data (issue 12): the prompt set and the
+# held-out split must stay byte-for-byte the same, or earlier static-head figures stop being comparable.
+PINNED = {
+    0: (
+        "3bc76c699ca6b17b88c978586ff1eb50bb03a3f2ac72c7154b54283433b6facf",
+        "84b335b08ea13e4569d479ce88670392a636d2bb0d518aab9f23c51df6b64853",
+    ),
+    1: (
+        "bea2f626714d250ed866fbf1b4c812f658e414e81634497a493ebfdcdd79baae",
+        "0d86a1dac24ae214a566f2cb19b3735bdf912097bb1ccd451c75d9b98b3213fd",
+    ),
+    3: (
+        "7b6b3e0a2cd9cc42474ab4db9a8d224333f2bfed4a05c00a98c774d27a3363bc",
+        "73dbd70b3a0dac37ac37d0e370ddd9ac9bebda4cc1b0a2869866c57d33a70355",
+    ),
+}
+
+
+def _sha256(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+@pytest.mark.parametrize("seed", sorted(PINNED))
+def test_prompt_set_and_held_out_split_pinned_for_seed(seed: int) -> None:
+    prompts = broad_prompts(seed)
+    train, held = split_prompts(prompts, held_out_fraction=0.1, seed=0)
+    assert (len(prompts), len(train), len(held)) == (734, 658, 76)
+    all_hash, held_hash = PINNED[seed]
+    assert _sha256([(p["id"], p["prompt"], p.get("system")) for p in held]) == held_hash
+    assert _sha256(prompts) == all_hash
