@@ -49,43 +49,8 @@ Both priors are configurable; the controller calibrates these numbers online aga
 Token ids must lie in ``[0, 2**31)``. The engine's sequence is the truth: tokens a row emitted but never
 passed to ``observe`` (for example the prefill token) are indexed when ``propose`` sees them.
 
-Costs
------
-Measured on 2026-11-28 on the project's 2-core AMD EPYC machine while it was shared (a calibration loop,
-``sum(range(1000))``, ran 1.8-3.5x slower than on an idle core), CPU time, Python 3.11:
-
-* ``propose`` for 64 rows (8 groups x 8 rows of ~300 tokens) with a full 200k-token history: 6-8 ms per
-  step for k = 4-16, i.e. 0.10-0.13 ms per row;
-* ``observe``: 7-14 us per token when called with 2 tokens (per-call overhead), 3-4 us per token in bulk;
-* ``stop`` (moving a group's completions into the history, vectorised with numpy): ~2 us per token;
-* memory: ~0.7 kB per token of the active groups; a full 200k-token history takes ~16 MiB, 10 MiB of
-  which are the fixed head tables.
-
-Evaluation of the ``arctic-inference`` package (Snowflake's C++ suffix tree), 2026-11-28
-----------------------------------------------------------------------------------------
-* ``arctic-inference==0.3.0`` exists on PyPI as an sdist only (no wheel for CPython 3.11, x86-64 Linux).
-  Its build requirements include ``torch>=2.10.0``, which pip's build isolation resolves here to
-  ``torch-2.14.1`` (a 555 MB CUDA build requiring ``cuda-toolkit==13.0.3``, cuDNN and NCCL wheels), so
-  it was built with ``--no-deps --no-build-isolation`` in a throw-away venv holding the local
-  ``torch==2.13.0+cpu`` wheel, ``nanobind==2.9.2``, ``cmake``, ``ninja``, ``protobuf==5.29.6`` and
-  ``grpcio-tools``. The first build failed (CMake's ``find_package(Python)`` took the interpreter on
-  ``PATH``, which had no nanobind); with the venv's ``bin`` first on ``PATH`` it built in ~27 s (g++ 12).
-* ``from arctic_inference.suffix_decoding import SuffixDecodingCache`` then imports and works without
-  vLLM: ``SuffixDecodingCache(max_tree_depth, max_cached_requests)`` with ``start_request``,
-  ``add_active_response``, ``speculate``, ``stop_request``; its bound counts cached *requests*, not tokens.
-* Same replay (``atlas_rl.speculators.replay``, greedy acceptance) of SmolLM2-135M-Instruct rollouts:
-  4 prompts x 8 samples, temperature 1.0, <= 160 tokens, 4,511 completion tokens. Mean acceptance length
-  at k = 8, one group per call: this module 1.362; arctic with vLLM's default ``max_spec_factor=1`` 1.309;
-  arctic without that limit 1.369. Two "epochs" (samples 0-3, then 4-7 of the same prompts, one
-  speculator): second-epoch tau at k = 8 is 1.475 here (1.340 without the history), 1.397 and 1.464 for
-  arctic. CPU per row-step (propose + observe + ~3 us of replay harness): 51-80 us here, 16-26 us for
-  arctic, which is ~3x faster.
-* Decision: keep this implementation (the brief: adopt it only if it installs cleanly *and* is faster).
-  It is faster, but it does not install cleanly (source build, C++20 toolchain, manual build
-  dependencies, a CUDA torch pulled by build isolation), bounds its cache by requests rather than tokens
-  and has no state to checkpoint; its drafts are no better on the replayed logs, and ours stays well
-  inside the per-step budget (~0.1 ms per row). ``arctic-inference`` is not a dependency; an optional
-  backend could be revisited if proposing ever dominates a step at large batch sizes.
+Costs and the evaluation of Snowflake's ``arctic-inference`` package (measured; why we keep this index):
+``docs/decisions/suffix_vs_arctic_inference.md``.
 """
 
 from __future__ import annotations
@@ -201,6 +166,10 @@ class SuffixConfig:
         for name in ("min_match_len", "max_match_len", "max_occurrences", "max_chain_steps", "max_history_tokens"):
             if not _is_int(getattr(self, name)):
                 raise ValueError(f"SuffixConfig.{name} must be an int, got {getattr(self, name)!r}")
+        self._check_matching()
+        self._check_drafting_and_history()
+
+    def _check_matching(self) -> None:
         if self.min_match_len < 1:
             raise ValueError(
                 f"SuffixConfig.min_match_len must be >= 1 (a draft needs at least one matched token), "
@@ -220,6 +189,8 @@ class SuffixConfig:
                 f"SuffixConfig.max_chain_steps ({self.max_chain_steps}) must be >= max_occurrences "
                 f"({self.max_occurrences}), or lookups could never collect max_occurrences occurrences"
             )
+
+    def _check_drafting_and_history(self) -> None:
         if not 0 <= self.max_history_tokens < 2**30:
             raise ValueError(
                 f"SuffixConfig.max_history_tokens must be in [0, 2**30) (0 disables the history), "
@@ -266,6 +237,22 @@ def _rolling_keys(q: Sequence[int], lens: tuple[int, ...]) -> list[int]:
             out.append(acc)
             want += 1
     return out
+
+
+def _longest_matches(cands: list[_Occurrence], q: tuple[int, ...], n: int) -> tuple[int, list[_Occurrence]]:
+    """Extend each occurrence's match of ``q`` (known to be >= ``n``) backwards to its exact length (up to
+    ``len(q)``) and keep the longest: ``(match length, occurrences with it)``."""
+    L = len(q)
+    best = n
+    lengths = []
+    for seq, idx in cands:
+        m = n
+        while m < L and idx >= m and seq[idx - m] == q[L - 1 - m]:
+            m += 1
+        lengths.append(m)
+        if m > best:
+            best = m
+    return best, [c for c, m in zip(cands, lengths) if m == best]
 
 
 class _GroupIndex:
@@ -667,18 +654,27 @@ class SuffixSpeculator:
         ``keys``, when given, are the keys of the last ``n`` tokens for every indexed length ``n`` (a wrong
         key only costs a missed match: occurrences are verified against the tokens).
         """
-        cfg = self.config
         lens = self._lens
-        L = min(len(tokens), cfg.max_match_len)
+        L = min(len(tokens), self.config.max_match_len)
         if L < lens[0]:
             return 0, []
         q = tuple(map(int, tokens[len(tokens) - L :]))
         usable = tuple(n for n in lens if n <= L)
         if keys is None:
             keys = _rolling_keys(q, usable)
+        n, cands = self._occurrences(group, q, usable, keys)
+        if not cands:
+            return 0, []
+        return _longest_matches(cands, q, n)
+
+    def _occurrences(
+        self, group: _GroupIndex | None, q: tuple[int, ...], usable: tuple[int, ...], keys: list[int]
+    ) -> tuple[int, list[_Occurrence]]:
+        """Occurrences of the longest indexed suffix of ``q`` found (group first, then history):
+        ``(its length, occurrences)``, no occurrences when no indexed length matches."""
         hist = self._history
-        limit = cfg.max_occurrences
-        steps = cfg.max_chain_steps
+        limit = self.config.max_occurrences
+        steps = self.config.max_chain_steps
         cands: list[_Occurrence] = []
         n = 0
         for ri in range(len(usable) - 1, -1, -1):
@@ -689,74 +685,70 @@ class SuffixSpeculator:
                 hist.find(q, ri, keys[ri], limit - len(cands), steps, cands)
             if cands:
                 break
-        if not cands:
-            return 0, []
-        # exact match length of each occurrence (up to L); keep the longest ones
-        best = n
-        lengths = []
-        for seq, idx in cands:
-            m = n
-            while m < L and idx >= m and seq[idx - m] == q[L - 1 - m]:
-                m += 1
-            lengths.append(m)
-            if m > best:
-                best = m
-        return best, [c for c, m in zip(cands, lengths) if m == best]
+        return n, cands
 
     def _walk(self, occ: list[_Occurrence], match_len: int, k: int) -> tuple[list[int], list[float]]:
         """Frequency-weighted greedy walk over the continuations of ``occ`` (at most ``k`` tokens)."""
-        cfg = self.config
-        count_prior = cfg.confidence_count_prior
-        match_prior = cfg.confidence_match_prior
-        min_tok = cfg.min_token_prob
-        min_path = cfg.min_path_prob
         ids: list[int] = []
         conf: list[float] = []
         path = 1.0
-        depth = 0
-        while depth < k and len(occ) > 1:
-            counts: dict[int, int] = {}
-            total = 0
-            for seq, idx in occ:
-                j = idx + 1
-                if j < len(seq):
-                    t = seq[j]
-                    if t >= 0:
-                        counts[t] = counts.get(t, 0) + 1
-                        total += 1
-            if not total:
+        while len(ids) < k and len(occ) > 1:
+            step = self._walk_step(occ, match_len + len(ids))
+            if step is None:
                 return ids, conf
-            tok = max(counts, key=counts.__getitem__)  # first maximum = most recent occurrence among ties
-            c = counts[tok]
-            if c < min_tok * total:
-                return ids, conf
-            m = match_len + depth
-            p = c / (total + count_prior) * (m / (m + match_prior) if match_prior > 0 else 1.0)
+            tok, p = step
             path *= p
-            if path < min_path:
+            if path < self.config.min_path_prob:
                 return ids, conf
             ids.append(tok)
             conf.append(p)
             occ = [(seq, idx + 1) for seq, idx in occ if idx + 1 < len(seq) and seq[idx + 1] == tok]
-            depth += 1
-        if depth < k and occ:  # one occurrence left: copy its continuation
-            seq, idx = occ[0]
-            tail = seq[idx + 1 : idx + 1 + k - depth]
-            if isinstance(tail, array):
-                tail = tail.tolist()
-                if _SEP in tail:
-                    tail = tail[: tail.index(_SEP)]
-            base = 1.0 / (1.0 + count_prior)
-            for t in tail:
-                m = match_len + depth
-                p = base * (m / (m + match_prior) if match_prior > 0 else 1.0)
-                path *= p
-                if path < min_path:
-                    break
-                ids.append(t)
-                conf.append(p)
-                depth += 1
+        if len(ids) < k and occ:  # one occurrence left: copy its continuation
+            self._copy_tail(occ[0], match_len, k, path, ids, conf)
         return ids, conf
+
+    def _walk_step(self, occ: list[_Occurrence], m: int) -> tuple[int, float] | None:
+        """The most frequent next token among ``occ`` and its confidence (``m``: context matched so far), or None
+        when no occurrence continues or the token's conditional frequency is below ``min_token_prob``."""
+        counts: dict[int, int] = {}
+        total = 0
+        for seq, idx in occ:
+            j = idx + 1
+            if j < len(seq) and seq[j] >= 0:
+                counts[seq[j]] = counts.get(seq[j], 0) + 1
+                total += 1
+        if not total:
+            return None
+        tok = max(counts, key=counts.__getitem__)  # first maximum = most recent occurrence among ties
+        c = counts[tok]
+        if c < self.config.min_token_prob * total:
+            return None
+        return tok, c / (total + self.config.confidence_count_prior) * self._match_factor(m)
+
+    def _copy_tail(
+        self, occurrence: _Occurrence, match_len: int, k: int, path: float, ids: list[int], conf: list[float]
+    ) -> None:
+        """Extend ``ids``/``conf`` in place with the continuation of a single occurrence (up to ``k`` tokens in all),
+        each token at a one-occurrence confidence, until the path confidence drops below ``min_path_prob``."""
+        seq, idx = occurrence
+        tail = seq[idx + 1 : idx + 1 + k - len(ids)]
+        if isinstance(tail, array):
+            tail = tail.tolist()
+            if _SEP in tail:
+                tail = tail[: tail.index(_SEP)]
+        base = 1.0 / (1.0 + self.config.confidence_count_prior)
+        for t in tail:
+            p = base * self._match_factor(match_len + len(ids))
+            path *= p
+            if path < self.config.min_path_prob:
+                break
+            ids.append(t)
+            conf.append(p)
+
+    def _match_factor(self, m: int) -> float:
+        """Confidence factor of a path that matched ``m`` tokens of context: ``m / (m + match_prior)``."""
+        match_prior = self.config.confidence_match_prior
+        return m / (m + match_prior) if match_prior > 0 else 1.0
 
     # ------------------------------------------------------------------ state
 
