@@ -375,19 +375,8 @@ class DraftHead(nn.Module):
         Raises ``ValueError`` naming the file for a corrupt file, a missing/unexpected tensor, a shape mismatch
         or a target mismatch — never returns a silently random head.
         """
-        from safetensors import safe_open
-
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"draft head checkpoint not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # safetensors raises several error types for damaged files
-            raise ValueError(f"{path} is not a readable safetensors draft-head checkpoint: {e}") from e
-        if meta.get("format") != CHECKPOINT_FORMAT or "config" not in meta:
-            raise ValueError(f"{path} is not an atlas-rl draft head checkpoint (format {meta.get('format')!r})")
+        meta, tensors = _read_checkpoint(path)
         try:
             config = DraftHeadConfig(**json.loads(meta["config"]))
         except (TypeError, ValueError) as e:
@@ -396,19 +385,7 @@ class DraftHead(nn.Module):
         expected = dict(head.state_dict())
         if not config.train_lm_head:
             expected.pop("lm_head.weight")
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
-        if missing or unexpected:
-            raise ValueError(
-                f"{path}: checkpoint tensors do not match the head: missing {missing}, unexpected {unexpected}"
-            )
-        for k, v in tensors.items():
-            if tuple(v.shape) != tuple(expected[k].shape):
-                raise ValueError(
-                    f"{path}: tensor {k!r} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}"
-                )
-            if v.is_floating_point() and not torch.isfinite(v).all():
-                raise ValueError(f"{path}: tensor {k!r} holds NaN or inf values")
+        _check_tensors(path, tensors, expected)
         head.load_state_dict(tensors, strict=False)
         head.target_to_draft = head._inverse_map(head.draft_to_target)
         head.lm_head_ready = config.train_lm_head
@@ -427,3 +404,35 @@ class DraftHead(nn.Module):
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         return json.loads(meta.get("card", "{}"))
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """``(metadata, tensors)`` of a draft-head checkpoint; ``ValueError`` naming the file when it is not one."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"draft head checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several error types for damaged files
+        raise ValueError(f"{path} is not a readable safetensors draft-head checkpoint: {e}") from e
+    if meta.get("format") != CHECKPOINT_FORMAT or "config" not in meta:
+        raise ValueError(f"{path} is not an atlas-rl draft head checkpoint (format {meta.get('format')!r})")
+    return meta, tensors
+
+
+def _check_tensors(path: Path, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """The checkpoint holds exactly the ``expected`` tensors, with their shapes, and finite values."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: checkpoint tensors do not match the head: missing {missing}, unexpected {unexpected}"
+        )
+    for k, v in tensors.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise ValueError(f"{path}: tensor {k!r} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise ValueError(f"{path}: tensor {k!r} holds NaN or inf values")

@@ -210,20 +210,26 @@ class DraftHeadSpeculator:
         f = feats[idx, :m].to(device=dev, dtype=self.dtype)  # [n, m, n_layers*hidden]
         pos = start[:, None] + torch.arange(m, device=dev)[None]  # [n, m]
         u = head.input_proj(nxt, head.fuse_features(f))
-        q, k, v = head.qkv(u, pos)
         slots = torch.tensor([st.slot for st in states], device=dev)
-        self._k[slots[:, None], :, pos] = k.transpose(1, 2)
-        self._v[slots[:, None], :, pos] = v.transpose(1, 2)
-        kv_len = int(pos.max()) + 1
-        kpos = torch.arange(kv_len, device=dev)
-        mask = (kpos[None, None, :] <= pos[:, :, None])[:, None]  # [n, 1, m, kv]
-        attn = head.attend(q, self._k[slots, :, :kv_len], self._v[slots, :, :kv_len], mask)
-        h = head.finish_layer(u, attn)  # [n, m, hidden]
+        h = self._layer(u, pos, slots)  # [n, m, hidden]
         last = torch.tensor([num_new[i] - 1 for i in todo], device=dev)
         h_last = h[torch.arange(n, device=dev), last]
         for a, (i, st) in enumerate(zip(todo, states)):
             st.committed += num_new[i]
             st.h_last = h_last[a]
+
+    def _layer(self, u: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """The draft layer over inputs ``u`` [n, m, hidden] at positions ``pos`` [n, m] of cache ``slots`` [n]:
+        writes their keys/values into the cache, attends causally to the slot's cache, returns [n, m, hidden]."""
+        head = self.head
+        q, k, v = head.qkv(u, pos)
+        self._k[slots[:, None], :, pos] = k.transpose(1, 2)
+        self._v[slots[:, None], :, pos] = v.transpose(1, 2)
+        kv_len = int(pos.max()) + 1
+        kpos = torch.arange(kv_len, device=self.device)
+        mask = (kpos[None, None, :] <= pos[:, :, None])[:, None]  # [n, 1, m, kv]
+        attn = head.attend(q, self._k[slots, :, :kv_len], self._v[slots, :, :kv_len], mask)
+        return head.finish_layer(u, attn)
 
     # ------------------------------------------------------------------------------------------ drafting
     @torch.inference_mode()
@@ -231,65 +237,12 @@ class DraftHeadSpeculator:
         sampling = rows.sampling or SamplingParams()
         out: list[Draft] = [Draft([], None, [], self.name) for _ in rows.row_ids]
         self.catch_up([r for r, k in zip(rows.row_ids, max_tokens) if k > 0])
-        live = []
-        for i, (r, k) in enumerate(zip(rows.row_ids, max_tokens)):
-            st = self._rows.get(r)
-            if k <= 0 or st is None or st.h_last is None:
-                continue
-            if st.committed != len(rows.token_ids[i]) - 1:
-                logger.debug(
-                    "row %d: draft head out of sync (%d vs %d); skipping", r, st.committed, len(rows.token_ids[i]) - 1
-                )
-                continue
-            live.append(i)
+        live = self._live_rows(rows, max_tokens)
         if not live:
             return out
-        dev = self.device
-        head = self.head
         states = [self._rows[rows.row_ids[i]] for i in live]
         kmax = max(max_tokens[i] for i in live)
-        n = len(live)
-        self._ensure_storage(max(st.slot for st in states) + 1, max(st.committed for st in states) + kmax + 1)
-        slots = torch.tensor([st.slot for st in states], device=dev)
-        committed = torch.tensor([st.committed for st in states], device=dev)  # [n]
-        h = torch.stack([st.h_last for st in states])  # [n, hidden]
-        d2t = head.draft_to_target
-        V = head.config.target_vocab_size
-        tokens: list[torch.Tensor] = []
-        probs: list[torch.Tensor] = []
-        confs: list[torch.Tensor] = []
-        for j in range(kmax):
-            logits_d = head.logits(h)  # [n, draft_vocab]
-            if logits_d.dtype not in (torch.float32, torch.float64):
-                logits_d = logits_d.float()
-            if sampling.greedy:
-                conf, tok_d = torch.softmax(logits_d, -1).max(-1)
-                tok = d2t[tok_d]
-            else:
-                # processing the draft-vocabulary logits equals processing the full-vocabulary logits with -inf
-                # outside the draft vocabulary, restricted to it (temperature, top-k, top-p only see finite
-                # values): sample in draft space, then scatter into the [n, vocab] distribution the verifier needs
-                p_d = processed_probs(logits_d, sampling)  # [n, draft_vocab]
-                tok_d = torch.multinomial(p_d.cpu(), 1, generator=self._gen)[:, 0].to(dev)
-                tok = d2t[tok_d]
-                conf = p_d.gather(1, tok_d[:, None])[:, 0]
-                p = torch.zeros((n, V), dtype=p_d.dtype, device=dev)  # zero outside the draft vocabulary
-                p[:, d2t] = p_d
-                probs.append(p)
-            tokens.append(tok)
-            confs.append(conf)
-            if j + 1 < kmax:
-                pos = (committed + j)[:, None]  # [n, 1] draft position L + j - 1 ... (L = committed)
-                u = head.input_proj(tok[:, None], h[:, None])
-                q, k, v = head.qkv(u, pos)
-                self._k[slots[:, None], :, pos] = k.transpose(1, 2)
-                self._v[slots[:, None], :, pos] = v.transpose(1, 2)
-                kv_len = int(pos.max()) + 1
-                kpos = torch.arange(kv_len, device=dev)
-                mask = (kpos[None, None, :] <= pos[:, :, None])[:, None]
-                attn = head.attend(q, self._k[slots, :, :kv_len], self._v[slots, :, :kv_len], mask)
-                h = head.finish_layer(u, attn)[:, 0]
-                del tok_d
+        tokens, confs, probs = self._draft_chains(states, kmax, sampling)
         tok_all = torch.stack(tokens, 1).tolist()  # [n, kmax]
         conf_all = torch.stack(confs, 1).tolist()
         prob_all = torch.stack(probs, 1) if probs else None  # [n, kmax, vocab]
@@ -302,3 +255,66 @@ class DraftHeadSpeculator:
                 speculator=self.name,
             )
         return out
+
+    def _live_rows(self, rows: ProposeInput, max_tokens: list[int]) -> list[int]:
+        """Indices of the rows that want a draft and whose draft state is in step with the engine's sequence."""
+        live = []
+        for i, (r, k) in enumerate(zip(rows.row_ids, max_tokens)):
+            st = self._rows.get(r)
+            if k <= 0 or st is None or st.h_last is None:
+                continue
+            if st.committed != len(rows.token_ids[i]) - 1:
+                logger.debug(
+                    "row %d: draft head out of sync (%d vs %d); skipping", r, st.committed, len(rows.token_ids[i]) - 1
+                )
+                continue
+            live.append(i)
+        return live
+
+    def _draft_chains(
+        self, states: list[_RowState], kmax: int, sampling: SamplingParams
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Unroll the head ``kmax`` steps from each row's last committed position: per step the tokens [n], their
+        confidences [n] and (sampling only) the draft distributions [n, vocab]."""
+        dev = self.device
+        self._ensure_storage(max(st.slot for st in states) + 1, max(st.committed for st in states) + kmax + 1)
+        slots = torch.tensor([st.slot for st in states], device=dev)
+        committed = torch.tensor([st.committed for st in states], device=dev)  # [n]
+        h = torch.stack([st.h_last for st in states])  # [n, hidden]
+        tokens: list[torch.Tensor] = []
+        probs: list[torch.Tensor] = []
+        confs: list[torch.Tensor] = []
+        for j in range(kmax):
+            tok, conf, p = self._draft_token(h, sampling)
+            tokens.append(tok)
+            confs.append(conf)
+            if p is not None:
+                probs.append(p)
+            if j + 1 < kmax:
+                pos = (committed + j)[:, None]  # [n, 1] draft position L + j - 1 ... (L = committed)
+                u = self.head.input_proj(tok[:, None], h[:, None])
+                h = self._layer(u, pos, slots)[:, 0]
+        return tokens, confs, probs
+
+    def _draft_token(
+        self, h: torch.Tensor, sampling: SamplingParams
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One draft token per row from the head's state ``h`` [n, hidden]: ``(token ids [n], confidence [n],
+        draft distribution over the target vocabulary [n, vocab] or None when greedy)``."""
+        head = self.head
+        d2t = head.draft_to_target
+        logits_d = head.logits(h)  # [n, draft_vocab]
+        if logits_d.dtype not in (torch.float32, torch.float64):
+            logits_d = logits_d.float()
+        if sampling.greedy:
+            conf, tok_d = torch.softmax(logits_d, -1).max(-1)
+            return d2t[tok_d], conf, None
+        # processing the draft-vocabulary logits equals processing the full-vocabulary logits with -inf outside the
+        # draft vocabulary, restricted to it (temperature, top-k, top-p only see finite values): sample in draft
+        # space, then scatter into the [n, vocab] distribution the verifier needs
+        p_d = processed_probs(logits_d, sampling)  # [n, draft_vocab]
+        tok_d = torch.multinomial(p_d.cpu(), 1, generator=self._gen)[:, 0].to(self.device)
+        conf = p_d.gather(1, tok_d[:, None])[:, 0]
+        p = torch.zeros((h.shape[0], head.config.target_vocab_size), dtype=p_d.dtype, device=self.device)
+        p[:, d2t] = p_d  # zero outside the draft vocabulary
+        return d2t[tok_d], conf, p
