@@ -565,6 +565,31 @@ def tiny_llama(
         **config_overrides: any other config field, e.g. ``initializer_range=0.02``, ``tie_word_embeddings=True``,
             ``eos_token_id=3``, ``sliding_window=16``. Applied last.
     """
+    sizes = (vocab_size, hidden_size, num_layers, num_heads, num_kv_heads, max_position_embeddings)
+    config = _tiny_config(model_type, *sizes, **config_overrides)
+    torch_dtype = parse_dtype(dtype)
+    config._name_or_path = f"atlas-rl/tiny-{model_type}"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    model.to(torch_dtype)
+    model.eval()
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(model.generation_config, key, getattr(config, key))
+    return model
+
+
+def _tiny_config(
+    model_type: str,
+    vocab_size: int,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    max_position_embeddings: int,
+    **config_overrides: Any,
+) -> PretrainedConfig:
+    """The config of :func:`tiny_llama` (its arguments checked; ``config_overrides`` applied last)."""
     if model_type not in TINY_MODEL_TYPES:
         raise ValueError(f"Unknown model_type {model_type!r}; choose one of {sorted(TINY_MODEL_TYPES)}.")
     if vocab_size < 2:
@@ -573,7 +598,6 @@ def tiny_llama(
         raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads}).")
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads}).")
-    torch_dtype = parse_dtype(dtype)
     fields: dict[str, Any] = {
         "vocab_size": vocab_size,
         "hidden_size": hidden_size,
@@ -593,16 +617,7 @@ def tiny_llama(
     if model_type == "mistral":
         fields["sliding_window"] = None
     fields.update(config_overrides)
-    config = TINY_MODEL_TYPES[model_type](**fields)
-    config._name_or_path = f"atlas-rl/tiny-{model_type}"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-    model.to(torch_dtype)
-    model.eval()
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        setattr(model.generation_config, key, getattr(config, key))
-    return model
+    return TINY_MODEL_TYPES[model_type](**fields)
 
 
 CHATML_TEMPLATE = (
