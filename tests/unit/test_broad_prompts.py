@@ -182,3 +182,31 @@ def test_prompt_set_and_held_out_split_pinned_for_seed(seed: int) -> None:
     all_hash, held_hash = PINNED[seed]
     assert _sha256([(p["id"], p["prompt"], p.get("system")) for p in held]) == held_hash
     assert _sha256(prompts) == all_hash
+
+
+def test_prompt_text_lives_in_package_data_files() -> None:
+    """The hand-written prompts and word lists are JSONL/JSON package data, each record well-formed."""
+    from importlib.resources import files
+
+    data = files("atlas_rl.data")
+    records = [json.loads(line) for line in data.joinpath("broad_prompts.jsonl").read_text().splitlines()]
+    assert len(records) >= 15 * len(BROAD_CATEGORIES)
+    for rec in records:
+        assert set(rec) <= {"category", "prompt", "system"} and rec["category"] in BROAD_CATEGORIES
+        assert isinstance(rec["prompt"], str) and rec["prompt"]
+    order = [rec["category"] for rec in records]
+    assert order == sorted(order, key=BROAD_CATEGORIES.index)  # grouped in category order
+    words = json.loads(data.joinpath("broad_words.json").read_text())
+    assert set(words) - {"_comment"} <= set(BROAD_CATEGORIES)
+    hand = {rec["prompt"] for rec in records}
+    built = broad_prompts()
+    assert hand <= {p["prompt"] for p in built}
+    assert sum(p["group"].split("/")[1].startswith("h") for p in built) == len(records)
+
+
+def test_general_prompts_load_from_package_data() -> None:
+    from atlas_rl.data.prompts import GENERAL_PROMPTS, load_general_prompts
+
+    assert len(GENERAL_PROMPTS) == 24 and GENERAL_PROMPTS == load_general_prompts()
+    assert load_general_prompts() is not load_general_prompts()
+    assert all(isinstance(p, str) and p.strip() == p and p for p in GENERAL_PROMPTS)
