@@ -202,8 +202,8 @@ def _arithmetic(rng: random.Random, w: _Words, per_template: int = 5) -> list[_E
 
 
 def _code(func: str, extras: Sequence[str], howto: str) -> Callable[[random.Random, _Words], list[_Entry]]:
-    """A code category's templates: ``func`` + task + a drawn extra (``{task}``, ``{extra}``) per task, then
-    ``howto`` per how-to question (``{h}``)."""
+    """A code category's templates: ``func`` filled with each task (``{task}``) and a filler drawn from ``extras``
+    (``{extra}``), then ``howto`` filled with each how-to question (``{h}``)."""
 
     def build(rng: random.Random, w: _Words) -> list[_Entry]:
         out: list[_Entry] = []
@@ -214,15 +214,6 @@ def _code(func: str, extras: Sequence[str], howto: str) -> Callable[[random.Rand
         return out
 
     return build
-
-
-def _javascript(rng: random.Random, w: _Words) -> list[_Entry]:
-    out: list[_Entry] = []
-    for task in w["tasks"]:
-        flavour = rng.choice(["JavaScript", "modern JavaScript (ES2020)", "TypeScript"])
-        out.append(("t-func", f"Write a {flavour} function that {task}.", None))
-    out += [("t-howto", f"In JavaScript, what is the best way to {h}?", None) for h in w["howtos"]]
-    return out
 
 
 def _sql(rng: random.Random, w: _Words) -> list[_Entry]:
@@ -308,7 +299,11 @@ _BUILDERS: dict[str, Callable[[random.Random, _Words], list[_Entry]]] = {
         ["", " Include a docstring.", " Add a couple of example calls.", " Keep it short."],
         "In Python, how do I {h}?",
     ),
-    "code_javascript": _javascript,
+    "code_javascript": _code(
+        "Write a {extra} function that {task}.",
+        ["JavaScript", "modern JavaScript (ES2020)", "TypeScript"],
+        "In JavaScript, what is the best way to {h}?",
+    ),
     "code_c": _code(
         "Write a C function that {task}.{extra}",
         ["", " Include a small main() that tests it.", " Comment each step."],
