@@ -22,6 +22,7 @@ import torch
 from atlas_rl.speculators.draft_head import target_fingerprint
 from atlas_rl.training.samples import SequenceSample
 from atlas_rl.training.static_config import StaticSpeculatorConfig
+from atlas_rl.types import RolloutBatch
 
 logger = logging.getLogger(__name__)
 
@@ -150,8 +151,8 @@ def _in_prompt_order(
     return [s for s in samples if s is not None]
 
 
-def _generation_stats(temperature: float, responses: int, batch: Any, wall: float) -> dict[str, Any]:
-    """The card's record of one generation run (``batch``: the engine's ``RolloutBatch``); logs it too."""
+def _generation_stats(temperature: float, responses: int, batch: RolloutBatch, wall: float) -> dict[str, Any]:
+    """The card's record of one generation run; logs it too."""
     n_tok = sum(len(c) for c in batch.completion_ids)
     stats = {
         "temperature": temperature,

@@ -16,6 +16,7 @@ import torch
 
 from atlas_rl.speculators.draft_head import DraftHead
 from atlas_rl.training.static_config import BASELINES
+from atlas_rl.types import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +42,6 @@ def evaluate_acceptance(
     T=0, when both ran), "completions": {"T=<t>": {name: [[ids], ...]}}}``. ``head`` None evaluates only the
     baselines; ``none_temperatures`` (None: all) restricts the plain-decoding baseline to those temperatures.
     """
-    from atlas_rl.types import SamplingParams
-
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
         raise ValueError(f"unknown baselines {unknown}; choose from {list(BASELINES)}")
@@ -82,7 +81,7 @@ def _run_one(
     name: str,
     head: DraftHead | None,
     prompts: list[list[int]],
-    sampling: Any,
+    sampling: SamplingParams,
     k: int,
     seed: int,
     progress: bool,

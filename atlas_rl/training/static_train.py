@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from atlas_rl.speculators.draft_head import DraftHead
 from atlas_rl.training.losses import ttt_loss
-from atlas_rl.training.samples import SequenceSample, collate
+from atlas_rl.training.samples import DraftBatch, SequenceSample, collate
 from atlas_rl.training.static_config import StaticSpeculatorConfig
 
 logger = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ class _BatchSource:
         self.queues: dict[bool, list[list[int]]] = {True: [], False: []}
         self.positions = 0  # sequence positions handed out (for epochs_done)
 
-    def next(self, teacher_forced: bool) -> Any:
+    def next(self, teacher_forced: bool) -> DraftBatch:
         cfg = self.config
         if not self.queues[teacher_forced]:
             budget = cfg.batch_tokens * (cfg.teacher_forced_batch_factor if teacher_forced else 1)
@@ -204,7 +204,7 @@ def _train_step(
     head: DraftHead,
     opt: torch.optim.Optimizer,
     params: list[nn.Parameter],
-    batch: Any,
+    batch: DraftBatch,
     config: StaticSpeculatorConfig,
     step: int,
     teacher_forced: bool,
