@@ -45,9 +45,10 @@ class RejectionSampler:
     decoding: one bonus token per row sampled from position 0.
 
     Cost (greedy): an argmax and one ``exp``/sum pass for the logprob at the argmax, into a reused buffer on CPU.
-    Cost (sampling): one ``processed_logprobs`` pass over ``target_logits`` (the only ``[n, K+1, vocab]`` tensor made), then
-    O(n * vocab) work for the single sample of each row (its distribution is gathered first; cumsum + searchsorted,
-    no sort). The random path never syncs with the host (top-p without top-k checks a CPU tensor on CPU only).
+    Cost (sampling): one ``processed_logprobs`` pass over ``target_logits`` (the only ``[n, K+1, vocab]`` tensor
+    made), then O(n * vocab) work for the single sample of each row (its distribution is gathered first; cumsum +
+    searchsorted, no sort). The random path never syncs with the host (top-p without top-k checks a CPU tensor on
+    CPU only).
 
     Preconditions: ``0 <= d_i <= K`` and draft ids in ``[0, vocab)`` at valid positions (values after ``d_i`` are
     ignored). Shapes are always checked; these values only for CPU tensors (checking CUDA tensors would sync).
