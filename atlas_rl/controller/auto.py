@@ -371,46 +371,7 @@ class AutoController(Controller):
         names = list(self._asked) or sorted({s for c in candidates for s in c})
         if not names or n == 0:
             return [None] * n
-        col = {s: i for i, s in enumerate(names)}
-        # every candidate token at once: (row, speculator column, position) -> calibrated acceptance
-        flat = [(i, col[s], d) for i, c in enumerate(candidates) for s, d in c.items() if s in col and len(d) > 0]
-        lens = np.zeros((n, len(names)), dtype=np.int64)  # [n, S] draft lengths (capped at K)
-        acc = np.zeros((n, len(names), K))  # [n, S, K] calibrated acceptance, 0 past each draft's end
-        low = np.zeros((n, len(names), K))  # [n, S, K] what decisions use (a cautious or an exploring bound)
-        bins = np.full((n, len(names), K), -1, dtype=np.int64)  # [n, S, K] confidence bins, -1 past the end
-        if flat:
-            m = np.array([min(len(d), K) for _, _, d in flat])
-            ri = np.repeat([i for i, _, _ in flat], m)
-            ci = np.repeat([c for _, c, _ in flat], m)
-            pj = np.arange(int(m.sum())) - np.repeat(np.cumsum(m) - m, m)
-            conf = np.fromiter((x for _, _, d in flat for x in d.confidence[:K]), dtype=float, count=int(m.sum()))
-            b = confidence_bins(conf)
-            est = [self.acceptance.estimates(s, greedy) for s in names]
-            mean = np.stack([e.mean for e in est])[ci, pj, b]  # [S, K, B] gathered
-            acc[ri, ci, pj] = mean
-            # decisions: cautious where every asked draft is evaluated anyway (one-hot drafts, greedy). Soft drafts
-            # under sampling are evaluated only by verifying them: optimistic while their evidence is thin
-            # (exploration by verifying), the calibrated mean once it is not (evidence decays, so a speculator left
-            # unverified becomes thin, and optimistic, again)
-            soft = np.repeat([d.draft_probs is not None and not greedy for _, _, d in flat], m)
-            thin = np.array(
-                [
-                    not self.acceptance.has_prior(s)  # a measured prior is evidence: no optimistic phase
-                    and self.acceptance.observed_tokens(s, greedy) < self.config.soft_explore_tokens
-                    for s in names
-                ]
-            )[ci]
-            low[ri, ci, pj] = np.where(
-                soft,
-                np.where(
-                    thin,
-                    np.stack([e.optimistic for e in est])[ci, pj, b],
-                    mean,
-                ),
-                np.stack([e.pessimistic for e in est])[ci, pj, b],
-            )
-            bins[ri, ci, pj] = b
-            lens[[i for i, _, _ in flat], [c for _, c, _ in flat]] = m
+        acc, low, bins, lens = self._candidate_arrays(candidates, names, greedy)
         self._remember(state, candidates, names, bins, acc, lens)
         E = expected_tokens(low)  # [n, S, K+1]
         best_s = E.argmax(1)  # [n, K+1]
@@ -437,6 +398,49 @@ class AutoController(Controller):
             if d.draft_probs is not None and not greedy:
                 self._soft[i] = (name, bins[i, si[i], :m].tolist(), acc[i, si[i], :m].tolist())
         return out
+
+    def _candidate_arrays(
+        self, candidates: list[dict[str, Draft]], names: list[str], greedy: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Every candidate token at once, (row, speculator column, position) -> ``acc`` [n, S, K] calibrated
+        acceptance (0 past each draft's end), ``low`` [n, S, K] what decisions use (a cautious or an exploring
+        bound), ``bins`` [n, S, K] confidence bins (-1 past the end), ``lens`` [n, S] draft lengths (capped at K)."""
+        n, K = len(candidates), self.num_speculative_tokens
+        col = {s: i for i, s in enumerate(names)}
+        flat = [(i, col[s], d) for i, c in enumerate(candidates) for s, d in c.items() if s in col and len(d) > 0]
+        lens = np.zeros((n, len(names)), dtype=np.int64)
+        acc = np.zeros((n, len(names), K))
+        low = np.zeros((n, len(names), K))
+        bins = np.full((n, len(names), K), -1, dtype=np.int64)
+        if not flat:
+            return acc, low, bins, lens
+        m = np.array([min(len(d), K) for _, _, d in flat])
+        ri = np.repeat([i for i, _, _ in flat], m)
+        ci = np.repeat([c for _, c, _ in flat], m)
+        pj = np.arange(int(m.sum())) - np.repeat(np.cumsum(m) - m, m)
+        conf = np.fromiter((x for _, _, d in flat for x in d.confidence[:K]), dtype=float, count=int(m.sum()))
+        b = confidence_bins(conf)
+        est = [self.acceptance.estimates(s, greedy) for s in names]
+        mean = np.stack([e.mean for e in est])[ci, pj, b]  # [S, K, B] gathered
+        acc[ri, ci, pj] = mean
+        # decisions: cautious where every asked draft is evaluated anyway (one-hot drafts, greedy). Soft drafts
+        # under sampling are evaluated only by verifying them: optimistic while their evidence is thin
+        # (exploration by verifying), the calibrated mean once it is not (evidence decays, so a speculator left
+        # unverified becomes thin, and optimistic, again)
+        soft = np.repeat([d.draft_probs is not None and not greedy for _, _, d in flat], m)
+        thin = np.array(
+            [
+                not self.acceptance.has_prior(s)  # a measured prior is evidence: no optimistic phase
+                and self.acceptance.observed_tokens(s, greedy) < self.config.soft_explore_tokens
+                for s in names
+            ]
+        )[ci]
+        optimistic = np.stack([e.optimistic for e in est])[ci, pj, b]
+        pessimistic = np.stack([e.pessimistic for e in est])[ci, pj, b]
+        low[ri, ci, pj] = np.where(soft, np.where(thin, optimistic, mean), pessimistic)
+        bins[ri, ci, pj] = b
+        lens[[i for i, _, _ in flat], [c for _, c, _ in flat]] = m
+        return acc, low, bins, lens
 
     def _remember(
         self,
