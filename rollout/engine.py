@@ -5,11 +5,12 @@ One ``generate`` call:
 1. **Prefill** each *unique* prompt once (a GRPO group of ``num_generations`` samples shares it), in chunks,
    into a preallocated :class:`SlotKVCache`; copy the prompt's keys/values into the slots of its samples
    and sample each sample's first token from the shared last-position distribution.
-2. **Decode steps** until every row stops. Each step the controller plans, per row, a speculator and a
-   draft length; speculators propose drafts; ONE target forward runs over ``[pending token, draft...]`` of
-   every active row (ragged drafts padded to the longest); the rejection sampler accepts a prefix of each
-   draft and emits one recovered or bonus token (so every row emits >= 1 token per forward, and the output
-   distribution is exactly the target's). Rows roll their cache length back past rejected tokens.
+2. **Decode steps** until every row stops (``_decode_step``; its model-free pieces live in ``step.py``). Each
+   step the controller plans, per row, a speculator and a draft length; speculators propose drafts; ONE
+   target forward runs over ``[pending token, draft...]`` of every active row (ragged drafts padded to the
+   longest); the rejection sampler accepts a prefix of each draft and emits one recovered or bonus token (so
+   every row emits >= 1 token per forward, and the output distribution is exactly the target's). Rows roll
+   their cache length back past rejected tokens.
 3. Rows that stop (stop/EOS token, ``max_new_tokens``, context end) leave the batch: the cache is compacted
    so finished rows stop costing compute.
 
@@ -19,6 +20,9 @@ code path: the fair baseline.
 Logprobs are those of the distribution each token was sampled from (``processed_logprobs``: temperature,
 then top-k/top-p; see :class:`atlas_rl.SamplingParams`), computed from the verification forward itself —
 the same numbers a teacher-forced forward over the final sequences gives.
+
+Reproducible: with ``SamplingParams.seed``, a call's output depends on the weights, the inputs and the
+speculators' and controller's state at its start, never on wall-clock time (``docs/decisions/reproducibility.md``).
 """
 
 from __future__ import annotations
@@ -120,7 +124,7 @@ class RolloutEngine:
         config: :class:`EngineConfig`.
         controller: decides per row and step which speculator and how many draft tokens; default (with
             speculators and ``config.controller == "auto"``) an :class:`AutoController` with
-            ``max_k = config.num_speculative_tokens`` over this engine's calibrated cost model
+            ``num_speculative_tokens = config.num_speculative_tokens`` over this engine's calibrated cost model
             (:meth:`verification_cost`), else ``FixedController(config.num_speculative_tokens)``.
         verifier: defaults to the batched :class:`RejectionSampler`.
         eos_token_ids: stop tokens besides ``SamplingParams.stop_token_ids``; default: the model's
