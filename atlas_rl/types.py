@@ -319,13 +319,6 @@ class SpeculatorStats(AcceptanceCounters):
         n = sum(b[0] for b in self.calibration)
         return sum(b[2] for b in self.calibration) / n if n else float("nan")
 
-    def add_position_counts(self, draft_len: int, accepted: int) -> None:
-        """Per-position counts of one draft only (prefer :meth:`record`, which counts everything)."""
-        probe = AcceptanceCounters()
-        probe.record(draft_len, accepted, 0)
-        _add_into(self.num_draft_tokens_per_pos, probe.num_draft_tokens_per_pos)
-        _add_into(self.num_accepted_tokens_per_pos, probe.num_accepted_tokens_per_pos)
-
     def merge(self, other: AcceptanceCounters) -> None:
         AcceptanceCounters.merge(self, other)
         if isinstance(other, SpeculatorStats):
