@@ -15,7 +15,7 @@ Vocabulary (fixed for the whole project, see DESIGN.md):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -54,13 +54,10 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-            raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {t!r}")
-        k = self.top_k
-        if isinstance(k, bool) or not isinstance(k, int) or k < -1:
-            raise ValueError(f"top_k must be an int >= 0 (0 or -1 disables it), got {k!r}")
-        if k == -1:
+        _check_temperature(self.temperature)
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
+            raise ValueError(f"top_k must be an int >= 0 (0 or -1 disables it), got {self.top_k!r}")
+        if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
         p = self.top_p
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0.0 < p <= 1.0):
@@ -68,25 +65,34 @@ class SamplingParams:
         m = self.max_new_tokens
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {m!r}")
-        stops = self.stop_token_ids
-        if stops is None:
-            stops = ()
-        if isinstance(stops, int):
-            stops = (stops,)
-        try:
-            stops = tuple(stops)
-        except TypeError:
-            raise ValueError(f"stop_token_ids must be a sequence of ints, got {self.stop_token_ids!r}") from None
-        for s in stops:
-            if isinstance(s, bool) or not isinstance(s, int) or s < 0:
-                raise ValueError(f"stop_token_ids must hold non-negative ints, got {s!r} in {stops!r}")
-        object.__setattr__(self, "stop_token_ids", stops)
+        object.__setattr__(self, "stop_token_ids", _stop_tuple(self.stop_token_ids))
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _check_temperature(t: object) -> None:
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {t!r}")
+
+
+def _stop_tuple(stops: object) -> tuple[int, ...]:
+    """``stop_token_ids`` as a tuple of non-negative ints (None -> (), an int -> (int,))."""
+    if stops is None:
+        return ()
+    if isinstance(stops, int):
+        stops = (stops,)
+    try:
+        out = tuple(stops)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"stop_token_ids must be a sequence of ints, got {stops!r}") from None
+    for t in out:
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            raise ValueError(f"stop_token_ids must hold non-negative ints, got {t!r} in {out!r}")
+    return out
 
 
 @dataclass
@@ -192,17 +198,97 @@ class CaptureRecord:
     prompt_rows: list[list[int]] | None = None  # prefill only: the rows sampling each prompt
 
 
+def _add_into(dst: list[int], src: list[int]) -> None:
+    """``dst += src`` element-wise, growing ``dst`` with zeros to the length of ``src``."""
+    dst.extend([0] * (len(src) - len(dst)))
+    for j, v in enumerate(src):
+        dst[j] += v
+
+
 @dataclass
-class SpeculatorStats:
-    """Counters of one speculator (vLLM's names)."""
+class AcceptanceCounters:
+    """The acceptance counters (vLLM's names) of verification forwards of rows: the one counters type of the engine's
+    totals (:class:`SpecStats`), each speculator's share (:class:`SpeculatorStats`) and the offline replay
+    (``atlas_rl.speculators.replay.ReplayStats``).
+
+    Every row forward counts in ``num_row_forwards`` and ``num_emitted_tokens``; one with a non-empty draft also
+    counts as a draft (``num_drafts``, ``num_draft_tokens``, ``num_accepted_tokens`` and the per-position counts).
+    """
 
     num_drafts: int = 0
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
-    num_emitted_tokens: int = 0  # tokens emitted by rows that used this speculator (bonus/recovered included)
-    num_row_forwards: int = 0  # verification forwards of rows that used this speculator
+    num_emitted_tokens: int = 0  # tokens emitted by the counted row forwards (bonus/recovered included)
+    num_row_forwards: int = 0  # verification forwards of one row
     num_accepted_tokens_per_pos: list[int] = field(default_factory=list)
     num_draft_tokens_per_pos: list[int] = field(default_factory=list)
+
+    def record(self, draft_len: int, accepted: int, emitted: int) -> None:
+        """Count one row forward that verified ``draft_len`` draft tokens (0: none), accepted the first
+        ``accepted`` of them and emitted ``emitted`` tokens."""
+        self.num_row_forwards += 1
+        self.num_emitted_tokens += emitted
+        if draft_len <= 0:
+            return
+        self.num_drafts += 1
+        self.num_draft_tokens += draft_len
+        self.num_accepted_tokens += accepted
+        grow = draft_len - len(self.num_draft_tokens_per_pos)
+        if grow > 0:
+            self.num_draft_tokens_per_pos.extend([0] * grow)
+        grow = draft_len - len(self.num_accepted_tokens_per_pos)
+        if grow > 0:
+            self.num_accepted_tokens_per_pos.extend([0] * grow)
+        for j in range(draft_len):
+            self.num_draft_tokens_per_pos[j] += 1
+        for j in range(accepted):
+            self.num_accepted_tokens_per_pos[j] += 1
+
+    def merge(self, other: AcceptanceCounters) -> None:
+        """Accumulate ``other``'s counters into this object."""
+        self.num_drafts += other.num_drafts
+        self.num_draft_tokens += other.num_draft_tokens
+        self.num_accepted_tokens += other.num_accepted_tokens
+        self.num_emitted_tokens += other.num_emitted_tokens
+        self.num_row_forwards += other.num_row_forwards
+        _add_into(self.num_draft_tokens_per_pos, other.num_draft_tokens_per_pos)
+        _add_into(self.num_accepted_tokens_per_pos, other.num_accepted_tokens_per_pos)
+
+    def counters(self) -> AcceptanceCounters:
+        """A copy of just the counters."""
+        return AcceptanceCounters(
+            self.num_drafts,
+            self.num_draft_tokens,
+            self.num_accepted_tokens,
+            self.num_emitted_tokens,
+            self.num_row_forwards,
+            list(self.num_accepted_tokens_per_pos),
+            list(self.num_draft_tokens_per_pos),
+        )
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens emitted per verification forward of a row (bonus/recovered token included)."""
+        return self.num_emitted_tokens / self.num_row_forwards if self.num_row_forwards else float("nan")
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted draft tokens / proposed draft tokens."""
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else float("nan")
+
+    @property
+    def acceptance_rate_per_pos(self) -> list[float]:
+        """For each draft position j: accepted / proposed at j (conditional on a draft reaching j)."""
+        return [
+            a / d if d else float("nan")
+            for a, d in zip(self.num_accepted_tokens_per_pos, self.num_draft_tokens_per_pos)
+        ]
+
+
+@dataclass
+class SpeculatorStats(AcceptanceCounters):
+    """The counters of the rows that verified one speculator's drafts, its drafting time and its calibration."""
+
     propose_s: float = 0.0
     # predicted vs realised acceptance of draft tokens whose outcome was observed (the controller fills it):
     # CALIBRATION_BINS rows of [tokens, sum of predicted acceptance, sum of realised acceptance (0/1)],
@@ -233,38 +319,11 @@ class SpeculatorStats:
         n = sum(b[0] for b in self.calibration)
         return sum(b[2] for b in self.calibration) / n if n else float("nan")
 
-    def add_position_counts(self, draft_len: int, accepted: int) -> None:
-        while len(self.num_draft_tokens_per_pos) < draft_len:
-            self.num_draft_tokens_per_pos.append(0)
-            self.num_accepted_tokens_per_pos.append(0)
-        for j in range(draft_len):
-            self.num_draft_tokens_per_pos[j] += 1
-            if j < accepted:
-                self.num_accepted_tokens_per_pos[j] += 1
-
-    @property
-    def mean_acceptance_length(self) -> float:
-        return self.num_emitted_tokens / self.num_row_forwards if self.num_row_forwards else float("nan")
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else float("nan")
-
-    def merge(self, other: SpeculatorStats) -> None:
-        self.num_drafts += other.num_drafts
-        self.num_draft_tokens += other.num_draft_tokens
-        self.num_accepted_tokens += other.num_accepted_tokens
-        self.num_emitted_tokens += other.num_emitted_tokens
-        self.num_row_forwards += other.num_row_forwards
-        self.propose_s += other.propose_s
-        n = max(len(self.num_draft_tokens_per_pos), len(other.num_draft_tokens_per_pos))
-        for lst in (self.num_draft_tokens_per_pos, self.num_accepted_tokens_per_pos):
-            lst.extend([0] * (n - len(lst)))
-        for j, v in enumerate(other.num_draft_tokens_per_pos):
-            self.num_draft_tokens_per_pos[j] += v
-        for j, v in enumerate(other.num_accepted_tokens_per_pos):
-            self.num_accepted_tokens_per_pos[j] += v
-        self.calibration = _merge_calibration(self.calibration, other.calibration)
+    def merge(self, other: AcceptanceCounters) -> None:
+        AcceptanceCounters.merge(self, other)
+        if isinstance(other, SpeculatorStats):
+            self.propose_s += other.propose_s
+            self.calibration = _merge_calibration(self.calibration, other.calibration)
 
 
 CALIBRATION_BINS = 10
@@ -307,24 +366,19 @@ class StepRecord:
 
 
 @dataclass
-class SpecStats:
+class SpecStats(AcceptanceCounters):
     """Statistics of one or more ``generate`` calls, kept apart from any logger or exporter.
 
-    ``mean_acceptance_length`` counts decode-step verification forwards only: the first token of each
-    sequence comes out of the prefill forward and is counted in ``num_prefill_tokens``.
+    The acceptance counters (:class:`AcceptanceCounters`) count every decode-step row forward:
+    ``mean_acceptance_length`` counts decode-step verification forwards only; the first token of each sequence
+    comes out of the prefill forward and is counted in ``num_prefill_tokens``.
     """
 
     num_sequences: int = 0
     num_steps: int = 0  # decode forwards of the whole batch
-    num_row_forwards: int = 0  # sum over decode steps of active rows
-    num_emitted_tokens: int = 0  # tokens emitted by decode steps
     num_prefill_tokens: int = 0  # first tokens, sampled from the prefill forward
     num_prefill_positions: int = 0  # (padded) prompt positions run through the target in prefill forwards
     num_completion_tokens: int = 0  # all completion tokens returned
-    num_drafts: int = 0
-    num_draft_tokens: int = 0
-    num_accepted_tokens: int = 0
-    num_accepted_tokens_per_pos: list[int] = field(default_factory=list)
     num_spec_off_row_steps: int = 0  # row-steps verified without any draft
     per_speculator: dict[str, SpeculatorStats] = field(default_factory=dict)
     prefill_s: float = 0.0
@@ -336,13 +390,13 @@ class SpecStats:
     steps: list[StepRecord] = field(default_factory=list)
     policy_version: int = 0
 
-    @property
-    def mean_acceptance_length(self) -> float:
-        return self.num_emitted_tokens / self.num_row_forwards if self.num_row_forwards else float("nan")
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else float("nan")
+    def record_row(self, speculator: str | None, draft_len: int, accepted: int, emitted: int) -> None:
+        """Count one decode-step row forward in the totals and, when it verified a draft, in ``speculator``'s."""
+        self.record(draft_len, accepted, emitted)
+        if speculator is None or draft_len <= 0:
+            self.num_spec_off_row_steps += 1
+        else:
+            self.speculator(speculator).record(draft_len, accepted, emitted)
 
     @property
     def tokens_per_s(self) -> float:
@@ -389,32 +443,13 @@ class SpecStats:
             self.per_speculator[name] = SpeculatorStats()
         return self.per_speculator[name]
 
-    def merge(self, other: SpecStats) -> None:
+    def merge(self, other: AcceptanceCounters) -> None:
         """Accumulate ``other`` into this object (e.g. over the steps of an RL run)."""
-        for name in (
-            "num_sequences",
-            "num_steps",
-            "num_row_forwards",
-            "num_emitted_tokens",
-            "num_prefill_tokens",
-            "num_prefill_positions",
-            "num_completion_tokens",
-            "num_drafts",
-            "num_draft_tokens",
-            "num_accepted_tokens",
-            "num_spec_off_row_steps",
-            "prefill_s",
-            "propose_s",
-            "forward_s",
-            "verify_s",
-            "plan_s",
-            "total_s",
-        ):
+        AcceptanceCounters.merge(self, other)
+        if not isinstance(other, SpecStats):
+            return
+        for name in _SPEC_STATS_SUMS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
-        n = max(len(self.num_accepted_tokens_per_pos), len(other.num_accepted_tokens_per_pos))
-        self.num_accepted_tokens_per_pos.extend([0] * (n - len(self.num_accepted_tokens_per_pos)))
-        for j, v in enumerate(other.num_accepted_tokens_per_pos):
-            self.num_accepted_tokens_per_pos[j] += v
         for name, s in other.per_speculator.items():
             self.speculator(name).merge(s)
         self.steps.extend(other.steps)
@@ -462,6 +497,22 @@ class SpecStats:
         return d
 
 
+_SPEC_STATS_SUMS = (
+    "num_sequences",
+    "num_steps",
+    "num_prefill_tokens",
+    "num_prefill_positions",
+    "num_completion_tokens",
+    "num_spec_off_row_steps",
+    "prefill_s",
+    "propose_s",
+    "forward_s",
+    "verify_s",
+    "plan_s",
+    "total_s",
+)
+
+
 @dataclass
 class RolloutBatch:
     """The result of ``RolloutEngine.generate``.
@@ -495,31 +546,74 @@ class RolloutBatch:
         return cls([], [], [], [], num_generations, SpecStats(policy_version=policy_version), policy_version)
 
 
-def as_token_lists(prompt_ids: Sequence[Sequence[int]] | torch.Tensor) -> list[list[int]]:
-    """Normalise prompts given as a list of lists or a 2-D tensor (no padding) to ``list[list[int]]``."""
+PromptIds = Sequence[Sequence[int]] | Sequence[int] | torch.Tensor | Mapping[str, Any]
+"""Prompts as ``RolloutEngine.generate`` takes them (see :func:`as_token_lists`)."""
+
+
+def as_token_lists(prompt_ids: PromptIds) -> list[list[int]]:
+    """Normalise prompts to ``list[list[int]]`` (no padding).
+
+    Accepted: a list of token-id lists; a 2-D tensor ``[num_prompts, length]`` (no padding); one prompt as a
+    list of ints or a 1-D tensor; or what a tokenizer returns — a ``BatchEncoding`` / dict with ``input_ids``
+    (any of the above; e.g. ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)``), whose
+    ``attention_mask``, when present, drops the padding positions.
+    """
+    if isinstance(prompt_ids, Mapping):
+        return _from_encoding(prompt_ids)
     if isinstance(prompt_ids, torch.Tensor):
-        if prompt_ids.dim() != 2:
-            raise ValueError(
-                f"prompt_ids as a tensor must be 2-D [num_prompts, length], got {tuple(prompt_ids.shape)}"
-            )
-        return [list(map(int, row)) for row in prompt_ids.tolist()]
+        return _from_tensor(prompt_ids, "prompt_ids")
     if isinstance(prompt_ids, (str, bytes)):
         raise ValueError("prompt_ids must be token ids (list[list[int]]), not a string: tokenize the prompt first")
-    out: list[list[int]] = []
-    for i, p in enumerate(prompt_ids):
-        if isinstance(p, torch.Tensor):
-            p = p.tolist()
-        if isinstance(p, (str, bytes)) or isinstance(p, int):
-            raise ValueError(
-                f"prompt_ids[{i}] must be a list of token ids, got {type(p).__name__}: pass a list of prompts"
-            )
-        row = []
-        for t in p:
-            if isinstance(t, bool) or not isinstance(t, int):
-                try:
-                    t = int(t)
-                except (TypeError, ValueError):
-                    raise ValueError(f"prompt_ids[{i}] holds a non-integer token {t!r}") from None
-            row.append(t)
-        out.append(row)
-    return out
+    items = list(prompt_ids)
+    if items and all(_is_token(t) for t in items):
+        return [_token_row(items, 0)]  # one prompt given as a flat list of ids
+    return [_token_row(p, i) for i, p in enumerate(items)]
+
+
+def _is_token(t: object) -> bool:
+    if isinstance(t, torch.Tensor):
+        return t.dim() == 0 and not t.is_floating_point()
+    return not isinstance(t, bool) and hasattr(t, "__index__")
+
+
+def _from_tensor(t: torch.Tensor, what: str) -> list[list[int]]:
+    if t.dim() == 1:
+        t = t[None]
+    if t.dim() != 2:
+        raise ValueError(f"{what} as a tensor must be 2-D [num_prompts, length] or 1-D, got {tuple(t.shape)}")
+    if t.is_floating_point():
+        raise ValueError(f"{what} must hold integer token ids, got a {t.dtype} tensor")
+    return [list(map(int, row)) for row in t.tolist()]
+
+
+def _from_encoding(enc: Mapping[str, Any]) -> list[list[int]]:
+    """``input_ids`` of a tokenizer's output, without the positions its ``attention_mask`` marks as padding."""
+    if "input_ids" not in enc:
+        raise ValueError(f"prompt_ids as a mapping must hold 'input_ids' (a tokenizer's output), got keys {list(enc)}")
+    rows = as_token_lists(enc["input_ids"])
+    mask = enc.get("attention_mask")
+    if mask is None:
+        return rows
+    masks = as_token_lists(mask)
+    if [len(m) for m in masks] != [len(r) for r in rows]:
+        raise ValueError("prompt_ids: attention_mask and input_ids have different shapes")
+    return [[t for t, keep in zip(r, m) if keep] for r, m in zip(rows, masks)]
+
+
+def _token_row(p: object, i: int) -> list[int]:
+    """One prompt's ids as ints, with an error naming the prompt when it is not a sequence of integers."""
+    if isinstance(p, torch.Tensor):
+        p = p.tolist()
+    if isinstance(p, (str, bytes, int)) or not isinstance(p, Iterable):
+        raise ValueError(
+            f"prompt_ids[{i}] must be a list of token ids, got {type(p).__name__}: pass a list of prompts"
+        )
+    row = []
+    for t in p:
+        if not isinstance(t, int) or isinstance(t, bool):
+            try:
+                t = int(t)
+            except (TypeError, ValueError):
+                raise ValueError(f"prompt_ids[{i}] holds a non-integer token {t!r}") from None
+        row.append(t)
+    return row

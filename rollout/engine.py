@@ -5,11 +5,12 @@ One ``generate`` call:
 1. **Prefill** each *unique* prompt once (a GRPO group of ``num_generations`` samples shares it), in chunks,
    into a preallocated :class:`SlotKVCache`; copy the prompt's keys/values into the slots of its samples
    and sample each sample's first token from the shared last-position distribution.
-2. **Decode steps** until every row stops. Each step the controller plans, per row, a speculator and a
-   draft length; speculators propose drafts; ONE target forward runs over ``[pending token, draft...]`` of
-   every active row (ragged drafts padded to the longest); the rejection sampler accepts a prefix of each
-   draft and emits one recovered or bonus token (so every row emits >= 1 token per forward, and the output
-   distribution is exactly the target's). Rows roll their cache length back past rejected tokens.
+2. **Decode steps** until every row stops (``_decode_step``; its model-free pieces live in ``step.py``). Each
+   step the controller plans, per row, a speculator and a draft length; speculators propose drafts; ONE
+   target forward runs over ``[pending token, draft...]`` of every active row (ragged drafts padded to the
+   longest); the rejection sampler accepts a prefix of each draft and emits one recovered or bonus token (so
+   every row emits >= 1 token per forward, and the output distribution is exactly the target's). Rows roll
+   their cache length back past rejected tokens.
 3. Rows that stop (stop/EOS token, ``max_new_tokens``, context end) leave the batch: the cache is compacted
    so finished rows stop costing compute.
 
@@ -19,6 +20,9 @@ code path: the fair baseline.
 Logprobs are those of the distribution each token was sampled from (``processed_logprobs``: temperature,
 then top-k/top-p; see :class:`atlas_rl.SamplingParams`), computed from the verification forward itself —
 the same numbers a teacher-forced forward over the final sequences gives.
+
+Reproducible: with ``SamplingParams.seed``, a call's output depends on the weights, the inputs and the
+speculators' and controller's state at its start, never on wall-clock time (``docs/decisions/reproducibility.md``).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import inspect
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -38,16 +42,15 @@ from atlas_rl.controller import (
     AutoControllerConfig,
     Controller,
     FixedController,
-    PlanState,
     RowOutcome,
     VerificationCost,
 )
 from atlas_rl.controller.cost import cost_cache_key, load_or_calibrate
-from atlas_rl.speculators.base import Speculator
+from atlas_rl.speculators.base import Speculator, speculator_extras
 from atlas_rl.types import (
     CaptureRecord,
     Draft,
-    ProposeInput,
+    PromptIds,
     ProposeRecord,
     RolloutBatch,
     SamplingParams,
@@ -60,6 +63,20 @@ from atlas_rl.verification.base import Verifier
 
 from .cpu_linear import install_cpu_linear
 from .kv_cache import SlotKVCache
+from .step import (
+    PackedStep,
+    Row,
+    Verified,
+    WaveContext,
+    cap_drafts,
+    dense_draft_probs,
+    draft_requests,
+    emit,
+    pack,
+    plan_state,
+    propose_all,
+    stop_finished_groups,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,24 +85,8 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 CaptureHook = Callable[[CaptureRecord], None]
 
 
-@dataclass
-class _Row:
-    """Bookkeeping of one sequence (Python side)."""
-
-    row_id: int
-    group_id: int
-    tokens: list[int]  # prompt + emitted tokens; the last one is pending (not yet in the KV cache)
-    prompt_len: int
-    max_new: int
-    cache_len: int  # tokens of ``tokens`` already in the KV cache
-    generator: torch.Generator | None
-    completion: list[int]
-    logprobs: list[float]
-    finish: str | None = None
-
-    @property
-    def remaining(self) -> int:
-        return self.max_new - len(self.completion)
+_Row = Row  # the name the prefill uses
+_T = TypeVar("_T")
 
 
 class _HookHandle:
@@ -123,7 +124,7 @@ class RolloutEngine:
         config: :class:`EngineConfig`.
         controller: decides per row and step which speculator and how many draft tokens; default (with
             speculators and ``config.controller == "auto"``) an :class:`AutoController` with
-            ``max_k = config.num_speculative_tokens`` over this engine's calibrated cost model
+            ``num_speculative_tokens = config.num_speculative_tokens`` over this engine's calibrated cost model
             (:meth:`verification_cost`), else ``FixedController(config.num_speculative_tokens)``.
         verifier: defaults to the batched :class:`RejectionSampler`.
         eos_token_ids: stop tokens besides ``SamplingParams.stop_token_ids``; default: the model's
@@ -153,6 +154,7 @@ class RolloutEngine:
                 raise ValueError(f"{type(s).__name__} does not implement the Speculator protocol")
             if s.name in self.speculators:
                 raise ValueError(f"two speculators are named {s.name!r}; names must be unique")
+            speculator_extras(s)  # checks its optional members
             self.speculators[s.name] = s
         self.verifier: Verifier = verifier or RejectionSampler()
         self.policy_version = 0
@@ -231,7 +233,7 @@ class RolloutEngine:
         k = self.config.num_speculative_tokens
         if self.config.controller == "fixed" or not self.speculators or k == 0:
             return FixedController(k)
-        cfg = AutoControllerConfig(max_k=k)
+        cfg = AutoControllerConfig(num_speculative_tokens=k)
         return AutoController(cfg, cost=self.verification_cost(cfg.calibration_budget_s))
 
     def add_capture_hook(self, fn: CaptureHook) -> _HookHandle:
@@ -247,11 +249,27 @@ class RolloutEngine:
         weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | None = None,
         version: int | None = None,
     ) -> int:
-        """Load new policy weights (a state_dict or ``named_parameters()``) and set ``policy_version``.
+        """Load new policy weights and set ``policy_version``; all or nothing.
 
-        ``weights=None`` means the model was updated in place (e.g. the trainer's own module). ``version``
-        must be greater than the current one (default: current + 1). Returns the new version.
+        ``weights``: a full ``model.state_dict()`` (tied weights such as ``lm_head.weight`` of a tied-embedding
+        model and buffers are resolved by name; ``module.`` / ``_orig_mod.`` prefixes of wrapped models are
+        stripped), a partial one, or ``named_parameters()``. Every entry is checked (name, shape) before anything
+        is copied, so an update that fails leaves the model untouched. ``weights=None`` means the model was
+        updated in place (e.g. the trainer's own module). ``version`` must be greater than the current one
+        (default: current + 1). Returns the new version.
         """
+        new_version = self._next_version(version)
+        if weights is not None:
+            pairs = self._resolve_weights(weights)
+            with torch.no_grad():
+                for dst, src in pairs:
+                    dst.copy_(src)
+        self.policy_version = new_version
+        for s in self.speculators.values():
+            speculator_extras(s).on_policy_update(new_version)
+        return new_version
+
+    def _next_version(self, version: int | None) -> int:
         new_version = self.policy_version + 1 if version is None else version
         if isinstance(new_version, bool) or not isinstance(new_version, int):
             raise ValueError(f"version must be an int, got {version!r}")
@@ -259,37 +277,39 @@ class RolloutEngine:
             raise ValueError(
                 f"version must increase: the engine is at policy_version {self.policy_version}, got {new_version}"
             )
-        if weights is not None:
-            items = weights.items() if isinstance(weights, Mapping) else weights
-            own = dict(self.model.named_parameters())
-            own.update(dict(self.model.named_buffers()))
-            with torch.no_grad():
-                for name, tensor in items:
-                    key = name
-                    for prefix in ("module.", "_orig_mod."):
-                        if key not in own and key.startswith(prefix):
-                            key = key[len(prefix) :]
-                    if key not in own:
-                        raise ValueError(f"update_weights: the model has no parameter named {name!r}")
-                    dst = own[key]
-                    if tuple(dst.shape) != tuple(tensor.shape):
-                        raise ValueError(
-                            f"update_weights: {name!r} has shape {tuple(tensor.shape)}, "
-                            f"the model's is {tuple(dst.shape)}"
-                        )
-                    if dst.data_ptr() == tensor.data_ptr():
-                        continue  # the engine already reads this very tensor
-                    dst.copy_(tensor)
-        self.policy_version = new_version
-        for s in self.speculators.values():
-            hook = getattr(s, "on_policy_update", None)
-            if callable(hook):
-                hook(new_version)
         return new_version
+
+    def _resolve_weights(
+        self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(model tensor, new value)`` for every entry, checked before anything is copied (tied entries resolve
+        to the one shared tensor; entries that already are the model's own tensor are skipped)."""
+        items = weights.items() if isinstance(weights, Mapping) else weights
+        own = dict(self.model.named_parameters(remove_duplicate=False))
+        own.update(dict(self.model.named_buffers(remove_duplicate=False)))
+        pairs = []
+        for name, tensor in items:
+            key = name
+            for prefix in ("module.", "_orig_mod."):
+                if key not in own and key.startswith(prefix):
+                    key = key[len(prefix) :]
+            if key not in own:
+                raise ValueError(
+                    f"update_weights: the model has no parameter named {name!r} (nor a buffer; nothing loaded)"
+                )
+            dst = own[key]
+            if not isinstance(tensor, torch.Tensor) or tuple(dst.shape) != tuple(tensor.shape):
+                got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+                raise ValueError(
+                    f"update_weights: {name!r} has shape {got}, the model's is {tuple(dst.shape)} (nothing loaded)"
+                )
+            if dst.data_ptr() != tensor.data_ptr():  # else the engine already reads this very tensor
+                pairs.append((dst, tensor))
+        return pairs
 
     def generate(
         self,
-        prompt_ids: Sequence[Sequence[int]] | torch.Tensor,
+        prompt_ids: PromptIds,
         sampling: SamplingParams | None = None,
         num_generations: int = 1,
         controller: Controller | None = None,
@@ -297,13 +317,19 @@ class RolloutEngine:
         """Sample ``num_generations`` completions for every prompt.
 
         Args:
-            prompt_ids: token ids of each prompt (no padding), ``list[list[int]]`` or a 2-D tensor.
+            prompt_ids: token ids of each prompt (no padding): ``list[list[int]]``, a 2-D tensor, one prompt as a
+                list of ints, or a tokenizer's output such as ``tokenizer.apply_chat_template(messages,
+                add_generation_prompt=True)`` (a ``BatchEncoding``; see :func:`atlas_rl.types.as_token_lists`).
             sampling: :class:`SamplingParams` (default: T=1, 128 new tokens).
             num_generations: samples per prompt (a GRPO group); their prompt is prefilled once.
             controller: overrides the engine's controller for this call (e.g. fixed-k benchmarks).
 
         Returns:
             :class:`RolloutBatch` with rows grouped by prompt (``len = len(prompt_ids) * num_generations``).
+
+        Reproducibility: with ``sampling.seed`` set, a call's completions and logprobs are a function of the
+        weights, the inputs, the speculators' and the controller's state at the start of the call (no decision
+        within a call depends on wall-clock time); see ``docs/decisions/reproducibility.md``.
         """
         sampling = sampling or SamplingParams()
         if not isinstance(sampling, SamplingParams):
@@ -314,18 +340,8 @@ class RolloutEngine:
         if not prompts:
             return RolloutBatch.empty(num_generations, self.policy_version)
         self._validate_prompts(prompts, sampling)
-
         controller = controller or self.controller
-        if getattr(controller, "needs_cost_model", False) and self.speculators:
-            controller.set_cost_model(self.verification_cost())  # type: ignore[attr-defined]
-        if hasattr(controller, "set_speculator_priors"):
-            priors = {
-                name: float(p)
-                for name, s in self.speculators.items()
-                if (p := getattr(s, "expected_acceptance", None)) is not None
-            }
-            if priors:
-                controller.set_speculator_priors(priors)
+        self._prepare_controller(controller)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -334,6 +350,17 @@ class RolloutEngine:
         finally:
             if was_training:
                 self.model.train()
+
+    def _prepare_controller(self, controller: Controller) -> None:
+        """Hand the controller the cost model (when it needs one) and the speculators' stated acceptance priors."""
+        if not self.speculators:
+            return
+        if controller.needs_cost_model:
+            controller.set_cost_model(self.verification_cost())
+        extras = {name: speculator_extras(s) for name, s in self.speculators.items()}
+        priors = {name: e.expected_acceptance for name, e in extras.items() if e.expected_acceptance is not None}
+        if priors:
+            controller.set_speculator_priors(priors)
 
     def release(self) -> None:
         """Give back what the engine holds: the KV cache buffers and the CPU linear-kernel routing."""
@@ -432,40 +459,17 @@ class RolloutEngine:
     ) -> RolloutBatch:
         t_start = time.perf_counter()
         stats = SpecStats(policy_version=self.policy_version)
-        G = len(prompts)
-        R = G * n_gen
+        R = len(prompts) * n_gen
         stops = set(sampling.stop_token_ids)
         if not sampling.ignore_eos:
             stops.update(self.eos_token_ids)
         k_cap = self._max_draft_len(controller)
         max_rows = min(R, self.config.max_rows or R)
-        max_prompt = max(len(p) for p in prompts)
-        cache = self._ensure_cache(max(max_rows, 1), max_prompt + sampling.max_new_tokens + k_cap + 1)
-
-        base_seed = sampling.seed
-        if base_seed is None and not sampling.greedy:
-            base_seed = int(torch.randint(0, 2**62, (1,)).item())
-        rows_all: list[_Row] = []
-        for g, p in enumerate(prompts):
-            for s in range(n_gen):
-                r = g * n_gen + s
-                gen = None
-                if not sampling.greedy:
-                    gen = torch.Generator().manual_seed((base_seed * 1_000_003 + r) % (2**63 - 1))
-                rows_all.append(
-                    _Row(
-                        row_id=r,
-                        group_id=g,
-                        tokens=list(p),
-                        prompt_len=len(p),
-                        max_new=min(sampling.max_new_tokens, self.max_context - len(p)),
-                        cache_len=0,
-                        generator=gen,
-                        completion=[],
-                        logprobs=[],
-                    )
-                )
-        want_hidden_layers = sorted({layer for s in self.speculators.values() for layer in s.hidden_layers})
+        cache = self._ensure_cache(
+            max(max_rows, 1), max(len(p) for p in prompts) + sampling.max_new_tokens + k_cap + 1
+        )
+        rows_all = self._make_rows(prompts, sampling, n_gen)
+        hidden_layers = sorted({layer for s in self.speculators.values() for layer in s.hidden_layers})
         pbar = tqdm(
             total=R * sampling.max_new_tokens,
             disable=not self.config.progress,
@@ -473,25 +477,12 @@ class RolloutEngine:
             unit="tok",
             leave=False,
         )
+        ctx = WaveContext(sampling, stops, controller, cache, stats, pbar, hidden_layers, k_cap, n_gen)
         # Groups are processed in waves of whole groups that fit max_rows rows.
         groups_per_wave = max(1, max_rows // n_gen)
-        for g0 in range(0, G, groups_per_wave):
-            g1 = min(G, g0 + groups_per_wave)
-            wave = rows_all[g0 * n_gen : g1 * n_gen]
-            self._run_wave(
-                wave,
-                prompts[g0:g1],
-                g0,
-                n_gen,
-                sampling,
-                stops,
-                controller,
-                cache,
-                stats,
-                pbar,
-                want_hidden_layers,
-                k_cap,
-            )
+        for g0 in range(0, len(prompts), groups_per_wave):
+            g1 = min(len(prompts), g0 + groups_per_wave)
+            self._run_wave(ctx, rows_all[g0 * n_gen : g1 * n_gen], prompts[g0:g1], g0)
         pbar.close()
 
         stats.num_sequences = R
@@ -508,8 +499,25 @@ class RolloutEngine:
             policy_version=self.policy_version,
         )
 
+    def _make_rows(self, prompts: list[list[int]], sampling: SamplingParams, n_gen: int) -> list[Row]:
+        """One :class:`Row` per sample, grouped by prompt; sampling rows get a generator derived from the seed and
+        their index (fresh randomness without a seed)."""
+        base_seed = sampling.seed
+        if base_seed is None and not sampling.greedy:
+            base_seed = int(torch.randint(0, 2**62, (1,)).item())
+        rows: list[Row] = []
+        for g, p in enumerate(prompts):
+            for s in range(n_gen):
+                r = g * n_gen + s
+                gen = None
+                if base_seed is not None and not sampling.greedy:
+                    gen = torch.Generator().manual_seed((base_seed * 1_000_003 + r) % (2**63 - 1))
+                max_new = min(sampling.max_new_tokens, self.max_context - len(p))
+                rows.append(Row(r, g, list(p), len(p), max_new, 0, gen, [], []))
+        return rows
+
     def _max_draft_len(self, controller: Controller) -> int:
-        return int(controller.max_k) if self.speculators else 0
+        return int(controller.num_speculative_tokens) if self.speculators else 0
 
     # ------------------------------------------------------------------------------------------ one wave
     def _prefill(
@@ -595,284 +603,190 @@ class RolloutEngine:
         for hook in self._capture_hooks:
             hook(rec)
 
-    def _run_wave(
-        self,
-        wave: list[_Row],
-        prompts: list[list[int]],
-        g_offset: int,
-        n_gen: int,
-        sampling: SamplingParams,
-        stops: set[int],
-        controller: Controller,
-        cache: SlotKVCache,
-        stats: SpecStats,
-        pbar: tqdm,
-        hidden_layers: list[int],
-        k_cap: int,
-    ) -> None:
-        dev = self.device
-        specs = self.speculators
-        spec_names = list(specs)
-        prefill_logits, prompt_hidden = self._prefill(wave, prompts, n_gen, sampling, cache, stats, hidden_layers)
-
-        # first token of every row from its group's last-position distribution (a K=0 verification)
-        G = len(prompts)
-        n = len(wave)
-        first = self.verifier.verify(
-            torch.zeros((n, 0), dtype=torch.long, device=dev),
-            torch.zeros(n, dtype=torch.long, device=dev),
-            None,
-            prefill_logits.repeat_interleave(n_gen, dim=0)[:, None, :],
-            sampling,
-            None if sampling.greedy else draw_uniforms([r.generator for r in wave], [0] * n, 0, dev),
-        )
-        first_ids = first.output_ids[:, 0].tolist()
-        first_lp = first.logprobs[:, 0].tolist()
-        for s in specs.values():
-            for g in range(G):
-                gid = g_offset + g
-                s.start(gid, list(prompts[g]), [r.row_id for r in wave[g * n_gen : (g + 1) * n_gen]])
-        for i, r in enumerate(wave):
-            self._emit(r, [first_ids[i]], [first_lp[i]], stops)
-        stats.num_prefill_tokens += n
-        pbar.update(n)
-        for s in specs.values():
-            for r in wave:
-                s.observe(r.row_id, r.completion[:1])
-
-        # hidden-state speculators see the prompt features of every row (the group's, shared by its samples)
-        hidden_specs = [sp for sp in specs.values() if sp.hidden_layers]
-        if prompt_hidden is not None:
-            feats = {layer: h.repeat_interleave(n_gen, dim=0) for layer, h in prompt_hidden.items()}
-            for sp in hidden_specs:
-                sp.observe_hidden(
-                    [r.row_id for r in wave], {la: feats[la] for la in sp.hidden_layers}, [r.prompt_len for r in wave]
-                )
-
-        active = [r for r in wave if r.finish is None]
-        group_left = {g_offset + g: n_gen for g in range(G)}
-        for r in wave:
-            if r.finish is not None:
-                group_left[r.group_id] -= 1
-        self._stop_finished_groups(group_left)
-        if len(active) < n:
-            keep = [i for i, r in enumerate(wave) if r.finish is None]
-            keep_t = torch.tensor(keep, dtype=torch.long, device=dev)
-            cache.compact(keep_t, max((r.cache_len for r in active), default=0))
-
+    def _run_wave(self, ctx: WaveContext, wave: list[Row], prompts: list[list[int]], g_offset: int) -> None:
+        """Prefill a wave of whole groups, sample their first tokens, then decode until every row stops."""
+        active = self._start_wave(ctx, wave, prompts, g_offset)
         step = 0
         while active:
-            t_step = time.perf_counter()
-            n = len(active)
-            # ---- plan: per row, candidate (speculator, max draft tokens) pairs
-            t0 = time.perf_counter()
-            state = PlanState(
-                row_ids=[r.row_id for r in active],
-                group_ids=[r.group_id for r in active],
-                remaining=[r.remaining for r in active],
-                speculators=spec_names,
-                step=step,
-                greedy=sampling.greedy,
-            )
-            plan = controller.plan(state)
-            stats.plan_s += time.perf_counter() - t0
-            # ---- propose: each speculator once, batched over the rows that asked for it
-            candidates: list[dict[str, Draft]] = [{} for _ in range(n)]
-            by_spec: dict[str, list[tuple[int, int]]] = {}
-            proposals: dict[str, ProposeRecord] = {}
-            for i, cands in enumerate(plan):
-                for name, k in cands:
-                    k = min(int(k), k_cap, active[i].remaining - 1)
-                    if name is not None and k > 0:
-                        by_spec.setdefault(name, []).append((i, k))
-            for name, pairs in by_spec.items():
-                spec = specs[name]
-                t0 = time.perf_counter()
-                inp = ProposeInput(
-                    row_ids=[active[i].row_id for i, _ in pairs],
-                    group_ids=[active[i].group_id for i, _ in pairs],
-                    token_ids=[active[i].tokens for i, _ in pairs],
-                    sampling=sampling,
-                )
-                out = spec.propose(inp, [k for _, k in pairs])
-                dt = time.perf_counter() - t0
-                stats.propose_s += dt
-                stats.speculator(name).propose_s += dt
-                proposals[name] = ProposeRecord(len(pairs), sum(k for _, k in pairs), dt)
-                for (i, k), d in zip(pairs, out):
-                    if d is not None and len(d) > 0:
-                        d = d.truncate(k)
-                        d.speculator = d.speculator or name
-                        candidates[i][name] = d
-            # ---- choose: the controller picks (and may shorten) one draft per row
-            t0 = time.perf_counter()
-            chosen = controller.choose(state, candidates)
-            stats.plan_s += time.perf_counter() - t0
-            drafts: list[Draft | None] = []
-            for i, d in enumerate(chosen):
-                cap = min(k_cap, active[i].remaining - 1)
-                drafts.append(d.truncate(cap) if d is not None and len(d) > 0 and cap > 0 else None)
-            dlens = [len(d) if d is not None else 0 for d in drafts]
-            K = max(dlens)
-            q = K + 1
-            # ---- one target forward over [pending, drafts...] of every active row
-            t0 = time.perf_counter()
-            ids_list = []
-            for r, d in zip(active, drafts):
-                row = [r.tokens[-1]]
-                if d is not None:
-                    row.extend(d.token_ids)
-                row.extend([r.tokens[-1]] * (q - len(row)))
-                ids_list.append(row)
-            input_ids = torch.tensor(ids_list, dtype=torch.long, device=dev)  # [n, q]
-            starts = torch.tensor([r.cache_len for r in active], dtype=torch.long, device=dev)  # [n]
-            position_ids = starts[:, None] + torch.arange(q, device=dev)[None, :]
-            want_hidden = bool(hidden_layers) or bool(self._capture_hooks)
-            last_hidden, all_hidden = self._target_forward(input_ids, starts, cache, want_hidden)
-            logits = self._logits(last_hidden)  # [n, q, vocab]
-            t_fwd = time.perf_counter() - t0
-            stats.forward_s += t_fwd
-            # ---- verify
-            t0 = time.perf_counter()
-            draft_ids = input_ids[:, 1:]
-            draft_lens = torch.tensor(dlens, dtype=torch.long, device=dev)
-            draft_probs = self._dense_draft_probs(drafts, K, logits.dtype) if K > 0 else None
-            uniforms = None
-            if not sampling.greedy:
-                uniforms = draw_uniforms([r.generator for r in active], dlens, K, dev)
-            res = self.verifier.verify(draft_ids, draft_lens, draft_probs, logits, sampling, uniforms)
-            acc = res.num_accepted.tolist()
-            out_ids = res.output_ids.tolist()
-            out_lp = res.logprobs.tolist()
-            stats.verify_s += time.perf_counter() - t0
-            # ---- bookkeeping
-            emitted_total = 0
-            per_row: list[RowOutcome] = []
-            for i, r in enumerate(active):
-                a = acc[i]
-                toks = out_ids[i][: a + 1]
-                lps = out_lp[i][: a + 1]
-                r.cache_len += a + 1  # the pending token and the accepted drafts are now in the cache
-                emitted = self._emit(r, toks, lps, stops)
-                emitted_total += emitted
-                d = drafts[i]
-                name = d.speculator if d is not None else None
-                per_row.append(RowOutcome(d, a, toks))
-                if d is not None:
-                    ss = stats.speculator(name)
-                    ss.num_drafts += 1
-                    ss.num_draft_tokens += dlens[i]
-                    ss.num_accepted_tokens += a
-                    ss.num_emitted_tokens += emitted
-                    ss.num_row_forwards += 1
-                    ss.add_position_counts(dlens[i], a)
-                    stats.num_drafts += 1
-                    stats.num_draft_tokens += dlens[i]
-                    stats.num_accepted_tokens += a
-                    while len(stats.num_accepted_tokens_per_pos) < dlens[i]:
-                        stats.num_accepted_tokens_per_pos.append(0)
-                    for j in range(a):
-                        stats.num_accepted_tokens_per_pos[j] += 1
-                else:
-                    stats.num_spec_off_row_steps += 1
-                for s in specs.values():
-                    s.observe(r.row_id, r.completion[-emitted:] if emitted else [])
-            stats.num_steps += 1
-            stats.num_row_forwards += n
-            stats.num_emitted_tokens += emitted_total
-            pbar.update(emitted_total)
-
-            if self._capture_hooks:
-                self._capture_step(
-                    active, input_ids, position_ids, acc, out_ids, all_hidden, last_hidden, logits, sampling
-                )
-            if hidden_specs:
-                # features of the positions that now lie on the sequences (pending token + accepted drafts)
-                m = max(acc) + 1
-                num_new = [a + 1 for a in acc]
-                row_ids = [r.row_id for r in active]
-                for sp in hidden_specs:
-                    sp.observe_hidden(row_ids, {la: all_hidden[la][:, :m] for la in sp.hidden_layers}, num_new)
-            # ---- shrink the batch
-            keep = [i for i, r in enumerate(active) if r.finish is None]
-            if len(keep) < n:
-                for r in active:
-                    if r.finish is not None:
-                        group_left[r.group_id] -= 1
-                self._stop_finished_groups(group_left)
-                survivors = [active[i] for i in keep]
-                if survivors:
-                    keep_t = torch.tensor(keep, dtype=torch.long, device=dev)
-                    cache.compact(keep_t, max(r.cache_len for r in survivors))
-                active = survivors
-            rec = StepRecord(
-                num_rows=n,
-                query_len=q,
-                num_emitted=emitted_total,
-                num_draft_tokens=sum(dlens),
-                num_accepted=sum(acc),
-                forward_s=t_fwd,
-                step_s=time.perf_counter() - t_step,
-                proposals=proposals,
-            )
-            stats.steps.append(rec)
-            t0 = time.perf_counter()
-            controller.update(rec, per_row)
-            stats.plan_s += time.perf_counter() - t0
+            active = self._decode_step(ctx, active, step)
             step += 1
 
-    def _stop_finished_groups(self, group_left: dict[int, int]) -> None:
-        done = [g for g, left in group_left.items() if left == 0]
-        for g in done:
+    def _start_wave(self, ctx: WaveContext, wave: list[Row], prompts: list[list[int]], g_offset: int) -> list[Row]:
+        """Prefill, first token of every row (a K=0 verification of its group's last prompt position), speculators
+        started and shown the first tokens (and the prompt features); returns the rows still generating."""
+        n_gen = ctx.n_gen
+        logits, prompt_hidden = self._prefill(
+            wave, prompts, n_gen, ctx.sampling, ctx.cache, ctx.stats, ctx.hidden_layers
+        )
+        n = len(wave)
+        no_drafts = torch.zeros((n, 0), dtype=torch.long, device=self.device)  # [n, 0]
+        first = self._verify(ctx, wave, no_drafts, [0] * n, None, logits.repeat_interleave(n_gen, dim=0)[:, None, :])
+        for g in range(len(prompts)):
+            rows = [r.row_id for r in wave[g * n_gen : (g + 1) * n_gen]]
             for s in self.speculators.values():
-                s.stop(g)
-            del group_left[g]
+                s.start(g_offset + g, list(prompts[g]), rows)
+        for i, r in enumerate(wave):
+            emit(r, first.output_ids[i][:1], first.logprobs[i][:1], ctx.stops)
+        ctx.stats.num_prefill_tokens += n
+        ctx.pbar.update(n)
+        for s in self.speculators.values():
+            for r in wave:
+                s.observe(r.row_id, r.completion[:1])
+        if prompt_hidden is not None:
+            # hidden-state speculators see the prompt features of every row (the group's, shared by its samples)
+            feats = {layer: h.repeat_interleave(n_gen, dim=0) for layer, h in prompt_hidden.items()}
+            self._observe_hidden([r.row_id for r in wave], feats, [r.prompt_len for r in wave])
+        ctx.group_left.update({g_offset + g: n_gen for g in range(len(prompts))})
+        return self._shrink(ctx, wave)
 
-    def _dense_draft_probs(self, drafts: list[Draft | None], K: int, dtype: torch.dtype) -> torch.Tensor | None:
-        """``[n, K, vocab]`` draft distributions when any draft is soft; one-hot rows for model-free drafts."""
-        if not any(d is not None and d.draft_probs is not None for d in drafts):
-            return None
-        n = len(drafts)
-        out = torch.zeros((n, K, self.vocab_size), dtype=dtype, device=self.device)
-        for i, d in enumerate(drafts):
-            if d is None or len(d) == 0:
-                continue
-            if d.draft_probs is not None:
-                out[i, : len(d)] = d.draft_probs.to(device=self.device, dtype=dtype)
-            else:
-                out[i, torch.arange(len(d)), torch.tensor(d.token_ids)] = 1.0
+    def _decode_step(self, ctx: WaveContext, active: list[Row], step: int) -> list[Row]:
+        """One decode step of the active rows; returns the rows still generating after it."""
+        t_step = time.perf_counter()
+        drafts, proposals = self._draft(ctx, active, step)
+        packed = pack(active, drafts, self.device)
+        t0 = time.perf_counter()
+        want_hidden = bool(ctx.hidden_layers) or bool(self._capture_hooks)
+        last_hidden, all_hidden = self._target_forward(packed.input_ids, packed.starts, ctx.cache, want_hidden)
+        logits = self._logits(last_hidden)  # [n, q, vocab]
+        t_fwd = time.perf_counter() - t0
+        ctx.stats.forward_s += t_fwd
+        res = self._verify(ctx, active, packed.input_ids[:, 1:], packed.draft_lens, drafts, logits)
+        per_row, emitted = self._record(ctx, active, packed, res)
+        if self._capture_hooks:
+            self._capture_step(
+                active, packed, res.accepted, res.output_ids, all_hidden, last_hidden, logits, ctx.sampling
+            )
+        if self._hidden_specs:
+            # features of the positions that now lie on the sequences (pending token + accepted drafts)
+            m = max(res.accepted) + 1
+            feats = {layer: all_hidden[layer][:, :m] for layer in ctx.hidden_layers}  # type: ignore[index]
+            self._observe_hidden([r.row_id for r in active], feats, [a + 1 for a in res.accepted])
+        survivors = self._shrink(ctx, active)
+        rec = StepRecord(
+            num_rows=len(active),
+            query_len=packed.num_draft + 1,
+            num_emitted=emitted,
+            num_draft_tokens=sum(packed.draft_lens),
+            num_accepted=sum(res.accepted),
+            forward_s=t_fwd,
+            step_s=time.perf_counter() - t_step,
+            proposals=proposals,
+        )
+        ctx.stats.steps.append(rec)
+        self._timed_plan(ctx, ctx.controller.update, rec, per_row)
+        return survivors
+
+    def _timed_plan(self, ctx: WaveContext, fn: Callable[..., _T], *args: Any) -> _T:
+        """Call a controller method, its time counted as the controller's (``SpecStats.plan_s``)."""
+        t0 = time.perf_counter()
+        out = fn(*args)
+        ctx.stats.plan_s += time.perf_counter() - t0
         return out
 
-    def _emit(self, r: _Row, toks: list[int], lps: list[float], stops: set[int]) -> int:
-        """Append emitted tokens to a row, honouring stop tokens and the length budget; returns the count."""
-        toks = toks[: r.remaining]
-        for j, t in enumerate(toks):
-            if t in stops:
-                toks = toks[: j + 1]
-                r.finish = "stop"
-                break
-        lps = lps[: len(toks)]
-        r.completion.extend(toks)
-        r.logprobs.extend(lps)
-        r.tokens.extend(toks)
-        if r.finish is None and r.remaining <= 0:
-            r.finish = "length"
-        return len(toks)
+    def _draft(
+        self, ctx: WaveContext, active: list[Row], step: int
+    ) -> tuple[list[Draft | None], dict[str, ProposeRecord]]:
+        """Plan, propose (each speculator once, batched), choose: one draft (or None) per active row."""
+        state = plan_state(active, list(self.speculators), step, ctx.sampling)
+        plan = self._timed_plan(ctx, ctx.controller.plan, state)
+        requests = draft_requests(plan, active, ctx.k_cap)
+        candidates, proposals = propose_all(self.speculators, requests, active, ctx.sampling, ctx.stats)
+        chosen = self._timed_plan(ctx, ctx.controller.choose, state, candidates)
+        return cap_drafts(chosen, active, ctx.k_cap), proposals
+
+    def _verify(
+        self,
+        ctx: WaveContext,
+        rows: list[Row],
+        draft_ids: torch.Tensor,  # [n, K]
+        draft_lens: list[int],  # [n]
+        drafts: list[Draft | None] | None,  # None: the first tokens after the prefill (K = 0)
+        logits: torch.Tensor,  # [n, K+1, vocab]
+    ) -> Verified:
+        """Rejection sampling of the rows' drafts against the target logits, as Python lists."""
+        t0 = time.perf_counter()
+        K = draft_ids.shape[1]
+        draft_probs = dense_draft_probs(drafts, K, self.vocab_size, logits.dtype, self.device) if drafts else None
+        uniforms = None
+        if not ctx.sampling.greedy:
+            uniforms = draw_uniforms([r.generator for r in rows], draft_lens, K, self.device)
+        lens = torch.tensor(draft_lens, dtype=torch.long, device=self.device)
+        res = self.verifier.verify(draft_ids, lens, draft_probs, logits, ctx.sampling, uniforms)
+        out = Verified(res.num_accepted.tolist(), res.output_ids.tolist(), res.logprobs.tolist())
+        if drafts is not None:  # a decode step (the first tokens count as prefill)
+            ctx.stats.verify_s += time.perf_counter() - t0
+        return out
+
+    def _record(
+        self, ctx: WaveContext, active: list[Row], packed: PackedStep, res: Verified
+    ) -> tuple[list[RowOutcome], int]:
+        """Emit each row's verified tokens, count them, and show them to every speculator."""
+        stats = ctx.stats
+        emitted_total = 0
+        per_row: list[RowOutcome] = []
+        for i, r in enumerate(active):
+            a = res.accepted[i]
+            toks = res.output_ids[i][: a + 1]
+            r.cache_len += a + 1  # the pending token and the accepted drafts are now in the cache
+            emitted = emit(r, toks, res.logprobs[i][: a + 1], ctx.stops)
+            emitted_total += emitted
+            d = packed.drafts[i]
+            stats.record_row(d.speculator if d is not None else None, packed.draft_lens[i], a, emitted)
+            per_row.append(RowOutcome(d, a, toks))
+            for s in self.speculators.values():
+                s.observe(r.row_id, r.completion[-emitted:] if emitted else [])
+        stats.num_steps += 1
+        ctx.pbar.update(emitted_total)
+        return per_row, emitted_total
+
+    @property
+    def _hidden_specs(self) -> list[Speculator]:
+        """The speculators that read the target's hidden states."""
+        return [sp for sp in self.speculators.values() if sp.hidden_layers]
+
+    def _observe_hidden(self, row_ids: list[int], feats: dict[int, torch.Tensor], num_new: list[int]) -> None:
+        """Hand each hidden-state speculator the features of its layers (``feats``: layer -> [n, m, hidden])."""
+        for sp in self._hidden_specs:
+            speculator_extras(sp).observe_hidden(row_ids, {la: feats[la] for la in sp.hidden_layers}, num_new)
+
+    def _shrink(self, ctx: WaveContext, rows: list[Row]) -> list[Row]:
+        """Drop the rows that finished: stop their finished groups and compact the cache to the survivors."""
+        keep = [i for i, r in enumerate(rows) if r.finish is None]
+        if len(keep) == len(rows):
+            return rows
+        for r in rows:
+            if r.finish is not None:
+                ctx.group_left[r.group_id] -= 1
+        stop_finished_groups(self.speculators, ctx.group_left)
+        survivors = [rows[i] for i in keep]
+        if survivors:
+            keep_t = torch.tensor(keep, dtype=torch.long, device=self.device)
+            ctx.cache.compact(keep_t, max(r.cache_len for r in survivors))
+        return survivors
 
     def _capture_step(
-        self, active, input_ids, position_ids, acc, out_ids, all_hidden, last_hidden, logits, sampling
+        self,
+        active: list[Row],
+        packed: PackedStep,
+        acc: list[int],
+        out_ids: list[list[int]],
+        all_hidden: tuple[torch.Tensor, ...] | None,
+        last_hidden: torch.Tensor,  # [n, q, hidden]
+        logits: torch.Tensor,  # [n, q, vocab]
+        sampling: SamplingParams,
     ) -> None:
+        input_ids = packed.input_ids  # [n, q]
         dev = input_ids.device
-        next_ids = torch.tensor(out_ids, dtype=torch.long, device=dev)  # [n, q]
+        q = input_ids.shape[1]
         # positions 0..a-1 predicted the accepted drafts (= input_ids[:, 1..a]); position a predicted out[a]
         rec = CaptureRecord(
             policy_version=self.policy_version,
             row_ids=[r.row_id for r in active],
             input_ids=input_ids,
-            next_ids=next_ids,
+            next_ids=torch.tensor(out_ids, dtype=torch.long, device=dev),  # [n, q]
             num_valid=torch.tensor([a + 1 for a in acc], dtype=torch.long, device=dev),
-            positions=position_ids,
-            hidden_states={i: h for i, h in enumerate(all_hidden)} | {-1: last_hidden},
+            positions=packed.starts[:, None] + torch.arange(q, device=dev)[None, :],
+            hidden_states={i: h for i, h in enumerate(all_hidden or ())} | {-1: last_hidden},
             target_logits=logits,
             sampling=sampling,
         )

@@ -112,7 +112,9 @@ def _calibrate(model: torch.nn.Module, eos: list[int], max_k: int) -> tuple[Veri
 
 def _auto_controller(cost: VerificationCost, max_k: int) -> AutoController:
     """A fresh auto controller over a fresh copy of the calibrated table (nothing learned carries over)."""
-    return AutoController(AutoControllerConfig(max_k=max_k), cost=VerificationCost.from_json(cost.to_json()))
+    return AutoController(
+        AutoControllerConfig(num_speculative_tokens=max_k), cost=VerificationCost.from_json(cost.to_json())
+    )
 
 
 def _auto_config(max_k: int) -> EngineConfig:

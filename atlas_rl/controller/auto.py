@@ -21,9 +21,10 @@ Every decode step maximises *expected emitted tokens per second of wall time*:
   to ``q`` (and cut earlier where the chance that all its tokens so far are accepted falls below
   ``tail_min_prob``). ``q = 0`` — no speculation for anyone — unless speculation beats plain decoding by
   ``margin``. This is where "never slower" is enforced.
-* **update** refines the verification cost table from the step's forward time, each speculator's drafting cost
-  from its propose time, and the calibration from the outcomes of *every* one-hot draft proposed (verified or
-  not, read off the tokens the rows emit) and of the verified soft drafts.
+* **update** refines the calibration from the outcomes of *every* one-hot draft proposed (verified or not, read
+  off the tokens the rows emit) and of the verified soft drafts at once; the step's timings refine the
+  verification cost table (forward time) and each speculator's drafting cost (propose time) when the call ends
+  (``finish``), so no decision within a call depends on wall-clock time (reproducible with a seed).
 
 Cold start: a speculator never observed is assumed to accept ``prior_mean`` of its tokens (0.5) with a wide
 posterior, unless it states its own ``expected_acceptance`` (a draft head's held-out figure, worth
@@ -37,12 +38,14 @@ costly speculator whose drafts went unused is rate-limited to ``exploration_budg
 from __future__ import annotations
 
 import logging
+import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from atlas_rl.controller.base import Plan, PlanState, RowOutcome
+from atlas_rl.controller.base import Controller, Plan, PlanState, RowOutcome
 from atlas_rl.controller.calibration import AcceptanceModel, confidence_bins
 from atlas_rl.controller.cost import VerificationCost
 from atlas_rl.controller.draft_cost import DraftCost
@@ -57,12 +60,15 @@ logger = logging.getLogger(__name__)
 class AutoControllerConfig:
     """Settings of :class:`AutoController` (defaults need no tuning; the product turns no knobs).
 
-    Decisions: ``max_k``, ``margin``, ``tail_min_prob``, ``cheap_fraction``.
+    Decisions: ``num_speculative_tokens`` (``max_k`` is its deprecated name), ``margin``, ``tail_min_prob``,
+    ``cheap_fraction``.
     Calibration: ``prior_mean``, ``prior_strength``, ``half_life_steps``, ``exploration_beta``.
     Planning estimate: ``reservoir_size``, ``plan_batches``, ``seed``. Cost table: ``calibration_budget_s``.
     """
 
-    max_k: int = field(default=8, metadata={"help": "Longest draft the controller may choose (1..64)."})
+    num_speculative_tokens: int = field(
+        default=8, metadata={"help": "Longest draft the controller may choose (1..64)."}
+    )
     margin: float = field(
         default=0.02,
         metadata={
@@ -132,41 +138,66 @@ class AutoControllerConfig:
         default=32, metadata={"help": "Random batches drawn from the reservoir per planning estimate (>= 1)."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of the planner's random batches (reproducible plans)."})
+    learn_timings: bool = field(
+        default=True,
+        metadata={
+            "help": "Refine the verification and drafting cost models from measured step timings. Seeded calls "
+            "apply a call's timings when it ends (no decision within a call depends on wall-clock time); False "
+            "never applies them, so a seeded sequence of calls reproduces exactly run after run (at some speed)."
+        },
+    )
     calibration_budget_s: float = field(
         default=5.0,
         metadata={"help": "Wall-time bound of the verification cost calibration at engine start (> 0 s)."},
     )
+    max_k: int | None = field(
+        default=None,
+        metadata={"help": "Deprecated name of num_speculative_tokens (kept for one release); None: not given."},
+    )
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_k, bool) or not isinstance(self.max_k, int) or not (1 <= self.max_k <= 64):
-            raise ValueError(f"max_k must be an int in [1, 64], got {self.max_k!r}; use FixedController(0) for k=0")
-        if not (self.margin >= 0):
-            raise ValueError(f"margin must be >= 0, got {self.margin!r}")
-        if not (0.0 <= self.tail_min_prob < 1.0):
-            raise ValueError(f"tail_min_prob must lie in [0, 1), got {self.tail_min_prob!r}")
-        if not (0.0 <= self.exploration_budget < 1.0):
-            raise ValueError(f"exploration_budget must lie in [0, 1), got {self.exploration_budget!r}")
-        if not (0.0 <= self.cheap_fraction < 1.0):
-            raise ValueError(f"cheap_fraction must lie in [0, 1), got {self.cheap_fraction!r}")
-        if not (0.0 < self.prior_mean < 1.0):
-            raise ValueError(f"prior_mean must lie in (0, 1), got {self.prior_mean!r}")
-        if not (self.prior_strength > 0) or not (self.informed_prior_strength > 0):
-            raise ValueError(
-                f"prior_strength and informed_prior_strength must be > 0, got {self.prior_strength!r}, "
-                f"{self.informed_prior_strength!r}"
+        if self.max_k is not None:
+            warnings.warn(
+                "AutoControllerConfig(max_k=...) is deprecated: use num_speculative_tokens=...",
+                DeprecationWarning,
+                stacklevel=3,
             )
-        if not (self.half_life_steps > 0):
-            raise ValueError(f"half_life_steps must be > 0, got {self.half_life_steps!r}")
-        if not (self.exploration_beta >= 0) or not (self.caution_beta >= 0):
+            self.num_speculative_tokens = self.max_k
+            self.max_k = None
+        k = self.num_speculative_tokens
+        if isinstance(k, bool) or not isinstance(k, int) or not (1 <= k <= 64):
             raise ValueError(
-                f"exploration_beta and caution_beta must be >= 0, got {self.exploration_beta!r}, {self.caution_beta!r}"
+                f"num_speculative_tokens (formerly max_k) must be an int in [1, 64], got {k!r}; "
+                "use FixedController(0) for k=0"
             )
+        for name, lo, hi, lo_open, hi_open in _RANGES:
+            _check_range(name, getattr(self, name), lo, hi, lo_open, hi_open)
         if self.reservoir_size < 1 or self.plan_batches < 1:
             raise ValueError("reservoir_size and plan_batches must be >= 1")
-        if not (self.soft_explore_tokens >= 0):
-            raise ValueError(f"soft_explore_tokens must be >= 0, got {self.soft_explore_tokens!r}")
-        if not (self.calibration_budget_s > 0):
-            raise ValueError(f"calibration_budget_s must be > 0, got {self.calibration_budget_s!r}")
+
+
+# (field, lower, upper, lower excluded, upper excluded) of AutoControllerConfig's float settings
+_RANGES: tuple[tuple[str, float, float, bool, bool], ...] = (
+    ("margin", 0.0, math.inf, False, True),
+    ("tail_min_prob", 0.0, 1.0, False, True),
+    ("exploration_budget", 0.0, 1.0, False, True),
+    ("cheap_fraction", 0.0, 1.0, False, True),
+    ("prior_mean", 0.0, 1.0, True, True),
+    ("prior_strength", 0.0, math.inf, True, True),
+    ("informed_prior_strength", 0.0, math.inf, True, True),
+    ("half_life_steps", 0.0, math.inf, True, True),
+    ("exploration_beta", 0.0, math.inf, False, True),
+    ("caution_beta", 0.0, math.inf, False, True),
+    ("soft_explore_tokens", 0.0, math.inf, False, True),
+    ("calibration_budget_s", 0.0, math.inf, True, True),
+)
+
+
+def _check_range(name: str, v: float, lo: float, hi: float, lo_open: bool, hi_open: bool) -> None:
+    ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    if not ok:  # NaN fails both comparisons
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise ValueError(f"{name} must lie in {interval}, got {v!r}")
 
 
 class _Reservoir:
@@ -188,7 +219,7 @@ class _Reservoir:
         self.count = min(size, self.count + len(asked))
 
 
-class AutoController:
+class AutoController(Controller):
     """Picks per step and row the speculator and draft length that maximise expected tokens per second.
 
     Args:
@@ -205,11 +236,11 @@ class AutoController:
     ) -> None:
         self.config = config or AutoControllerConfig()
         c = self.config
-        self.max_k = c.max_k
+        self.num_speculative_tokens = c.num_speculative_tokens
         self.cost = cost
         self.draft_cost = draft_cost or DraftCost()
         self.acceptance = AcceptanceModel(
-            c.max_k,
+            c.num_speculative_tokens,
             prior_mean=c.prior_mean,
             prior_strength=c.prior_strength,
             half_life_steps=c.half_life_steps,
@@ -224,13 +255,21 @@ class AutoController:
         self._step_rows: list[int] = []
         self._soft: dict[int, tuple[str, list[int], list[float]]] = {}
         self._greedy = False
+        self._reproducible = False  # this call's timings wait for finish()
         self._last_update_s = 0.0
         self._recent_s = 0.0  # decayed wall time of recent steps
         self._wasted_s: dict[str, float] = {}  # decayed drafting time per speculator whose drafts went unused
         self._decay = 0.5 ** (1.0 / c.half_life_steps)
         self._call_calibration: dict[str, np.ndarray] = {}  # speculator -> [CALIBRATION_BINS, 3]
+        # (step record, speculators whose drafts were verified, seconds of the previous update) of this call's steps
+        self._timings: list[tuple[StepRecord, set[str], float]] = []
 
     # ------------------------------------------------------------------------------------------ wiring
+    @property
+    def max_k(self) -> int:
+        """Deprecated name of :attr:`num_speculative_tokens`."""
+        return self.num_speculative_tokens
+
     @property
     def needs_cost_model(self) -> bool:
         return self.cost is None
@@ -255,7 +294,7 @@ class AutoController:
     def _step_cost(self, n: int) -> np.ndarray:
         """``[max_k+1]`` seconds of a step of ``n`` rows whose longest draft has q = 0 .. max_k tokens."""
         cost = self._cost()
-        return cost.forward_curve(n, self.max_k + 1) + cost.overhead_s(n)
+        return cost.forward_curve(n, self.num_speculative_tokens + 1) + cost.overhead_s(n)
 
     def _split(self, n: int, step_s: np.ndarray) -> tuple[float, float]:
         """``(fixed, per_row)`` seconds of a plain step of ``n`` rows (:func:`.planning.step_cost_split`)."""
@@ -264,9 +303,10 @@ class AutoController:
 
     # ------------------------------------------------------------------------------------------ plan
     def plan(self, state: PlanState) -> Plan:
-        n, K = len(state.row_ids), self.max_k
+        n, K = len(state.row_ids), self.num_speculative_tokens
         self._tracker.retain(set(state.row_ids))
         self._greedy = state.greedy
+        self._reproducible = state.reproducible
         step_s = self._step_cost(n)  # [K+1]
         base_rate = n / step_s[0]
         self._asked = {}
@@ -285,7 +325,7 @@ class AutoController:
 
     def _plan_length(self, name: str, greedy: bool, n: int, step_s: np.ndarray, base_rate: float) -> int:
         """Tokens to ask ``name`` for (0: do not ask)."""
-        K = self.max_k
+        K = self.num_speculative_tokens
         if self.draft_cost.predict(name, n, K) <= self.config.cheap_fraction * step_s[0]:
             return K
         if self._wasted_s.get(name, 0.0) > self.config.exploration_budget * self._recent_s:
@@ -308,7 +348,7 @@ class AutoController:
         res = self._reservoirs.get((name, greedy))
         if res is None or res.count == 0:
             return n * expected_tokens(est.marginal_optimistic[None])
-        K = self.max_k
+        K = self.num_speculative_tokens
         bins = res.bins[: res.count]  # [R, K]
         j = np.arange(K)[None, :]
         acc = np.where(
@@ -324,53 +364,14 @@ class AutoController:
 
     # ------------------------------------------------------------------------------------------ choose
     def choose(self, state: PlanState, candidates: list[dict[str, Draft]]) -> list[Draft | None]:
-        n, K = len(candidates), self.max_k
+        n, K = len(candidates), self.num_speculative_tokens
         greedy = state.greedy
         self._step_rows = list(state.row_ids)
         self._soft = {}
         names = list(self._asked) or sorted({s for c in candidates for s in c})
         if not names or n == 0:
             return [None] * n
-        col = {s: i for i, s in enumerate(names)}
-        # every candidate token at once: (row, speculator column, position) -> calibrated acceptance
-        flat = [(i, col[s], d) for i, c in enumerate(candidates) for s, d in c.items() if s in col and len(d) > 0]
-        lens = np.zeros((n, len(names)), dtype=np.int64)  # [n, S] draft lengths (capped at K)
-        acc = np.zeros((n, len(names), K))  # [n, S, K] calibrated acceptance, 0 past each draft's end
-        low = np.zeros((n, len(names), K))  # [n, S, K] what decisions use (a cautious or an exploring bound)
-        bins = np.full((n, len(names), K), -1, dtype=np.int64)  # [n, S, K] confidence bins, -1 past the end
-        if flat:
-            m = np.array([min(len(d), K) for _, _, d in flat])
-            ri = np.repeat([i for i, _, _ in flat], m)
-            ci = np.repeat([c for _, c, _ in flat], m)
-            pj = np.arange(int(m.sum())) - np.repeat(np.cumsum(m) - m, m)
-            conf = np.fromiter((x for _, _, d in flat for x in d.confidence[:K]), dtype=float, count=int(m.sum()))
-            b = confidence_bins(conf)
-            est = [self.acceptance.estimates(s, greedy) for s in names]
-            mean = np.stack([e.mean for e in est])[ci, pj, b]  # [S, K, B] gathered
-            acc[ri, ci, pj] = mean
-            # decisions: cautious where every asked draft is evaluated anyway (one-hot drafts, greedy). Soft drafts
-            # under sampling are evaluated only by verifying them: optimistic while their evidence is thin
-            # (exploration by verifying), the calibrated mean once it is not (evidence decays, so a speculator left
-            # unverified becomes thin, and optimistic, again)
-            soft = np.repeat([d.draft_probs is not None and not greedy for _, _, d in flat], m)
-            thin = np.array(
-                [
-                    not self.acceptance.has_prior(s)  # a measured prior is evidence: no optimistic phase
-                    and self.acceptance.observed_tokens(s, greedy) < self.config.soft_explore_tokens
-                    for s in names
-                ]
-            )[ci]
-            low[ri, ci, pj] = np.where(
-                soft,
-                np.where(
-                    thin,
-                    np.stack([e.optimistic for e in est])[ci, pj, b],
-                    mean,
-                ),
-                np.stack([e.pessimistic for e in est])[ci, pj, b],
-            )
-            bins[ri, ci, pj] = b
-            lens[[i for i, _, _ in flat], [c for _, c, _ in flat]] = m
+        acc, low, bins, lens = self._candidate_arrays(candidates, names, greedy)
         self._remember(state, candidates, names, bins, acc, lens)
         E = expected_tokens(low)  # [n, S, K+1]
         best_s = E.argmax(1)  # [n, K+1]
@@ -398,6 +399,49 @@ class AutoController:
                 self._soft[i] = (name, bins[i, si[i], :m].tolist(), acc[i, si[i], :m].tolist())
         return out
 
+    def _candidate_arrays(
+        self, candidates: list[dict[str, Draft]], names: list[str], greedy: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Every candidate token at once, (row, speculator column, position) -> ``acc`` [n, S, K] calibrated
+        acceptance (0 past each draft's end), ``low`` [n, S, K] what decisions use (a cautious or an exploring
+        bound), ``bins`` [n, S, K] confidence bins (-1 past the end), ``lens`` [n, S] draft lengths (capped at K)."""
+        n, K = len(candidates), self.num_speculative_tokens
+        col = {s: i for i, s in enumerate(names)}
+        flat = [(i, col[s], d) for i, c in enumerate(candidates) for s, d in c.items() if s in col and len(d) > 0]
+        lens = np.zeros((n, len(names)), dtype=np.int64)
+        acc = np.zeros((n, len(names), K))
+        low = np.zeros((n, len(names), K))
+        bins = np.full((n, len(names), K), -1, dtype=np.int64)
+        if not flat:
+            return acc, low, bins, lens
+        m = np.array([min(len(d), K) for _, _, d in flat])
+        ri = np.repeat([i for i, _, _ in flat], m)
+        ci = np.repeat([c for _, c, _ in flat], m)
+        pj = np.arange(int(m.sum())) - np.repeat(np.cumsum(m) - m, m)
+        conf = np.fromiter((x for _, _, d in flat for x in d.confidence[:K]), dtype=float, count=int(m.sum()))
+        b = confidence_bins(conf)
+        est = [self.acceptance.estimates(s, greedy) for s in names]
+        mean = np.stack([e.mean for e in est])[ci, pj, b]  # [S, K, B] gathered
+        acc[ri, ci, pj] = mean
+        # decisions: cautious where every asked draft is evaluated anyway (one-hot drafts, greedy). Soft drafts
+        # under sampling are evaluated only by verifying them: optimistic while their evidence is thin
+        # (exploration by verifying), the calibrated mean once it is not (evidence decays, so a speculator left
+        # unverified becomes thin, and optimistic, again)
+        soft = np.repeat([d.draft_probs is not None and not greedy for _, _, d in flat], m)
+        thin = np.array(
+            [
+                not self.acceptance.has_prior(s)  # a measured prior is evidence: no optimistic phase
+                and self.acceptance.observed_tokens(s, greedy) < self.config.soft_explore_tokens
+                for s in names
+            ]
+        )[ci]
+        optimistic = np.stack([e.optimistic for e in est])[ci, pj, b]
+        pessimistic = np.stack([e.pessimistic for e in est])[ci, pj, b]
+        low[ri, ci, pj] = np.where(soft, np.where(thin, optimistic, mean), pessimistic)
+        bins[ri, ci, pj] = b
+        lens[[i for i, _, _ in flat], [c for _, c, _ in flat]] = m
+        return acc, low, bins, lens
+
     def _remember(
         self,
         state: PlanState,
@@ -417,7 +461,7 @@ class AutoController:
                 continue
             key = (s, greedy)
             if key not in self._reservoirs:
-                self._reservoirs[key] = _Reservoir(self.config.reservoir_size, self.max_k)
+                self._reservoirs[key] = _Reservoir(self.config.reservoir_size, self.num_speculative_tokens)
             self._reservoirs[key].add(bins[asked_rows, c], np.minimum(L, remaining[asked_rows] - 1))
         for i, c in zip(*np.nonzero(lens)):
             s = names[c]
@@ -428,19 +472,15 @@ class AutoController:
 
     # ------------------------------------------------------------------------------------------ update
     def update(self, record: StepRecord, per_row: list[RowOutcome]) -> None:
+        """Learn from one step. Acceptance evidence (a function of the emitted tokens) is used at once; the step's
+        timings too, unless the call is seeded (``PlanState.reproducible``): then they wait for :meth:`finish`, so
+        no decision within the call depends on wall-clock time (``docs/decisions/reproducibility.md``)."""
         t0 = time.perf_counter()
-        cost = self._cost()
-        propose_s = sum(p.seconds for p in record.proposals.values())
-        overhead = record.step_s - record.forward_s - propose_s + self._last_update_s
-        cost.observe(record.num_rows, record.query_len, record.forward_s, overhead)
+        self._cost()
         used = {o.draft.speculator for o in per_row if o.draft is not None}
-        self._recent_s = self._decay * self._recent_s + record.step_s
-        for name in list(self._wasted_s):
-            self._wasted_s[name] *= self._decay
-        for name, p in record.proposals.items():
-            self.draft_cost.observe(name, p)
-            if name not in used:
-                self._wasted_s[name] = self._wasted_s.get(name, 0.0) + p.seconds
+        self._timings.append((record, used, self._last_update_s))
+        if not self._reproducible:
+            self._apply_timings()
         greedy = self._greedy
         self.acceptance.decay(greedy)
         outcomes: dict[tuple[str, bool], Outcomes] = {}
@@ -470,8 +510,30 @@ class AutoController:
             pb = np.clip((pred * CALIBRATION_BINS).astype(np.int64), 0, CALIBRATION_BINS - 1)
             np.add.at(cal, pb, np.stack([np.ones_like(pred), pred, ok], 1))
 
+    def _apply_timings(self) -> None:
+        """Refine the verification and drafting cost models from the steps timed since the last time."""
+        cost = self._cost()
+        timings, self._timings = self._timings, []
+        if not self.config.learn_timings:
+            return
+        for record, used, update_s in timings:
+            propose_s = sum(p.seconds for p in record.proposals.values())
+            overhead = record.step_s - record.forward_s - propose_s + update_s
+            cost.observe(record.num_rows, record.query_len, record.forward_s, overhead)
+            self._recent_s = self._decay * self._recent_s + record.step_s
+            for name in list(self._wasted_s):
+                self._wasted_s[name] *= self._decay
+            for name, p in record.proposals.items():
+                self.draft_cost.observe(name, p)
+                if name not in used:
+                    self._wasted_s[name] = self._wasted_s.get(name, 0.0) + p.seconds
+
     def finish(self, stats: SpecStats) -> None:
-        """Hand the call's predicted-vs-realised acceptance to ``stats``; drafts still pending are censored."""
+        """End of a call: apply its remaining timings to the cost models (they shape the next call's decisions),
+        hand its predicted-vs-realised acceptance to ``stats``; drafts still pending are censored."""
+        if self._timings:
+            self._apply_timings()
+        self._rng = np.random.default_rng(self.config.seed)  # every call plans from the same random stream
         for name, cal in self._call_calibration.items():
             stats.speculator(name).merge(SpeculatorStats(calibration=cal.tolist()))
         self._call_calibration = {}

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from atlas_rl.types import Draft, SpecStats, StepRecord
+
+if TYPE_CHECKING:
+    from atlas_rl.controller.cost import VerificationCost
 
 
 @dataclass
@@ -18,6 +21,8 @@ class PlanState:
     speculators: list[str]  # names of the engine's speculators, in order
     step: int
     greedy: bool
+    # the call is seeded (``SamplingParams.seed``): its decisions must not depend on wall-clock time
+    reproducible: bool = False
 
 
 # per row: the candidate (speculator name, max draft tokens) pairs to propose; [] = no speculation for that row
@@ -38,17 +43,39 @@ class Controller(Protocol):
     A decode step calls ``plan`` (which speculators should propose, up to how many tokens, per row), lets
     each named speculator propose, then ``choose`` (one draft per row among the candidates, possibly cut
     short, or None), verifies, and reports back through ``update``. ``finish`` sees the call's stats.
-    ``max_k`` bounds every draft (the engine sizes its KV cache with it).
+    ``num_speculative_tokens`` bounds every draft (the engine sizes its KV cache with it).
+
+    Members with a body here are optional: a controller class that subclasses this Protocol explicitly inherits
+    those defaults; the engine calls every member directly. Before a call with speculators, the engine hands the
+    controller its cost model when ``needs_cost_model`` (``set_cost_model``) and the speculators' stated priors
+    (``set_speculator_priors``).
     """
 
-    max_k: int
+    num_speculative_tokens: int
 
     def plan(self, state: PlanState) -> Plan: ...
-
-    def choose(self, state: PlanState, candidates: list[dict[str, Draft]]) -> list[Draft | None]: ...
 
     def update(self, record: StepRecord, per_row: list[RowOutcome]) -> None:
         """After a step: the step record (timings, per-speculator propose calls) and each row's outcome."""
         ...
 
-    def finish(self, stats: SpecStats) -> None: ...
+    def choose(self, state: PlanState, candidates: list[dict[str, Draft]]) -> list[Draft | None]:
+        """One draft per row among its candidates (default: the first candidate of each row)."""
+        return [next(iter(c.values()), None) for c in candidates]
+
+    def finish(self, stats: SpecStats) -> None:
+        """The call ended with ``stats`` (default: nothing to do)."""
+        return None
+
+    @property
+    def needs_cost_model(self) -> bool:
+        """True when the engine should hand over its verification cost model (default: False)."""
+        return False
+
+    def set_cost_model(self, cost: VerificationCost) -> None:
+        """The engine's verification cost model (default: ignored)."""
+        return None
+
+    def set_speculator_priors(self, priors: dict[str, float]) -> None:
+        """Per-token acceptance each named speculator expects before any evidence (default: ignored)."""
+        return None

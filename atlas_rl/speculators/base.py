@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -29,10 +30,14 @@ class Speculator(Protocol):
     speculators, which then cost the engine nothing extra. Speculators with ``hidden_layers`` must also
     implement :class:`HiddenStateObserver`.
 
-    Optionally, ``expected_acceptance`` (float in (0, 1)) is the per-token acceptance the speculator expects
-    under sampling before any evidence (e.g. measured on held-out prompts when it was trained); the auto
-    controller starts from it instead of its generic prior, so a speculator known to be weak is not explored at
-    a loss.
+    Optional members (declared on :class:`SpeculatorExtras` with their defaults; the engine resolves them once,
+    when the speculator is registered, with :func:`speculator_extras`):
+
+    * ``expected_acceptance`` (float in (0, 1) or None): the per-token acceptance the speculator expects under
+      sampling before any evidence (e.g. measured on held-out prompts when it was trained); the auto controller
+      starts from it instead of its generic prior, so a speculator known to be weak is not explored at a loss;
+    * ``on_policy_update(version)``: the engine loaded policy weights ``version`` (e.g. reload a retrained head);
+    * ``observe_hidden(...)``: see :class:`HiddenStateObserver` (required when ``hidden_layers`` is not empty).
     """
 
     name: str
@@ -64,6 +69,65 @@ class HiddenStateObserver(Protocol):
         belong to the engine: copy what you keep.
         """
         ...
+
+
+class SpeculatorExtras(Protocol):
+    """The optional members of a :class:`Speculator`, with the defaults a speculator gets when it lacks them.
+
+    A speculator class may subclass this Protocol explicitly to inherit the defaults; structural implementations
+    get them from :func:`speculator_extras`.
+    """
+
+    expected_acceptance: float | None = None
+
+    def on_policy_update(self, version: int) -> None:
+        """The engine now runs policy weights ``version`` (default: nothing to do)."""
+        return None
+
+    def observe_hidden(
+        self,
+        row_ids: list[int],
+        hidden_states: dict[int, torch.Tensor],  # layer -> [n, m, hidden]
+        num_new: list[int],
+    ) -> None:
+        """See :meth:`HiddenStateObserver.observe_hidden` (default: ignore the features)."""
+        return None
+
+
+@dataclass(frozen=True)
+class ResolvedExtras:
+    """A speculator's optional members, bound (its own where it has them, else the defaults)."""
+
+    expected_acceptance: float | None
+    on_policy_update: Callable[[int], None]
+    observe_hidden: Callable[[list[int], dict[int, torch.Tensor], list[int]], None]
+
+
+class _Defaults(SpeculatorExtras):
+    pass
+
+
+_DEFAULTS = _Defaults()
+
+
+def speculator_extras(spec: Speculator) -> ResolvedExtras:
+    """The optional members of ``spec``, bound (defaults from :class:`SpeculatorExtras` where it lacks them).
+
+    Raises:
+        ValueError: ``spec`` needs hidden states (``hidden_layers``) but has no ``observe_hidden``, or states an
+            ``expected_acceptance`` outside (0, 1).
+    """
+    if spec.hidden_layers and not isinstance(spec, HiddenStateObserver):
+        raise ValueError(f"speculator {spec.name!r} names hidden_layers but does not implement observe_hidden")
+    # the one place that looks members up by name: everything after this calls the resolved ones
+    p = getattr(spec, "expected_acceptance", _DEFAULTS.expected_acceptance)
+    if p is not None and not (isinstance(p, (int, float)) and 0.0 < p < 1.0):
+        raise ValueError(f"speculator {spec.name!r}: expected_acceptance must lie in (0, 1) or be None, got {p!r}")
+    return ResolvedExtras(
+        expected_acceptance=None if p is None else float(p),
+        on_policy_update=getattr(spec, "on_policy_update", _DEFAULTS.on_policy_update),
+        observe_hidden=getattr(spec, "observe_hidden", _DEFAULTS.observe_hidden),
+    )
 
 
 _REGISTRY: dict[str, Callable[..., Speculator]] = {}

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from atlas_rl.speculators.base import Speculator
-from atlas_rl.types import ProposeInput, SpeculatorStats
+from atlas_rl.types import AcceptanceCounters, ProposeInput, SpeculatorStats
 
 __all__ = ["ReplayLog", "ReplayStats", "replay"]
 
@@ -37,75 +37,44 @@ ReplayLog = Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]]
 """Logged groups: ``[(prompt_ids, [completion_ids, ...]), ...]`` (one entry per prompt group)."""
 
 
-@dataclass
-class ReplayStats:
-    """Counters of one :func:`replay` (decode steps only; the prefill token of each row is counted apart)."""
+@dataclass(kw_only=True)
+class ReplayStats(AcceptanceCounters):
+    """Counters of one :func:`replay` (decode steps only; the prefill token of each row is counted apart).
+
+    The acceptance counters are :class:`~atlas_rl.types.AcceptanceCounters` (the engine's type): every simulated
+    row forward counts in ``num_row_forwards`` (also readable as ``num_steps``) and ``num_emitted_tokens``.
+    """
 
     max_draft_tokens: int
     num_groups: int = 0
     num_sequences: int = 0
     num_prefill_tokens: int = 0
-    num_steps: int = 0  # simulated verification forwards of one row
-    num_emitted_tokens: int = 0  # tokens emitted by those steps (accepted + recovered/bonus)
-    num_drafts: int = 0  # non-empty drafts
-    num_draft_tokens: int = 0
-    num_accepted_tokens: int = 0
-    num_draft_tokens_per_pos: list[int] = field(default_factory=list)
-    num_accepted_tokens_per_pos: list[int] = field(default_factory=list)
     num_propose_calls: int = 0
     propose_s: float = 0.0
     observe_s: float = 0.0
 
     @property
-    def mean_acceptance_length(self) -> float:
-        """Tokens emitted per verification step of a row (bonus/recovered token included)."""
-        return self.num_emitted_tokens / self.num_steps if self.num_steps else float("nan")
-
-    @property
-    def acceptance_rate(self) -> float:
-        """Accepted draft tokens / proposed draft tokens."""
-        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else float("nan")
-
-    @property
-    def acceptance_rate_per_pos(self) -> list[float]:
-        """For each draft position j: accepted / proposed at j (conditional on a draft reaching j)."""
-        return [
-            a / d if d else float("nan")
-            for a, d in zip(self.num_accepted_tokens_per_pos, self.num_draft_tokens_per_pos)
-        ]
+    def num_steps(self) -> int:
+        """Simulated verification forwards of one row (= ``num_row_forwards``)."""
+        return self.num_row_forwards
 
     @property
     def target_forwards_per_token(self) -> float:
-        return 1.0 / self.mean_acceptance_length if self.num_steps else float("nan")
+        return 1.0 / self.mean_acceptance_length if self.num_row_forwards else float("nan")
 
     def to_speculator_stats(self) -> SpeculatorStats:
         """The same counters as a :class:`~atlas_rl.types.SpeculatorStats` (to merge with engine stats)."""
-        return SpeculatorStats(
-            num_drafts=self.num_drafts,
-            num_draft_tokens=self.num_draft_tokens,
-            num_accepted_tokens=self.num_accepted_tokens,
-            num_emitted_tokens=self.num_emitted_tokens,
-            num_row_forwards=self.num_steps,
-            num_accepted_tokens_per_pos=list(self.num_accepted_tokens_per_pos),
-            num_draft_tokens_per_pos=list(self.num_draft_tokens_per_pos),
-            propose_s=self.propose_s,
-        )
+        out = SpeculatorStats(propose_s=self.propose_s)
+        out.merge(self.counters())
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["num_steps"] = self.num_steps
         d["mean_acceptance_length"] = self.mean_acceptance_length
         d["acceptance_rate"] = self.acceptance_rate
         d["acceptance_rate_per_pos"] = self.acceptance_rate_per_pos
         return d
-
-    def _count(self, draft_len: int, accepted: int) -> None:
-        while len(self.num_draft_tokens_per_pos) < draft_len:
-            self.num_draft_tokens_per_pos.append(0)
-            self.num_accepted_tokens_per_pos.append(0)
-        for j in range(draft_len):
-            self.num_draft_tokens_per_pos[j] += 1
-            if j < accepted:
-                self.num_accepted_tokens_per_pos[j] += 1
 
 
 def replay(
@@ -142,69 +111,79 @@ def replay(
     entries = list(log)
     next_row_id = row_id_offset
     for call_start in range(0, len(entries), groups_per_call):
-        rows: list[_Row] = []
-        left: dict[int, int] = {}  # group id -> rows still generating
-        for g, (prompt, completions) in enumerate(entries[call_start : call_start + groups_per_call]):
-            group_id = group_id_offset + call_start + g
-            prompt_ids = [int(t) for t in prompt]
-            row_ids = list(range(next_row_id, next_row_id + len(completions)))
-            next_row_id += len(completions)
-            speculator.start(group_id, list(prompt_ids), list(row_ids))
-            stats.num_groups += 1
-            left[group_id] = 0
-            for rid, comp in zip(row_ids, completions):
-                rows.append(_Row(rid, group_id, [int(t) for t in comp], list(prompt_ids), len(prompt_ids)))
-        for row in rows:  # the prefill forward emits each row's first token
-            stats.num_sequences += 1
-            if row.completion:
-                row.seq.append(row.completion[0])
-                stats.num_prefill_tokens += 1
-                t0 = time.perf_counter()
-                speculator.observe(row.row_id, [row.completion[0]])
-                stats.observe_s += time.perf_counter() - t0
-            if row.remaining > 0:
-                left[row.group_id] += 1
+        call = entries[call_start : call_start + groups_per_call]
+        rows, left = _start_call(speculator, call, group_id_offset + call_start, next_row_id, stats)
+        next_row_id += len(rows)
         _stop_finished(speculator, left)
         while left:
-            active = [r for r in rows if r.remaining > 0]
-            budget = [min(max_draft_tokens, r.remaining - 1) for r in active]
-            inp = ProposeInput(
-                row_ids=[r.row_id for r in active],
-                group_ids=[r.group_id for r in active],
-                token_ids=[r.seq for r in active],
-            )
-            t0 = time.perf_counter()
-            drafts = speculator.propose(inp, budget)
-            stats.propose_s += time.perf_counter() - t0
-            stats.num_propose_calls += 1
-            if len(drafts) != len(active):
-                raise ValueError(f"speculator returned {len(drafts)} drafts for {len(active)} rows")
-            for row, draft, cap in zip(active, drafts, budget):
-                draft_ids = list(draft.token_ids)
-                if len(draft_ids) > cap:
-                    raise ValueError(
-                        f"speculator proposed {len(draft_ids)} tokens for row {row.row_id} with max_tokens={cap}"
-                    )
-                pos = len(row.seq) - row.prompt_len  # index of the next logged token
-                accepted = 0
-                while accepted < len(draft_ids) and draft_ids[accepted] == row.completion[pos + accepted]:
-                    accepted += 1
-                emitted = row.completion[pos : pos + accepted + 1]  # accepted drafts + recovered/bonus token
-                stats.num_steps += 1
-                stats.num_emitted_tokens += len(emitted)
-                if draft_ids:
-                    stats.num_drafts += 1
-                    stats.num_draft_tokens += len(draft_ids)
-                    stats.num_accepted_tokens += accepted
-                    stats._count(len(draft_ids), accepted)
-                row.seq.extend(emitted)
-                t0 = time.perf_counter()
-                speculator.observe(row.row_id, emitted)
-                stats.observe_s += time.perf_counter() - t0
-                if row.remaining == 0:
-                    left[row.group_id] -= 1
+            _decode_step(speculator, [r for r in rows if r.remaining > 0], max_draft_tokens, left, stats)
             _stop_finished(speculator, left)
     return stats
+
+
+def _start_call(
+    speculator: Speculator, call: ReplayLog, first_group: int, first_row: int, stats: ReplayStats
+) -> tuple[list[_Row], dict[int, int]]:
+    """``start`` every group of one simulated ``generate`` call and emit each row's prefill token; returns the rows
+    and the rows still generating per group."""
+    rows: list[_Row] = []
+    left: dict[int, int] = {}  # group id -> rows still generating
+    for g, (prompt, completions) in enumerate(call):
+        group_id = first_group + g
+        prompt_ids = [int(t) for t in prompt]
+        row_ids = list(range(first_row + len(rows), first_row + len(rows) + len(completions)))
+        speculator.start(group_id, list(prompt_ids), list(row_ids))
+        stats.num_groups += 1
+        left[group_id] = 0
+        for rid, comp in zip(row_ids, completions):
+            rows.append(_Row(rid, group_id, [int(t) for t in comp], list(prompt_ids), len(prompt_ids)))
+    for row in rows:  # the prefill forward emits each row's first token
+        stats.num_sequences += 1
+        if row.completion:
+            row.seq.append(row.completion[0])
+            stats.num_prefill_tokens += 1
+            _observe(speculator, row.row_id, [row.completion[0]], stats)
+        if row.remaining > 0:
+            left[row.group_id] += 1
+    return rows, left
+
+
+def _decode_step(
+    speculator: Speculator, active: list[_Row], max_draft_tokens: int, left: dict[int, int], stats: ReplayStats
+) -> None:
+    """One simulated verification step of every unfinished row."""
+    budget = [min(max_draft_tokens, r.remaining - 1) for r in active]
+    inp = ProposeInput(
+        row_ids=[r.row_id for r in active],
+        group_ids=[r.group_id for r in active],
+        token_ids=[r.seq for r in active],
+    )
+    t0 = time.perf_counter()
+    drafts = speculator.propose(inp, budget)
+    stats.propose_s += time.perf_counter() - t0
+    stats.num_propose_calls += 1
+    if len(drafts) != len(active):
+        raise ValueError(f"speculator returned {len(drafts)} drafts for {len(active)} rows")
+    for row, draft, cap in zip(active, drafts, budget):
+        draft_ids = list(draft.token_ids)
+        if len(draft_ids) > cap:
+            raise ValueError(f"speculator proposed {len(draft_ids)} tokens for row {row.row_id} with max_tokens={cap}")
+        pos = len(row.seq) - row.prompt_len  # index of the next logged token
+        accepted = 0
+        while accepted < len(draft_ids) and draft_ids[accepted] == row.completion[pos + accepted]:
+            accepted += 1
+        emitted = row.completion[pos : pos + accepted + 1]  # accepted drafts + recovered/bonus token
+        stats.record(len(draft_ids), accepted, len(emitted))
+        row.seq.extend(emitted)
+        _observe(speculator, row.row_id, emitted, stats)
+        if row.remaining == 0:
+            left[row.group_id] -= 1
+
+
+def _observe(speculator: Speculator, row_id: int, emitted: list[int], stats: ReplayStats) -> None:
+    t0 = time.perf_counter()
+    speculator.observe(row_id, emitted)
+    stats.observe_s += time.perf_counter() - t0
 
 
 @dataclass

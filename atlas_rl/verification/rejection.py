@@ -44,9 +44,11 @@ class RejectionSampler:
     output_ids[i, j]]`` for emitted tokens, 0 after (float32, or float64 for float64 logits). ``K = 0`` is plain
     decoding: one bonus token per row sampled from position 0.
 
-    Cost: one ``processed_logprobs`` pass over ``target_logits`` (the only ``[n, K+1, vocab]`` tensor made), then
-    O(n * vocab) work for the single sample of each row (its distribution is gathered first; cumsum + searchsorted,
-    no sort). The random path never syncs with the host (top-p without top-k checks a CPU tensor on CPU only).
+    Cost (greedy): an argmax and one ``log_softmax`` pass (into a reused buffer on CPU), gathered at the argmax.
+    Cost (sampling): one ``processed_logprobs`` pass over ``target_logits`` (the only ``[n, K+1, vocab]`` tensor
+    made), then O(n * vocab) work for the single sample of each row (its distribution is gathered first; cumsum +
+    searchsorted, no sort). The random path never syncs with the host (top-p without top-k checks a CPU tensor on
+    CPU only).
 
     Preconditions: ``0 <= d_i <= K`` and draft ids in ``[0, vocab)`` at valid positions (values after ``d_i`` are
     ignored). Shapes are always checked; these values only for CPU tensors (checking CUDA tensors would sync).
@@ -81,73 +83,107 @@ class RejectionSampler:
     ) -> VerifyResult:
         _check_inputs(draft_ids, draft_lens, draft_probs, target_logits, sampling, uniforms)
         device = target_logits.device
-        n, num_draft = draft_ids.shape  # num_draft = K
+        num_draft = draft_ids.shape[1]  # K
         draft_ids = draft_ids.to(device=device, dtype=torch.long)
         draft_lens = draft_lens.to(device=device, dtype=torch.long)
-        rows = torch.arange(n, device=device)  # [n]
-
         valid = torch.arange(num_draft, device=device) < draft_lens.unsqueeze(1)  # [n, K]
         safe_draft_ids = draft_ids.masked_fill(~valid, 0)  # [n, K] padding -> a gatherable id
-
         if sampling.greedy:
-            target_argmax = target_logits.argmax(dim=-1)  # [n, K+1]
-            accepted = (safe_draft_ids == target_argmax[:, :num_draft]) & valid  # [n, K]
-            num_accepted = _num_leading_true(accepted)  # [n]
-            # accepted drafts equal the argmax, and the recovered/bonus token is the argmax at num_accepted
-            output_ids = target_argmax  # [n, K+1]
-            target_logprobs = processed_logprobs(target_logits, sampling, out=self._workspace(target_logits))
-            logprobs = target_logprobs.gather(-1, target_argmax.unsqueeze(-1))
-            logprobs = logprobs.squeeze(-1)  # [n, K+1]
+            num_accepted, output_ids, logprobs = self._verify_greedy(safe_draft_ids, valid, target_logits, sampling)
         else:
             assert uniforms is not None  # checked above
-            uniforms = uniforms.to(device)
-            # [n, K+1, vocab], the one full pass
-            target_logprobs = processed_logprobs(target_logits, sampling, out=self._workspace(target_logits))
-            target_logprobs_at_draft = (
-                target_logprobs[:, :num_draft].gather(-1, safe_draft_ids.unsqueeze(-1)).squeeze(-1)
-            )  # [n, K]
-            target_probs_at_draft = target_logprobs_at_draft.exp()  # [n, K]
-            if draft_probs is None:  # one-hot drafts: draft_probs[j, x_j] = 1
-                accepted = uniforms[:, :num_draft] < target_probs_at_draft  # [n, K]
-            else:
-                draft_probs_at_draft = draft_probs.gather(-1, safe_draft_ids.unsqueeze(-1)).squeeze(-1)  # [n, K]
-                accepted = uniforms[:, :num_draft] * draft_probs_at_draft < target_probs_at_draft  # [n, K]
-            num_accepted = _num_leading_true(accepted & valid)  # [n]
-
-            # the one distribution per row that needs a sample: target_probs at position num_accepted (bonus) ...
-            sample_from = target_logprobs[rows, num_accepted].exp_()  # [n, vocab] a copy: edited in place
-            if num_draft > 0:
-                # ... or, for the rows that rejected draft num_accepted (< d_i), the residual there
-                rejected = num_accepted < draft_lens  # [n]
-                at = num_accepted.clamp(max=num_draft - 1)  # [n] rejected position (clamped for bonus rows)
-                if draft_probs is None:
-                    # residual of a one-hot draft: target_probs with the rejected token zeroed, rejected rows only
-                    rejected_ids = safe_draft_ids[rows, at].unsqueeze(1)  # [n, 1]
-                    target_probs_at_rejected = sample_from.gather(1, rejected_ids)  # [n, 1]
-                    sample_from.scatter_(1, rejected_ids, target_probs_at_rejected.masked_fill(rejected[:, None], 0.0))
-                    use_residual = rejected & (sample_from.sum(dim=-1) > 0)  # all-zero residual -> target_probs
-                    restored = target_probs_at_rejected.masked_fill(use_residual[:, None], 0.0)  # [n, 1]
-                    sample_from.scatter_(1, rejected_ids, restored)
-                else:
-                    residual = (sample_from - draft_probs[rows, at]).clamp_min_(0.0)  # [n, vocab]
-                    use_residual = rejected & (residual.sum(dim=-1) > 0)  # [n]; all-zero residual -> target_probs
-                    sample_from = torch.where(use_residual[:, None], residual, sample_from)  # [n, vocab]
-            sample_uniforms = uniforms.gather(1, draft_lens.unsqueeze(1)).squeeze(1)  # [n] = uniforms[i, d_i]
-            sampled_ids = sample_inverse_cdf(sample_from, sample_uniforms)  # [n] recovered or bonus token
-            sampled_logprobs = target_logprobs[rows, num_accepted, sampled_ids].unsqueeze(1)  # [n, 1]
-
-            # drafts then the sampled token at column num_accepted (later columns are masked below)
-            output_ids = torch.cat([safe_draft_ids, safe_draft_ids.new_zeros(n, 1)], dim=1)  # [n, K+1]
-            output_ids.scatter_(1, num_accepted.unsqueeze(1), sampled_ids.unsqueeze(1))
-            logprobs = torch.cat([target_logprobs_at_draft, sampled_logprobs], dim=1)  # [n, K+1]
-            logprobs.scatter_(1, num_accepted.unsqueeze(1), sampled_logprobs)
-
+            num_accepted, output_ids, logprobs = self._verify_sampled(
+                safe_draft_ids, valid, draft_lens, draft_probs, target_logits, sampling, uniforms.to(device)
+            )
         emitted = torch.arange(num_draft + 1, device=device) <= num_accepted.unsqueeze(1)  # [n, K+1]
         return VerifyResult(
             num_accepted=num_accepted,
             output_ids=output_ids.masked_fill(~emitted, PAD_ID),
             logprobs=logprobs.masked_fill(~emitted, 0.0),
         )
+
+    def _verify_greedy(
+        self,
+        safe_draft_ids: torch.Tensor,  # [n, K]
+        valid: torch.Tensor,  # [n, K] bool
+        target_logits: torch.Tensor,  # [n, K+1, vocab]
+        sampling: SamplingParams,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # [n], [n, K+1], [n, K+1]
+        """Drafts accepted while they equal the argmax; the recovered/bonus token is the argmax at num_accepted.
+
+        The logprobs come from one fused ``log_softmax`` into the reused buffer, then a gather at the argmax:
+        measured faster than ``-log(sum(exp(x - max)))`` at the argmax alone, which costs 1.2-4x more on the
+        column-major logits of the engine's CPU LM head (``docs/results/step_overhead.md``)."""
+        target_argmax = target_logits.argmax(dim=-1)  # [n, K+1]
+        accepted = (safe_draft_ids == target_argmax[:, : safe_draft_ids.shape[1]]) & valid  # [n, K]
+        target_logprobs = processed_logprobs(target_logits, sampling, out=self._workspace(target_logits))
+        logprobs = target_logprobs.gather(-1, target_argmax.unsqueeze(-1)).squeeze(-1)  # [n, K+1]
+        return _num_leading_true(accepted), target_argmax, logprobs
+
+    def _verify_sampled(
+        self,
+        safe_draft_ids: torch.Tensor,  # [n, K]
+        valid: torch.Tensor,  # [n, K] bool
+        draft_lens: torch.Tensor,  # [n]
+        draft_probs: torch.Tensor | None,  # [n, K, vocab] or None
+        target_logits: torch.Tensor,  # [n, K+1, vocab]
+        sampling: SamplingParams,
+        uniforms: torch.Tensor,  # [n, K+1]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # [n], [n, K+1], [n, K+1]
+        n, num_draft = safe_draft_ids.shape
+        rows = torch.arange(n, device=target_logits.device)  # [n]
+        # [n, K+1, vocab], the one full pass
+        target_logprobs = processed_logprobs(target_logits, sampling, out=self._workspace(target_logits))
+        target_logprobs_at_draft = (
+            target_logprobs[:, :num_draft].gather(-1, safe_draft_ids.unsqueeze(-1)).squeeze(-1)
+        )  # [n, K]
+        target_probs_at_draft = target_logprobs_at_draft.exp()  # [n, K]
+        if draft_probs is None:  # one-hot drafts: draft_probs[j, x_j] = 1
+            accepted = uniforms[:, :num_draft] < target_probs_at_draft  # [n, K]
+        else:
+            draft_probs_at_draft = draft_probs.gather(-1, safe_draft_ids.unsqueeze(-1)).squeeze(-1)  # [n, K]
+            accepted = uniforms[:, :num_draft] * draft_probs_at_draft < target_probs_at_draft  # [n, K]
+        num_accepted = _num_leading_true(accepted & valid)  # [n]
+
+        # the one distribution per row that needs a sample: target_probs at position num_accepted (bonus) ...
+        sample_from = target_logprobs[rows, num_accepted].exp_()  # [n, vocab] a copy: edited in place
+        if num_draft > 0:  # ... or, for the rows that rejected draft num_accepted (< d_i), the residual there
+            sample_from = _residual(sample_from, safe_draft_ids, draft_lens, draft_probs, num_accepted)
+        sample_uniforms = uniforms.gather(1, draft_lens.unsqueeze(1)).squeeze(1)  # [n] = uniforms[i, d_i]
+        sampled_ids = sample_inverse_cdf(sample_from, sample_uniforms)  # [n] recovered or bonus token
+        sampled_logprobs = target_logprobs[rows, num_accepted, sampled_ids].unsqueeze(1)  # [n, 1]
+
+        # drafts then the sampled token at column num_accepted (later columns are masked by the caller)
+        output_ids = torch.cat([safe_draft_ids, safe_draft_ids.new_zeros(n, 1)], dim=1)  # [n, K+1]
+        output_ids.scatter_(1, num_accepted.unsqueeze(1), sampled_ids.unsqueeze(1))
+        logprobs = torch.cat([target_logprobs_at_draft, sampled_logprobs], dim=1)  # [n, K+1]
+        logprobs.scatter_(1, num_accepted.unsqueeze(1), sampled_logprobs)
+        return num_accepted, output_ids, logprobs
+
+
+def _residual(
+    sample_from: torch.Tensor,  # [n, vocab] target_probs at position num_accepted (edited in place)
+    safe_draft_ids: torch.Tensor,  # [n, K]
+    draft_lens: torch.Tensor,  # [n]
+    draft_probs: torch.Tensor | None,  # [n, K, vocab] or None
+    num_accepted: torch.Tensor,  # [n]
+) -> torch.Tensor:  # [n, vocab]
+    """For rows that rejected draft ``num_accepted`` the residual ``norm(max(target - draft, 0))`` there (unnormalised;
+    an all-zero residual falls back to the target's); other rows keep ``sample_from``."""
+    rows = torch.arange(sample_from.shape[0], device=sample_from.device)  # [n]
+    rejected = num_accepted < draft_lens  # [n]
+    at = num_accepted.clamp(max=safe_draft_ids.shape[1] - 1)  # [n] rejected position (clamped for bonus rows)
+    if draft_probs is not None:
+        residual = (sample_from - draft_probs[rows, at]).clamp_min_(0.0)  # [n, vocab]
+        use_residual = rejected & (residual.sum(dim=-1) > 0)  # [n]; all-zero residual -> target_probs
+        return torch.where(use_residual[:, None], residual, sample_from)  # [n, vocab]
+    # residual of a one-hot draft: target_probs with the rejected token zeroed, rejected rows only
+    rejected_ids = safe_draft_ids[rows, at].unsqueeze(1)  # [n, 1]
+    target_probs_at_rejected = sample_from.gather(1, rejected_ids)  # [n, 1]
+    sample_from.scatter_(1, rejected_ids, target_probs_at_rejected.masked_fill(rejected[:, None], 0.0))
+    use_residual = rejected & (sample_from.sum(dim=-1) > 0)  # all-zero residual -> target_probs
+    restored = target_probs_at_rejected.masked_fill(use_residual[:, None], 0.0)  # [n, 1]
+    return sample_from.scatter_(1, rejected_ids, restored)
 
 
 def _num_leading_true(mask: torch.Tensor) -> torch.Tensor:  # mask [n, K] bool -> [n] long
@@ -166,41 +202,67 @@ def _check_inputs(
     """Cheap shape/dtype/device checks (no host sync); value checks only for CPU tensors."""
     if target_logits.dim() != 3:
         raise ValueError(f"target_logits must be [n, K+1, vocab], got shape {tuple(target_logits.shape)}")
-    n, q, vocab = target_logits.shape
     if not target_logits.is_floating_point():
         raise ValueError(f"target_logits must be floating point, got {target_logits.dtype}")
-    if draft_ids.dim() != 2 or draft_ids.shape[0] != n or draft_ids.shape[1] + 1 != q:
-        raise ValueError(
-            f"draft_ids must be [n, K] = [{n}, {q - 1}] to match target_logits {tuple(target_logits.shape)}, "
-            f"got {tuple(draft_ids.shape)}"
-        )
-    num_draft = q - 1
-    if draft_ids.is_floating_point() or draft_ids.dtype == torch.bool:
-        raise ValueError(f"draft_ids must be an integer tensor, got {draft_ids.dtype}")
-    if draft_lens.shape != (n,) or draft_lens.is_floating_point() or draft_lens.dtype == torch.bool:
-        raise ValueError(
-            f"draft_lens must be an integer tensor of shape [{n}], got {draft_lens.dtype} {tuple(draft_lens.shape)}"
-        )
-    if draft_probs is not None:
-        if draft_probs.shape != (n, num_draft, vocab):
-            raise ValueError(
-                f"draft_probs must be [n, K, vocab] = [{n}, {num_draft}, {vocab}] or None, "
-                f"got {tuple(draft_probs.shape)}"
-            )
-        if draft_probs.device != target_logits.device:
-            raise ValueError(f"draft_probs is on {draft_probs.device} but target_logits on {target_logits.device}")
+    _check_drafts(draft_ids, draft_lens, target_logits)
+    _check_draft_probs(draft_probs, target_logits)
     if not sampling.greedy:
+        n, q, _ = target_logits.shape
         if uniforms is None:
             raise ValueError("uniforms [n, K+1] are required when sampling (temperature > 0); see draw_uniforms")
         if uniforms.shape != (n, q):
             raise ValueError(f"uniforms must be [n, K+1] = [{n}, {q}], got {tuple(uniforms.shape)}")
     if target_logits.device.type == "cpu" and draft_lens.device.type == "cpu" and draft_ids.device.type == "cpu":
-        if n and (int(draft_lens.min()) < 0 or int(draft_lens.max()) > num_draft):
-            raise ValueError(f"draft_lens must lie in [0, K={num_draft}], got {draft_lens.tolist()}")
-        valid = torch.arange(num_draft) < draft_lens.unsqueeze(1)
-        ids = draft_ids[valid]
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-            raise ValueError(f"draft_ids at valid positions must lie in [0, vocab={vocab})")
+        _check_draft_values(draft_ids, draft_lens, target_logits.shape[-1])
+
+
+def _is_integer(t: torch.Tensor) -> bool:
+    return not t.is_floating_point() and t.dtype != torch.bool
+
+
+def _check_drafts(
+    draft_ids: torch.Tensor,  # [n, K]
+    draft_lens: torch.Tensor,  # [n]
+    target_logits: torch.Tensor,  # [n, K+1, vocab]
+) -> None:
+    n, q, _ = target_logits.shape
+    if draft_ids.dim() != 2 or draft_ids.shape[0] != n or draft_ids.shape[1] + 1 != q:
+        raise ValueError(
+            f"draft_ids must be [n, K] = [{n}, {q - 1}] to match target_logits {tuple(target_logits.shape)}, "
+            f"got {tuple(draft_ids.shape)}"
+        )
+    if not _is_integer(draft_ids):
+        raise ValueError(f"draft_ids must be an integer tensor, got {draft_ids.dtype}")
+    if draft_lens.shape != (n,) or not _is_integer(draft_lens):
+        raise ValueError(
+            f"draft_lens must be an integer tensor of shape [{n}], got {draft_lens.dtype} {tuple(draft_lens.shape)}"
+        )
+
+
+def _check_draft_probs(
+    draft_probs: torch.Tensor | None,  # [n, K, vocab] or None
+    target_logits: torch.Tensor,  # [n, K+1, vocab]
+) -> None:
+    if draft_probs is None:
+        return
+    n, q, vocab = target_logits.shape
+    if draft_probs.shape != (n, q - 1, vocab):
+        raise ValueError(
+            f"draft_probs must be [n, K, vocab] = [{n}, {q - 1}, {vocab}] or None, got {tuple(draft_probs.shape)}"
+        )
+    if draft_probs.device != target_logits.device:
+        raise ValueError(f"draft_probs is on {draft_probs.device} but target_logits on {target_logits.device}")
+
+
+def _check_draft_values(draft_ids: torch.Tensor, draft_lens: torch.Tensor, vocab: int) -> None:  # [n, K], [n]
+    """Draft lengths in [0, K] and valid draft ids in [0, vocab) (CPU tensors only: reading them would sync)."""
+    n, num_draft = draft_ids.shape
+    if n and (int(draft_lens.min()) < 0 or int(draft_lens.max()) > num_draft):
+        raise ValueError(f"draft_lens must lie in [0, K={num_draft}], got {draft_lens.tolist()}")
+    valid = torch.arange(num_draft) < draft_lens.unsqueeze(1)
+    ids = draft_ids[valid]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise ValueError(f"draft_ids at valid positions must lie in [0, vocab={vocab})")
 
 
 def draw_uniforms(
