@@ -10,7 +10,7 @@ order may differ in the last bits, well inside the 1e-4 fp32 logprob contract). 
 ``docs/decisions/cpu_kernels.md``.
 
 Installed only for float32 CPU models, and only used under ``torch.no_grad``/``inference_mode`` with at most
-``MAX_ROWS`` rows: training forwards (grad enabled) and large prefills keep ``F.linear`` untouched.
+``MAX_ROWS`` rows: training forwards (grad enabled), prefills and wider decode steps keep ``F.linear``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MAX_ROWS = 256
+# rows (= columns of W @ x.T) up to which (W @ x.T).T beats F.linear; above it F.linear's packed kernel wins or ties
+# (2026-12-01, 1 thread, SmolLM2-135M weight chain: docs/decisions/cpu_kernels.md)
+MAX_ROWS = 6
 _MARK = "_atlas_cpu_linear"
 
 

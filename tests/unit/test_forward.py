@@ -95,3 +95,18 @@ def test_greedy_generate_lean_equals_hf_decoder_path(model_type):
     assert out[True].completion_ids == out[False].completion_ids
     for a, b in zip(out[True].logprobs, out[False].logprobs):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=1e-10)
+
+
+def test_small_linear_matches_f_linear_for_column_major_and_single_row_inputs():
+    from atlas_rl.rollout.cpu_linear import small_linear
+
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(40, 24, generator=g), torch.randn(40, generator=g)
+    for x in (
+        torch.randn(24, 4, generator=g).t(),
+        torch.randn(1, 24, generator=g),
+        torch.randn(2, 1, 24, generator=g),
+    ):
+        with torch.inference_mode():
+            got = small_linear(x, w, b)
+        torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b), rtol=0, atol=1e-5)
