@@ -110,6 +110,43 @@ def roofline_table(
     }
 
 
+def decode_step_table(
+    engines: Mapping[str, RolloutEngine],
+    prompts: list[list[int]],
+    rows: tuple[int, ...] = (1, 8, 16),
+    new_tokens: int = 48,
+    repeats: int = 3,
+) -> dict:
+    """A whole k=0 decode step of ``generate`` (greedy, ``new_tokens`` each, EOS ignored) per engine, against the
+    weight chain of as many columns as rows, interleaved over ``repeats`` rounds; medians.
+
+    Returns ``{name: {rows: {"step_ms", "forward_ms", "chain_ms", "step_vs_chain", "outside_forward_share"}}}``."""
+    from atlas_rl.types import SamplingParams
+
+    sp = SamplingParams(temperature=0.0, max_new_tokens=new_tokens, ignore_eos=True)
+    model = next(iter(engines.values())).model
+    raw = {(n, r): {"step": [], "forward": []} for n in engines for r in rows}
+    chain: dict[int, list[float]] = {r: [] for r in rows}
+    for _ in range(repeats):
+        for r in rows:
+            for name, eng in engines.items():
+                st = eng.generate(prompts[:r], sp).stats
+                raw[(name, r)]["step"].append((st.total_s - st.prefill_s) * 1e3 / st.num_steps)
+                raw[(name, r)]["forward"].append(st.forward_s * 1e3 / st.num_steps)
+            chain[r].append(weight_chain_ms(model, r)["best"])
+    out: dict = {n: {} for n in engines}
+    for (name, r), v in raw.items():
+        step, fwd, ch = statistics.median(v["step"]), statistics.median(v["forward"]), statistics.median(chain[r])
+        out[name][r] = {
+            "step_ms": step,
+            "forward_ms": fwd,
+            "chain_ms": ch,
+            "step_vs_chain": step / ch,
+            "outside_forward_share": (step - fwd) / step,
+        }
+    return out
+
+
 def render_roofline_markdown(table: dict) -> str:
     """Markdown: per engine, forward ms (x the chain of the same rows x tokens columns); then the chain."""
     toks = table["tokens"]
@@ -131,6 +168,16 @@ def render_roofline_markdown(table: dict) -> str:
     ch = table["chain"]
     lines += ["| columns | " + " | ".join(map(str, ch)) + " |", "|---" * (len(ch) + 1) + "|"]
     lines.append("| chain ms | " + " | ".join(f"{v:.1f}" for v in ch.values()) + " |")
+    steps = table.get("decode_steps") or {}
+    if steps:
+        lines += ["", "| path | rows | k=0 decode step ms | forward ms | chain ms | step / chain | outside forward |"]
+        lines.append("|---|---|---|---|---|---|---|")
+    for name, by_rows in steps.items():
+        for r, d in by_rows.items():
+            lines.append(
+                f"| {name} | {r} | {d['step_ms']:.1f} | {d['forward_ms']:.1f} | {d['chain_ms']:.1f} | "
+                f"{d['step_vs_chain']:.2f}x | {d['outside_forward_share']:.0%} |"
+            )
     return "\n".join(lines)
 
 
@@ -146,6 +193,9 @@ class RooflineOptions:
         default=True, metadata={"help": "Also time the Hugging Face decoder (the engine before the lean forward)."}
     )
     model: str | None = field(default=None, metadata={"help": "Model path or hub id; default the embedded one."})
+    decode_rows: str = field(
+        default="1,8,16", metadata={"help": "Rows of the whole-decode-step measurement ('' to skip it)."}
+    )
 
     def __post_init__(self) -> None:
         if self.repeats < 1 or self.context < 1:
@@ -160,13 +210,19 @@ def main(argv: list[str] | None = None) -> int:
     from atlas_rl.rollout import RolloutEngine
 
     (opts,) = HfArgumentParser(RooflineOptions).parse_args_into_dataclasses(args=argv)
-    model, _ = load_target(opts.model)
+    model, tokenizer = load_target(opts.model)
     engines = {"lean forward": RolloutEngine(model)}
     if opts.compare_hf:
         engines["HF decoder forward"] = RolloutEngine(model, config=EngineConfig(lean_forward=False))
     rows = tuple(int(x) for x in opts.rows.split(","))
     toks = tuple(int(x) for x in opts.tokens.split(","))
     table = roofline_table(engines, rows, toks, opts.context, opts.repeats)
+    if opts.decode_rows:
+        from atlas_rl.bench.tail import held_out_prompt_ids
+
+        drows = tuple(int(x) for x in opts.decode_rows.split(","))
+        prompts = held_out_prompt_ids(tokenizer, max(drows))
+        table["decode_steps"] = decode_step_table(engines, prompts, drows, repeats=opts.repeats)
     print(render_roofline_markdown(table))
     return 0
 
