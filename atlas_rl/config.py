@@ -23,6 +23,7 @@ class EngineConfig:
         prefill_chunk_tokens: upper bound of (rows x padded prompt length) per prefill forward.
         progress: show a progress bar over completion tokens.
         reuse_cache: keep the preallocated KV cache between ``generate`` calls when it is large enough.
+        lean_forward: decode/verification forwards through :mod:`atlas_rl.rollout.forward` (default True).
     """
 
     num_speculative_tokens: int | None = field(
@@ -55,6 +56,14 @@ class EngineConfig:
         metadata={
             "help": "On float32 CPU models, compute small decode-step matmuls as (W @ x.T).T, which streams each "
             "weight once (see atlas_rl.rollout.cpu_linear); training forwards are untouched."
+        },
+    )
+    lean_forward: bool = field(
+        default=True,
+        metadata={
+            "help": "Run decode/verification forwards through atlas_rl.rollout.forward (the same math as the Hugging "
+            "Face decoder over the same parameters, without its module stack, with RoPE tables and attention on "
+            "SDPA's fused kernel); False uses the Hugging Face decoder. Ignored for models it does not support."
         },
     )
     reuse_cache: bool = field(

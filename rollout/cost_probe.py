@@ -9,9 +9,11 @@ generated one (compute-bound) and speculation cannot pay.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import statistics
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,6 +24,24 @@ if TYPE_CHECKING:
     from atlas_rl.rollout.engine import RolloutEngine
 
 logger = logging.getLogger(__name__)
+
+# the sources whose changes change what a verification forward costs (part of the cost model's cache key)
+_COST_SOURCES = ("forward.py", "kv_cache.py", "cpu_linear.py", "cost_probe.py")
+
+
+def engine_code_version() -> str:
+    """A short hash of the engine's forward-path sources and :data:`~.forward.FORWARD_VERSION`: a cached
+    verification cost table measured with other code is not reused."""
+    from .forward import FORWARD_VERSION
+
+    h = hashlib.sha256(str(FORWARD_VERSION).encode())
+    here = Path(__file__).parent
+    for name in _COST_SOURCES:
+        try:
+            h.update((here / name).read_bytes())
+        except OSError:
+            h.update(name.encode())
+    return h.hexdigest()[:12]
 
 
 @torch.inference_mode()

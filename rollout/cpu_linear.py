@@ -1,15 +1,16 @@
 """A faster CPU kernel choice for the small matrix products of decoding, installed per ``nn.Linear``.
 
 ``F.linear(x, W)`` computes ``x @ W.T``; for a few rows of ``x`` (decode steps: rows x tokens per row is small)
-MKL's kernel for that layout re-packs the weight on every call, so on this project's CPUs (AVX2 EPYC) a
-forward over 2-9 tokens costs 1.6-2x one token although both are bound by reading the weights once.
-Computing ``(W @ x.T).T`` instead streams the weight once: measured on the 2-core EPYC, the 30-layer
-SmolLM2-135M weight chain costs 58 ms at 1 row for both kernels, but 49-65 ms instead of 100-130 ms at 2-5
-rows and 175 ms instead of 247 ms at 64 rows. The results are the same matrix product (summation order may
-differ in the last bits, well inside the 1e-4 fp32 logprob contract).
+MKL's kernel for that layout re-packs the weight on every call, so a forward over 2-9 tokens costs far more than
+one token although both are bound by reading the weights once. Computing ``(W @ x.T).T`` instead streams the
+weight once, provided the activation is row-major (a transposed-view activation, as the previous such product
+returns, is copied first: a column-major right operand is 3-5x slower); a single row is computed as two (the
+matrix-vector kernel is slower than the 2-column product). The results are the same matrix product (summation
+order may differ in the last bits, well inside the 1e-4 fp32 logprob contract). Measurements:
+``docs/decisions/cpu_kernels.md``.
 
 Installed only for float32 CPU models, and only used under ``torch.no_grad``/``inference_mode`` with at most
-``MAX_ROWS`` rows: training forwards (grad enabled) and large prefills keep ``F.linear`` untouched.
+``MAX_ROWS`` rows: training forwards (grad enabled), prefills and wider decode steps keep ``F.linear``.
 """
 
 from __future__ import annotations
@@ -21,19 +22,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MAX_ROWS = 256
+# rows (= columns of W @ x.T) up to which (W @ x.T).T beats F.linear; above it F.linear's packed kernel wins or ties
+# (2026-12-01, 1 thread, SmolLM2-135M weight chain: docs/decisions/cpu_kernels.md)
+MAX_ROWS = 6
 _MARK = "_atlas_cpu_linear"
 
 
-def _small_batch_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:  # x: [..., in_features]
+def small_linear(
+    x: torch.Tensor,  # [..., in_features]
+    weight: torch.Tensor,  # [out_features, in_features]
+    bias: torch.Tensor | None,  # [out_features] or None
+) -> torch.Tensor:  # [..., out_features]
+    """``F.linear(x, weight, bias)``, as ``(W @ x.T).T`` for few rows of a float32 CPU input without autograd."""
     if not torch.is_grad_enabled() and x.dtype == torch.float32 and x.device.type == "cpu":
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if 0 < rows <= MAX_ROWS:
-            out = torch.mm(self.weight, x.reshape(rows, x.shape[-1]).t()).t()  # [rows, out_features]
-            if self.bias is not None:
-                out = out + self.bias
-            return out.reshape(*x.shape[:-1], self.out_features)
-    return F.linear(x, self.weight, self.bias)
+            # the activation must be row-major ([rows, in] contiguous, so that x.T is column-major): MKL's kernel for a
+            # row-major right operand of 2-8 columns is 3-5x slower (docs/decisions/cpu_kernels.md)
+            x2 = x.reshape(rows, x.shape[-1]).contiguous()  # [rows, in_features]
+            if rows == 1:  # MKL's matrix-vector kernel is ~1.4x slower than its 2-column product: pad to 2
+                out = torch.mm(weight, x2.expand(2, -1).contiguous().t())[:, :1].t()  # [1, out_features]
+            else:
+                out = torch.mm(weight, x2.t()).t()  # [rows, out_features]
+            if bias is not None:
+                out = out + bias
+            return out.reshape(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
+def _small_batch_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:  # x: [..., in_features]
+    return small_linear(x, self.weight, self.bias)
 
 
 def install_cpu_linear(model: nn.Module) -> Callable[[], None]:

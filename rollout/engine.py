@@ -61,7 +61,9 @@ from atlas_rl.types import (
 from atlas_rl.verification import RejectionSampler, draw_uniforms
 from atlas_rl.verification.base import Verifier
 
+from .cost_probe import engine_code_version
 from .cpu_linear import install_cpu_linear
+from .forward import LeanForward, lean_forward_unsupported
 from .kv_cache import SlotKVCache
 from .step import (
     PackedStep,
@@ -162,6 +164,13 @@ class RolloutEngine:
         self._cache: SlotKVCache | None = None
         self._uninstall_linear = install_cpu_linear(model) if self.config.cpu_linear_kernel else (lambda: None)
         self._verification_cost: VerificationCost | None = None
+        self._lean: LeanForward | None = None
+        if self.config.lean_forward:
+            why = lean_forward_unsupported(model)
+            if why is None:
+                self._lean = LeanForward(model, cpu_linear=self.config.cpu_linear_kernel)
+            else:
+                logger.info("lean forward off for this model (%s): using the Hugging Face decoder", why)
 
         mc = model.config
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
@@ -209,7 +218,8 @@ class RolloutEngine:
                 str(self.device) if self.device.type != "cuda" else torch.cuda.get_device_name(self.device),
                 str(self.dtype),
                 torch.get_num_threads(),
-                extra=f"cpu_linear={self.config.cpu_linear_kernel}",
+                extra=f"cpu_linear={self.config.cpu_linear_kernel},lean={self._lean is not None},"
+                f"code={engine_code_version()}",
             )
 
             def timer(rows: int, tokens: int, repeats: int) -> float:
@@ -442,6 +452,8 @@ class RolloutEngine:
         """One decode/verification forward of slots 0..n-1: writes the q new keys/values of every row at its own
         offset and returns ``(last_hidden [n, q, hidden], hidden_states or None)``. The step loop, the cost probe
         and the benches call only this."""
+        if self._lean is not None:
+            return self._lean(input_ids, starts, cache, want_hidden)
         q = input_ids.shape[1]
         kv_len = int(starts.max()) + q
         position_ids = starts[:, None] + torch.arange(q, device=starts.device)[None, :]

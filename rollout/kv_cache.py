@@ -49,6 +49,7 @@ class SlotKVCache(Cache):
         self._write_rows: torch.Tensor | None = None  # [n, 1]
         self._write_pos: torch.Tensor | None = None  # [n, q]
         self._uniform_start: int | None = None
+        self._flat_idx: torch.Tensor | None = None  # [n * q * kv_heads] rows of a layer's [-1, head_dim] view
 
     def fits(self, max_rows: int, max_len: int, num_kv_heads: int, head_dim: int, dtype, device) -> bool:
         return (
@@ -74,6 +75,27 @@ class SlotKVCache(Cache):
         self._write_pos = starts[:, None] + ar[None, :]  # [n, q]
         self._write_rows = torch.arange(row0, row0 + n, device=starts.device)[:, None]  # [n, 1]
         self._uniform_start = None
+        self._flat_idx = None
+
+    def write_step(
+        self,
+        layer_idx: int,
+        key_states: torch.Tensor,  # [n, q, kv_heads, head_dim] (token-major, as a projection produces them)
+        value_states: torch.Tensor,  # [n, q, kv_heads, head_dim]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`update` for the lean forward after :meth:`set_step`: one ``index_copy_`` per buffer with flat
+        indices computed once per step (instead of an advanced-index write per layer). Returns the keys/values
+        to attend over, ``[n, kv_heads, kv_len, head_dim]`` each (views of the buffers)."""
+        k_buf, v_buf = self.keys[layer_idx], self.values[layer_idx]  # [rows, kv_heads, max_len, head_dim]
+        hk, d = k_buf.shape[1], k_buf.shape[3]
+        if self._flat_idx is None:
+            heads = torch.arange(hk, device=k_buf.device)
+            idx = (self._write_rows[:, :, None] * hk + heads) * self.max_len + self._write_pos[:, :, None]
+            self._flat_idx = idx.reshape(-1)  # [n * q * hk] ordered like key_states
+        k_buf.view(-1, d).index_copy_(0, self._flat_idx, key_states.reshape(-1, d))
+        v_buf.view(-1, d).index_copy_(0, self._flat_idx, value_states.reshape(-1, d))
+        r0, r1 = self._row0, self._row0 + self._nrows
+        return k_buf[r0:r1, :, : self._kv_len], v_buf[r0:r1, :, : self._kv_len]
 
     def set_uniform_step(self, row0: int, nrows: int, start: int, q_len: int) -> None:
         """Fast path when all rows write at the same positions (e.g. prefill of a right-padded batch)."""

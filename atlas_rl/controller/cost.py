@@ -9,8 +9,9 @@ Physics this model must capture without assuming a shape:
   forward, so a verified token costs about as much as a generated one and speculation cannot pay.
 
 So the cost is a *table* of measured seconds over a grid of rows (powers of two) x tokens per row (1 .. T),
-interpolated linearly in rows, exact in tokens. It is calibrated once per model/device/dtype/threads by timing
-engine-style forwards within a time budget (cached as JSON under ``cache_dir()/controller``), then refined online
+interpolated linearly in rows, exact in tokens. It is calibrated once per model/device/dtype/threads/engine code
+version by timing engine-style forwards in interleaved passes within a time budget, keeping each point's fastest
+time and a table monotone in tokens and rows (cached as JSON under ``cache_dir()/controller``), then refined online
 from the engine's own step timings (``StepRecord.forward_s``): each observation moves the table cells around it,
 multiplicatively, toward what was measured. Cells the calibration did not reach are filled by interpolation and
 (beyond the largest measured row) linear extrapolation in rows; online refinement then corrects them.
@@ -38,8 +39,9 @@ ForwardTimer = Callable[[int, int, int], float]
 
 CALIBRATION_ROWS: tuple[int, ...] = (1, 4, 16, 64)
 CALIBRATION_TOKENS: tuple[int, ...] = (1, 2, 3, 5, 9)
+CALIBRATION_ROUNDS = 3  # interleaved passes over the calibration points (each point keeps its fastest)
 CACHE_FORMAT = "atlas-rl/verification-cost"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: interleaved passes (a table from single timings is measured again)
 
 
 class VerificationCost:
@@ -120,6 +122,7 @@ class VerificationCost:
                 continue
             self._log[idx] += self.refine_rate * self.shared_rate * wt * err
             self._log[idx, tokens - 1] += self.refine_rate * (1 - self.shared_rate) * wt * err
+            self._log[idx] = np.maximum.accumulate(self._log[idx])  # more tokens never cost less
         if overhead_s is not None and math.isfinite(overhead_s):
             d = max(0.0, overhead_s) - self.overhead_s(rows)
             for idx, wt in ((i, 1 - w), (i + 1, w)):
@@ -249,57 +252,64 @@ def calibrate(
     rows: Sequence[int] = CALIBRATION_ROWS,
     tokens: Sequence[int] = CALIBRATION_TOKENS,
     key: str = "",
+    rounds: int = CALIBRATION_ROUNDS,
 ) -> VerificationCost:
-    """Time verification forwards on this machine, cheapest first, until ``budget_s`` would be exceeded.
+    """Time verification forwards on this machine within ``budget_s``, in ``rounds`` interleaved passes.
 
-    Points are ``rows x tokens`` (plus ``max_tokens`` when it exceeds every entry of ``tokens``), row by row;
-    a point is skipped when its predicted cost (from the points already measured) no longer fits the budget,
-    and calibration stops at the first row whose single-token forward does not fit. ``(1, 1)`` is always
-    measured. Cheap points take the median of 3 timings, expensive ones a single timing.
+    Points are ``rows x tokens`` (plus ``max_tokens`` when it exceeds every entry of ``tokens``). The first pass
+    goes cheapest first, row by row, within ``budget_s / rounds``: a point is skipped when its predicted cost (from
+    the points already measured) no longer fits, and the pass stops at the first row whose single-token forward
+    does not fit; ``(1, 1)`` is always measured. The further passes time every chosen point once more, in the same
+    order, while a whole pass still fits the budget: a busy spell of another process then slows a pass, not one
+    point. Each point keeps its fastest time (interference only ever adds time), and the table is made monotone
+    (more tokens or rows never cost less; see :func:`_sanitize`). Points whose passes disagree by more than 2x
+    mark the calibration as disturbed (used, not cached).
     """
     if budget_s <= 0:
         raise ValueError(f"budget_s must be > 0, got {budget_s}")
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
     toks = sorted({t for t in tokens if t <= max_tokens} | {1, max_tokens})
     t_start = time.perf_counter()
     timer(1, 1, 1)  # warm-up (allocator, kernels); not recorded
-    measured: dict[tuple[int, int], float] = {}
-    for r in sorted(set(rows)):
-        for t in toks:
-            est = _estimate(measured, r, t)
-            elapsed = time.perf_counter() - t_start
-            repeats = 3 if est * 3 < 0.05 * budget_s else 1
-            if measured and elapsed + est * repeats > budget_s:
-                if t == 1:
-                    break
-                continue
-            sec = timer(r, t, repeats)
-            if est > 0 and sec > 2 * est and time.perf_counter() - t_start + est <= budget_s:
-                sec = min(sec, timer(r, t, 1))  # far above even the pessimistic guess: interference? once more
-            measured[(r, t)] = sec
-        else:
-            continue
-        break
-    # disturbed by other processes? the first point again, and how much the physics had to correct
-    first = measured[(1, 1)]
-    again = timer(1, 1, 3 if first * 3 < 0.05 * budget_s else 1) if elapsed_ok(t_start, first, budget_s) else None
+    times = {p: [s] for p, s in _first_pass(timer, sorted(set(rows)), toks, budget_s / rounds, t_start).items()}
+    for _ in range(rounds - 1):
+        if time.perf_counter() - t_start + sum(min(v) for v in times.values()) > budget_s:
+            break
+        for (r, t), v in times.items():
+            v.append(timer(r, t, 1))
+    measured = {p: min(v) for p, v in times.items()}
+    spread = max(max(v) / min(v) for v in times.values())
     sane = _sanitize(measured)
     worst = max(measured[(r, t)] / sane[r][t] for r, t in measured)
     cost = VerificationCost(measured, key=key)
     cost.requested_tokens = max_tokens
     cost.calibration_s = time.perf_counter() - t_start
-    cost.reliable = worst <= 3.0 and (again is None or max(again, first) / min(again, first) <= 2.0)
+    cost.reliable = worst <= 3.0 and spread <= 2.0
     logger.info(
-        "verification cost calibrated in %.1f s%s: %s",
+        "verification cost calibrated in %.1f s (%d passes)%s: %s",
         cost.calibration_s,
+        max(len(v) for v in times.values()),
         "" if cost.reliable else " (disturbed: the machine looks busy; not cached)",
         ", ".join(f"{r}x{t}={s * 1e3:.1f}ms" for (r, t), s in sorted(measured.items())),
     )
     return cost
 
 
-def elapsed_ok(t_start: float, seconds: float, budget_s: float) -> bool:
-    """Whether ``seconds`` more still fit (10% over) the budget of a calibration that began at ``t_start``."""
-    return time.perf_counter() - t_start + seconds <= budget_s * 1.1
+def _first_pass(
+    timer: ForwardTimer, rows: list[int], toks: list[int], budget_s: float, t_start: float
+) -> dict[tuple[int, int], float]:
+    """One timing per point, cheapest first, of the points that fit ``budget_s`` (see :func:`calibrate`)."""
+    measured: dict[tuple[int, int], float] = {}
+    for r in rows:
+        for t in toks:
+            est = _estimate(measured, r, t)
+            if measured and time.perf_counter() - t_start + est > budget_s:
+                if t == 1:
+                    return measured
+                continue
+            measured[(r, t)] = timer(r, t, 1)
+    return measured
 
 
 def _estimate(measured: dict[tuple[int, int], float], r: int, t: int) -> float:

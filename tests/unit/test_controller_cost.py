@@ -11,7 +11,7 @@ import pytest
 
 from atlas_rl.controller import DraftCost, VerificationCost
 from atlas_rl.controller.calibration import AcceptanceModel, confidence_bins, position_groups
-from atlas_rl.controller.cost import calibrate, cost_cache_key, cost_cache_path, load_or_calibrate
+from atlas_rl.controller.cost import CALIBRATION_ROUNDS, calibrate, cost_cache_key, cost_cache_path, load_or_calibrate
 from atlas_rl.controller.planning import best_length, expected_tokens
 from atlas_rl.controller.tracker import DraftTracker, Outcomes, PendingDraft
 from atlas_rl.types import ProposeRecord, SpecStats, SpeculatorStats, StepRecord
@@ -200,7 +200,8 @@ def test_a_timing_spike_does_not_become_a_permanent_belief():
         return spiky.pop((rows, tokens), 0.01 * rows * (1 + 0.1 * tokens))
 
     c = calibrate(timer, max_tokens=9, budget_s=5.0, rows=(1,), tokens=(1, 2, 3))
-    assert calls.count((1, 2)) == 2 and c.measured[(1, 2)] == pytest.approx(0.012)  # re-measured, min kept
+    # timed in every interleaved pass, the fastest kept
+    assert calls.count((1, 2)) == CALIBRATION_ROUNDS and c.measured[(1, 2)] == pytest.approx(0.012)
 
 
 def test_a_disturbed_calibration_is_used_but_not_cached(tmp_path):
@@ -215,3 +216,25 @@ def test_a_disturbed_calibration_is_used_but_not_cached(tmp_path):
     cost = load_or_calibrate("k", timer, max_tokens=9, budget_s=5.0, root=tmp_path)
     assert not cost.reliable and not cost_cache_path("k", tmp_path).exists()
     assert cost.forward_s(1, 1) == pytest.approx(0.01)
+
+
+def test_calibrated_table_is_monotone_and_near_the_law_on_a_noisy_machine():
+    # every timing is the law plus positive interference: +0-20% always, and a 2-6x spike in 15% of timings
+    # (another process took the core); seeded, so the test is deterministic
+    law = lambda r, t: 0.01 + 0.002 * t + 0.0004 * r * t  # noqa: E731 - weights once, plus compute per token
+    rng = np.random.default_rng(0)
+
+    def timer(rows: int, tokens: int, repeats: int) -> float:
+        spike = rng.uniform(2, 6) if rng.random() < 0.15 else 1.0
+        return law(rows, tokens) * rng.uniform(1.0, 1.2) * spike
+
+    cost = calibrate(timer, max_tokens=9, budget_s=100.0, rounds=5)
+    for r in (1, 2, 4, 8, 16, 32, 64, 128):
+        curve = cost.forward_curve(r, 12)
+        assert np.all(np.diff(curve) >= 0), (r, curve)  # more tokens never cost less
+    for r, t in cost.measured:
+        assert law(r, t) <= cost.forward_s(r, t) <= 1.25 * law(r, t), (r, t)  # spikes did not stick
+    for _ in range(50):  # online refinement with noisy observations keeps the shape
+        r, t = int(rng.choice([1, 4, 16])), int(rng.integers(1, 10))
+        cost.observe(r, t, law(r, t) * rng.uniform(0.5, 3.0))
+        assert np.all(np.diff(cost.forward_curve(r, 9)) >= 0)
