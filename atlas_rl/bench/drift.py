@@ -54,6 +54,7 @@ from tqdm.auto import tqdm
 
 from atlas_rl.config import EngineConfig
 from atlas_rl.controller import BestOfController, FixedController
+from atlas_rl.jsonio import write_json
 from atlas_rl.rollout.engine import RolloutEngine
 from atlas_rl.speculators.adaptive import AdaptiveHeadConfig, build_adaptive_head, rank_vocab_from_samples
 from atlas_rl.speculators.adaptive import refresh_frozen_rows as _refresh_rows
@@ -684,10 +685,10 @@ def _run(opts: DriftOptions, command: str, out_dir: Path, t_start: float) -> dic
             train_s,
             100 * train_s / rollout_s,
         )
-        (out_dir / "policy_drift.json").write_text(json.dumps(report, indent=1, default=_json_default))
+        write_json(out_dir / "policy_drift.json", report)
     report["summary"] = _summary(report)
     report["wall_s"] = time.perf_counter() - t_start
-    (out_dir / "policy_drift.json").write_text(json.dumps(report, indent=1, default=_json_default))
+    write_json(out_dir / "policy_drift.json", report)
     (out_dir / "policy_drift.md").write_text(render_policy_drift_markdown(report))
     return report
 
@@ -697,14 +698,6 @@ def _coverage(d2t: torch.Tensor, completions: list[list[int]]) -> float:
     allowed = set(d2t.tolist())
     toks = [t for c in completions for t in c]
     return sum(t in allowed for t in toks) / len(toks) if toks else math.nan
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, tuple):
-        return list(x)
-    return str(x)
 
 
 def _summary(report: dict) -> dict[str, Any]:

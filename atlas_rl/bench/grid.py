@@ -16,7 +16,6 @@ Writes ``grid.json``/``grid.md`` or ``drift.json``/``drift.md`` into the output 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import platform
@@ -30,6 +29,7 @@ import torch
 
 from atlas_rl.config import EngineConfig
 from atlas_rl.controller import AutoController, AutoControllerConfig, FixedController, VerificationCost
+from atlas_rl.jsonio import write_json
 from atlas_rl.rollout.engine import RolloutEngine
 from atlas_rl.speculators.base import Speculator, build_speculator
 from atlas_rl.types import SamplingParams, SpecStats
@@ -257,9 +257,9 @@ def run_grid(opts: GridOptions, command: str = "atlas-rl bench --scenario grid")
             **_summary(results, list(factories), opts.ks),
             "runs": _runs(results),
         }
-        (out_dir / "grid.json").write_text(json.dumps(report, indent=1))
+        write_json(out_dir / "grid.json", report)
     report["wall_s"] = time.perf_counter() - t0
-    (out_dir / "grid.json").write_text(json.dumps(report, indent=1))
+    write_json(out_dir / "grid.json", report)
     (out_dir / "grid.md").write_text(render_grid_markdown(report))
     return report
 
@@ -352,7 +352,7 @@ def run_drift(opts: GridOptions, command: str = "atlas-rl bench --scenario drift
         "auto_vs_best_fixed": by["auto"]["tokens_per_s"] / max(by[c]["tokens_per_s"] for c in best.values()),
         "wall_s": time.perf_counter() - t0,
     }
-    (out_dir / "drift.json").write_text(json.dumps(report, indent=1))
+    write_json(out_dir / "drift.json", report)
     (out_dir / "drift.md").write_text(render_drift_markdown(report))
     return report
 

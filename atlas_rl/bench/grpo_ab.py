@@ -18,12 +18,13 @@ Needs scipy (the ``dev`` extra).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
+
+from atlas_rl.metrics.runlog import read_run, series
 
 FIELDS = {
     "reward": "reward",
@@ -36,26 +37,17 @@ FIELDS = {
 
 
 def load_run(run_dir: str | Path) -> dict[str, Any]:
-    """Per-step series of one run directory (``metrics.jsonl`` lines that carry a training loss)."""
-    d = Path(run_dir)
-    path = d / "metrics.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: pass run directories written by recipes/grpo.py")
-    steps = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    steps = [s for s in steps if "loss" in s]
-    if not steps:
-        raise ValueError(f"{path} holds no training-step metrics")
-    meta = json.loads((d / "run.json").read_text()) if (d / "run.json").exists() else {}
+    """Per-step series of one run directory (its training-step records, :func:`atlas_rl.metrics.runlog.read_run`)."""
+    run = read_run(run_dir)
+    d, meta, steps = run.directory, run.meta, run.steps
     out: dict[str, Any] = {"name": d.name, "meta": meta, "n": len(steps)}
     for key, field in FIELDS.items():
-        out[key] = [float(s.get(field, math.nan)) for s in steps]
+        out[key] = series(steps, field)
     out["tokens"] = [r * t for r, t in zip(out["rollout_s"], out["tok_s"])]
     est = sorted({k.split("/", 2)[2] for s in steps for k in s if k.startswith("atlas/estimated_acceptance_length/")})
-    out["estimated"] = {
-        name: [float(s.get(f"atlas/estimated_acceptance_length/{name}", math.nan)) for s in steps] for name in est
-    }
-    out["tau"] = [float(s.get("atlas/mean_acceptance_length", math.nan)) for s in steps]
-    out["spec_off"] = [float(s.get("atlas/spec_off_fraction", math.nan)) for s in steps]
+    out["estimated"] = {name: series(steps, f"atlas/estimated_acceptance_length/{name}") for name in est}
+    out["tau"] = series(steps, "atlas/mean_acceptance_length")
+    out["spec_off"] = series(steps, "atlas/spec_off_fraction")
     return out
 
 

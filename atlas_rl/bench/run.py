@@ -7,7 +7,6 @@ a GRPO batch; plus the verification cost table of this machine. Writes ``bench.j
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import platform
@@ -19,6 +18,7 @@ import torch
 
 from atlas_rl.config import EngineConfig
 from atlas_rl.controller import FixedController
+from atlas_rl.jsonio import write_json
 from atlas_rl.rollout.cost_probe import verification_cost_table
 from atlas_rl.rollout.engine import RolloutEngine
 from atlas_rl.speculators.suffix import SuffixSpeculator
@@ -285,13 +285,13 @@ def run_bench(opts: BenchOptions, command: str = "atlas-rl bench") -> dict:
                 for r in s.runs
             ],
         }
-        (out_dir / "bench.json").write_text(json.dumps(report, indent=1))
+        write_json(out_dir / "bench.json", report)
     if opts.cost_table:
         logger.info("measuring the verification cost table")
         report["cost_table"] = verification_cost_table(model, rows=opts.cost_rows, tokens=opts.cost_tokens)
-        (out_dir / "cost_table.json").write_text(json.dumps(report["cost_table"], indent=1))
+        write_json(out_dir / "cost_table.json", report["cost_table"])
     report["wall_s"] = time.perf_counter() - t0
-    (out_dir / "bench.json").write_text(json.dumps(report, indent=1))
+    write_json(out_dir / "bench.json", report)
     (out_dir / "bench.md").write_text(render_markdown(report))
     (out_dir / "bench.html").write_text(render_html(report))
     return report
