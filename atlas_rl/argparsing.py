@@ -59,33 +59,47 @@ def _item_types(tp: Any) -> tuple[Any, int | None] | None:
     return None
 
 
+def _as_bool(name: str, v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    raise ConfigError(f"{name} must be true or false, got {v!r}")
+
+
+def _as_int(name: str, v: Any) -> int:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.strip().lstrip("+-").isdigit():
+        return int(v)
+    raise ConfigError(f"{name} must be an integer, got {v!r}")
+
+
+def _as_float(name: str, v: Any) -> float:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    try:
+        if isinstance(v, str):
+            return float(v)  # YAML 1.1 reads 5e-5 (no dot) as a string
+    except ValueError:
+        pass
+    raise ConfigError(f"{name} must be a number, got {v!r}")
+
+
+def _as_str(name: str, v: Any) -> str:
+    if isinstance(v, str):
+        return v
+    raise ConfigError(f"{name} must be a string, got {v!r}")
+
+
+_SCALARS = {bool: _as_bool, int: _as_int, float: _as_float, str: _as_str}
+
+
 def _scalar(name: str, v: Any, tp: Any) -> Any:
     if typing.get_origin(tp) is Literal:
         if v not in typing.get_args(tp):
             raise ConfigError(f"{name} must be one of {list(typing.get_args(tp))}, got {v!r}")
         return v
-    if tp is bool:
-        if isinstance(v, bool):
-            return v
-        raise ConfigError(f"{name} must be true or false, got {v!r}")
-    if tp is int:
-        if isinstance(v, int) and not isinstance(v, bool):
-            return v
-        if isinstance(v, str) and v.strip().lstrip("+-").isdigit():
-            return int(v)
-        raise ConfigError(f"{name} must be an integer, got {v!r}")
-    if tp is float:
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return float(v)
-        if isinstance(v, str):
-            try:
-                return float(v)  # YAML 1.1 reads 5e-5 (no dot) as a string
-            except ValueError:
-                pass
-        raise ConfigError(f"{name} must be a number, got {v!r}")
-    if tp is str and not isinstance(v, str):
-        raise ConfigError(f"{name} must be a string, got {v!r}")
-    return v
+    check = _SCALARS.get(tp)
+    return check(name, v) if check is not None else v  # other types (dict, Any, ...): as given
 
 
 def check_value(name: str, v: Any, tp: Any) -> Any:

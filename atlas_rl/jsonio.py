@@ -56,8 +56,10 @@ def dumps(x: Any, indent: int | None = None) -> str:
 
 
 def write_json(path: str | Path, x: Any, indent: int | None = 1) -> Path:
-    """Write ``x`` as strict JSON to ``path`` atomically (a temporary file renamed over the target)."""
+    """Write ``x`` as strict JSON to ``path`` atomically (a temporary file renamed over the target); creates the
+    parent directory."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(dumps(x, indent=indent) + "\n", encoding="utf-8")
     os.replace(tmp, path)

@@ -42,6 +42,13 @@ def render_policy_drift_markdown(report: dict) -> str:
         "time of generate().",
         "",
     ]
+    lines += _versions_table(report) + _adaptive_table(report) + _conclusion(report)
+    lines += ["", f"Command: `{report['command']}`", ""]
+    return "\n".join(lines)
+
+
+def _versions_table(report: dict) -> list[str]:
+    lines = []
     names = [n for n in CONFIGS if n in report["versions"][0]["configs"]]
     head = "| version | C share | held-out C loss | " + " | ".join(f"{n} τ / tok/s" for n in names)
     head += " | adaptive train s | RL rollout s | train share |"
@@ -54,7 +61,11 @@ def render_policy_drift_markdown(report: dict) -> str:
             + " | ".join(cells)
             + f" | {fmt(a['seconds'], 1)} | {fmt(r['rollout']['seconds'], 1)} | {100 * a['share_of_rollout']:.1f}% |"
         )
-    lines += [
+    return lines
+
+
+def _adaptive_table(report: dict) -> list[str]:
+    lines = [
         "",
         "| version | adaptive steps | train loss | train top-1 | vocab coverage of the rollout: static / adaptive "
         "(before -> after re-ranking) | draft share in static+adaptive+suffix |",
@@ -70,8 +81,12 @@ def render_policy_drift_markdown(report: dict) -> str:
             + ", ".join(f"{k} {100 * v:.0f}%" for k, v in sorted(shares.items()))
             + " |"
         )
+    return lines
+
+
+def _conclusion(report: dict) -> list[str]:
     s = report.get("summary", {})
-    lines += [""]
+    lines = [""]
     if "adaptive_over_static_tau_last" in s:
         lines.append(
             f"At the last version (v{s['last_version']}) the adaptive head's τ is "
@@ -83,5 +98,4 @@ def render_policy_drift_markdown(report: dict) -> str:
             f"Adaptive retraining took at most {100 * s['max_train_share']:.1f}% (mean "
             f"{100 * s['mean_train_share']:.1f}%) of the version's RL rollout time; target <= 10%."
         )
-    lines += ["", f"Command: `{report['command']}`", ""]
-    return "\n".join(lines)
+    return lines
