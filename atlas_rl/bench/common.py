@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 import platform
-from dataclasses import asdict, is_dataclass
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,3 +50,38 @@ def header(opts: Any, model: torch.nn.Module, command: str) -> dict[str, Any]:
 def fmt(x: Any, nd: int = 2) -> str:
     """A number for a markdown table; ``—`` for None, NaN and inf."""
     return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{nd}f}"
+
+
+@dataclass
+class BenchRun:
+    """A bench in progress: where it writes, when it started, the target, and the report being filled."""
+
+    out_dir: Path
+    model: torch.nn.Module
+    tokenizer: Any
+    eos: list[int]
+    report: dict[str, Any]
+    t0: float = field(default_factory=time.perf_counter)
+
+    def write(self, stem: str, render: Callable[[dict], str] | None = None) -> None:
+        """``<stem>.json`` (strict JSON; after every stage, so a cut run leaves its results) and, with ``render``,
+        the final ``<stem>.md`` with the wall time."""
+        from atlas_rl.jsonio import write_json
+
+        if render is not None:
+            self.report["wall_s"] = time.perf_counter() - self.t0
+        write_json(self.out_dir / f"{stem}.json", self.report)
+        if render is not None:
+            (self.out_dir / f"{stem}.md").write_text(render(self.report))
+
+
+def start_run(opts: Any, command: str, **fields: Any) -> BenchRun:
+    """Load the target (clear error), create the output directory, and start the report with :func:`header`."""
+    from atlas_rl.rollout.engine import RolloutEngine
+
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(opts.model)
+    out_dir = Path(opts.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    eos = list(RolloutEngine(model).eos_token_ids)
+    return BenchRun(out_dir, model, tokenizer, eos, header(opts, model, command) | fields, t0)

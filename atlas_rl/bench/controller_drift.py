@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from atlas_rl.jsonio import write_json
 from atlas_rl.rollout.build import build_engine
 from atlas_rl.rollout.engine import RolloutEngine
 from atlas_rl.types import SamplingParams, SpecStats
 
-from .common import fmt, header, load_model
+from .common import fmt, start_run
 from .grid import QUICK, GridOptions, auto_controller, calibrate
 from .synthetic import ReplayOracleSpeculator
 from .workloads import chat_ids
@@ -118,30 +116,24 @@ def _rows(totals: dict, stats: dict) -> list[dict[str, Any]]:
 
 def run_controller_drift(opts: GridOptions, command: str = "atlas-rl bench --scenario controller-drift") -> dict:
     """Run the scenario (module docstring); writes ``controller_drift.json`` and ``controller_drift.md``."""
-    out_dir = Path(opts.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    model, tokenizer = load_model(opts.model)
-    eos = list(RolloutEngine(model).eos_token_ids)
-    report = header(opts, model, command) | {"scenario": "controller-drift"}
-    cost, report["verification_cost"] = calibrate(model, eos, opts.max_k)
-    prompts = _prompts(tokenizer, opts.drift_rows)
+    run = start_run(opts, command, scenario="controller-drift")
+    model, eos = run.model, run.eos
+    cost, run.report["verification_cost"] = calibrate(model, eos, opts.max_k)
+    prompts = _prompts(run.tokenizer, opts.drift_rows)
     sp = SamplingParams(temperature=0.0, max_new_tokens=opts.max_new_tokens, ignore_eos=True)
     reference = build_engine(model, eos_token_ids=eos).generate(prompts, sp).completion_ids
     per_round, totals, stats = _rounds(_engines(model, eos, reference, opts, cost), prompts, opts)
     rows = _rows(totals, stats)
     by = {r["config"]: r for r in rows}
     best = {n: max((by[f"{n}_k{k}"] for k in opts.ks), key=lambda r: r["tokens_per_s"])["config"] for n in "AB"}
-    report |= {
+    run.report |= {
         "rounds": per_round,
         "rows": rows,
         "best_fixed_per_speculator": best,
         "auto_vs_best_fixed": by["auto"]["tokens_per_s"] / max(by[c]["tokens_per_s"] for c in best.values()),
-        "wall_s": time.perf_counter() - t0,
     }
-    write_json(out_dir / "controller_drift.json", report)
-    (out_dir / "controller_drift.md").write_text(render_controller_drift_markdown(report))
-    return report
+    run.write("controller_drift", render_controller_drift_markdown)
+    return run.report
 
 
 def render_controller_drift_markdown(report: dict) -> str:

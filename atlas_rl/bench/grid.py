@@ -13,21 +13,17 @@ from __future__ import annotations
 import logging
 import math
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from atlas_rl.controller import AutoController, AutoControllerConfig, VerificationCost
-from atlas_rl.jsonio import write_json
 from atlas_rl.rollout.build import build_engine, build_speculators
-from atlas_rl.rollout.engine import RolloutEngine
 from atlas_rl.speculators.base import Speculator, build_speculator
 from atlas_rl.types import SamplingParams
 
-from .common import fmt, header, load_model
+from .common import fmt, start_run
 from .harness import ConfigSummary, RunResult, engine_runner, run_interleaved
 from .workloads import Workload, grpo_workload
 
@@ -217,26 +213,19 @@ def _configs(model: torch.nn.Module, eos: list[int], cost: VerificationCost, opt
 
 def run_grid(opts: GridOptions, command: str = "atlas-rl bench --scenario grid") -> dict:
     """Run the grid (module docstring); writes ``grid.json`` (after every cell) and ``grid.md``."""
-    out_dir = Path(opts.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    model, tokenizer = load_model(opts.model)
-    eos = list(RolloutEngine(model).eos_token_ids)
-    report = header(opts, model, command) | {"scenario": "grid", "cells": {}}
-    cost, report["verification_cost"] = calibrate(model, eos, opts.max_k)
-    configs = _configs(model, eos, cost, opts)
+    run = start_run(opts, command, scenario="grid", cells={})
+    cost, run.report["verification_cost"] = calibrate(run.model, run.eos, opts.max_k)
+    configs = _configs(run.model, run.eos, cost, opts)
     speculators = sorted({name.rsplit("_k", 1)[0] for name in configs if "_k" in name})
     for rows in opts.batch_sizes:
-        w = _grid_workload(tokenizer, rows, opts)
+        w = _grid_workload(run.tokenizer, rows, opts)
         logger.info("grid cell %s: %s", w.name, w.description)
         results = run_interleaved(w, configs, repeats=opts.repeats)
         cell = _summary(results, speculators, opts.ks)
-        report["cells"][str(rows)] = {"description": w.description, **cell, "runs": _runs(results)}
-        write_json(out_dir / "grid.json", report)
-    report["wall_s"] = time.perf_counter() - t0
-    write_json(out_dir / "grid.json", report)
-    (out_dir / "grid.md").write_text(render_grid_markdown(report))
-    return report
+        run.report["cells"][str(rows)] = {"description": w.description, **cell, "runs": _runs(results)}
+        run.write("grid")
+    run.write("grid", render_grid_markdown)
+    return run.report
 
 
 # ---------------------------------------------------------------------------------------------- report

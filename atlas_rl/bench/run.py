@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +19,8 @@ import torch
 from atlas_rl.jsonio import write_json
 from atlas_rl.rollout.build import build_engine, build_speculators
 from atlas_rl.rollout.cost_probe import verification_cost_table
-from atlas_rl.rollout.engine import RolloutEngine
 
-from .common import fmt, header, load_model
+from .common import fmt, start_run
 from .harness import ConfigSummary, RunResult, engine_runner, hf_generate_runner, run_interleaved, vllm_runner
 from .workloads import Workload, greedy_workload, grpo_workload, tail_workload
 
@@ -275,26 +273,20 @@ def _workload_report(w: Workload, results: dict[str, ConfigSummary]) -> dict:
 def run_bench(opts: BenchOptions, command: str = "atlas-rl bench") -> dict:
     """Run the bench (module docstring); writes bench.json (after every workload), bench.md, bench.html and
     cost_table.json into ``opts.out_dir``."""
-    out_dir = Path(opts.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    model, tokenizer = load_model(opts.model)
-    eos = list(RolloutEngine(model).eos_token_ids)
-    report: dict = header(opts, model, command) | {"workloads": {}, "notes": []}
-    configs = _configs(model, tokenizer, eos, opts, report["notes"])
-    for w in _workloads(tokenizer, opts):
+    run = start_run(opts, command, workloads={}, notes=[])
+    model, report = run.model, run.report
+    configs = _configs(model, run.tokenizer, run.eos, opts, report["notes"])
+    for w in _workloads(run.tokenizer, opts):
         logger.info("workload %s: %s", w.name, w.description)
         results = run_interleaved(w, configs, repeats=opts.repeats)
         for name in sorted(set(configs) - set(results)):
             report["notes"].append(f"{name} failed on workload {w.name} and is left out of its table (see the log)")
         report["workloads"][w.name] = _workload_report(w, results)
-        write_json(out_dir / "bench.json", report)
+        run.write("bench")
     if opts.cost_table:
         logger.info("measuring the verification cost table")
         report["cost_table"] = verification_cost_table(model, rows=opts.cost_rows, tokens=opts.cost_tokens)
-        write_json(out_dir / "cost_table.json", report["cost_table"])
-    report["wall_s"] = time.perf_counter() - t0
-    write_json(out_dir / "bench.json", report)
-    (out_dir / "bench.md").write_text(render_markdown(report))
-    (out_dir / "bench.html").write_text(render_html(report))
+        write_json(run.out_dir / "cost_table.json", report["cost_table"])
+    run.write("bench", render_markdown)
+    (run.out_dir / "bench.html").write_text(render_html(report))
     return report

@@ -148,6 +148,17 @@ def test_recipe_script_missing_config_file_exits_2_with_one_line():
     )
 
 
+def test_recipe_missing_model_directory_is_one_line_with_exit_2(tmp_path, capsys, monkeypatch):
+    from atlas_rl.trainers.runner import recipe_main
+
+    monkeypatch.chdir(ROOT)
+    argv = ["--config", "recipes/configs/grpo.yaml", "--model", str(tmp_path / "no_model"), "--run_dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as e:
+        recipe_main("grpo", "", argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "no_model" in err and "does not exist" in err and "\n" not in err
+
+
 def test_static_speculator_commands_parse_into_the_yaml_values(monkeypatch):
     import yaml
 
