@@ -18,8 +18,6 @@ ship_to=null``); ``--data-only`` stops after step 3. Keys: :class:`RecipeConfig`
 :class:`atlas_rl.training.static.StaticSpeculatorConfig` (data, head, training, evaluation).
 """
 
-from __future__ import annotations
-
 import json
 import logging
 import shlex

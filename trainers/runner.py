@@ -182,5 +182,5 @@ def recipe_main(algo: str, description: str, argv: list[str] | None = None) -> P
         return run_task(cfg, command=" ".join(shlex.quote(a) for a in sys.argv))
     except (FileNotFoundError, ValueError) as e:  # e.g. a model path that does not exist: one line, exit 2
         logger.debug("recipe failed", exc_info=True)
-        print(f"recipes/{algo}.py: error: {one_line(e)}", file=sys.stderr)
+        sys.stderr.write(f"recipes/{algo}.py: error: {one_line(e)}\n")
         raise SystemExit(2) from None
