@@ -2,8 +2,10 @@
 
     accelerate launch --config_file recipes/accelerate/cpu.yaml recipes/grpo.py --config recipes/configs/grpo.yaml
 
-Other launch configs: recipes/accelerate/{cpu_ddp,multi_gpu,deepspeed_zero2,deepspeed_zero3}.yaml. Any field of
-the YAML can be overridden on the command line as ``--set key=value`` (e.g. ``--set steps=20``).
+Other launch configs: recipes/accelerate/{cpu_ddp,multi_gpu,deepspeed_zero2,deepspeed_zero3}.yaml. Any option can
+be given on the command line, typed: a field of the YAML (``--steps 20 --learning_rate 5e-5``) or of the trainer
+config (``--atlas_controller fixed``); ``--set key=value`` (a YAML line, e.g. ``--set steps=20``) works too.
+``--help`` lists the run's options.
 """
 
 from atlas_rl.trainers.runner import recipe_main

@@ -12,108 +12,96 @@ Steps (the work is done by :func:`atlas_rl.training.static.train_static_speculat
 4. draft vocabulary, training-time-test training, held-out evaluation (static vs suffix vs none, k=4, T=0/1);
 5. ``<output_dir>/static_head.safetensors`` + JSON card, copied to ``ship_to``.
 
-Options: ``--config FILE`` (YAML), then ``key=value`` overrides of any YAML key (values parsed as YAML, e.g.
-``epochs=1 fuse_layers=[3,15,28] ship_to=null``); ``--data-only`` stops after step 3.
+Options (``--help`` lists them): ``--config FILE`` (YAML), then typed flags for any key (``--epochs 1
+--fuse_layers 3,15,28``) or ``key=value`` overrides as YAML lines (e.g. ``epochs=1 fuse_layers=[3,15,28]
+ship_to=null``); ``--data-only`` stops after step 3. Keys: :class:`RecipeConfig` (target, prompts, shipping) and
+:class:`atlas_rl.training.static.StaticSpeculatorConfig` (data, head, training, evaluation).
 """
 
-from __future__ import annotations
-
-import argparse
-import dataclasses
 import json
 import logging
 import shlex
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
-import yaml
 
+from atlas_rl.argparsing import ConfigParser
 from atlas_rl.data.broad_prompts import broad_prompts, split_prompts
 from atlas_rl.models import load_target
 from atlas_rl.training.static import (
     StaticSpeculatorConfig,
+    StaticSpeculatorResult,
     cached_samples,
     chat_prompt_ids,
     train_static_speculator,
 )
 
-RECIPE_KEYS = {
-    "model": None,
-    "prompt_seed": 0,
-    "held_out_fraction": 0.1,
-    "split_seed": 0,
-    "max_train_prompts": None,
-    "max_held_out_prompts": None,
-    "ship_to": None,
-}
+
+@dataclass
+class RecipeConfig:
+    """The recipe's own keys: which target, which prompts, where the head is shipped."""
+
+    model: str | None = field(
+        default=None, metadata={"help": "Target: None = the embedded default; else a local HF directory or hub id."}
+    )
+    prompt_seed: int = field(default=0, metadata={"help": "atlas_rl.data.broad_prompts(seed)."})
+    held_out_fraction: float = field(default=0.1, metadata={"help": "Share of prompt groups held out."})
+    split_seed: int = field(default=0, metadata={"help": "Seed of the group-wise train / held-out split."})
+    max_train_prompts: int | None = field(default=None, metadata={"help": "None = all training prompts."})
+    max_held_out_prompts: int | None = field(default=None, metadata={"help": "None = all held-out prompts."})
+    ship_to: str | None = field(default=None, metadata={"help": "Copy the checkpoint + card here; None = do not."})
+    data_only: bool = field(default=False, metadata={"help": "Stop after generating and caching the training data."})
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.held_out_fraction < 1.0:
+            raise ValueError(f"held_out_fraction must lie in (0, 1), got {self.held_out_fraction}")
+        for name in ("max_train_prompts", "max_held_out_prompts"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"{name} must be >= 1 or null, got {v}")
 
 
-def parse_args(argv: list[str]) -> tuple[dict[str, Any], dict[str, Any], bool, str]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="YAML config (recipes/configs/static_speculator.yaml)")
-    p.add_argument("--data-only", action="store_true", help="stop after generating and caching the training data")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of YAML keys (values parsed as YAML)")
-    args = p.parse_args(argv)
-    values = yaml.safe_load(Path(args.config).read_text()) or {}
-    for item in args.overrides:
-        if "=" not in item:
-            p.error(f"override {item!r} is not key=value")
-        k, v = item.split("=", 1)
-        values[k] = yaml.safe_load(v)
-    fields = {f.name for f in dataclasses.fields(StaticSpeculatorConfig)}
-    unknown = sorted(set(values) - fields - set(RECIPE_KEYS))
-    if unknown:
-        p.error(f"unknown config keys {unknown}; valid: {sorted(fields | set(RECIPE_KEYS))}")
-    recipe = {k: values.get(k, d) for k, d in RECIPE_KEYS.items()}
-    static = {k: v for k, v in values.items() if k in fields}
+def parse_args(argv: list[str]) -> tuple[RecipeConfig, StaticSpeculatorConfig, str]:
+    """The recipe's options, the static speculator config, and the command line (for the card)."""
+    parser = ConfigParser(
+        [RecipeConfig, StaticSpeculatorConfig], prog="recipes/train_static_speculator.py", description=__doc__
+    )
+    args = [a for tok in argv for a in (["--set", tok] if "=" in tok and not tok.startswith("-") else [tok])]
+    recipe, cfg = parser.parse(args)
     command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "recipes/train_static_speculator.py", *argv])
-    return recipe, static, args.data_only, command
+    return recipe, cfg, command
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    recipe, static, data_only, command = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cfg = StaticSpeculatorConfig(**static)
-    if cfg.num_threads is not None:
-        torch.set_num_threads(cfg.num_threads)
-    t0 = time.perf_counter()
-    model, tokenizer = load_target(recipe["model"])
-    prompts = broad_prompts(seed=recipe["prompt_seed"])
-    train, held_out = split_prompts(prompts, held_out_fraction=recipe["held_out_fraction"], seed=recipe["split_seed"])
-    if recipe["max_train_prompts"] is not None:
-        train = train[: recipe["max_train_prompts"]]
-    if recipe["max_held_out_prompts"] is not None:
-        held_out = held_out[: recipe["max_held_out_prompts"]]
-    train_ids = [chat_prompt_ids(tokenizer, p) for p in train]
-    held_ids = [chat_prompt_ids(tokenizer, p) for p in held_out]
-    print(f"prompts: {len(train_ids)} train, {len(held_ids)} held-out ({len(prompts)} in the set)", flush=True)
-    if data_only:
-        for temp in cfg.gen_temperatures:
-            samples, stats = cached_samples(model, train_ids, cfg, temp, cfg.data_cache_dir)
-            print(f"T={temp:g}: {len(samples)} samples, {json.dumps(stats)}", flush=True)
-        return 0
+def _prompt_ids(recipe: RecipeConfig, tokenizer) -> tuple[list[list[int]], list[list[int]], dict]:
+    """Token ids of the training and held-out prompts, and how they were chosen (for the card)."""
+    prompts = broad_prompts(seed=recipe.prompt_seed)
+    train, held_out = split_prompts(prompts, held_out_fraction=recipe.held_out_fraction, seed=recipe.split_seed)
+    train = train[: recipe.max_train_prompts] if recipe.max_train_prompts is not None else train
+    held_out = held_out[: recipe.max_held_out_prompts] if recipe.max_held_out_prompts is not None else held_out
+    print(f"prompts: {len(train)} train, {len(held_out)} held-out ({len(prompts)} in the set)", flush=True)
     data_info = {
-        "prompt_set": f"atlas_rl.data.broad_prompts(seed={recipe['prompt_seed']}), {len(prompts)} prompts",
-        "split": f"split_prompts(held_out_fraction={recipe['held_out_fraction']}, seed={recipe['split_seed']}), "
+        "prompt_set": f"atlas_rl.data.broad_prompts(seed={recipe.prompt_seed}), {len(prompts)} prompts",
+        "split": f"split_prompts(held_out_fraction={recipe.held_out_fraction}, seed={recipe.split_seed}), "
         "group-wise (no template or tool shared with held-out)",
         "chat_template": "tokenizer.apply_chat_template(messages, add_generation_prompt=True)",
         "held_out_ids": [p["id"] for p in held_out],
     }
-    result = train_static_speculator(model, train_ids, held_ids, cfg, data_info=data_info, command=command)
-    card = result.card
-    if recipe["ship_to"]:
-        dst = Path(recipe["ship_to"])
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(result.checkpoint, dst)
-        shutil.copyfile(result.checkpoint.with_suffix(".json"), dst.with_suffix(".json"))
-        print(f"shipped {dst} ({dst.stat().st_size / 1e6:.2f} MB) and {dst.with_suffix('.json')}")
-    print(f"checkpoint: {result.checkpoint} ({result.checkpoint.stat().st_size / 1e6:.2f} MB)")
-    print(f"timings (s): {json.dumps(card['timings_s'])}, wall incl. loading {time.perf_counter() - t0:.0f} s")
+    return [chat_prompt_ids(tokenizer, p) for p in train], [chat_prompt_ids(tokenizer, p) for p in held_out], data_info
+
+
+def _ship(result: StaticSpeculatorResult, ship_to: str) -> None:
+    dst = Path(ship_to)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(result.checkpoint, dst)
+    shutil.copyfile(result.checkpoint.with_suffix(".json"), dst.with_suffix(".json"))
+    print(f"shipped {dst} ({dst.stat().st_size / 1e6:.2f} MB) and {dst.with_suffix('.json')}")
+
+
+def _print_card(card: dict) -> None:
     print(f"draft vocab coverage: {json.dumps(card['draft_vocab'])}")
     ev = card["held_out"]
     for key in (k for k in ev if k.startswith("T=")):
@@ -121,6 +109,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"held-out mean acceptance length (k={ev['k']}, {key}): {row}")
     if "greedy_identical_rows" in ev:
         print(f"greedy output with the static head identical to plain decoding: {ev['greedy_identical_rows']} rows")
+
+
+def main(argv: list[str] | None = None) -> int:
+    recipe, cfg, command = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if cfg.num_threads is not None:
+        torch.set_num_threads(cfg.num_threads)
+    t0 = time.perf_counter()
+    try:
+        model, tokenizer = load_target(recipe.model)
+    except (OSError, ValueError) as e:
+        print(f"recipes/train_static_speculator.py: error: cannot load model {recipe.model!r}: {e}", file=sys.stderr)
+        return 2
+    train_ids, held_ids, data_info = _prompt_ids(recipe, tokenizer)
+    if recipe.data_only:
+        for temp in cfg.gen_temperatures:
+            samples, stats = cached_samples(model, train_ids, cfg, temp, cfg.data_cache_dir)
+            print(f"T={temp:g}: {len(samples)} samples, {json.dumps(stats)}", flush=True)
+        return 0
+    result = train_static_speculator(model, train_ids, held_ids, cfg, data_info=data_info, command=command)
+    if recipe.ship_to:
+        _ship(result, recipe.ship_to)
+    print(f"checkpoint: {result.checkpoint} ({result.checkpoint.stat().st_size / 1e6:.2f} MB)")
+    print(f"timings (s): {json.dumps(result.card['timings_s'])}, wall incl. loading {time.perf_counter() - t0:.0f} s")
+    _print_card(result.card)
     return 0
 
 

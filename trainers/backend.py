@@ -24,12 +24,10 @@ from typing import Any
 
 import torch
 
-from atlas_rl.config import EngineConfig
-from atlas_rl.controller import BestOfController
 from atlas_rl.rollout import RolloutEngine
+from atlas_rl.rollout.build import build_engine, build_speculators
 from atlas_rl.speculators import SuffixSpeculator
 from atlas_rl.speculators.draft_head import DraftHead
-from atlas_rl.speculators.head_speculator import DraftHeadSpeculator
 from atlas_rl.types import RolloutBatch, SamplingParams, SpecStats
 
 logger = logging.getLogger(__name__)
@@ -90,44 +88,29 @@ class AtlasRolloutBackend:
     def is_trainer_rank(self) -> bool:
         return self.process_index == 0
 
-    def _wanted(self) -> set[str]:
-        names = set(self.options.atlas_speculator_names)
-        if "none" in names:
-            return set()
-        if "auto" in names:
-            return {"static", "adaptive", "suffix"}
-        return names
-
     def _build(self, model: torch.nn.Module) -> None:
-        wanted = self._wanted()
-        specs = []
-        if "static" in wanted or "adaptive" in wanted:
-            self.static_head = self._load_static(model, required="static" in self.options.atlas_speculator_names)
-        if "static" in wanted and self.static_head is not None:
-            specs.append(DraftHeadSpeculator(self.static_head, name="static", seed=self.seed))
-        if "adaptive" in wanted:
-            from atlas_rl.speculators.adaptive import AdaptiveHeadConfig, build_adaptive_head
+        built = build_speculators(
+            model,
+            self.options.atlas_speculator_names,
+            static_head=self.options.atlas_static_head,
+            seed=self.seed,
+            static_prior=False,
+        )
+        self.static_head, self.adaptive_head = built.static_head, built.adaptive_head
+        if self.adaptive_head is not None:
             from atlas_rl.training.buffer import CaptureBuffer, CaptureBufferConfig
             from atlas_rl.training.online import OnlineSpeculatorTrainer
 
-            dtype = torch.float32 if next(model.parameters()).dtype != torch.float64 else torch.float64
-            vocab = int(model.get_output_embeddings().weight.shape[0])
-            acfg = AdaptiveHeadConfig(draft_vocab_size=min(AdaptiveHeadConfig().draft_vocab_size, vocab))
-            self.adaptive_head = build_adaptive_head(
-                model, static=self.static_head, config=acfg, dtype=dtype, seed=self.seed
-            )
-            self.adaptive_head.to(next(model.parameters()).device)
-            specs.append(DraftHeadSpeculator(self.adaptive_head, name="adaptive", seed=self.seed + 1))
             self.buffer = CaptureBuffer(CaptureBufferConfig(fuse_layers=tuple(self.adaptive_head.config.fuse_layers)))
             self.adaptive_trainer = OnlineSpeculatorTrainer(self.adaptive_head, self.buffer)
-        if "suffix" in wanted:
-            self.suffix = SuffixSpeculator()
-            specs.append(self.suffix)
-        k = self.options.atlas_max_draft_tokens
-        cfg = EngineConfig(num_speculative_tokens=k, controller=self.options.atlas_controller)
-        controller = BestOfController(k) if (self.options.atlas_controller == "fixed" and len(specs) > 1) else None
-        self.engine = RolloutEngine(
-            model, speculators=specs, config=cfg, controller=controller, eos_token_ids=self.eos_token_ids
+        self.suffix = built.get("suffix")
+        specs = built.speculators
+        self.engine = build_engine(
+            model,
+            specs,
+            k=self.options.atlas_max_draft_tokens,
+            controller=self.options.atlas_controller,
+            eos_token_ids=self.eos_token_ids,
         )
         self.engine.policy_version = self.policy_version
         if self.buffer is not None and self.is_trainer_rank:
@@ -142,28 +125,6 @@ class AtlasRolloutBackend:
             type(self.engine.controller).__name__,
         )
 
-    def _load_static(self, model: torch.nn.Module, required: bool) -> DraftHead | None:
-        path = self.options.atlas_static_head
-        if path:
-            head = DraftHead.load(path, target=model)
-        else:
-            from atlas_rl.speculators.defaults import load_static_speculator
-
-            spec = load_static_speculator(model)
-            head = spec.head if spec is not None else None
-        if head is None:
-            if required:
-                raise ValueError(
-                    "atlas_speculators names 'static' but no static head ships for this model: train one with "
-                    "recipes/train_static_speculator.py and pass atlas_static_head=PATH"
-                )
-            logger.info("no static draft head for this model; the adaptive head starts from scratch")
-            return None
-        dev = next(model.parameters()).device
-        dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
-        return head.to(device=dev, dtype=dtype)
-
-    # ------------------------------------------------------------------------------------------ rollouts
     def generate(
         self, model: torch.nn.Module, prompt_ids: list[list[int]], sampling: SamplingParams
     ) -> tuple[list[list[int]], list[list[float]]]:

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
-
-def _clean(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
+from atlas_rl.jsonio import append_jsonl, write_json
 
 
 class RunRecorder(TrainerCallback):
@@ -42,16 +37,15 @@ class RunRecorder(TrainerCallback):
             ):
                 if hasattr(args, k):
                     meta.setdefault(k, getattr(args, k))
-            (self.run_dir / "run.json").write_text(json.dumps(meta, indent=1, default=str))
+            write_json(self.run_dir / "run.json", meta)
             (self.run_dir / "metrics.jsonl").write_text("")
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
         if state.is_world_process_zero and logs:
             rec = {"step": state.global_step, "time_s": time.time() - self._t0}
-            rec.update({k: _clean(v) for k, v in logs.items() if isinstance(v, (int, float, str)) or v is None})
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            rec.update({k: v for k, v in logs.items() if isinstance(v, (int, float, str)) or v is None})
+            append_jsonl(self.run_dir / "metrics.jsonl", rec)
         return control
 
     def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
@@ -60,5 +54,5 @@ class RunRecorder(TrainerCallback):
             meta = json.loads(path.read_text()) if path.exists() else {}
             meta["wall_s"] = time.time() - self._t0
             meta["global_steps"] = state.global_step
-            path.write_text(json.dumps(meta, indent=1, default=str))
+            write_json(path, meta)
         return control

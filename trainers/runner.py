@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from atlas_rl.argparsing import ConfigParser, one_line
+
 logger = logging.getLogger(__name__)
 
 
@@ -30,14 +32,21 @@ class TaskRunConfig:
     generations: int = field(default=4, metadata={"help": "Samples per prompt (num_generations)."})
     max_new_tokens: int = field(default=64, metadata={"help": "max_completion_length."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
-    learning_rate: float = field(default=2e-5, metadata={"help": "Policy learning rate."})
+    learning_rate: float = field(default=2e-5, metadata={"help": "Policy learning rate.", "aliases": ["--lr"]})
     backend: str = field(default="atlas", metadata={"help": "'atlas', 'transformers' or 'vllm'."})
     speculators: str = field(default="auto", metadata={"help": "atlas_speculators ('auto', 'none', or a list)."})
     baseline_every: int = field(default=1, metadata={"help": "Paired no-speculation rollout every N steps (0 off)."})
     seed: int = field(default=0, metadata={"help": "Seed (data order, sampling, initialisation)."})
-    run_dir: str = field(default="runs/demo", metadata={"help": "Where run.json, metrics.jsonl and reports go."})
+    run_dir: str = field(
+        default="runs/demo",
+        metadata={"help": "Where run.json, metrics.jsonl and reports go.", "aliases": ["--out"]},
+    )
     extra: dict[str, Any] = field(
-        default_factory=dict, metadata={"help": "More AtlasGRPOConfig/AtlasRLOOConfig fields."}
+        default_factory=dict,
+        metadata={
+            "help": "More AtlasGRPOConfig/AtlasRLOOConfig fields (a YAML mapping). The recipes also take them as "
+            "flags or top-level YAML keys (e.g. --atlas_controller fixed), typed by the trainer config's parser."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -51,12 +60,6 @@ class TaskRunConfig:
             raise ValueError("generations must be >= 2 (GRPO/RLOO compare samples within a group)")
         for name in ("temperature", "learning_rate"):
             v = getattr(self, name)
-            if isinstance(v, str):  # YAML 1.1 reads "5e-5" (no dot) as a string
-                try:
-                    v = float(v)
-                except ValueError:
-                    raise ValueError(f"{name} must be a number, got {v!r}") from None
-                setattr(self, name, v)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 raise ValueError(f"{name} must be a number >= 0, got {v!r}")
         if self.model is not None and self.tiny:
@@ -148,20 +151,36 @@ def run_task(cfg: TaskRunConfig, command: str | None = None) -> Path:
     return run_dir
 
 
+def recipe_parser(algo: str, description: str) -> ConfigParser:
+    """The parser of ``recipes/{algo}.py``: :class:`TaskRunConfig` fields from ``--config YAML``, ``--set
+    KEY=VALUE`` (a YAML line, as the docs quote) and typed flags (``--learning_rate 5e-5``)."""
+    parser = ConfigParser([TaskRunConfig], prog=f"recipes/{algo}.py", description=description)
+    parser.set_defaults(algo=algo)
+    return parser
+
+
+def parse_recipe_args(algo: str, description: str, argv: list[str] | None = None) -> TaskRunConfig:
+    """The run a recipe command line asks for. Keys that are not :class:`TaskRunConfig` fields (top-level YAML
+    keys, ``--set``, flags) and the YAML ``extra`` mapping must be fields of the trainer config
+    (``AtlasGRPOConfig`` / ``AtlasRLOOConfig``); they are typed by its parser and land in ``extra``. Every mistake
+    is a one-line error with exit status 2."""
+    from .config import AtlasGRPOConfig, AtlasRLOOConfig
+
+    cfg, rest = recipe_parser(algo, description).parse(argv, remaining=True)
+    trainer_cls = AtlasGRPOConfig if cfg.algo == "grpo" else AtlasRLOOConfig
+    trainer_fields = {**cfg.extra, **rest}
+    if trainer_fields:
+        trainer = ConfigParser([trainer_cls], prog=f"recipes/{algo}.py")
+        cfg.extra = trainer.typed(trainer_fields, known_as=f"TaskRunConfig or {trainer_cls.__name__}")
+    return cfg
+
+
 def recipe_main(algo: str, description: str, argv: list[str] | None = None) -> Path:
-    """The body of ``recipes/grpo.py`` and ``recipes/rloo.py``: ``--config YAML`` plus ``--set key=value``."""
-    import argparse
-
-    import yaml
-
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML with TaskRunConfig fields (+ 'extra': trainer fields)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a YAML field")
-    args = parser.parse_args(argv)
-    with open(args.config) as f:
-        fields = yaml.safe_load(f) or {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        fields[key] = yaml.safe_load(value)
-    fields.setdefault("algo", algo)
-    return run_task(TaskRunConfig(**fields), command=" ".join(shlex.quote(a) for a in sys.argv))
+    """The body of ``recipes/grpo.py`` and ``recipes/rloo.py``: parse (:func:`parse_recipe_args`), train, report."""
+    cfg = parse_recipe_args(algo, description, argv)
+    try:
+        return run_task(cfg, command=" ".join(shlex.quote(a) for a in sys.argv))
+    except (FileNotFoundError, ValueError) as e:  # e.g. a model path that does not exist: one line, exit 2
+        logger.debug("recipe failed", exc_info=True)
+        sys.stderr.write(f"recipes/{algo}.py: error: {one_line(e)}\n")
+        raise SystemExit(2) from None

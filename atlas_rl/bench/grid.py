@@ -1,42 +1,31 @@
-"""``atlas-rl bench --scenario grid|drift``: the controller against the best fixed configurations.
+"""``atlas-rl bench --scenario grid``: the auto controller against the best fixed configurations.
 
-**grid**: for each number of active rows (1, 4, 16, 64; ``ignore_eos`` keeps every row active to the end), on the
-same prompts and seeds, interleaved: the engine without speculation (k=0), each speculator at fixed k for every
-k in ``ks`` (its best k is picked afterwards, from the same run), and the auto controller over all speculators.
+For each number of active rows (1, 4, 16, 64; ``ignore_eos`` keeps every row active to the end), on the same
+prompts and seeds, interleaved: the engine without speculation (k=0), each speculator at fixed k for every k in
+``ks`` (its best k is picked afterwards, from the same run), and the auto controller over all speculators.
 Reports tokens/s, the ratio to k=0, the mean acceptance length, the controller's ratio to the best fixed
-configuration and its planning overhead per step (plan + choose + update).
-
-**drift**: greedy rollouts over several rounds (like RL steps) with two synthetic speculators of known quality
-(:class:`ReplayOracleSpeculator`) whose per-token acceptance drifts in opposite directions, as a draft model
-trained once degrades while an adaptive one improves. Each configuration keeps one engine over all rounds. The
-controller (both speculators) is compared with each speculator alone at its best fixed k.
-
-Writes ``grid.json``/``grid.md`` or ``drift.json``/``drift.md`` into the output directory.
+configuration and its planning overhead per step (plan + choose + update). Writes ``grid.json`` and ``grid.md``.
+The options (:class:`GridOptions`) also drive ``--scenario controller-drift`` (:mod:`.controller_drift`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import platform
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from atlas_rl.config import EngineConfig
-from atlas_rl.controller import AutoController, AutoControllerConfig, FixedController, VerificationCost
-from atlas_rl.rollout.engine import RolloutEngine
+from atlas_rl.controller import AutoController, AutoControllerConfig, VerificationCost
+from atlas_rl.rollout.build import build_engine, build_speculators
 from atlas_rl.speculators.base import Speculator, build_speculator
-from atlas_rl.types import SamplingParams, SpecStats
+from atlas_rl.types import SamplingParams
 
+from .common import fmt, start_run
 from .harness import ConfigSummary, RunResult, engine_runner, run_interleaved
-from .synthetic import ReplayOracleSpeculator
-from .workloads import Workload, chat_ids, grpo_workload
+from .workloads import Workload, grpo_workload
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +34,12 @@ SpeculatorFactory = Callable[[], Speculator]
 
 @dataclass
 class GridOptions:
-    """What ``atlas-rl bench --scenario grid`` / ``--scenario drift`` run."""
+    """What ``atlas-rl bench --scenario grid`` and ``--scenario controller-drift`` run."""
 
     model: str | None = field(default=None, metadata={"help": "Target model path/id; None = embedded default."})
-    out_dir: str = field(default="bench_out", metadata={"help": "Where the JSON and markdown reports go."})
+    out_dir: str = field(
+        default="bench_out", metadata={"help": "Where the JSON and markdown reports go.", "aliases": ["--out"]}
+    )
     batch_sizes: tuple[int, ...] = field(default=(1, 4, 16, 64), metadata={"help": "Active rows per grid cell."})
     ks: tuple[int, ...] = field(default=(1, 2, 4, 8), metadata={"help": "Fixed draft lengths tried per speculator."})
     speculators: tuple[str, ...] = field(
@@ -62,10 +53,11 @@ class GridOptions:
     max_new_tokens: int = field(default=128, metadata={"help": "New tokens per row."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the grid (RL: 1.0)."})
     repeats: int = field(default=1, metadata={"help": "Interleaved repetitions of every configuration."})
-    drift_rows: int = field(default=4, metadata={"help": "Rows (distinct prompts, greedy) of the drift scenario."})
-    drift_rounds: int = field(default=6, metadata={"help": "generate() calls of the drift scenario."})
+    drift_rows: int = field(default=4, metadata={"help": "controller-drift: rows (distinct prompts, greedy)."})
+    drift_rounds: int = field(default=6, metadata={"help": "controller-drift: generate() calls (rounds)."})
     drift_alphas: tuple[float, float] = field(
-        default=(0.9, 0.2), metadata={"help": "Acceptance of speculator A in the first and last round (B: reversed)."}
+        default=(0.9, 0.2),
+        metadata={"help": "controller-drift: acceptance of speculator A in the first and last round (B: reversed)."},
     )
 
     def __post_init__(self) -> None:
@@ -81,25 +73,15 @@ class GridOptions:
             raise ValueError(f"drift_alphas must lie in [0, 1], got {self.drift_alphas}")
 
 
-def _header(opts: GridOptions, model: torch.nn.Module, command: str) -> dict:
-    return {
-        "model": opts.model or "SmolLM2-135M-Instruct (embedded default)",
-        "device": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-        if not torch.cuda.is_available()
-        else torch.cuda.get_device_name(),
-        "dtype": str(next(model.parameters()).dtype),
-        "torch": torch.__version__,
-        "command": command,
-        "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(opts).items()},
-    }
+QUICK = dict(max_new_tokens=32, drift_rows=2, drift_rounds=3, ks=(1, 2, 4), batch_sizes=(1, 4, 16))  # --quick
 
 
-def _calibrate(model: torch.nn.Module, eos: list[int], max_k: int) -> tuple[VerificationCost, dict]:
+def calibrate(model: torch.nn.Module, eos: list[int], max_k: int) -> tuple[VerificationCost, dict]:
     """Calibrate (or load) the verification cost before anything is timed; the cost model and its description.
 
     The auto configurations get a fresh copy of this table for every run, so a calibration the engine would
     not cache (the machine looked busy) is not measured again inside a timed run."""
-    eng = RolloutEngine(model, speculators=[_NullSpeculator()], eos_token_ids=eos, config=_auto_config(max_k))
+    eng = build_engine(model, [_NullSpeculator()], k=max_k, controller="auto", eos_token_ids=eos)
     cost = eng.verification_cost()
     eng.release()
     return cost, {
@@ -110,15 +92,11 @@ def _calibrate(model: torch.nn.Module, eos: list[int], max_k: int) -> tuple[Veri
     }
 
 
-def _auto_controller(cost: VerificationCost, max_k: int) -> AutoController:
+def auto_controller(cost: VerificationCost, max_k: int) -> AutoController:
     """A fresh auto controller over a fresh copy of the calibrated table (nothing learned carries over)."""
     return AutoController(
         AutoControllerConfig(num_speculative_tokens=max_k), cost=VerificationCost.from_json(cost.to_json())
     )
-
-
-def _auto_config(max_k: int) -> EngineConfig:
-    return EngineConfig(controller="auto", num_speculative_tokens=max_k)
 
 
 class _NullSpeculator:
@@ -201,176 +179,65 @@ def _stats(r: RunResult) -> dict | None:
     return r.stats.to_dict() if r.stats is not None else None
 
 
-def _speculator_factories(model: torch.nn.Module, names: tuple[str, ...]) -> dict[str, Callable[[], Speculator]]:
-    """A fresh speculator per engine; ``"static"`` is the draft head shipped for ``model`` (clear error if none)."""
-    from atlas_rl.speculators.defaults import load_static_speculator, static_head_path
+def speculator_factories(model: torch.nn.Module, names: tuple[str, ...]) -> dict[str, SpeculatorFactory]:
+    """A fresh speculator per engine; ``"static"`` is the draft head shipped for ``model`` (clear error if none);
+    ``("auto",)`` = suffix, plus static when a head ships."""
+    from atlas_rl.speculators.defaults import static_head_path
 
     shipped = static_head_path(model) is not None  # a path lookup: no checkpoint read just to ask
-    factories: dict[str, Callable[[], Speculator]] = {}
     if tuple(names) == ("auto",):
         names = ("suffix", "static") if shipped else ("suffix",)
-    for name in names:
-        if name == "static":
-            if not shipped:
-                raise ValueError("speculator 'static' requested but no static draft head ships for this model")
-            factories[name] = lambda: load_static_speculator(model)
-        else:
-            factories[name] = lambda name=name: build_speculator(name)
-    return factories
+    if "static" in names and not shipped:
+        build_speculators(model, ["static"])  # raises the error that says how to get a static head
+    return {
+        name: (lambda: build_speculators(model, ["static"]).speculators[0])
+        if name == "static"
+        else (lambda name=name: build_speculator(name))
+        for name in names
+    }
 
 
-def run_grid(opts: GridOptions, command: str = "atlas-rl bench --scenario grid") -> dict:
-    from atlas_rl.models import load_target
-
-    out_dir = Path(opts.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    model, tokenizer = load_target(opts.model)
-    eos = list(RolloutEngine(model).eos_token_ids)
-    report = _header(opts, model, command) | {"scenario": "grid", "cells": {}}
-    cost, report["verification_cost"] = _calibrate(model, eos, opts.max_k)
-    factories = _speculator_factories(model, opts.speculators)
-    configs = {"k0": engine_runner(lambda: RolloutEngine(model, eos_token_ids=eos))}
+def _configs(model: torch.nn.Module, eos: list[int], cost: VerificationCost, opts: GridOptions) -> dict:
+    factories = speculator_factories(model, opts.speculators)
+    configs = {"k0": engine_runner(lambda: build_engine(model, eos_token_ids=eos))}
     for sp, make in factories.items():
         for k in opts.ks:
             configs[f"{sp}_k{k}"] = engine_runner(
-                lambda make=make, sp=sp, k=k: RolloutEngine(
-                    model,
-                    speculators=[make()],
-                    eos_token_ids=eos,
-                    controller=FixedController(k, sp),
-                    config=EngineConfig(controller="fixed", num_speculative_tokens=k),
-                )
+                lambda make=make, k=k: build_engine(model, [make()], k=k, controller="fixed", eos_token_ids=eos)
             )
     configs["auto"] = engine_runner(
-        lambda: RolloutEngine(
-            model,
-            speculators=[m() for m in factories.values()],
-            eos_token_ids=eos,
-            controller=_auto_controller(cost, opts.max_k),
+        lambda: build_engine(
+            model, [m() for m in factories.values()], controller=auto_controller(cost, opts.max_k), eos_token_ids=eos
         )
     )
+    return configs
+
+
+def run_grid(opts: GridOptions, command: str = "atlas-rl bench --scenario grid") -> dict:
+    """Run the grid (module docstring); writes ``grid.json`` (after every cell) and ``grid.md``."""
+    run = start_run(opts, command, scenario="grid", cells={})
+    cost, run.report["verification_cost"] = calibrate(run.model, run.eos, opts.max_k)
+    configs = _configs(run.model, run.eos, cost, opts)
+    speculators = sorted({name.rsplit("_k", 1)[0] for name in configs if "_k" in name})
     for rows in opts.batch_sizes:
-        w = _grid_workload(tokenizer, rows, opts)
+        w = _grid_workload(run.tokenizer, rows, opts)
         logger.info("grid cell %s: %s", w.name, w.description)
         results = run_interleaved(w, configs, repeats=opts.repeats)
-        report["cells"][str(rows)] = {
-            "description": w.description,
-            **_summary(results, list(factories), opts.ks),
-            "runs": _runs(results),
-        }
-        (out_dir / "grid.json").write_text(json.dumps(report, indent=1))
-    report["wall_s"] = time.perf_counter() - t0
-    (out_dir / "grid.json").write_text(json.dumps(report, indent=1))
-    (out_dir / "grid.md").write_text(render_grid_markdown(report))
-    return report
+        cell = _summary(results, speculators, opts.ks)
+        run.report["cells"][str(rows)] = {"description": w.description, **cell, "runs": _runs(results)}
+        run.write("grid")
+    run.write("grid", render_grid_markdown)
+    return run.report
 
 
-# ---------------------------------------------------------------------------------------------- drift
-def run_drift(opts: GridOptions, command: str = "atlas-rl bench --scenario drift") -> dict:
-    from atlas_rl.data.prompts import GENERAL_PROMPTS
-    from atlas_rl.models import load_target
-
-    out_dir = Path(opts.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    model, tokenizer = load_target(opts.model)
-    eos = list(RolloutEngine(model).eos_token_ids)
-    report = _header(opts, model, command) | {"scenario": "drift"}
-    cost, report["verification_cost"] = _calibrate(model, eos, opts.max_k)
-    prompts = [
-        chat_ids(tokenizer, [{"role": "user", "content": p}])
-        for p in (GENERAL_PROMPTS * (1 + opts.drift_rows // len(GENERAL_PROMPTS)))[: opts.drift_rows]
-    ]
-    sp = SamplingParams(temperature=0.0, max_new_tokens=opts.max_new_tokens, ignore_eos=True)
-    reference = RolloutEngine(model, eos_token_ids=eos).generate(prompts, sp).completion_ids
-    vocab = int(model.get_output_embeddings().weight.shape[0])
-    a0, a1 = opts.drift_alphas
-    rounds = opts.drift_rounds
-    schedule = {
-        "A": [a0 + (a1 - a0) * i / (rounds - 1) for i in range(rounds)],
-        "B": [a1 + (a0 - a1) * i / (rounds - 1) for i in range(rounds)],
-    }
-
-    def oracle(name: str, seed: int) -> ReplayOracleSpeculator:
-        return ReplayOracleSpeculator(reference, schedule[name][0], vocab, name=name, confidence=0.5, seed=seed)
-
-    engines: dict[str, tuple[RolloutEngine, list[ReplayOracleSpeculator]]] = {}
-    engines["k0"] = (RolloutEngine(model, eos_token_ids=eos), [])
-    for name in ("A", "B"):
-        for k in opts.ks:
-            spec = oracle(name, seed=k)
-            eng = RolloutEngine(
-                model,
-                speculators=[spec],
-                eos_token_ids=eos,
-                controller=FixedController(k, name),
-                config=EngineConfig(controller="fixed", num_speculative_tokens=k),
-            )
-            engines[f"{name}_k{k}"] = (eng, [spec])
-    both = [oracle("A", seed=101), oracle("B", seed=102)]
-    engines["auto"] = (
-        RolloutEngine(model, speculators=both, eos_token_ids=eos, controller=_auto_controller(cost, opts.max_k)),
-        both,
-    )
-    totals = {name: [0, 0.0] for name in engines}
-    per_round: list[dict] = []
-    stats = {name: SpecStats() for name in engines}
-    for rnd in range(rounds):
-        line: dict = {"round": rnd, "alpha_A": schedule["A"][rnd], "alpha_B": schedule["B"][rnd]}
-        for name, (eng, specs) in engines.items():
-            for s in specs:
-                s.alpha = schedule[s.name][rnd]
-            t = time.perf_counter()
-            batch = eng.generate(prompts, sp)
-            secs = time.perf_counter() - t
-            totals[name][0] += batch.num_completion_tokens
-            totals[name][1] += secs
-            stats[name].merge(batch.stats)
-            line[name] = batch.num_completion_tokens / secs
-            logger.info("drift round %d %s: %.1f tok/s", rnd, name, line[name])
-        per_round.append(line)
-    base = totals["k0"][0] / totals["k0"][1]
-    rows = []
-    for name, (tok, secs) in totals.items():
-        st = stats[name]
-        rows.append(
-            {
-                "config": name,
-                "tokens_per_s": tok / secs,
-                "ratio_vs_k0": tok / secs / base,
-                "mean_acceptance_length": st.mean_acceptance_length,
-                "plan_ms_per_step": st.plan_ms_per_step,
-                "share_A": st.per_speculator["A"].num_drafts / st.num_row_forwards if "A" in st.per_speculator else 0,
-                "share_B": st.per_speculator["B"].num_drafts / st.num_row_forwards if "B" in st.per_speculator else 0,
-            }
-        )
-    by = {r["config"]: r for r in rows}
-    best = {n: max((by[f"{n}_k{k}"] for k in opts.ks), key=lambda r: r["tokens_per_s"])["config"] for n in "AB"}
-    report |= {
-        "rounds": per_round,
-        "rows": rows,
-        "best_fixed_per_speculator": best,
-        "auto_vs_best_fixed": by["auto"]["tokens_per_s"] / max(by[c]["tokens_per_s"] for c in best.values()),
-        "wall_s": time.perf_counter() - t0,
-    }
-    (out_dir / "drift.json").write_text(json.dumps(report, indent=1))
-    (out_dir / "drift.md").write_text(render_drift_markdown(report))
-    return report
-
-
-# ---------------------------------------------------------------------------------------------- reports
-def _fmt(x: float, nd: int = 2) -> str:
-    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
-
-
+# ---------------------------------------------------------------------------------------------- report
 def render_grid_markdown(report: dict) -> str:
     lines = [f"# atlas-rl bench grid — {report['model']} on {report['device']}", ""]
     vc = report.get("verification_cost", {})
     busy = "" if vc.get("reliable", True) else ", disturbed: the machine looked busy"
     lines += [
         f"Verification cost {'loaded from cache' if vc.get('from_cache') else 'calibrated'} "
-        f"({_fmt(vc.get('calibration_s', math.nan), 1)} s{busy}).",
+        f"({fmt(vc.get('calibration_s', math.nan), 1)} s{busy}).",
         "",
         "| rows | k=0 tok/s | best fixed | × k=0 | auto tok/s | auto × k=0 | auto × best fixed | auto τ "
         "| plan ms/step | spec-off steps |",
@@ -380,10 +247,10 @@ def render_grid_markdown(report: dict) -> str:
         by = {r["config"]: r for r in cell["rows"]}
         best, auto, k0 = by[cell["best_fixed"]], by["auto"], by["k0"]
         lines.append(
-            f"| {rows} | {_fmt(k0['tokens_per_s'], 1)} | {cell['best_fixed']} ({_fmt(best['tokens_per_s'], 1)}) | "
-            f"{_fmt(best['ratio_vs_k0'])} | {_fmt(auto['tokens_per_s'], 1)} | {_fmt(auto['ratio_vs_k0'])} | "
-            f"{_fmt(cell['auto_vs_best_fixed'])} | {_fmt(auto['mean_acceptance_length'])} | "
-            f"{_fmt(auto['plan_ms_per_step'])} | {_fmt(100 * auto['spec_off_step_share'], 0)}% |"
+            f"| {rows} | {fmt(k0['tokens_per_s'], 1)} | {cell['best_fixed']} ({fmt(best['tokens_per_s'], 1)}) | "
+            f"{fmt(best['ratio_vs_k0'])} | {fmt(auto['tokens_per_s'], 1)} | {fmt(auto['ratio_vs_k0'])} | "
+            f"{fmt(cell['auto_vs_best_fixed'])} | {fmt(auto['mean_acceptance_length'])} | "
+            f"{fmt(auto['plan_ms_per_step'])} | {fmt(100 * auto['spec_off_step_share'], 0)}% |"
         )
     lines.append("")
     for rows, cell in report["cells"].items():
@@ -391,32 +258,9 @@ def render_grid_markdown(report: dict) -> str:
         lines.append("|---|---|---|---|---|")
         for r in cell["rows"]:
             lines.append(
-                f"| {r['config']} | {_fmt(r['tokens_per_s'], 1)} | {_fmt(r['ratio_vs_k0'])} | "
-                f"{_fmt(r['mean_acceptance_length'])} | {_fmt(r['plan_ms_per_step'])} |"
+                f"| {r['config']} | {fmt(r['tokens_per_s'], 1)} | {fmt(r['ratio_vs_k0'])} | "
+                f"{fmt(r['mean_acceptance_length'])} | {fmt(r['plan_ms_per_step'])} |"
             )
         lines.append("")
-    lines += [f"Command: `{report['command']}` ({_fmt(report.get('wall_s', math.nan), 0)} s)", ""]
-    return "\n".join(lines)
-
-
-def render_drift_markdown(report: dict) -> str:
-    o = report["options"]
-    lines = [
-        f"# atlas-rl bench drift — {report['model']} on {report['device']}",
-        "",
-        f"{o['drift_rows']} greedy rows, {o['drift_rounds']} rounds; speculator A's per-token acceptance drifts "
-        f"{o['drift_alphas'][0]} → {o['drift_alphas'][1]}, B's the other way. Best fixed: "
-        f"{report['best_fixed_per_speculator']}; auto × best fixed single speculator: "
-        f"{_fmt(report['auto_vs_best_fixed'])}.",
-        "",
-        "| config | tok/s | × k=0 | τ | share A | share B | plan ms/step |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in report["rows"]:
-        lines.append(
-            f"| {r['config']} | {_fmt(r['tokens_per_s'], 1)} | {_fmt(r['ratio_vs_k0'])} | "
-            f"{_fmt(r['mean_acceptance_length'])} | {_fmt(r['share_A'])} | {_fmt(r['share_B'])} | "
-            f"{_fmt(r['plan_ms_per_step'])} |"
-        )
-    lines += ["", f"Command: `{report['command']}` ({_fmt(report.get('wall_s', math.nan), 0)} s)", ""]
+    lines += [f"Command: `{report['command']}` ({fmt(report.get('wall_s', math.nan), 0)} s)", ""]
     return "\n".join(lines)

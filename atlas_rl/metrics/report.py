@@ -13,13 +13,15 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import logging
 import math
 import statistics
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from atlas_rl.jsonio import write_json
+
+from .runlog import RunLog, RunLogError, read_run, series
 
 logger = logging.getLogger(__name__)
 
@@ -41,48 +43,10 @@ HEADLINE_FIELDS = (
 BASELINE = "the same engine without speculation, same prompts, seeds and policy version, measured in this run"
 
 
-class ReportError(ValueError):
-    """A run directory that cannot be reported on (missing, or without metrics)."""
-
-
-@dataclass
-class Run:
-    directory: Path
-    meta: dict[str, Any]
-    steps: list[dict[str, Any]]
-
-
-def load_run(run_dir: str | Path) -> Run:
-    d = Path(run_dir)
-    if not d.exists():
-        raise ReportError(f"run directory {d} does not exist")
-    if not d.is_dir():
-        raise ReportError(f"{d} is not a directory")
-    mfile = d / "metrics.jsonl"
-    if not mfile.exists():
-        raise ReportError(f"{d} has no metrics.jsonl: is it a run directory written by atlas-rl demo or a recipe?")
-    steps = []
-    for n, line in enumerate(mfile.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ReportError(f"{mfile}:{n} is not valid JSON: {e}") from e
-        if "step" in rec and ("loss" in rec or "reward" in rec or any(k.startswith("atlas/") for k in rec)):
-            steps.append(rec)
-    if not steps:
-        raise ReportError(f"{mfile} holds no training-step metrics (the run logged nothing yet)")
-    meta = json.loads((d / "run.json").read_text()) if (d / "run.json").exists() else {}
-    return Run(d, meta, steps)
-
-
-def _series(steps: list[dict[str, Any]], key: str) -> list[float]:
-    out = []
-    for s in steps:
-        v = s.get(key)
-        out.append(float(v) if isinstance(v, (int, float)) and v is not None else math.nan)
-    return out
+ReportError = RunLogError  # a run directory that cannot be reported on (missing, or without metrics)
+Run = RunLog
+load_run = read_run
+_series = series
 
 
 def _finite(xs: list[float]) -> list[float]:
@@ -313,17 +277,7 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
     summary = summarize(run)
     d = run.directory
     paths = {"json": d / "report.json", "md": d / "report.md", "html": d / "report.html"}
-    paths["json"].write_text(json.dumps(_jsonable(summary), indent=1))
+    write_json(paths["json"], summary)
     paths["md"].write_text(render_markdown(summary))
     paths["html"].write_text(render_html(summary, _plots(summary)))
     return paths
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x

@@ -26,12 +26,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from atlas_rl.speculators.draft_head import DraftHead, DraftHeadConfig
-from atlas_rl.training.samples import SequenceSample
+
+if TYPE_CHECKING:  # annotations only: speculators sit below training (tests/unit/test_layering.py)
+    from atlas_rl.training.samples import SequenceSample
 
 logger = logging.getLogger(__name__)
 

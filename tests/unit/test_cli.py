@@ -62,18 +62,18 @@ def test_demo_bad_model_path_is_clear(tmp_path, capsys):
 def test_demo_bad_flags_are_clear(capsys):
     assert main(["demo", "--tiny", "--generations", "1"]) == 2
     assert "generations" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["demo", "--algo", "ppo"])
+    assert main(["demo", "--algo", "ppo"]) == 2
+    assert "algo must be 'grpo' or 'rloo'" in capsys.readouterr().err
 
 
 def test_grid_speculators_static_without_a_shipped_head_is_a_clear_error():
-    from atlas_rl.bench.grid import _speculator_factories
+    from atlas_rl.bench.grid import speculator_factories
     from atlas_rl.models import tiny_llama
 
     model = tiny_llama(seed=0)
-    assert list(_speculator_factories(model, ("auto",))) == ["suffix"]  # no head ships for a random tiny model
+    assert list(speculator_factories(model, ("auto",))) == ["suffix"]  # no head ships for a random tiny model
     with pytest.raises(ValueError, match="no static draft head ships"):
-        _speculator_factories(model, ("suffix", "static"))
+        speculator_factories(model, ("suffix", "static"))
 
 
 def test_bench_finds_the_vllm_venv_python_without_resolving_its_symlink(tmp_path, monkeypatch):
@@ -162,3 +162,150 @@ def test_bench_root_cause_reaches_the_exception_line_of_a_long_prefixed_tracebac
     lines.append(prefix + " RuntimeError: CPU Generator does not use offset")
     msg = _root_cause("\n".join(lines))
     assert msg.startswith("first error: ") and msg.endswith("RuntimeError: CPU Generator does not use offset")
+
+
+# ------------------------------------------------------------------------------------------------ bench parsing
+def _bench_options(argv: list[str]):
+    """What `atlas-rl bench ARGV` would run: (scenario name, options), parsed by the real parser."""
+    from atlas_rl.cli import bench_parser
+
+    parser, scenario = bench_parser(argv)
+    command, opts = parser.parse(argv)
+    return scenario.name, opts
+
+
+@pytest.mark.parametrize(
+    "argv, scenario, expected",
+    [  # the command lines README.md and docs/results quote
+        ("--ks 2,4 --out bench_out/full", "default", dict(ks=(2, 4), out_dir="bench_out/full", max_new_tokens=128)),
+        (
+            "--scenario grid --ks 2,4 --max-new-tokens 64 --repeats 3 --out bench_out/grid_clean2",
+            "grid",
+            dict(ks=(2, 4), max_new_tokens=64, repeats=3, out_dir="bench_out/grid_clean2", batch_sizes=(1, 4, 16, 64)),
+        ),
+        (
+            "--scenario controller-drift --ks 2,4 --max-new-tokens 64 --out bench_out/controller_drift",
+            "controller-drift",
+            dict(ks=(2, 4), max_new_tokens=64, drift_rounds=6, drift_alphas=(0.9, 0.2)),
+        ),
+        (
+            "--workloads greedy,tail --no-hf --no-stack --ks 2 --no-cost-table --out bench_out/vllm",
+            "default",
+            dict(workloads=("greedy", "tail"), hf=False, stack=False, ks=(2,), cost_table=False, vllm=True),
+        ),
+        (
+            "--workloads grpo --ks 2 --no-cost-table --no-stack",
+            "default",
+            dict(workloads=("grpo",), ks=(2,), cost_table=False, stack=False, hf=True),
+        ),
+        ("--scenario drift --versions 4 --out bench_out/drift", "policy-drift", dict(num_versions=4, k=4)),
+        ("--scenario policy-drift --versions 4", "policy-drift", dict(num_versions=4)),
+        ("", "default", dict(ks=(2, 4, 8), workloads=("grpo", "greedy", "tail"), repeats=1, hf=True)),
+        ("--no-vllm --vllm-python /x/python", "default", dict(vllm=False, vllm_python="/x/python")),
+        (
+            "--scenario grid --speculators suffix,static --batch-sizes 1,4",
+            "grid",
+            dict(speculators=("suffix", "static"), batch_sizes=(1, 4)),
+        ),
+        (
+            "--scenario drift --model tiny --static-head h.safetensors --k 2",
+            "policy-drift",
+            dict(model="tiny", static_head="h.safetensors", k=2),
+        ),
+    ],
+)
+def test_bench_command_lines_parse_to_their_options(argv, scenario, expected):
+    name, opts = _bench_options(argv.split())
+    assert name == scenario
+    assert {k: getattr(opts, k) for k in expected} == expected
+
+
+def test_bench_flag_equal_to_a_default_is_still_given():
+    """The old CLI compared flags with the default bench's defaults to guess whether they were given."""
+    assert _bench_options(["--scenario", "grid", "--ks", "2,4,8"])[1].ks == (2, 4, 8)  # grid's own default: 1,2,4,8
+    assert _bench_options(["--scenario", "drift", "--max-new-tokens", "128"])[1].max_new_tokens == 128  # drift: 64
+    quick = _bench_options(["--scenario", "grid", "--quick", "--ks", "1,2,4,8", "--max-new-tokens", "128"])[1]
+    assert quick.ks == (1, 2, 4, 8) and quick.max_new_tokens == 128 and quick.batch_sizes == (1, 4, 16)
+
+
+def test_bench_quick_presets_apply_per_scenario():
+    from atlas_rl.bench.policy_drift import QUICK as DRIFT_QUICK
+    from atlas_rl.bench.run import QUICK as BENCH_QUICK
+
+    _, opts = _bench_options(["--quick"])
+    assert all(getattr(opts, k) == v for k, v in BENCH_QUICK.items())
+    _, opts = _bench_options(["--scenario", "drift", "--quick", "--versions", "5"])
+    assert opts.num_versions == 5 and opts.finetune_steps == DRIFT_QUICK["finetune_steps"]
+
+
+def test_bench_reads_a_yaml_config_and_flags_override_it(tmp_path):
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text("scenario: grid\nks: [3, 5]\nmax_new_tokens: 48\nrepeats: 2\n")
+    name, opts = _bench_options(["--config", str(cfg), "--repeats", "4"])
+    assert name == "grid" and opts.ks == (3, 5) and opts.max_new_tokens == 48 and opts.repeats == 4
+
+
+def _patch_scenario(monkeypatch, module: str, run: str, render: str) -> list:
+    """Replace a scenario's run (the bench itself) by a recorder: main() then parses for real and stops there."""
+    import importlib
+
+    seen: list = []
+    mod = importlib.import_module(module)
+    monkeypatch.setattr(mod, run, lambda opts, command: seen.append((opts, command)) or {"wall_s": 0.0})
+    monkeypatch.setattr(mod, render, lambda report: "")
+    return seen
+
+
+def test_bench_main_runs_grid_with_the_given_ks(monkeypatch, tmp_path):
+    seen = _patch_scenario(monkeypatch, "atlas_rl.bench.grid", "run_grid", "render_grid_markdown")
+    argv = ["bench", "--scenario", "grid", "--ks", "2,4,8", "--max-new-tokens", "128", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    opts, command = seen[0]
+    assert opts.ks == (2, 4, 8) and opts.max_new_tokens == 128 and opts.out_dir == str(tmp_path)
+    assert command.startswith("atlas-rl bench --scenario grid --ks 2,4,8")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--bogus", "1"], "unknown argument"),
+        (["--ks", "two"], "invalid int value"),
+        (["--ks", "0"], "ks must be >= 1"),
+        (["--scenario", "nope"], "invalid choice"),
+        (["--workloads", "grpo,chat"], "unknown workloads"),
+        (["--config", "/no/such.yaml"], "/no/such.yaml does not exist"),
+        (["--set", "ks=[1.5]"], "ks[0] must be an integer"),
+        (["--scenario", "drift", "--versions", "1"], "num_versions must be >= 2"),
+    ],
+)
+def test_bench_option_mistakes_are_one_line_errors_with_exit_2(argv, message, capsys):
+    assert main(["bench", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err
+
+
+def test_bench_missing_model_is_a_one_line_error_with_exit_2(tmp_path, capsys):
+    assert main(["bench", "--model", str(tmp_path / "nonexistent"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "nonexistent" in err and "does not exist" in err and "\n" not in err
+
+
+def test_demo_flags_parse_into_the_task_config():
+    from atlas_rl.cli import demo_parser
+
+    argv = "--model m --algo rloo --steps 3 --prompts 2 --generations 3 --max-new-tokens 16 --lr 5e-5"
+    argv += " --speculators static,suffix --no-baseline --out runs/x --seed 7"
+    cfg = demo_parser().parse(argv.split())
+    assert (cfg.model, cfg.algo, cfg.steps, cfg.prompts, cfg.generations) == ("m", "rloo", 3, 2, 3)
+    assert (cfg.max_new_tokens, cfg.learning_rate, cfg.speculators) == (16, 5e-5, "static,suffix")
+    assert (cfg.baseline_every, cfg.run_dir, cfg.seed, cfg.tiny) == (0, "runs/x", 7, False)
+    tiny = demo_parser().parse(["--tiny"])
+    assert tiny.tiny is True and tiny.baseline_every == 1 and tiny.run_dir == "runs/demo"
+
+
+def test_help_of_every_command_and_scenario_exits_0(capsys):
+    for argv in (["--help"], ["demo", "-h"], ["report", "-h"], ["bench", "-h"]):
+        assert main(argv) == 0
+    for scenario in ("grid", "drift", "policy-drift", "controller-drift"):
+        assert main(["bench", "--scenario", scenario, "--help"]) == 0
+    assert "--versions" in capsys.readouterr().out

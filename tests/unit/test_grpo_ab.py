@@ -47,4 +47,4 @@ def test_ratios_and_reward_test(tmp_path, capsys):
 def test_missing_run_directory_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--a", str(tmp_path / "nope"), "--b", str(tmp_path / "nope")])
-    assert "metrics.jsonl does not exist" in capsys.readouterr().err
+    assert "nope does not exist" in capsys.readouterr().err

@@ -205,11 +205,11 @@ def test_recipe_config_first_line_is_the_command_and_overrides_parse():
         first
         == "# .venv/bin/python recipes/train_static_speculator.py --config recipes/configs/static_speculator.yaml"
     )
-    recipe, static, data_only, command = _recipe().parse_args(
+    recipe, cfg, command = _recipe().parse_args(
         ["--config", str(path), "epochs=1", "fuse_layers=[3, 15, 28]", "ship_to=null"]
     )
-    cfg = StaticSpeculatorConfig(**static)
-    assert cfg.epochs == 1 and cfg.fuse_layers == (3, 15, 28) and recipe["ship_to"] is None and not data_only
+    assert isinstance(cfg, StaticSpeculatorConfig)
+    assert cfg.epochs == 1 and cfg.fuse_layers == (3, 15, 28) and recipe.ship_to is None and not recipe.data_only
     assert "epochs=1" in command and command.startswith(".venv/bin/python recipes/train_static_speculator.py")
     with pytest.raises(SystemExit):
         _recipe().parse_args(["--config", str(path), "no_such_key=1"])
