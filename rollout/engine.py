@@ -553,15 +553,7 @@ class RolloutEngine:
         want_hidden = bool(hidden_layers) or bool(self._capture_hooks)
         last_logits = []
         hidden_chunks: dict[int, list[torch.Tensor]] = {layer: [] for layer in hidden_layers}
-        budget = self.config.prefill_chunk_tokens
-        g = 0
-        while g < G:
-            # grow the chunk while rows x padded length stays within the budget
-            g_end = g + 1
-            plen = len(prompts[g])
-            while g_end < G and (g_end + 1 - g) * max(plen, len(prompts[g_end])) <= budget:
-                plen = max(plen, len(prompts[g_end]))
-                g_end += 1
+        for g, g_end in _prefill_chunks(prompts, self.config.prefill_chunk_tokens):
             chunk = prompts[g:g_end]
             plen = max(len(p) for p in chunk)
             n = len(chunk)
@@ -583,7 +575,6 @@ class RolloutEngine:
                 if self._capture_hooks:
                     rows_of = [[r.row_id for r in wave[gg * n_gen : (gg + 1) * n_gen]] for gg in range(g, g_end)]
                     self._capture_prefill(chunk, rows_of, ids, pos, all_hidden, last_hidden, last_logits[-1], sampling)
-            g = g_end
         # each group's prompt KV -> the slots of its samples (slot g*n_gen + s); src <= dst, gathered first
         if n_gen > 1:
             dst = torch.arange(G * n_gen, device=dev)
@@ -804,6 +795,20 @@ class RolloutEngine:
         )
         for hook in self._capture_hooks:
             hook(rec)
+
+
+def _prefill_chunks(prompts: list[list[int]], budget: int) -> list[tuple[int, int]]:
+    """``[(g, g_end), ...]``: consecutive prompt groups, each chunk grown while rows x padded length <= budget."""
+    chunks: list[tuple[int, int]] = []
+    g, G = 0, len(prompts)
+    while g < G:
+        g_end, plen = g + 1, len(prompts[g])
+        while g_end < G and (g_end + 1 - g) * max(plen, len(prompts[g_end])) <= budget:
+            plen = max(plen, len(prompts[g_end]))
+            g_end += 1
+        chunks.append((g, g_end))
+        g = g_end
+    return chunks
 
 
 def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:
