@@ -196,15 +196,10 @@ class ConfigParser(TrlParser):
         unknown = {k: v for k, v in values.items() if k not in known}
         if unknown and not remaining:
             raise ConfigError(f"unknown option(s) {sorted(unknown)}; valid: {sorted(self._field_names())}")
-        if values:
-            lists = {a.dest for a in self._actions if a.nargs in ("+", "*") or isinstance(a.nargs, int)}
-            self.set_defaults(
-                **{
-                    k: (v.split(",") if k in lists and isinstance(v, str) else v)
-                    for k, v in values.items()
-                    if k in known
-                }
-            )
+        if values:  # config file and --set values become this parse's defaults: flags still win
+            lists = {a.dest for a in self._list_actions()}
+            given = {k: v for k, v in values.items() if k in known}
+            self.set_defaults(**{k: _listed(v, k in lists) for k, v in given.items()})
             ns, rest = self.parse_known_args(self._split_commas(argv))
         if rest and not remaining:
             raise ConfigError(f"unknown argument(s) {rest}; valid options: {sorted(self._field_names())}")
@@ -283,6 +278,11 @@ def _is_number(tok: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+def _listed(v: Any, is_list: bool) -> Any:
+    """A YAML string for a list option (``ks: 2,4``) as its items."""
+    return v.split(",") if is_list and isinstance(v, str) else v
 
 
 def _load_config(path: str | None) -> dict[str, Any]:

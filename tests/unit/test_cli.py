@@ -309,3 +309,17 @@ def test_help_of_every_command_and_scenario_exits_0(capsys):
     for scenario in ("grid", "drift", "policy-drift", "controller-drift"):
         assert main(["bench", "--scenario", scenario, "--help"]) == 0
     assert "--versions" in capsys.readouterr().out
+
+
+def test_config_parser_types_yaml_values_like_flags(tmp_path):
+    """YAML 1.1 reads 5e-5 as a string and a list may be written 2,4: the parser types both like flags."""
+    from atlas_rl.argparsing import ConfigParser
+    from atlas_rl.trainers.runner import TaskRunConfig
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("learning_rate: 5e-5\nsteps: 3\n")
+    parsed = ConfigParser([TaskRunConfig], prog="t").parse(["--config", str(cfg), "--set", "temperature=7e-1"])
+    assert parsed.learning_rate == 5e-5 and parsed.temperature == 0.7 and parsed.steps == 3
+    cfg.write_text("scenario: grid\nks: 2,4\n")
+    _, opts = _bench_options(["--config", str(cfg)])
+    assert opts.ks == (2, 4)
