@@ -530,11 +530,8 @@ class RolloutEngine:
         stats: SpecStats,
         hidden_layers: list[int],
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor] | None]:
-        """Prefill unique prompts into slots 0..G-1, then copy them to the group's slots.
-
-        Returns the last-position logits per group ``[G, vocab]`` and, when asked, the prompt hidden
-        states per requested layer ``[G, P_max, hidden]``.
-        """
+        """Prefill unique prompts into slots 0..G-1, then copy them to the group's slots. Returns the last-position
+        logits per group ``[G, vocab]`` and, when asked, the prompt hidden states per layer ``[G, P_max, hidden]``."""
         t0 = time.perf_counter()
         dev = self.device
         G = len(prompts)
