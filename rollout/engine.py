@@ -489,7 +489,7 @@ class RolloutEngine:
             unit="tok",
             leave=False,
         )
-        ctx = WaveContext(sampling, stops, controller, cache, stats, pbar, hidden_layers, k_cap, n_gen)
+        ctx = WaveContext(sampling, stops, controller, cache, stats, pbar, hidden_layers, k_cap, n_gen, self.device)
         # Groups are processed in waves of whole groups that fit max_rows rows.
         groups_per_wave = max(1, max_rows // n_gen)
         for g0 in range(0, len(prompts), groups_per_wave):
@@ -542,11 +542,8 @@ class RolloutEngine:
         stats: SpecStats,
         hidden_layers: list[int],
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor] | None]:
-        """Prefill unique prompts into slots 0..G-1, then copy them to the group's slots.
-
-        Returns the last-position logits per group ``[G, vocab]`` and, when asked, the prompt hidden
-        states per requested layer ``[G, P_max, hidden]``.
-        """
+        """Prefill unique prompts into slots 0..G-1, then copy them to the group's slots. Returns the last-position
+        logits per group ``[G, vocab]`` and, when asked, the prompt hidden states per layer ``[G, P_max, hidden]``."""
         t0 = time.perf_counter()
         dev = self.device
         G = len(prompts)
@@ -622,7 +619,7 @@ class RolloutEngine:
             wave, prompts, n_gen, ctx.sampling, ctx.cache, ctx.stats, ctx.hidden_layers
         )
         n = len(wave)
-        no_drafts = torch.zeros((n, 0), dtype=torch.long, device=self.device)  # [n, 0]
+        no_drafts = torch.zeros((n, 0), dtype=torch.long, device=ctx.device)  # [n, 0]
         first = self._verify(ctx, wave, no_drafts, [0] * n, None, logits.repeat_interleave(n_gen, dim=0)[:, None, :])
         for g in range(len(prompts)):
             rows = [r.row_id for r in wave[g * n_gen : (g + 1) * n_gen]]
@@ -646,7 +643,7 @@ class RolloutEngine:
         """One decode step of the active rows; returns the rows still generating after it."""
         t_step = time.perf_counter()
         drafts, proposals = self._draft(ctx, active, step)
-        packed = pack(active, drafts, self.device)
+        packed = pack(active, drafts, ctx.device)
         t0 = time.perf_counter()
         want_hidden = bool(ctx.hidden_layers) or bool(self._capture_hooks)
         last_hidden, all_hidden = self._target_forward(packed.input_ids, packed.starts, ctx.cache, want_hidden)
@@ -709,11 +706,11 @@ class RolloutEngine:
         """Rejection sampling of the rows' drafts against the target logits, as Python lists."""
         t0 = time.perf_counter()
         K = draft_ids.shape[1]
-        draft_probs = dense_draft_probs(drafts, K, self.vocab_size, logits.dtype, self.device) if drafts else None
+        draft_probs = dense_draft_probs(drafts, K, self.vocab_size, logits.dtype, ctx.device) if drafts else None
         uniforms = None
         if not ctx.sampling.greedy:
-            uniforms = draw_uniforms([r.generator for r in rows], draft_lens, K, self.device)
-        lens = torch.tensor(draft_lens, dtype=torch.long, device=self.device)
+            uniforms = draw_uniforms([r.generator for r in rows], draft_lens, K, ctx.device)
+        lens = torch.tensor(draft_lens, dtype=torch.long, device=ctx.device)
         res = self.verifier.verify(draft_ids, lens, draft_probs, logits, ctx.sampling, uniforms)
         out = Verified(res.num_accepted.tolist(), res.output_ids.tolist(), res.logprobs.tolist())
         if drafts is not None:  # a decode step (the first tokens count as prefill)
@@ -763,7 +760,7 @@ class RolloutEngine:
         stop_finished_groups(self.speculators, ctx.group_left)
         survivors = [rows[i] for i in keep]
         if survivors:
-            keep_t = torch.tensor(keep, dtype=torch.long, device=self.device)
+            keep_t = torch.tensor(keep, dtype=torch.long, device=ctx.device)
             ctx.cache.compact(keep_t, max(r.cache_len for r in survivors))
         return survivors
 

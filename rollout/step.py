@@ -56,6 +56,7 @@ class WaveContext:
     hidden_layers: list[int]  # target layers the speculators need (union)
     k_cap: int  # longest draft any row may verify
     n_gen: int  # samples per prompt
+    device: torch.device  # the model's (read once per call)
     group_left: dict[int, int] = field(default_factory=dict)  # group id -> rows still generating
 
 
