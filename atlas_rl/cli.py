@@ -163,7 +163,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", default=None, help="model directory or hub id (default: embedded SmolLM2-135M)")
     p.add_argument("--tiny", action="store_true", help="a tiny random model and byte tokenizer (smoke test)")
-    p.add_argument("--algo", choices=["grpo", "rloo"], default="grpo")
+    p.add_argument("--algo", choices=["grpo", "rloo", "ppo"], default="grpo")
     p.add_argument("--steps", type=int, default=5, help="optimizer steps (default 5)")
     p.add_argument("--prompts", type=int, default=4, help="prompts per step (default 4)")
     p.add_argument("--generations", type=int, default=4, help="samples per prompt (default 4)")

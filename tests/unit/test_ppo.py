@@ -259,3 +259,31 @@ def test_bad_configs_and_inputs_fail_clearly(tmp_path):
     bad = _trainer(cfg, reward_funcs=lambda completions, **kw: [1.0])
     with pytest.raises(ValueError, match="one number per completion"):
         bad.train()
+
+
+def test_recipe_config_gives_its_command_and_a_tiny_run_reports_ppo_metrics(tmp_path):
+    """recipes/ppo.py + its YAML (first line: the launch command) run on the tiny model through the shared runner
+    (the path of `atlas-rl demo --algo ppo`); the report lists PPO's TRL metrics per step."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from atlas_rl.trainers.runner import TaskRunConfig, recipe_main
+
+    root = Path(__file__).resolve().parents[2]
+    cmd = "recipes/ppo.py --config recipes/configs/ppo.yaml"
+    assert cmd in (root / "recipes" / "ppo.py").read_text()
+    first = (root / "recipes" / "configs" / "ppo.yaml").read_text().splitlines()[0]
+    assert first.startswith("# accelerate launch") and cmd in first
+    TaskRunConfig(**yaml.safe_load((root / "recipes" / "configs" / "ppo.yaml").read_text()))
+    run_dir = tmp_path / "run"
+    argv = ["--config", str(root / "recipes" / "configs" / "ppo.yaml")]
+    for kv in ("tiny=true", "steps=2", "prompts=4", "max_new_tokens=6", f"run_dir={run_dir}"):
+        argv += ["--set", kv]
+    recipe_main("ppo", "test", argv)
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["headline"]["steps"] == 2
+    assert len(report["series"]["loss/value_avg"]) == 2 and "objective/kl" in report["series"]
+    md = (run_dir / "report.md").read_text()
+    assert "policy/clipfrac_avg" in md and "loss/value_avg" in md
