@@ -287,3 +287,25 @@ def test_recipe_config_gives_its_command_and_a_tiny_run_reports_ppo_metrics(tmp_
     assert len(report["series"]["loss/value_avg"]) == 2 and "objective/kl" in report["series"]
     md = (run_dir / "report.md").read_text()
     assert "policy/clipfrac_avg" in md and "loss/value_avg" in md
+
+
+def test_ppo_ab_table_reports_ratios_of_two_runs(tmp_path):
+    import json
+
+    from atlas_rl.bench.ppo_ab import main
+
+    for name, backend, roll, step in (("a", "atlas", 2.0, 10.0), ("b", "transformers", 3.0, 11.0)):
+        d = tmp_path / name
+        d.mkdir()
+        recs = [
+            {"step": i, "objective/scores": 0.1 * i, "objective/kl": 0.5, "atlas/rollout_s": roll, "step_time": step}
+            for i in (1, 2)
+        ]
+        recs.append({"step": 2, "train_runtime": 5.0})  # not a PPO step
+        (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+        (d / "run.json").write_text(json.dumps({"generation_backend": backend}))
+    out = tmp_path / "ab.md"
+    assert main(["--a", str(tmp_path / "a"), "--b", str(tmp_path / "b"), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "transformers/atlas = **1.5×**" in text and "transformers/atlas = **1.1×**" in text
+    assert text.startswith("| step |") and text.count("\n| ") == 2  # header, then 2 steps (the separator starts "|-")
