@@ -196,6 +196,12 @@ class AtlasPPOTrainer(Trainer):
 
     def _atlas_post_init(self) -> None:
         args = self.args
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is not None and int(getattr(plugin, "zero_stage", 0)) == 3:
+            raise ValueError(
+                "AtlasPPOTrainer does not support DeepSpeed ZeRO-3 yet (rollouts, the value model and the reference "
+                "need whole parameters): use ZeRO-2 (recipes/accelerate/deepspeed_zero2.yaml) or DDP"
+            )
         dev = self.accelerator.device
         if self.ref_model is not None:
             self.ref_model.to(dev)
@@ -498,7 +504,7 @@ class AtlasPPOTrainer(Trainer):
                 r = _reward_tensor(out, len(rows), _name(f)).to(total.device)
             metrics[f"rewards/{_name(f)}/mean"] = float(r.mean())
             total = total + w * r
-        if self.args.missing_eos_penalty is not None:
+        if self.args.missing_eos_penalty is not None and self.stops:
             missing = torch.tensor([not (c and c[-1] in self.stops) for c in rollout.completions], device=total.device)
             total = total - self.args.missing_eos_penalty * missing.float()
         metrics["reward_std"] = float(total.std()) if len(rows) > 1 else 0.0
