@@ -309,3 +309,28 @@ def test_ppo_ab_table_reports_ratios_of_two_runs(tmp_path):
     text = out.read_text()
     assert "transformers/atlas = **1.5×**" in text and "transformers/atlas = **1.1×**" in text
     assert text.startswith("| step |") and text.count("\n| ") == 2  # header, then 2 steps (the separator starts "|-")
+
+
+def test_sequence_classifier_as_value_model_and_reward_model(tmp_path):
+    """An AutoModelForSequenceClassification-style model serves as value model (saved with save_pretrained, loaded
+    on resume) and as a reward model (its head's output on the last completion token)."""
+    from transformers import LlamaForSequenceClassification
+
+    def classifier(seed):
+        torch.manual_seed(seed)
+        cfg = _model().config
+        cfg.num_labels = 1
+        return LlamaForSequenceClassification(cfg)
+
+    rm = classifier(1)
+    cfg = _config(tmp_path, "transformers", max_steps=2, save_strategy="steps", save_steps=1)
+    trainer = _trainer(cfg, value_model=classifier(2), reward_funcs=[rm])
+    trainer.train()
+    h = _logs(trainer)[0]
+    assert h["rewards/LlamaForSequenceClassification/mean"] == h["objective/scores"] != 0.0
+    ckpt = tmp_path / "transformers" / "checkpoint-1"
+    assert (ckpt / "value_model" / "config.json").exists()
+    resumed = _trainer(cfg, value_model=classifier(3), reward_funcs=[rm])
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    for (k, va), vb in zip(trainer.value_model.state_dict().items(), resumed.value_model.state_dict().values()):
+        assert torch.equal(va, vb), k
