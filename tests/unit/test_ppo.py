@@ -74,7 +74,7 @@ def _logs(trainer):
 
 @pytest.mark.parametrize("backend", ["atlas", "transformers"])
 def test_first_minibatch_ratio_is_one_and_trl_metrics_are_logged(tmp_path, backend):
-    trainer = _trainer(_config(tmp_path, backend))
+    trainer = _trainer(_config(tmp_path, backend, temperature=0.7))  # T != 1: a missing 1/T would show
     trainer.train()
     logs = _logs(trainer)
     assert len(logs) == 2
@@ -91,7 +91,7 @@ def test_first_minibatch_ratio_is_one_and_trl_metrics_are_logged(tmp_path, backe
 def test_first_minibatch_ratio_is_one_in_float64_with_engine_logprobs(tmp_path):
     """The engine's rollout logprobs are the behaviour policy's: against the trainer's own forward the first ratio
     is 1 to float64 precision (a stale or mis-aligned logprob would be off by far more)."""
-    trainer = _trainer(_config(tmp_path, "atlas", max_steps=1), model=_model(torch.float64))
+    trainer = _trainer(_config(tmp_path, "atlas", max_steps=1, temperature=0.7), model=_model(torch.float64))
     trainer.train()
     assert _logs(trainer)[0]["policy/first_ratio_max_dev"] <= 1e-9
 
@@ -334,3 +334,18 @@ def test_sequence_classifier_as_value_model_and_reward_model(tmp_path):
     resumed.train(resume_from_checkpoint=str(ckpt))
     for (k, va), vb in zip(trainer.value_model.state_dict().items(), resumed.value_model.state_dict().values()):
         assert torch.equal(va, vb), k
+
+
+@pytest.mark.parametrize("backend", ["atlas", "transformers"])
+def test_without_stop_token_every_completion_has_response_length(tmp_path, backend):
+    seen = []
+
+    def record(completions, completion_ids, **kw):
+        seen.extend(completion_ids)
+        return [1.0] * len(completion_ids)
+
+    cfg = _config(tmp_path, backend, max_steps=1, stop_token=None, missing_eos_penalty=1.0, response_length=12)
+    trainer = _trainer(cfg, reward_funcs=record)
+    trainer.train()
+    assert len(seen) == 16 and all(len(c) == 12 for c in seen)
+    assert _logs(trainer)[0]["objective/scores"] == 1.0  # no stop token configured: no missing-EOS penalty
