@@ -10,7 +10,9 @@ One update (= one trainer step):
    logprobs when the backend did not return them;
 4. per-token rewards ``-kl_coef * KL_t`` plus the score on the last valid token; GAE; whitened advantages;
 5. ``num_ppo_epochs`` passes in ``num_mini_batches`` minibatches of clipped policy + ``vf_coef`` x clipped value
-   loss, one optimizer step (policy and value model together) per minibatch.
+   loss, one optimizer step (policy and value model together) per minibatch;
+6. the engine's ``policy_version`` advances by one (it reads the updated weights in place; rollouts only happen
+   between updates, so one version per update is exact) and the adaptive speculator retrains in the background.
 
 **Which logprobs the ratio uses.** ``ratio = exp(log pi_theta(a_t) - log pi_old(a_t))`` with ``pi_old`` the
 *behaviour* policy that sampled the rollout. With ``generation_backend="atlas"`` these are the engine's rollout
