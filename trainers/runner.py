@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 class TaskRunConfig:
     """A run of the arithmetic GRPO/RLOO task (fields with help, checked in ``__post_init__``)."""
 
-    algo: str = field(default="grpo", metadata={"help": "'grpo' or 'rloo'."})
+    algo: str = field(default="grpo", metadata={"help": "'grpo', 'rloo' or 'ppo' (one completion per prompt)."})
     model: str | None = field(default=None, metadata={"help": "Model dir/hub id; None = the embedded default."})
     tiny: bool = field(default=False, metadata={"help": "A tiny random model + byte tokenizer (tests, smoke runs)."})
     steps: int = field(default=5, metadata={"help": "Optimizer steps (one rollout batch each)."})
@@ -50,8 +50,8 @@ class TaskRunConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.algo not in ("grpo", "rloo"):
-            raise ValueError(f"algo must be 'grpo' or 'rloo', got {self.algo!r}")
+        if self.algo not in ("grpo", "rloo", "ppo"):
+            raise ValueError(f"algo must be 'grpo', 'rloo' or 'ppo', got {self.algo!r}")
         for name in ("steps", "prompts", "generations", "max_new_tokens"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -123,6 +123,10 @@ def run_task(cfg: TaskRunConfig, command: str | None = None) -> Path:
     if cfg.algo == "grpo":
         args = AtlasGRPOConfig(**common)
         trainer_cls = AtlasGRPOTrainer
+    elif cfg.algo == "ppo":
+        from .ppo_task import ppo_args
+
+        args, trainer_cls = ppo_args(cfg, common)
     else:
         common.setdefault("beta", 0.0)
         args = AtlasRLOOConfig(**common)

@@ -40,6 +40,18 @@ HEADLINE_FIELDS = (
 )
 
 
+# the TRL metric names AtlasPPOTrainer logs: a per-step series and table when a run has them
+PPO_KEYS = (
+    "objective/scores",
+    "objective/kl",
+    "objective/entropy",
+    "policy/approxkl_avg",
+    "policy/clipfrac_avg",
+    "loss/policy_avg",
+    "loss/value_avg",
+    "val/clipfrac_avg",
+)
+
 BASELINE = "the same engine without speculation, same prompts, seeds and policy version, measured in this run"
 
 
@@ -96,6 +108,7 @@ def summarize(run: Run) -> dict[str, Any]:
         "reward": _series(steps, "reward"),
         "step_time": _series(steps, "step_time"),
     }
+    series.update({k: _series(steps, k) for k in PPO_KEYS if any(k in st for st in steps)})
     for name in specs:
         series[f"share/{name}"] = _series(steps, f"atlas/speculator_share/{name}")
         series[f"mean_acceptance_length/{name}"] = _series(steps, f"atlas/mean_acceptance_length/{name}")
@@ -240,6 +253,10 @@ def render_markdown(summary: dict[str, Any]) -> str:
             f"{_fmt(s['speedup'][i])} | {_fmt(s['mean_acceptance_length'][i])} | {_fmt(s['spec_off_fraction'][i])} | "
             f"{_fmt(s['reward'][i])} |"
         )
+    ppo = [k for k in PPO_KEYS if k in s]
+    if ppo:
+        lines += ["", "| step | " + " | ".join(ppo) + " |", "|---" * (len(ppo) + 1) + "|"]
+        lines += [f"| {int(st)} | " + " | ".join(_fmt(s[k][i]) for k in ppo) + " |" for i, st in enumerate(s["step"])]
     return "\n".join(lines) + "\n"
 
 
