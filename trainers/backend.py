@@ -11,13 +11,21 @@ Lifecycle inside an RL run (one instance per process):
   bounded by a fraction of the rollout's wall time.
 * ``on_policy_update(step)`` — after every optimizer step: the engine reads the trainer's parameters in
   place, so only ``policy_version`` moves.
-* ``metrics()``, ``state_dict()`` / ``load_state_dict()`` (checkpoints).
+* ``metrics()``, ``save()`` / ``load()`` (checkpoints).
+* ``close()`` — at the end of ``train()`` on every exit path (normal end, exception, KeyboardInterrupt): stops
+  the background retraining after its current optimizer step and joins it, reports a failure it had, and gives
+  back what the engine holds (KV cache, the CPU kernel routing of the model's ``nn.Linear`` layers).
+
+A failed retraining never ends the RL run: it is logged once (with its traceback), counted in
+``atlas/speculator_train_failures``, its partial weights are discarded and the adaptive head keeps drafting with
+the last published (good) weights; after ``MAX_TRAIN_FAILURES`` failures in a row retraining stops for the run.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +41,31 @@ from atlas_rl.speculators.head_speculator import DraftHeadSpeculator
 from atlas_rl.types import RolloutBatch, SamplingParams, SpecStats
 
 logger = logging.getLogger(__name__)
+
+MAX_TRAIN_FAILURES = 3  # failed retrainings in a row after which the adaptive head stops retraining for the run
+PROBE_MAX_POSITIONS = 48  # positions per probed completion (the probe's cost scales with them)
+# metrics that are counters or states: a summary over several steps takes their last value, never the mean
+LAST_VALUE_METRICS = frozenset(
+    {
+        "atlas/policy_version",
+        "atlas/speculator_train_failures",
+        "atlas/speculator_train_skipped_steps",
+        "atlas/speculator_train_steps",
+        "atlas/speculator_train_s_total",
+        "atlas/speculator_staleness",
+    }
+)
+
+
+class CheckpointStateError(ValueError):
+    """An atlas checkpoint folder that cannot be resumed from (missing or unreadable state)."""
+
+
+def _replace_atomically(path: Path, write: Any) -> None:
+    """``write(tmp_path)`` then rename onto ``path``: a reader sees the old file or the new one, never a half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
 
 
 def group_runs(prompt_ids: list[list[int]]) -> tuple[list[list[int]], list[int]]:
@@ -84,6 +117,10 @@ class AtlasRolloutBackend:
         self._deferred_budget = 0.0
         self.last_probe: dict[str, float] = {}
         self.last_capture_s = 0.0
+        self.train_failures = 0  # failed retraining runs (whole run)
+        self._failures_in_a_row = 0
+        self._train_disabled = False
+        self._closed = False
 
     # ------------------------------------------------------------------------------------------ building
     @property
@@ -123,7 +160,7 @@ class AtlasRolloutBackend:
         if "suffix" in wanted:
             self.suffix = SuffixSpeculator()
             specs.append(self.suffix)
-        k = self.options.atlas_max_draft_tokens
+        k = self.options.atlas_num_speculative_tokens
         cfg = EngineConfig(num_speculative_tokens=k, controller=self.options.atlas_controller)
         controller = BestOfController(k) if (self.options.atlas_controller == "fixed" and len(specs) > 1) else None
         self.engine = RolloutEngine(
@@ -167,6 +204,7 @@ class AtlasRolloutBackend:
     def generate(
         self, model: torch.nn.Module, prompt_ids: list[list[int]], sampling: SamplingParams
     ) -> tuple[list[list[int]], list[list[float]]]:
+        self._closed = False  # a generate after close() (e.g. evaluate() after train()) reopens the backend
         if self.engine is None:
             self._build(model)
         elif model is not self._model:  # e.g. ZeRO-3 gathered a fresh module: point the engine at it
@@ -245,13 +283,14 @@ class AtlasRolloutBackend:
         n = int(getattr(self.options, "atlas_acceptance_probe", 0))
         if n <= 0 or self.buffer is None or not self.is_trainer_rank:
             return {}
-        from atlas_rl.training.acceptance import estimate_acceptance
+        from atlas_rl.training.acceptance import estimate_acceptance, first_labeled_window
 
         fresh = [s for s in self.buffer.samples(min_version=self.policy_version) if s.num_labels > 0]
         if not fresh:
             return {}
         picked = [fresh[(i * len(fresh)) // min(n, len(fresh))] for i in range(min(n, len(fresh)))]
-        k = int(self.options.atlas_max_draft_tokens)
+        picked = [first_labeled_window(s, PROBE_MAX_POSITIONS) for s in picked]
+        k = int(self.options.atlas_num_speculative_tokens)
         out: dict[str, float] = {}
         t0 = time.perf_counter()
         fuse = tuple(self.buffer.config.fuse_layers)
@@ -281,10 +320,13 @@ class AtlasRolloutBackend:
             object.__setattr__(self.adaptive_trainer.train_head, "_embed", self.adaptive_head._embed)
 
     def _train_budget(self) -> float:
+        """Seconds of retraining after this rollout: the fraction of its wall time (at least the minimum), less
+        what the acceptance probe already spent, so probe + retraining stay within the fraction."""
         frac = self.options.atlas_adaptive_train_fraction
-        if frac <= 0:
+        if frac <= 0 or self._train_disabled:
             return 0.0
-        return max(self.options.atlas_adaptive_train_min_s, frac * self.last_rollout_s)
+        budget = max(self.options.atlas_adaptive_train_min_s, frac * self.last_rollout_s)
+        return max(0.0, budget - self.last_probe.get("atlas/acceptance_probe_s", 0.0))
 
     def _after_rollout(self) -> None:
         if self.adaptive_trainer is None or not self.is_trainer_rank:
@@ -301,14 +343,45 @@ class AtlasRolloutBackend:
         if self.adaptive_trainer is None:
             return
         if self.is_trainer_rank:
-            budget = self._deferred_budget
+            budget, self._deferred_budget = self._deferred_budget, 0.0
             if budget > 0:
-                self._deferred_budget = 0.0
-                self.last_train = self.adaptive_trainer.step(time_budget_s=budget) or {}
-            elif self.adaptive_trainer.running or self.adaptive_trainer._thread is not None:
-                self.last_train = self.adaptive_trainer.wait() or {}
-            self.adaptive_trainer.publish()
+                self._collect_training(lambda: self.adaptive_trainer.step(time_budget_s=budget))
+            else:
+                self._collect_training(self.adaptive_trainer.wait)
         self._broadcast_adaptive()
+
+    def _collect_training(self, run: Any) -> None:
+        """Run or join the retraining (``run()`` returns its metrics) and publish the result; on a failure keep
+        the last published head (see the module docstring)."""
+        if self._train_disabled and self.adaptive_trainer._thread is None:
+            return
+        try:
+            result = run()
+        except Exception as e:  # noqa: BLE001 - any failure of the speculator must not end the RL run
+            self._on_train_failure(e)
+            return
+        if result is not None:
+            self.last_train = result
+            self._failures_in_a_row = 0
+        self.adaptive_trainer.publish()
+
+    def _on_train_failure(self, error: Exception) -> None:
+        self.train_failures += 1
+        self._failures_in_a_row += 1
+        self.last_train = {}
+        self.adaptive_trainer.discard_unpublished()
+        if self.train_failures == 1:
+            logger.warning(
+                "adaptive-head retraining failed; the adaptive head keeps drafting with its last good weights "
+                "(further failures are counted in atlas/speculator_train_failures, not logged): %s",
+                error,
+                exc_info=error,
+            )
+        if self._failures_in_a_row >= MAX_TRAIN_FAILURES and not self._train_disabled:
+            self._train_disabled = True
+            logger.warning(
+                "adaptive-head retraining failed %d times in a row: retraining stops for this run", MAX_TRAIN_FAILURES
+            )
 
     def _broadcast_adaptive(self) -> None:
         """Make every rank draft with rank 0's adaptive head (gloo/nccl broadcast of its trainable weights)."""
@@ -379,6 +452,8 @@ class AtlasRolloutBackend:
             out["atlas/speculator_train_s"] = float(self.last_train.get("call_s", 0.0)) if self.last_train else 0.0
             out["atlas/speculator_train_s_total"] = float(m.get("train_s", 0.0))
             out["atlas/speculator_train_steps"] = float(m.get("steps", 0))
+            out["atlas/speculator_train_skipped_steps"] = float(m.get("skipped", 0))  # NaN/inf guard
+            out["atlas/speculator_train_failures"] = float(self.train_failures)
         return out
 
     # ------------------------------------------------------------------------------------------ checkpoints
@@ -389,34 +464,50 @@ class AtlasRolloutBackend:
     def save(self, directory: str | Path) -> None:
         """Write the speculator state into a checkpoint folder (safetensors + JSON, no pickle): the adaptive
         trainer (weights, optimizer, counters, RNG), the serving adaptive head, the suffix history, counters.
-        Waits for a running background retraining first."""
+        Waits for a running background retraining first. Every file is replaced atomically and
+        ``atlas_state.json`` is written last: a folder holding it holds a complete state."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         state: dict[str, Any] = {"num_calls": self.num_calls, "policy_version": self.policy_version}
         if self.adaptive_trainer is not None:
             if self.adaptive_trainer._thread is not None:
-                self.last_train = self.adaptive_trainer.wait() or {}
-            self.adaptive_trainer.save(d / self.TRAINER_FILE)
-            self.adaptive_head.save(d / self.SERVING_FILE)
+                self._collect_training(self.adaptive_trainer.wait)
+            _replace_atomically(d / self.TRAINER_FILE, self.adaptive_trainer.save)
+            _replace_atomically(d / self.SERVING_FILE, self.adaptive_head.save)
         if self.suffix is not None:
             state["suffix"] = self.suffix.state_dict()
-        (d / self.STATE_FILE).write_text(json.dumps(state))
+        _replace_atomically(d / self.STATE_FILE, lambda p: p.write_text(json.dumps(state)))
+
+    def _read_state(self, d: Path) -> dict[str, Any]:
+        path = d / self.STATE_FILE
+        if not path.exists():
+            raise CheckpointStateError(
+                f"{path} is missing: this checkpoint holds no atlas speculator state (written by a plain TRL "
+                "trainer, or its save was cut short). Resuming without it would restart policy_version at 0 and "
+                "reuse rollout seeds: resume from a checkpoint an Atlas trainer wrote completely, or start a new run"
+            )
+        try:
+            state = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointStateError(
+                f"{path} is corrupt or truncated ({e}): resume from an earlier checkpoint or start a new run"
+            ) from e
+        if not isinstance(state, dict) or not isinstance(state.get("policy_version"), int):
+            raise CheckpointStateError(f"{path} is not an atlas state (no integer policy_version)")
+        return state
 
     def load(self, directory: str | Path) -> None:
-        """Restore what :meth:`save` wrote (applied when the engine is built if it is not yet)."""
+        """Restore what :meth:`save` wrote (applied when the engine is built if it is not yet). Raises
+        :class:`CheckpointStateError` (a ValueError naming the file) when the state is missing or unreadable."""
         d = Path(directory)
-        if not (d / self.STATE_FILE).exists():
-            logger.warning("no atlas speculator state in %s; speculators start fresh", d)
-            return
+        state = self._read_state(d)
         if self.engine is None:
             self._pending_dir = d
-            state = json.loads((d / self.STATE_FILE).read_text())
             self.num_calls = int(state.get("num_calls", 0))
-            self.policy_version = int(state.get("policy_version", 0))
+            self.policy_version = int(state["policy_version"])
             return
-        state = json.loads((d / self.STATE_FILE).read_text())
         self.num_calls = int(state.get("num_calls", 0))
-        self.policy_version = max(self.policy_version, int(state.get("policy_version", 0)))
+        self.policy_version = max(self.policy_version, int(state["policy_version"]))
         self.engine.policy_version = self.policy_version
         if self.adaptive_trainer is not None and (d / self.TRAINER_FILE).exists():
             self.adaptive_trainer.load(d / self.TRAINER_FILE)
@@ -431,7 +522,21 @@ class AtlasRolloutBackend:
             self.suffix.load_state_dict(state["suffix"])
 
     def close(self) -> None:
-        if self.adaptive_trainer is not None and self.adaptive_trainer._thread is not None:
-            self.adaptive_trainer.wait()
-        if self.engine is not None:
-            self.engine.release()
+        """Stop and join the background retraining (after its current optimizer step), report a failure it
+        had, and release the engines (KV cache, the CPU kernel routing of the model's layers). Idempotent; a
+        later :meth:`generate` still works (without the CPU kernel routing)."""
+        if self._closed:
+            return
+        self._closed = True
+        tr = self.adaptive_trainer
+        if tr is not None and tr._thread is not None:
+            self._collect_training(tr.cancel)
+        if self.train_failures:
+            logger.warning(
+                "adaptive-head retraining failed %d time(s) in this run (atlas/speculator_train_failures); the "
+                "first failure was logged with its traceback",
+                self.train_failures,
+            )
+        for engine in (self.engine, self._baseline_engine):
+            if engine is not None:
+                engine.release()

@@ -29,7 +29,7 @@ class RunRecorder(TrainerCallback):
         if state.is_world_process_zero:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             meta = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), **self.meta}
-            for k in ("generation_backend", "atlas_speculators", "atlas_controller", "atlas_max_draft_tokens"):
+            for k in ("generation_backend", "atlas_speculators", "atlas_controller", "atlas_num_speculative_tokens"):
                 if hasattr(args, k):
                     meta.setdefault(k, getattr(args, k))
             for k in (

@@ -140,9 +140,11 @@ def run_task(cfg: TaskRunConfig, command: str | None = None) -> Path:
         processing_class=tok,
         callbacks=[RunRecorder(run_dir, meta)],
     )
-    trainer.train()
-    if trainer.atlas_backend is not None:
-        trainer.atlas_backend.close()
+    try:
+        trainer.train()  # closes the atlas backend however it ends
+    finally:
+        if trainer.atlas_backend is not None:
+            trainer.atlas_backend.close()  # idempotent; also covers a trainer class without that guarantee
     if trainer.accelerator.is_main_process:
         write_report(run_dir)
     return run_dir

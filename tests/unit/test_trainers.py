@@ -105,7 +105,7 @@ def test_two_steps_every_backend(tmp_path, backend, algo):
         assert 0 < h["atlas/speculator_train_s"] <= h["atlas/speculator_train_s_total"]
         for h in logs:  # every rollout: the adaptive head's estimated acceptance on its fresh captured completions
             est = h["atlas/estimated_acceptance_length/adaptive"]
-            assert 1.0 <= est <= 1.0 + cfg.atlas_max_draft_tokens
+            assert 1.0 <= est <= 1.0 + cfg.atlas_num_speculative_tokens
 
 
 def test_plain_text_prompts_work(tmp_path):
@@ -251,3 +251,30 @@ def test_bad_configs_fail_clearly(tmp_path):
         AtlasGRPOTrainer(
             model=_model(), reward_funcs=RecordingReward(), args=cfg, train_dataset=_dataset(), processing_class=TOK
         ).train()
+
+
+@pytest.mark.parametrize("cls", [AtlasGRPOConfig, AtlasRLOOConfig])
+def test_temperature_zero_is_rejected_with_the_greedy_recipe(tmp_path, cls):
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0.*do_sample"):
+        cls(**_common(tmp_path, "atlas", temperature=0.0))
+    with pytest.raises(ValueError, match="temperature"):
+        cls(**_common(tmp_path, "transformers", temperature=0.0))  # TRL divides by it on every backend
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), -1.0])
+def test_unbounded_retraining_minimum_is_rejected(tmp_path, bad):
+    with pytest.raises(ValueError, match="atlas_adaptive_train_min_s must be a finite number"):
+        AtlasGRPOConfig(**_common(tmp_path, "atlas", atlas_adaptive_train_min_s=bad))
+
+
+def test_old_draft_length_name_still_works_with_a_deprecation_warning(tmp_path):
+    with pytest.warns(FutureWarning, match="atlas_num_speculative_tokens"):
+        cfg = AtlasGRPOConfig(**_common(tmp_path, "atlas", atlas_max_draft_tokens=6))
+    assert cfg.atlas_num_speculative_tokens == 6
+    assert (
+        AtlasGRPOConfig(**_common(tmp_path, "atlas", atlas_num_speculative_tokens=3)).atlas_num_speculative_tokens == 3
+    )
+    with pytest.raises(ValueError, match="disagree"):
+        AtlasGRPOConfig(**_common(tmp_path, "atlas", atlas_max_draft_tokens=6, atlas_num_speculative_tokens=3))
+    with pytest.raises(ValueError, match=r"atlas_num_speculative_tokens must be an int in \[1, 16\]"):
+        AtlasGRPOConfig(**_common(tmp_path, "atlas", atlas_num_speculative_tokens=0))
