@@ -102,6 +102,14 @@ class AtlasArgs:
         default=None, metadata={"help": "Seed of the rollout sampler (None: derived from TrainingArguments.seed)."}
     )
 
+    def _resolve_checkpointing_alias(self) -> None:
+        """TRL's configs default the deprecated ``gradient_checkpointing`` to True, so transformers warns on every
+        run although the user set nothing: carry TRL's default over to ``activation_checkpointing`` (a value the
+        user did set still goes through transformers' own deprecation path)."""
+        default = type(self).__dataclass_fields__["gradient_checkpointing"].default
+        if getattr(self, "activation_checkpointing", None) is None and self.gradient_checkpointing == default:
+            self.activation_checkpointing = self.gradient_checkpointing
+
     def _check_backend(self) -> None:
         """Before TRL's own checks: map the backend onto TRL's switch."""
         if self.generation_backend not in BACKENDS:
@@ -220,6 +228,7 @@ class AtlasGRPOConfig(GRPOConfig, AtlasArgs):
 
     def __post_init__(self) -> None:
         self._check_backend()
+        self._resolve_checkpointing_alias()
         super().__post_init__()
         self._check_atlas()
 
@@ -230,5 +239,6 @@ class AtlasRLOOConfig(RLOOConfig, AtlasArgs):
 
     def __post_init__(self) -> None:
         self._check_backend()
+        self._resolve_checkpointing_alias()
         super().__post_init__()
         self._check_atlas()

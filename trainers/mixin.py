@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -29,6 +30,10 @@ from atlas_rl.types import SamplingParams
 from .backend import LAST_VALUE_METRICS, AtlasRolloutBackend
 
 logger = logging.getLogger(__name__)
+
+# transformers 5 renamed gradient -> activation checkpointing; TRL's trainers still call the old methods on every
+# step (not our calls), which warns 4 times a run. Silenced during train() only, by exact message.
+_TRL_CHECKPOINTING_WARNING = r"`(is_)?gradient_checkpointing(_enable|_disable)?` is deprecated"
 
 CHECKPOINT_SUBDIR = "atlas"
 
@@ -94,7 +99,9 @@ class AtlasTrainerMixin:
         """TRL's ``train()``; afterwards (however it ends) the backend is closed: background retraining stopped
         and joined, its failures reported, the engine's hold on the model released."""
         try:
-            return super().train(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_TRL_CHECKPOINTING_WARNING, category=FutureWarning)
+                return super().train(*args, **kwargs)
         finally:
             if self.atlas_backend is not None:
                 self.atlas_backend.close()

@@ -6,6 +6,7 @@ Shared by ``atlas-rl demo`` and ``recipes/grpo.py`` / ``recipes/rloo.py``.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shlex
 import sys
@@ -35,6 +36,17 @@ class TaskRunConfig:
     speculators: str = field(default="auto", metadata={"help": "atlas_speculators ('auto', 'none', or a list)."})
     baseline_every: int = field(default=1, metadata={"help": "Paired no-speculation rollout every N steps (0 off)."})
     seed: int = field(default=0, metadata={"help": "Seed (data order, sampling, initialisation)."})
+    level: str = field(
+        default="easy",
+        metadata={"help": "Arithmetic problems: 'easy' (one-step sums/differences of small numbers) or 'mixed'."},
+    )
+    format_weight: float = field(
+        default=0.5,
+        metadata={
+            "help": "Weight of the format reward (answer on its own line as '#### N') beside the correctness "
+            "reward (weight 1); 0 = correctness only."
+        },
+    )
     run_dir: str = field(default="runs/demo", metadata={"help": "Where run.json, metrics.jsonl and reports go."})
     extra: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "More AtlasGRPOConfig/AtlasRLOOConfig fields."}
@@ -59,6 +71,12 @@ class TaskRunConfig:
                 setattr(self, name, v)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+        if self.level not in ("easy", "mixed"):
+            raise ValueError(f"level must be 'easy' or 'mixed', got {self.level!r}")
+        if isinstance(self.format_weight, bool) or not isinstance(self.format_weight, (int, float)):
+            raise ValueError(f"format_weight must be a number >= 0, got {self.format_weight!r}")
+        if not (self.format_weight >= 0 and math.isfinite(self.format_weight)):
+            raise ValueError(f"format_weight must be a finite number >= 0, got {self.format_weight!r}")
         if self.model is not None and self.tiny:
             raise ValueError("give either a model path or --tiny, not both")
 
@@ -77,7 +95,7 @@ def run_task(cfg: TaskRunConfig, command: str | None = None) -> Path:
     """Train, record and report; returns the run directory."""
     from datasets import Dataset
 
-    from atlas_rl.data.tasks import arithmetic_reward, arithmetic_tasks
+    from atlas_rl.data.tasks import arithmetic_reward, arithmetic_tasks, format_reward
     from atlas_rl.metrics.report import write_report
 
     from .config import AtlasGRPOConfig, AtlasRLOOConfig
@@ -87,12 +105,19 @@ def run_task(cfg: TaskRunConfig, command: str | None = None) -> Path:
 
     torch.manual_seed(cfg.seed)
     model, tok, model_name = _load(cfg)
-    tasks = arithmetic_tasks(cfg.prompts * cfg.steps, seed=cfg.seed)
+    tasks = arithmetic_tasks(cfg.prompts * cfg.steps, seed=cfg.seed, level=cfg.level)
     ds = Dataset.from_list([{"prompt": t.messages(), "answer": t.answer} for t in tasks])
 
+    def _texts(completions):
+        return [c if isinstance(c, str) else c[0]["content"] for c in completions]
+
     def correct(completions, answer, **kwargs):
-        texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
-        return [arithmetic_reward(t, a) for t, a in zip(texts, answer)]
+        return [arithmetic_reward(t, a) for t, a in zip(_texts(completions), answer)]
+
+    def formatted(completions, **kwargs):
+        return [format_reward(t) for t in _texts(completions)]
+
+    reward_funcs = [correct, formatted] if cfg.format_weight > 0 else [correct]
 
     run_dir = Path(cfg.run_dir)
     common = dict(
@@ -114,6 +139,8 @@ def run_task(cfg: TaskRunConfig, command: str | None = None) -> Path:
         atlas_baseline_every=cfg.baseline_every if cfg.backend == "atlas" else 0,
         shuffle_dataset=False,
     )
+    if cfg.format_weight > 0:
+        common["reward_weights"] = [1.0, float(cfg.format_weight)]
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         common["ddp_backend"] = "gloo"  # several CPU processes (DDP or DeepSpeed): accelerate finds no backend alone
     common.update(cfg.extra)
@@ -128,13 +155,14 @@ def run_task(cfg: TaskRunConfig, command: str | None = None) -> Path:
         "name": run_dir.name,
         "model": model_name,
         "algo": cfg.algo,
-        "task": "arithmetic word problems (atlas_rl.data.tasks), reward 1 for the right final answer",
+        "task": f"arithmetic word problems ({cfg.level}, atlas_rl.data.tasks): reward 1 for the right final answer"
+        + (f" + {cfg.format_weight:g} for the answer on its own line ('#### N')" if cfg.format_weight > 0 else ""),
         "prompts_per_step": cfg.prompts,
         "command": command or " ".join(shlex.quote(a) for a in sys.argv),
     }
     trainer = trainer_cls(
         model=model,
-        reward_funcs=correct,
+        reward_funcs=reward_funcs,
         args=args,
         train_dataset=ds,
         processing_class=tok,

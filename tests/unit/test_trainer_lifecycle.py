@@ -217,3 +217,13 @@ def test_atlas_state_is_written_before_the_trainer_marks_the_checkpoint_done(tmp
     monkeypatch.setattr(TrainerState, "save_to_json", spy)
     trainer.train()
     assert atlas_first == [True]
+
+
+def test_a_default_run_raises_no_future_warnings(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(tmp_path, max_steps=1).train()
+    future = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+    assert future == []
