@@ -23,8 +23,10 @@ the last published (good) weights; after ``MAX_TRAIN_FAILURES`` failures in a ro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -55,6 +57,37 @@ LAST_VALUE_METRICS = frozenset(
         "atlas/speculator_staleness",
     }
 )
+
+
+DISTURBED_CPU_SHARE = 0.8  # a segment whose CPU/wall share is below this fraction of the best segment's
+DISTURBED_SPREAD = 1.3  # the two halves' speed-up ratios differ by more than this factor
+
+
+def paired_speedup(segments: list[tuple[str, int, float, float]]) -> dict[str, float]:
+    """The paired measurement of one rollout from its segments ``(who, tokens, wall_s, cpu_s)``, ``who`` in
+    {"atlas", "baseline"}, listed per half: tokens/s of both, speed-up, the halves' spread, disturbed (0/1)."""
+    tot = {who: [0, 0.0] for who in ("atlas", "baseline")}
+    for who, tokens, wall, _ in segments:
+        tot[who][0] += tokens
+        tot[who][1] += wall
+    tps = {who: (n / w if w > 0 else 0.0) for who, (n, w) in tot.items()}
+    half_ratios = []
+    for a, b in zip(segments[0::2], segments[1::2]):
+        pair = {a[0]: a, b[0]: b}
+        ta, tb = pair["atlas"], pair["baseline"]
+        if ta[2] > 0 and tb[2] > 0 and tb[1] > 0:
+            half_ratios.append((ta[1] / ta[2]) / (tb[1] / tb[2]))
+    shares = [cpu / wall for _, _, wall, cpu in segments if wall > 0]
+    spread = max(half_ratios) / min(half_ratios) if len(half_ratios) == 2 and min(half_ratios) > 0 else 1.0
+    starved = bool(shares) and min(shares) < DISTURBED_CPU_SHARE * max(shares)
+    return {
+        "tokens_per_s": tps["baseline"],
+        "rollout_s": tot["baseline"][1],
+        "speedup": tps["atlas"] / tps["baseline"] if tps["baseline"] > 0 else math.nan,
+        "half_spread": spread,
+        "min_cpu_share": min(shares) / max(shares) if shares and max(shares) > 0 else 1.0,
+        "disturbed": float(starved or spread > DISTURBED_SPREAD),
+    }
 
 
 class CheckpointStateError(ValueError):
@@ -214,67 +247,80 @@ class AtlasRolloutBackend:
         self._refresh_heads(model)
         uniq, counts = group_runs(prompt_ids)
         call_seed = (self.seed * 1_000_003 + self.num_calls * 7919 + self.process_index * 104_729) % (2**62)
-        sampling = SamplingParams(
-            temperature=sampling.temperature,
-            top_k=sampling.top_k,
-            top_p=sampling.top_p,
-            max_new_tokens=sampling.max_new_tokens,
-            stop_token_ids=sampling.stop_token_ids,
-            ignore_eos=sampling.ignore_eos,
-            seed=call_seed,
-        )
+        sampling = dataclasses.replace(sampling, seed=call_seed)
         self.num_calls += 1
         hook0 = self.buffer.hook_s if self.buffer is not None else 0.0
-        t0 = time.perf_counter()
-        completions: list[list[int]] = []
-        logprobs: list[list[float]] = []
-        stats = SpecStats(policy_version=self.policy_version)
-        # one engine call per distinct group size (normally a single call: every group has num_generations rows)
-        order = sorted(set(counts), key=counts.index)
-        by_size: dict[int, RolloutBatch] = {}
-        for n in order:
-            idx = [i for i, c in enumerate(counts) if c == n]
-            batch = self.engine.generate([uniq[i] for i in idx], sampling, num_generations=n)
-            by_size[n] = batch
-            stats.merge(batch.stats)
-        cursor = {n: 0 for n in order}
-        for c in counts:
-            b = by_size[c]
-            start = cursor[c] * c
-            completions.extend(b.completion_ids[start : start + c])
-            logprobs.extend(b.logprobs[start : start + c])
-            cursor[c] += 1
-        self.last_rollout_s = time.perf_counter() - t0
-        stats.total_s = self.last_rollout_s
+        every = getattr(self.options, "atlas_baseline_every", 0)
+        if every and (self.num_calls - 1) % every == 0:  # before retraining starts: nothing else competes for the CPU
+            completions, logprobs, stats, self.last_baseline = self._paired_rollout(model, uniq, counts, sampling)
+        else:
+            completions, logprobs, stats, _ = self._rollout(self.engine, uniq, counts, sampling)
+            self.last_baseline = None
+        stats.policy_version = self.policy_version
+        self.last_rollout_s = stats.total_s
         self.last_stats = stats
         self.total.merge(stats)
         if self.buffer is not None:
             self.buffer.flush()
             self.last_capture_s = self.buffer.hook_s - hook0
-        self.last_baseline = None
-        every = getattr(self.options, "atlas_baseline_every", 0)
-        if every and (self.num_calls - 1) % every == 0:  # before retraining starts: nothing else competes for the CPU
-            self.last_baseline = self._baseline(model, uniq, counts, sampling)
         self.last_probe = self._probe_acceptance()
         self._after_rollout()
         return completions, logprobs
 
-    def _baseline(
+    @staticmethod
+    def _rollout(
+        engine: RolloutEngine, uniq: list[list[int]], counts: list[int], sampling: SamplingParams
+    ) -> tuple[list[list[int]], list[list[float]], SpecStats, float]:
+        """Roll out prompt groups (``uniq[i]`` repeated ``counts[i]`` times) in their order: one engine call per
+        distinct group size. Returns completions, logprobs, stats (``total_s`` = wall time) and CPU seconds."""
+        t0, c0 = time.perf_counter(), time.process_time()
+        stats = SpecStats()
+        by_size: dict[int, RolloutBatch] = {}
+        for n in sorted(set(counts), key=counts.index):
+            idx = [i for i, c in enumerate(counts) if c == n]
+            by_size[n] = engine.generate([uniq[i] for i in idx], sampling, num_generations=n)
+            stats.merge(by_size[n].stats)
+        completions: list[list[int]] = []
+        logprobs: list[list[float]] = []
+        cursor = dict.fromkeys(by_size, 0)
+        for c in counts:
+            start = cursor[c] * c
+            completions.extend(by_size[c].completion_ids[start : start + c])
+            logprobs.extend(by_size[c].logprobs[start : start + c])
+            cursor[c] += 1
+        stats.total_s = time.perf_counter() - t0
+        return completions, logprobs, stats, time.process_time() - c0
+
+    def _paired_rollout(
         self, model: torch.nn.Module, uniq: list[list[int]], counts: list[int], sampling: SamplingParams
-    ) -> dict[str, float]:
-        """The same rollout (prompts, seed, policy) without speculation; its output is discarded."""
+    ) -> tuple[list[list[int]], list[list[float]], SpecStats, dict[str, float]]:
+        """The rollout plus the same rollout without speculation (same prompts, seeds, policy; output discarded),
+        interleaved in halves — atlas(A), baseline(A), baseline(B), atlas(B) — so a slow drift of the machine's
+        speed hits both alike. A half whose CPU share of wall time drops (another process took the core) or whose
+        two half-ratios disagree by more than ``DISTURBED_SPREAD`` marks the step's measurement disturbed."""
         if self._baseline_engine is None:
             self._baseline_engine = RolloutEngine(model, speculators=[], eos_token_ids=self.eos_token_ids)
         self._baseline_engine.model = model
-        t0 = time.perf_counter()
-        tokens = 0
-        for n in sorted(set(counts), key=counts.index):
-            idx = [i for i, c in enumerate(counts) if c == n]
-            tokens += self._baseline_engine.generate(
-                [uniq[i] for i in idx], sampling, num_generations=n
-            ).num_completion_tokens
-        secs = time.perf_counter() - t0
-        return {"tokens_per_s": tokens / secs if secs > 0 else 0.0, "rollout_s": secs}
+        cut = len(uniq) // 2 if len(uniq) > 1 else len(uniq)
+        halves = [(uniq[:cut], counts[:cut]), (uniq[cut:], counts[cut:])]
+        halves = [h for h in halves if h[0]]
+        completions: list[list[int]] = []
+        logprobs: list[list[float]] = []
+        stats = SpecStats()
+        segments: list[tuple[str, int, float, float]] = []  # (who, tokens, wall s, cpu s)
+        for i, (u, c) in enumerate(halves):
+            half_sampling = dataclasses.replace(sampling, seed=(sampling.seed + i) % (2**62))
+            order = ("atlas", "baseline") if i == 0 else ("baseline", "atlas")
+            for who in order:
+                engine = self.engine if who == "atlas" else self._baseline_engine
+                comp, lps, st, cpu = self._rollout(engine, u, c, half_sampling)
+                segments.append((who, st.num_completion_tokens, st.total_s, cpu))
+                if who == "atlas":
+                    completions += comp
+                    logprobs += lps
+                    stats.merge(st)
+        stats.total_s = sum(w for who, _, w, _ in segments if who == "atlas")
+        return completions, logprobs, stats, paired_speedup(segments)
 
     def _probe_acceptance(self) -> dict[str, float]:
         """Estimated T=1 acceptance length of each draft head on this rollout's captured completions (before the
@@ -417,6 +463,10 @@ class AtlasRolloutBackend:
             "atlas/rollout_s": self.last_rollout_s,
             # where the rollout's time goes: target forwards, and the capture hook feeding the adaptive head
             "atlas/rollout_forward_s": s.forward_s,
+            "atlas/rollout_prefill_s": s.prefill_s,
+            "atlas/rollout_propose_s": s.propose_s,
+            "atlas/rollout_verify_s": s.verify_s,
+            "atlas/rollout_plan_s": s.plan_s,
             "atlas/rollout_capture_s": self.last_capture_s,
             "atlas/mean_acceptance_length": s.mean_acceptance_length if s.num_row_forwards else 1.0,
             "atlas/spec_off_fraction": s.num_spec_off_row_steps / s.num_row_forwards if s.num_row_forwards else 1.0,
@@ -439,10 +489,12 @@ class AtlasRolloutBackend:
             if ss is not None and ss.num_row_forwards:
                 out[f"atlas/mean_acceptance_length/{name}"] = ss.mean_acceptance_length
         if self.last_baseline is not None:
-            base = self.last_baseline["tokens_per_s"]
-            out["atlas/baseline_rollout_tokens_per_s"] = base
-            out["atlas/baseline_rollout_s"] = self.last_baseline["rollout_s"]
-            out["atlas/speedup"] = out["atlas/rollout_tokens_per_s"] / base if base > 0 else float("nan")
+            b = self.last_baseline
+            out["atlas/baseline_rollout_tokens_per_s"] = b["tokens_per_s"]
+            out["atlas/baseline_rollout_s"] = b["rollout_s"]
+            out["atlas/speedup"] = b["speedup"]
+            out["atlas/speedup_half_spread"] = b["half_spread"]
+            out["atlas/speedup_disturbed"] = b["disturbed"]
         out.update(self.last_probe)
         if self.adaptive_trainer is not None:
             m = self.adaptive_trainer.metrics()

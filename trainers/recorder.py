@@ -1,4 +1,6 @@
-"""``RunRecorder``: writes a run directory (``run.json`` + ``metrics.jsonl``) that ``atlas-rl report`` reads."""
+"""``RunRecorder``: writes a run directory (``run.json`` + ``metrics.jsonl``, and ``rollouts.jsonl`` when a backend
+is attached: per logged step, the last rollout's decode steps as active rows and tokens per row, 1 = speculation
+off) that ``atlas-rl report`` reads."""
 
 from __future__ import annotations
 
@@ -24,6 +26,19 @@ class RunRecorder(TrainerCallback):
         self.run_dir = Path(run_dir)
         self.meta = dict(meta or {})
         self._t0 = time.time()
+        self.backend: Any = None  # an AtlasRolloutBackend: its last rollout's decode steps go to rollouts.jsonl
+
+    def _write_trace(self, step: int) -> None:
+        stats = getattr(self.backend, "last_stats", None)
+        if stats is None or not stats.steps:
+            return
+        rec = {
+            "step": step,
+            "rows": [s.num_rows for s in stats.steps],
+            "query_len": [s.query_len for s in stats.steps],
+        }
+        with open(self.run_dir / "rollouts.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
 
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001 - TrainerCallback signature
         if state.is_world_process_zero:
@@ -44,6 +59,7 @@ class RunRecorder(TrainerCallback):
                     meta.setdefault(k, getattr(args, k))
             (self.run_dir / "run.json").write_text(json.dumps(meta, indent=1, default=str))
             (self.run_dir / "metrics.jsonl").write_text("")
+            (self.run_dir / "rollouts.jsonl").write_text("")
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
@@ -52,6 +68,8 @@ class RunRecorder(TrainerCallback):
             rec.update({k: _clean(v) for k, v in logs.items() if isinstance(v, (int, float, str)) or v is None})
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
+            if "loss" in logs:
+                self._write_trace(state.global_step)
         return control
 
     def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001

@@ -160,14 +160,16 @@ def run_task(cfg: TaskRunConfig, command: str | None = None) -> Path:
         "prompts_per_step": cfg.prompts,
         "command": command or " ".join(shlex.quote(a) for a in sys.argv),
     }
+    recorder = RunRecorder(run_dir, meta)
     trainer = trainer_cls(
         model=model,
         reward_funcs=reward_funcs,
         args=args,
         train_dataset=ds,
         processing_class=tok,
-        callbacks=[RunRecorder(run_dir, meta)],
+        callbacks=[recorder],
     )
+    recorder.backend = trainer.atlas_backend
     try:
         trainer.train()  # closes the atlas backend however it ends
     finally:

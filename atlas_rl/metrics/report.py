@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 HEADLINE_FIELDS = (
     "steps",
     "speedup",
+    "speedup_ci",
+    "speedup_disturbed_steps",
     "baseline",
     "rollout_tokens_per_s",
     "baseline_rollout_tokens_per_s",
@@ -38,6 +40,7 @@ HEADLINE_FIELDS = (
 )
 
 
+PHASES = ("prefill", "propose", "forward", "verify", "plan", "capture")
 BASELINE = "the same engine without speculation, same prompts, seeds and policy version, measured in this run"
 
 
@@ -50,6 +53,7 @@ class Run:
     directory: Path
     meta: dict[str, Any]
     steps: list[dict[str, Any]]
+    traces: dict[int, dict[str, list[int]]] = field(default_factory=dict)
 
 
 def load_run(run_dir: str | Path) -> Run:
@@ -74,7 +78,38 @@ def load_run(run_dir: str | Path) -> Run:
     if not steps:
         raise ReportError(f"{mfile} holds no training-step metrics (the run logged nothing yet)")
     meta = json.loads((d / "run.json").read_text()) if (d / "run.json").exists() else {}
-    return Run(d, meta, steps)
+    return Run(d, meta, steps, _load_traces(d / "rollouts.jsonl"))
+
+
+def _load_traces(path: Path) -> dict[int, dict[str, list[int]]]:
+    """step -> that step's rollout decode steps (``rows``, ``query_len``); {} when the run recorded none."""
+    out: dict[int, dict[str, list[int]]] = {}
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a trace cut short by an interrupted run: the report still renders
+        if isinstance(rec, dict) and "step" in rec:
+            out[int(rec["step"])] = {"rows": list(rec.get("rows", [])), "query_len": list(rec.get("query_len", []))}
+    return out
+
+
+def median_ci(xs: list[float], level: float = 0.9) -> tuple[float, float, float]:
+    """A distribution-free confidence interval of the median from order statistics: ``(low, high, coverage)``,
+    the narrowest ``(x_(k), x_(n+1-k))`` whose binomial coverage is at least ``level`` (NaNs when n < 2)."""
+    xs = sorted(_finite(xs))
+    n = len(xs)
+    if n < 2:
+        return math.nan, math.nan, math.nan
+    best = (xs[0], xs[-1], 1.0 - 2 * 0.5**n)
+    for k in range(2, n // 2 + 1):
+        coverage = 1.0 - 2 * sum(math.comb(n, i) for i in range(k)) * 0.5**n
+        if coverage < level:
+            break
+        best = (xs[k - 1], xs[n - k], coverage)
+    return best
 
 
 def _series(steps: list[dict[str, Any]], key: str) -> list[float]:
@@ -131,7 +166,13 @@ def summarize(run: Run) -> dict[str, Any]:
         "speculator_train_s": _series(steps, "atlas/speculator_train_s"),
         "reward": _series(steps, "reward"),
         "step_time": _series(steps, "step_time"),
+        "speedup_disturbed": _series(steps, "atlas/speedup_disturbed"),
     }
+    for key in keys:
+        if key.startswith("rewards/") and key.endswith("/mean"):  # one curve per reward function
+            series[key] = _series(steps, key)
+    for phase in PHASES:
+        series[f"phase/{phase}"] = _series(steps, f"atlas/rollout_{phase}_s")
     for name in specs:
         series[f"share/{name}"] = _series(steps, f"atlas/speculator_share/{name}")
         series[f"mean_acceptance_length/{name}"] = _series(steps, f"atlas/mean_acceptance_length/{name}")
@@ -139,9 +180,16 @@ def summarize(run: Run) -> dict[str, Any]:
         series[f"estimated_acceptance_length/{name}"] = _series(steps, f"atlas/estimated_acceptance_length/{name}")
     k_total = {k: sum(_finite(_series(steps, f"atlas/k_hist/{k}"))) for k in khist}
     rewards = _finite(series["reward"])
+    clean = [v for v, d in zip(series["speedup"], series["speedup_disturbed"]) if not d == 1.0]
+    disturbed = [int(st) for st, d in zip(series["step"], series["speedup_disturbed"]) if d == 1.0]
+    lo, hi, coverage = median_ci(clean)
     headline = {
         "steps": len(steps),
-        "speedup": _median(series["speedup"]),
+        "speedup": _median(clean),
+        "speedup_ci": f"[{lo:.2f}, {hi:.2f}] ({100 * coverage:.0f}% CI of the median, {len(_finite(clean))} steps)"
+        if math.isfinite(lo)
+        else "n/a (fewer than 2 undisturbed steps)",
+        "speedup_disturbed_steps": ", ".join(map(str, disturbed)) if disturbed else "none",
         "baseline": BASELINE,
         "rollout_tokens_per_s": _median(series["rollout_tokens_per_s"]),
         "baseline_rollout_tokens_per_s": _median(series["baseline_rollout_tokens_per_s"]),
@@ -154,7 +202,14 @@ def summarize(run: Run) -> dict[str, Any]:
         "per_speculator": {name: _per_speculator(series, name) for name in specs},
         "k_histogram": {str(k): v for k, v in k_total.items()},
     }
-    return {"meta": run.meta, "headline": headline, "series": series, "speculators": specs, "probed": probed}
+    return {
+        "meta": run.meta,
+        "headline": headline,
+        "series": series,
+        "speculators": specs,
+        "probed": probed,
+        "traces": {str(k): v for k, v in sorted(run.traces.items())},
+    }
 
 
 # ------------------------------------------------------------------------------------------------ plots
@@ -226,10 +281,48 @@ def _plots(summary: dict[str, Any]) -> dict[str, str]:
     out["Speculator training loss and staleness"] = fig_to_b64(fig)
 
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
-    ax.plot(x, s["reward"], "o-")
+    ax.plot(x, s["reward"], "o-", color="black", label="reward (weighted sum)")
+    for key in sorted(k for k in s if k.startswith("rewards/")):
+        ax.plot(x, s[key], ".--", label=key.split("/")[1])
     ax.set(xlabel="step", ylabel="mean reward", title="Reward")
+    ax.legend(fontsize=7)
     out["Reward curve"] = fig_to_b64(fig)
+    out["Where the rollout time went"] = fig_to_b64(_phase_figure(plt, summary))
+    if summary.get("traces"):
+        out["Active rows over decode steps"] = fig_to_b64(_trace_figure(plt, summary["traces"]))
     return out
+
+
+def _phase_figure(plt: Any, summary: dict[str, Any]) -> Any:
+    """Per step: seconds of each rollout phase (stacked) and the rest of the rollout's wall time."""
+    s = summary["series"]
+    x = s["step"]
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    bottom = [0.0] * len(x)
+    for phase in PHASES:
+        vals = [0.0 if math.isnan(v) else v for v in s[f"phase/{phase}"]]
+        ax.bar(x, vals, bottom=bottom, label=phase)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    rest = [max(0.0, (0.0 if math.isnan(t) else t) - b) for t, b in zip(s["rollout_s"], bottom)]
+    ax.bar(x, rest, bottom=bottom, label="other (sampling, bookkeeping)", color="lightgrey")
+    ax.set(xlabel="step", ylabel="seconds", title="Rollout time by phase (atlas)")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def _trace_figure(plt: Any, traces: dict[str, dict[str, list[int]]]) -> Any:
+    """Active rows at each decode step of the first and the last recorded rollout; dots where rows drafted."""
+    keys = sorted(traces, key=int)
+    picked = [keys[0]] if len(keys) == 1 else [keys[0], keys[-1]]
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    for key in picked:
+        rows, qlen = traces[key]["rows"], traces[key]["query_len"]
+        (line,) = ax.plot(range(len(rows)), rows, "-", label=f"step {key}")
+        on = [i for i, q in enumerate(qlen) if q > 1]
+        ax.plot(on, [rows[i] for i in on], ".", color=line.get_color(), label=f"step {key}: speculation on")
+    ax.set(xlabel="decode step", ylabel="active rows", title="Active rows per decode step (dots: drafts verified)")
+    ax.legend(fontsize=7)
+    return fig
 
 
 def _fmt(v: Any) -> str:
@@ -238,10 +331,22 @@ def _fmt(v: Any) -> str:
     return html.escape(str(v))
 
 
+def disturbed_warning(headline: dict[str, Any]) -> str | None:
+    steps = headline.get("speedup_disturbed_steps")
+    if not steps or steps == "none":
+        return None
+    return (
+        f"the paired speed-up measurement of step(s) {steps} was disturbed (another process took CPU time, or the "
+        "two interleaved halves disagreed); those steps are left out of the headline median."
+    )
+
+
 def render_markdown(summary: dict[str, Any]) -> str:
     h = summary["headline"]
     meta = summary["meta"]
     lines = [f"# atlas-rl run report — {meta.get('name', '')}", ""]
+    if w := disturbed_warning(h):
+        lines += [f"> **Warning:** {w}", ""]
     if meta:
         lines += [
             f"- model: {meta.get('model', '?')}",
@@ -288,6 +393,7 @@ def render_html(summary: dict[str, Any], plots: dict[str, str]) -> str:
         for t, b in plots.items()
     )
     title = html.escape(f"atlas-rl run report — {summary['meta'].get('name', '')}")
+    warning = f'<p class="warning"><b>Warning:</b> {html.escape(w)}</p>' if (w := disturbed_warning(h)) else ""
     # the script marks how many plots decoded (read back by the headless-browser test)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{title}</title>
@@ -295,8 +401,9 @@ def render_html(summary: dict[str, Any], plots: dict[str, str]) -> str:
 th,td{{border:1px solid #ccc;padding:4px 8px;text-align:left}}figure{{display:inline-block;margin:8px}}</style>
 </head><body><h1>{title}</h1>
 <p>Speed-up: atlas rollout tokens/s over the same engine without speculation, same prompts, seeds and policy
-version, measured in this run (median over steps).</p>
-<table>{rows}</table>{figs}
+version, measured in this run, interleaved in halves within each step (median over undisturbed steps, with a
+distribution-free confidence interval of the median).</p>
+{warning}<table>{rows}</table>{figs}
 <script>
 window.addEventListener("load", function () {{
   var imgs = document.querySelectorAll("img.plot"), ok = 0;
