@@ -265,7 +265,27 @@ class AtlasRolloutBackend:
             self.last_capture_s = self.buffer.hook_s - hook0
         self.last_probe = self._probe_acceptance()
         self._after_rollout()
+        self._log_progress(stats)
         return completions, logprobs
+
+    def _log_progress(self, stats: SpecStats) -> None:
+        tps = stats.num_completion_tokens / stats.total_s if stats.total_s > 0 else 0.0
+        paired = ""
+        if self.last_baseline is not None:
+            paired = f"; no speculation {self.last_baseline['tokens_per_s']:.0f} tok/s, speed-up "
+            paired += f"{self.last_baseline['speedup']:.2f}x" + (
+                " (disturbed)" if self.last_baseline["disturbed"] else ""
+            )
+        logger.info(
+            "rollout %d (policy v%d): %d completions, %d tokens in %.1f s, %.0f tok/s%s",
+            self.num_calls,
+            self.policy_version,
+            stats.num_sequences,
+            stats.num_completion_tokens,
+            stats.total_s,
+            tps,
+            paired,
+        )
 
     @staticmethod
     def _rollout(
@@ -314,6 +334,7 @@ class AtlasRolloutBackend:
             for who in order:
                 engine = self.engine if who == "atlas" else self._baseline_engine
                 comp, lps, st, cpu = self._rollout(engine, u, c, half_sampling)
+                logger.info("  half %d/%d, %s: %.1f s", i + 1, len(halves), who, st.total_s)
                 segments.append((who, st.num_completion_tokens, st.total_s, cpu))
                 if who == "atlas":
                     completions += comp

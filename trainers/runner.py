@@ -26,12 +26,12 @@ class TaskRunConfig:
     algo: str = field(default="grpo", metadata={"help": "'grpo' or 'rloo'."})
     model: str | None = field(default=None, metadata={"help": "Model dir/hub id; None = the embedded default."})
     tiny: bool = field(default=False, metadata={"help": "A tiny random model + byte tokenizer (tests, smoke runs)."})
-    steps: int = field(default=5, metadata={"help": "Optimizer steps (one rollout batch each)."})
+    steps: int = field(default=8, metadata={"help": "Optimizer steps (one rollout batch each)."})
     prompts: int = field(default=4, metadata={"help": "Prompts per step (each a GRPO group)."})
     generations: int = field(default=4, metadata={"help": "Samples per prompt (num_generations)."})
-    max_new_tokens: int = field(default=64, metadata={"help": "max_completion_length."})
+    max_new_tokens: int = field(default=96, metadata={"help": "max_completion_length."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
-    learning_rate: float = field(default=2e-5, metadata={"help": "Policy learning rate."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "Policy learning rate."})
     backend: str = field(default="atlas", metadata={"help": "'atlas', 'transformers' or 'vllm'."})
     speculators: str = field(default="auto", metadata={"help": "atlas_speculators ('auto', 'none', or a list)."})
     baseline_every: int = field(default=1, metadata={"help": "Paired no-speculation rollout every N steps (0 off)."})
@@ -91,22 +91,14 @@ def _load(cfg: TaskRunConfig):
     return model, tok, cfg.model or "SmolLM2-135M-Instruct (embedded default)"
 
 
-def run_task(cfg: TaskRunConfig, command: str | None = None) -> Path:
-    """Train, record and report; returns the run directory."""
-    from datasets import Dataset
+# Seconds per completion token of one row (rollout, paired baseline, loss and backward) on the 2-core CPU with the
+# embedded model, measured by `atlas-rl demo` (docs/results/demo.md): how the demo predicts its duration.
+SECONDS_PER_ROW_TOKEN = 0.045
 
-    from atlas_rl.data.tasks import arithmetic_reward, arithmetic_tasks, format_reward
-    from atlas_rl.metrics.report import write_report
 
-    from .config import AtlasGRPOConfig, AtlasRLOOConfig
-    from .grpo import AtlasGRPOTrainer
-    from .recorder import RunRecorder
-    from .rloo import AtlasRLOOTrainer
-
-    torch.manual_seed(cfg.seed)
-    model, tok, model_name = _load(cfg)
-    tasks = arithmetic_tasks(cfg.prompts * cfg.steps, seed=cfg.seed, level=cfg.level)
-    ds = Dataset.from_list([{"prompt": t.messages(), "answer": t.answer} for t in tasks])
+def _rewards(cfg: TaskRunConfig) -> list:
+    """The task's reward functions (TRL signature): correctness, and the format reward when it has a weight."""
+    from atlas_rl.data.tasks import arithmetic_reward, format_reward
 
     def _texts(completions):
         return [c if isinstance(c, str) else c[0]["content"] for c in completions]
@@ -117,9 +109,12 @@ def run_task(cfg: TaskRunConfig, command: str | None = None) -> Path:
     def formatted(completions, **kwargs):
         return [format_reward(t) for t in _texts(completions)]
 
-    reward_funcs = [correct, formatted] if cfg.format_weight > 0 else [correct]
+    return [correct, formatted] if cfg.format_weight > 0 else [correct]
 
-    run_dir = Path(cfg.run_dir)
+
+def _trainer_args(cfg: TaskRunConfig, run_dir: Path):
+    from .config import AtlasGRPOConfig, AtlasRLOOConfig
+
     common = dict(
         output_dir=str(run_dir / "trainer"),
         use_cpu=not torch.cuda.is_available(),
@@ -144,13 +139,41 @@ def run_task(cfg: TaskRunConfig, command: str | None = None) -> Path:
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         common["ddp_backend"] = "gloo"  # several CPU processes (DDP or DeepSpeed): accelerate finds no backend alone
     common.update(cfg.extra)
+    if "gradient_checkpointing" not in cfg.extra:  # small models on a CPU: recomputing activations only costs time
+        common.setdefault("activation_checkpointing", False)
     if cfg.algo == "grpo":
-        args = AtlasGRPOConfig(**common)
-        trainer_cls = AtlasGRPOTrainer
-    else:
-        common.setdefault("beta", 0.0)
-        args = AtlasRLOOConfig(**common)
-        trainer_cls = AtlasRLOOTrainer
+        return AtlasGRPOConfig(**common)
+    common.setdefault("beta", 0.0)
+    return AtlasRLOOConfig(**common)
+
+
+def expected_seconds(cfg: TaskRunConfig) -> float | None:
+    """The run's expected wall time on the 2-core CPU with the embedded model (None for other models)."""
+    if cfg.tiny or cfg.model is not None:
+        return None
+    per_row_token = SECONDS_PER_ROW_TOKEN * (1.0 if cfg.baseline_every else 0.75)  # the baseline: ~1/4 of a step
+    return 20.0 + cfg.steps * cfg.prompts * cfg.generations * cfg.max_new_tokens * per_row_token
+
+
+def run_task(cfg: TaskRunConfig, command: str | None = None) -> Path:
+    """Train, record and report; returns the run directory."""
+    from datasets import Dataset
+
+    from atlas_rl.data.tasks import arithmetic_tasks
+    from atlas_rl.metrics.report import write_report
+
+    from .grpo import AtlasGRPOTrainer
+    from .recorder import RunRecorder
+    from .rloo import AtlasRLOOTrainer
+
+    torch.manual_seed(cfg.seed)
+    eta = expected_seconds(cfg)
+    if eta is not None:
+        logger.info("expected duration on a 2-core CPU: about %.0f min (%d steps)", eta / 60, cfg.steps)
+    model, tok, model_name = _load(cfg)
+    tasks = arithmetic_tasks(cfg.prompts * cfg.steps, seed=cfg.seed, level=cfg.level)
+    ds = Dataset.from_list([{"prompt": t.messages(), "answer": t.answer} for t in tasks])
+    run_dir = Path(cfg.run_dir)
     meta = {
         "name": run_dir.name,
         "model": model_name,
@@ -161,10 +184,11 @@ def run_task(cfg: TaskRunConfig, command: str | None = None) -> Path:
         "command": command or " ".join(shlex.quote(a) for a in sys.argv),
     }
     recorder = RunRecorder(run_dir, meta)
+    trainer_cls = AtlasGRPOTrainer if cfg.algo == "grpo" else AtlasRLOOTrainer
     trainer = trainer_cls(
         model=model,
-        reward_funcs=reward_funcs,
-        args=args,
+        reward_funcs=_rewards(cfg),
+        args=_trainer_args(cfg, run_dir),
         train_dataset=ds,
         processing_class=tok,
         callbacks=[recorder],
