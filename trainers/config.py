@@ -95,7 +95,9 @@ class AtlasArgs:
             "help": "After each rollout, replay the draft chain of every draft head (static, adaptive) on this many "
             "of its captured completions and log the estimated T=1 acceptance length "
             "(atlas/estimated_acceptance_length/<head>): how well each head tracks the current policy even when "
-            "the controller verifies nothing. No target forward; 0 = off."
+            "the controller verifies nothing. No target forward; its cost is capped: a window of at most 48 "
+            "positions per completion is replayed, and its time is taken out of the retraining budget, so probe + "
+            "retraining stay within atlas_adaptive_train_fraction of the rollout. 0 = off."
         },
     )
     atlas_seed: int | None = field(

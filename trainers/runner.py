@@ -71,14 +71,16 @@ class TaskRunConfig:
                 setattr(self, name, v)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 raise ValueError(f"{name} must be a number >= 0, got {v!r}")
-        if self.level not in ("easy", "mixed"):
-            raise ValueError(f"level must be 'easy' or 'mixed', got {self.level!r}")
-        if isinstance(self.format_weight, bool) or not isinstance(self.format_weight, (int, float)):
-            raise ValueError(f"format_weight must be a number >= 0, got {self.format_weight!r}")
-        if not (self.format_weight >= 0 and math.isfinite(self.format_weight)):
-            raise ValueError(f"format_weight must be a finite number >= 0, got {self.format_weight!r}")
         if self.model is not None and self.tiny:
             raise ValueError("give either a model path or --tiny, not both")
+        self._check_task()
+
+    def _check_task(self) -> None:
+        if self.level not in ("easy", "mixed"):
+            raise ValueError(f"level must be 'easy' or 'mixed', got {self.level!r}")
+        w = self.format_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not (w >= 0 and math.isfinite(w)):
+            raise ValueError(f"format_weight must be a finite number >= 0, got {w!r}")
 
 
 def _load(cfg: TaskRunConfig):

@@ -180,16 +180,9 @@ def summarize(run: Run) -> dict[str, Any]:
         series[f"estimated_acceptance_length/{name}"] = _series(steps, f"atlas/estimated_acceptance_length/{name}")
     k_total = {k: sum(_finite(_series(steps, f"atlas/k_hist/{k}"))) for k in khist}
     rewards = _finite(series["reward"])
-    clean = [v for v, d in zip(series["speedup"], series["speedup_disturbed"]) if not d == 1.0]
-    disturbed = [int(st) for st, d in zip(series["step"], series["speedup_disturbed"]) if d == 1.0]
-    lo, hi, coverage = median_ci(clean)
     headline = {
         "steps": len(steps),
-        "speedup": _median(clean),
-        "speedup_ci": f"[{lo:.2f}, {hi:.2f}] ({100 * coverage:.0f}% CI of the median, {len(_finite(clean))} steps)"
-        if math.isfinite(lo)
-        else "n/a (fewer than 2 undisturbed steps)",
-        "speedup_disturbed_steps": ", ".join(map(str, disturbed)) if disturbed else "none",
+        **_speedup_headline(series),
         "baseline": BASELINE,
         "rollout_tokens_per_s": _median(series["rollout_tokens_per_s"]),
         "baseline_rollout_tokens_per_s": _median(series["baseline_rollout_tokens_per_s"]),
@@ -212,6 +205,20 @@ def summarize(run: Run) -> dict[str, Any]:
     }
 
 
+def _speedup_headline(series: dict[str, list[float]]) -> dict[str, Any]:
+    """The median paired speed-up over the steps whose measurement was not disturbed, with its interval."""
+    clean = [v for v, d in zip(series["speedup"], series["speedup_disturbed"]) if not d == 1.0]
+    disturbed = [int(st) for st, d in zip(series["step"], series["speedup_disturbed"]) if d == 1.0]
+    lo, hi, coverage = median_ci(clean)
+    return {
+        "speedup": _median(clean),
+        "speedup_ci": f"[{lo:.2f}, {hi:.2f}] ({100 * coverage:.0f}% CI of the median, {len(_finite(clean))} steps)"
+        if math.isfinite(lo)
+        else "n/a (fewer than 2 undisturbed steps)",
+        "speedup_disturbed_steps": ", ".join(map(str, disturbed)) if disturbed else "none",
+    }
+
+
 # ------------------------------------------------------------------------------------------------ plots
 def _plots(summary: dict[str, Any]) -> dict[str, str]:
     """Title -> base64 PNG of each plot."""
@@ -219,10 +226,6 @@ def _plots(summary: dict[str, Any]) -> dict[str, str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    s = summary["series"]
-    x = s["step"]
-    out: dict[str, str] = {}
 
     def fig_to_b64(fig) -> str:
         for a in fig.axes:
@@ -234,14 +237,33 @@ def _plots(summary: dict[str, Any]) -> dict[str, str]:
         plt.close(fig)
         return base64.b64encode(buf.getvalue()).decode("ascii")
 
+    figures = [
+        ("Rollout throughput per step", _throughput_figure),
+        ("Mean acceptance length per speculator", _acceptance_figure),
+        ("Controller choices and k histogram", _controller_figure),
+        ("Speculator training loss and staleness", _training_figure),
+        ("Reward curve", _reward_figure),
+        ("Where the rollout time went", _phase_figure),
+    ]
+    if summary.get("traces"):
+        figures.append(("Active rows over decode steps", lambda p, sm: _trace_figure(p, sm["traces"])))
+    return {title: fig_to_b64(build(plt, summary)) for title, build in figures}
+
+
+def _throughput_figure(plt: Any, summary: dict[str, Any]) -> Any:
+    s = summary["series"]
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
-    ax.plot(x, s["rollout_tokens_per_s"], "o-", label="atlas")
+    ax.plot(s["step"], s["rollout_tokens_per_s"], "o-", label="atlas")
     if _finite(s["baseline_rollout_tokens_per_s"]):
-        ax.plot(x, s["baseline_rollout_tokens_per_s"], "s--", label="no speculation (same run)")
+        ax.plot(s["step"], s["baseline_rollout_tokens_per_s"], "s--", label="no speculation (same run)")
     ax.set(xlabel="step", ylabel="rollout tokens/s", title="Rollout throughput")
     ax.legend()
-    out["Rollout throughput per step"] = fig_to_b64(fig)
+    return fig
 
+
+def _acceptance_figure(plt: Any, summary: dict[str, Any]) -> Any:
+    s = summary["series"]
+    x = s["step"]
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
     ax.plot(x, s["mean_acceptance_length"], "o-", label="all", color="black")
     for name in summary["speculators"]:
@@ -251,8 +273,12 @@ def _plots(summary: dict[str, Any]) -> dict[str, str]:
     ax.axhline(1.0, color="grey", lw=0.5)
     ax.set(xlabel="step", ylabel="tokens per target forward", title="Mean acceptance length")
     ax.legend()
-    out["Mean acceptance length per speculator"] = fig_to_b64(fig)
+    return fig
 
+
+def _controller_figure(plt: Any, summary: dict[str, Any]) -> Any:
+    s = summary["series"]
+    x = s["step"]
     fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.4))
     bottom = [0.0] * len(x)
     for name in summary["speculators"]:
@@ -268,29 +294,31 @@ def _plots(summary: dict[str, Any]) -> dict[str, str]:
         axes[1].bar([int(k) for k in kh], list(kh.values()))
     axes[1].set(xlabel="longest draft in a step (k)", ylabel="share of decode steps (summed)", title="Chosen k")
     axes[1].xaxis.get_major_locator().set_params(integer=True)
-    out["Controller choices and k histogram"] = fig_to_b64(fig)
+    return fig
 
+
+def _training_figure(plt: Any, summary: dict[str, Any]) -> Any:
+    s = summary["series"]
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
-    ax.plot(x, s["speculator_train_loss"], "o-", label="train loss")
+    ax.plot(s["step"], s["speculator_train_loss"], "o-", label="train loss")
     ax.set(xlabel="step", ylabel="loss", title="Adaptive speculator training")
     ax2 = ax.twinx()
-    ax2.plot(x, s["speculator_staleness"], "s--", color="tab:red", label="staleness")
+    ax2.plot(s["step"], s["speculator_staleness"], "s--", color="tab:red", label="staleness")
     ax2.set_ylabel("staleness (policy versions)")
     ax.legend(loc="upper left")
     ax2.legend(loc="upper right")
-    out["Speculator training loss and staleness"] = fig_to_b64(fig)
+    return fig
 
+
+def _reward_figure(plt: Any, summary: dict[str, Any]) -> Any:
+    s = summary["series"]
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
-    ax.plot(x, s["reward"], "o-", color="black", label="reward (weighted sum)")
+    ax.plot(s["step"], s["reward"], "o-", color="black", label="reward (weighted sum)")
     for key in sorted(k for k in s if k.startswith("rewards/")):
-        ax.plot(x, s[key], ".--", label=key.split("/")[1])
+        ax.plot(s["step"], s[key], ".--", label=key.split("/")[1])
     ax.set(xlabel="step", ylabel="mean reward", title="Reward")
     ax.legend(fontsize=7)
-    out["Reward curve"] = fig_to_b64(fig)
-    out["Where the rollout time went"] = fig_to_b64(_phase_figure(plt, summary))
-    if summary.get("traces"):
-        out["Active rows over decode steps"] = fig_to_b64(_trace_figure(plt, summary["traces"]))
-    return out
+    return fig
 
 
 def _phase_figure(plt: Any, summary: dict[str, Any]) -> Any:
