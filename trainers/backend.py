@@ -150,6 +150,7 @@ class AtlasRolloutBackend:
         self._deferred_budget = 0.0
         self.last_probe: dict[str, float] = {}
         self.last_capture_s = 0.0
+        self.last_segments: list[int] = []  # decode steps of each atlas engine segment of the last rollout
         self.train_failures = 0  # failed retraining runs (whole run)
         self._failures_in_a_row = 0
         self._train_disabled = False
@@ -256,6 +257,7 @@ class AtlasRolloutBackend:
         else:
             completions, logprobs, stats, _ = self._rollout(self.engine, uniq, counts, sampling)
             self.last_baseline = None
+            self.last_segments = [len(stats.steps)]
         stats.policy_version = self.policy_version
         self.last_rollout_s = stats.total_s
         self.last_stats = stats
@@ -328,6 +330,7 @@ class AtlasRolloutBackend:
         logprobs: list[list[float]] = []
         stats = SpecStats()
         segments: list[tuple[str, int, float, float]] = []  # (who, tokens, wall s, cpu s)
+        self.last_segments = []
         for i, (u, c) in enumerate(halves):
             half_sampling = dataclasses.replace(sampling, seed=(sampling.seed + i) % (2**62))
             order = ("atlas", "baseline") if i == 0 else ("baseline", "atlas")
@@ -337,6 +340,7 @@ class AtlasRolloutBackend:
                 logger.info("  half %d/%d, %s: %.1f s", i + 1, len(halves), who, st.total_s)
                 segments.append((who, st.num_completion_tokens, st.total_s, cpu))
                 if who == "atlas":
+                    self.last_segments.append(len(st.steps))
                     completions += comp
                     logprobs += lps
                     stats.merge(st)

@@ -36,6 +36,7 @@ class RunRecorder(TrainerCallback):
             "step": step,
             "rows": [s.num_rows for s in stats.steps],
             "query_len": [s.query_len for s in stats.steps],
+            "segments": list(getattr(self.backend, "last_segments", [])),  # decode steps per engine call, in order
         }
         with open(self.run_dir / "rollouts.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")

@@ -82,7 +82,8 @@ def load_run(run_dir: str | Path) -> Run:
 
 
 def _load_traces(path: Path) -> dict[int, dict[str, list[int]]]:
-    """step -> that step's rollout decode steps (``rows``, ``query_len``); {} when the run recorded none."""
+    """step -> that step's rollout decode steps (``rows``, ``query_len``, and ``segments``: decode steps per engine
+    call, e.g. the two interleaved halves of a paired step); {} when the run recorded none."""
     out: dict[int, dict[str, list[int]]] = {}
     if not path.exists():
         return out
@@ -92,7 +93,12 @@ def _load_traces(path: Path) -> dict[int, dict[str, list[int]]]:
         except json.JSONDecodeError:
             continue  # a trace cut short by an interrupted run: the report still renders
         if isinstance(rec, dict) and "step" in rec:
-            out[int(rec["step"])] = {"rows": list(rec.get("rows", [])), "query_len": list(rec.get("query_len", []))}
+            rows = list(rec.get("rows", []))
+            out[int(rec["step"])] = {
+                "rows": rows,
+                "query_len": list(rec.get("query_len", [])),
+                "segments": list(rec.get("segments") or [len(rows)]),
+            }
     return out
 
 
@@ -339,15 +345,22 @@ def _phase_figure(plt: Any, summary: dict[str, Any]) -> Any:
 
 
 def _trace_figure(plt: Any, traces: dict[str, dict[str, list[int]]]) -> Any:
-    """Active rows at each decode step of the first and the last recorded rollout; dots where rows drafted."""
+    """Active rows at each decode step of the first and the last recorded rollout (each engine call, e.g. each
+    interleaved half, its own line); dots where the step verified drafts (speculation on)."""
     keys = sorted(traces, key=int)
     picked = [keys[0]] if len(keys) == 1 else [keys[0], keys[-1]]
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
     for key in picked:
-        rows, qlen = traces[key]["rows"], traces[key]["query_len"]
-        (line,) = ax.plot(range(len(rows)), rows, "-", label=f"step {key}")
-        on = [i for i, q in enumerate(qlen) if q > 1]
-        ax.plot(on, [rows[i] for i in on], ".", color=line.get_color(), label=f"step {key}: speculation on")
+        t = traces[key]
+        segments = t.get("segments") or [len(t["rows"])]
+        start = 0
+        for j, n in enumerate(segments):
+            rows, qlen = t["rows"][start : start + n], t["query_len"][start : start + n]
+            start += n
+            label = f"step {key}" + (f", call {j + 1}" if len(segments) > 1 else "")
+            (line,) = ax.plot(range(len(rows)), rows, "-", label=label)
+            on = [i for i, q in enumerate(qlen) if q > 1]
+            ax.plot(on, [rows[i] for i in on], ".", color=line.get_color())
     ax.set(xlabel="decode step", ylabel="active rows", title="Active rows per decode step (dots: drafts verified)")
     ax.legend(fontsize=7)
     return fig

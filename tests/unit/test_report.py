@@ -54,5 +54,5 @@ def test_disturbed_steps_leave_the_headline_and_raise_a_warning(tmp_path):
     paths = write_report(d)
     page = paths["html"].read_text()
     assert 'class="warning"' in page and page.count('class="plot"') == 7
-    assert summary["traces"] == {"1": {"rows": [4, 4, 2, 1], "query_len": [1, 1, 3, 5]}}
+    assert summary["traces"] == {"1": {"rows": [4, 4, 2, 1], "query_len": [1, 1, 3, 5], "segments": [4]}}
     assert summary["series"]["rewards/correct/mean"] == pytest.approx([0.05, 0.1, 0.15, 0.2, 0.25])
