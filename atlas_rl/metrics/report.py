@@ -97,9 +97,15 @@ def _load_traces(path: Path) -> dict[int, dict[str, list[int]]]:
             out[int(rec["step"])] = {
                 "rows": rows,
                 "query_len": list(rec.get("query_len", [])),
-                "segments": list(rec.get("segments") or [len(rows)]),
+                "segments": list(rec.get("segments") or _restarts(rows)),
             }
     return out
+
+
+def _restarts(rows: list[int]) -> list[int]:
+    """Decode steps per engine call of a trace recorded without ``segments``: a call starts where rows grow."""
+    cuts = [0] + [i for i in range(1, len(rows)) if rows[i] > rows[i - 1]] + [len(rows)]
+    return [b - a for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
 def median_ci(xs: list[float], level: float = 0.9) -> tuple[float, float, float]:

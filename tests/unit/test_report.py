@@ -56,3 +56,10 @@ def test_disturbed_steps_leave_the_headline_and_raise_a_warning(tmp_path):
     assert 'class="warning"' in page and page.count('class="plot"') == 7
     assert summary["traces"] == {"1": {"rows": [4, 4, 2, 1], "query_len": [1, 1, 3, 5], "segments": [4]}}
     assert summary["series"]["rewards/correct/mean"] == pytest.approx([0.05, 0.1, 0.15, 0.2, 0.25])
+
+
+def test_trace_without_segments_splits_where_a_new_engine_call_starts():
+    from atlas_rl.metrics.report import _restarts
+
+    assert _restarts([8, 8, 7, 3, 1, 8, 8, 2]) == [5, 3]  # two halves: rows never grow within one call
+    assert _restarts([4, 4, 2, 1]) == [4] and _restarts([]) == []
