@@ -141,8 +141,6 @@ def _trainer_args(cfg: TaskRunConfig, run_dir: Path):
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         common["ddp_backend"] = "gloo"  # several CPU processes (DDP or DeepSpeed): accelerate finds no backend alone
     common.update(cfg.extra)
-    if "gradient_checkpointing" not in cfg.extra:  # small models on a CPU: recomputing activations only costs time
-        common.setdefault("activation_checkpointing", False)
     if cfg.algo == "grpo":
         return AtlasGRPOConfig(**common)
     common.setdefault("beta", 0.0)
