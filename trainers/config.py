@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,12 +42,20 @@ class AtlasArgs:
             "help": "Path of a static draft head (.safetensors); None = the head shipped for the model, if any."
         },
     )
-    atlas_max_draft_tokens: int = field(
-        default=4, metadata={"help": "Longest draft the controller may verify per row and step."}
+    atlas_num_speculative_tokens: int = field(
+        default=4, metadata={"help": "Longest draft the controller may verify per row and step (1-16)."}
+    )
+    atlas_max_draft_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Deprecated alias of atlas_num_speculative_tokens (removed in the next release); None = not given."
+        },
     )
     atlas_controller: str = field(
         default="auto",
-        metadata={"help": "'auto' (cost-aware controller) or 'fixed' (every row drafts atlas_max_draft_tokens)."},
+        metadata={
+            "help": "'auto' (cost-aware controller) or 'fixed' (every row drafts atlas_num_speculative_tokens)."
+        },
     )
     atlas_adaptive_train_fraction: float = field(
         default=0.1,
@@ -85,12 +95,22 @@ class AtlasArgs:
             "help": "After each rollout, replay the draft chain of every draft head (static, adaptive) on this many "
             "of its captured completions and log the estimated T=1 acceptance length "
             "(atlas/estimated_acceptance_length/<head>): how well each head tracks the current policy even when "
-            "the controller verifies nothing. No target forward; 0 = off."
+            "the controller verifies nothing. No target forward; its cost is capped: a window of at most 48 "
+            "positions per completion is replayed, and its time is taken out of the retraining budget, so probe + "
+            "retraining stay within atlas_adaptive_train_fraction of the rollout. 0 = off."
         },
     )
     atlas_seed: int | None = field(
         default=None, metadata={"help": "Seed of the rollout sampler (None: derived from TrainingArguments.seed)."}
     )
+
+    def _resolve_checkpointing_alias(self) -> None:
+        """TRL's configs default the deprecated ``gradient_checkpointing`` to True, so transformers warns on every
+        run although the user set nothing: carry TRL's default over to ``activation_checkpointing`` (a value the
+        user did set still goes through transformers' own deprecation path)."""
+        default = type(self).__dataclass_fields__["gradient_checkpointing"].default
+        if getattr(self, "activation_checkpointing", None) is None and self.gradient_checkpointing == default:
+            self.activation_checkpointing = self.gradient_checkpointing
 
     def _check_backend(self) -> None:
         """Before TRL's own checks: map the backend onto TRL's switch."""
@@ -105,31 +125,50 @@ class AtlasArgs:
             )
 
     def _check_atlas(self) -> None:
+        """After TRL's own checks: the sampling settings TRL divides by, the atlas backend's limits, the options."""
+        self._check_temperature()
         if self.generation_backend == "atlas":
-            if getattr(self, "use_transformers_continuous_batching", False):
-                raise ValueError(
-                    "use_transformers_continuous_batching=True conflicts with generation_backend='atlas': "
-                    "set generation_backend='transformers' to use TRL's continuous batching"
-                )
-            rp = getattr(self, "repetition_penalty", 1.0)
-            if rp not in (None, 1.0):
-                raise ValueError(
-                    f"repetition_penalty={rp} is not supported by generation_backend='atlas' (it would change the "
-                    "sampled distribution the logprobs refer to): set repetition_penalty=1.0 or use "
-                    "generation_backend='transformers'"
-                )
-            if getattr(self, "min_p", None) not in (None, 0.0):
-                raise ValueError(
-                    "min_p is not supported by generation_backend='atlas': set min_p=None or use "
-                    "generation_backend='transformers'"
-                )
-            gk = getattr(self, "generation_kwargs", None) or {}
-            unsupported = sorted(set(gk) - {"do_sample"})
-            if unsupported:
-                raise ValueError(
-                    f"generation_kwargs {unsupported} are not supported by generation_backend='atlas' (only "
-                    "do_sample): remove them or use generation_backend='transformers'"
-                )
+            self._check_atlas_sampling()
+        self._check_speculators()
+        self._resolve_num_speculative_tokens()
+        self._check_atlas_numbers()
+
+    def _check_temperature(self) -> None:
+        t = getattr(self, "temperature", 1.0)
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0):
+            raise ValueError(
+                f"temperature must be a finite number > 0, got {t!r}: TRL divides the logits by it to compute "
+                "logprobs. For greedy rollouts keep temperature=1.0 and set generation_kwargs={'do_sample': False}"
+            )
+
+    def _check_atlas_sampling(self) -> None:
+        """What the atlas engine cannot honour (it would change the distribution the logprobs refer to)."""
+        if getattr(self, "use_transformers_continuous_batching", False):
+            raise ValueError(
+                "use_transformers_continuous_batching=True conflicts with generation_backend='atlas': "
+                "set generation_backend='transformers' to use TRL's continuous batching"
+            )
+        rp = getattr(self, "repetition_penalty", 1.0)
+        if rp not in (None, 1.0):
+            raise ValueError(
+                f"repetition_penalty={rp} is not supported by generation_backend='atlas' (it would change the "
+                "sampled distribution the logprobs refer to): set repetition_penalty=1.0 or use "
+                "generation_backend='transformers'"
+            )
+        if getattr(self, "min_p", None) not in (None, 0.0):
+            raise ValueError(
+                "min_p is not supported by generation_backend='atlas': set min_p=None or use "
+                "generation_backend='transformers'"
+            )
+        gk = getattr(self, "generation_kwargs", None) or {}
+        unsupported = sorted(set(gk) - {"do_sample"})
+        if unsupported:
+            raise ValueError(
+                f"generation_kwargs {unsupported} are not supported by generation_backend='atlas' (only "
+                "do_sample): remove them or use generation_backend='transformers'"
+            )
+
+    def _check_speculators(self) -> None:
         names = [s.strip() for s in self.atlas_speculators.split(",") if s.strip()]
         bad = [s for s in names if s not in ("auto", "none", "static", "adaptive", "suffix")]
         if bad or not names or (len(names) > 1 and ({"auto", "none"} & set(names))):
@@ -137,18 +176,45 @@ class AtlasArgs:
                 f"atlas_speculators={self.atlas_speculators!r}: use 'auto', 'none' or a comma list of "
                 "static, adaptive, suffix"
             )
-        if not isinstance(self.atlas_max_draft_tokens, int) or not 1 <= self.atlas_max_draft_tokens <= 16:
-            raise ValueError(f"atlas_max_draft_tokens must be an int in [1, 16], got {self.atlas_max_draft_tokens!r}")
         if self.atlas_controller not in ("auto", "fixed"):
             raise ValueError(f"atlas_controller must be 'auto' or 'fixed', got {self.atlas_controller!r}")
-        if not 0.0 <= self.atlas_adaptive_train_fraction <= 10.0:
-            raise ValueError("atlas_adaptive_train_fraction must be in [0, 10]")
-        if self.atlas_adaptive_train_min_s < 0:
-            raise ValueError("atlas_adaptive_train_min_s must be >= 0")
-        if not isinstance(self.atlas_acceptance_probe, int) or self.atlas_acceptance_probe < 0:
-            raise ValueError(f"atlas_acceptance_probe must be an int >= 0, got {self.atlas_acceptance_probe!r}")
-        if not isinstance(self.atlas_baseline_every, int) or self.atlas_baseline_every < 0:
-            raise ValueError(f"atlas_baseline_every must be an int >= 0, got {self.atlas_baseline_every!r}")
+
+    def _resolve_num_speculative_tokens(self) -> None:
+        """``atlas_max_draft_tokens`` (deprecated) sets ``atlas_num_speculative_tokens`` for one more release."""
+        old = self.atlas_max_draft_tokens
+        if old is not None:
+            default = AtlasArgs.__dataclass_fields__["atlas_num_speculative_tokens"].default
+            if self.atlas_num_speculative_tokens not in (default, old):
+                raise ValueError(
+                    f"atlas_max_draft_tokens={old!r} and atlas_num_speculative_tokens="
+                    f"{self.atlas_num_speculative_tokens!r} disagree: set atlas_num_speculative_tokens only "
+                    "(atlas_max_draft_tokens is its deprecated old name)"
+                )
+            warnings.warn(
+                "atlas_max_draft_tokens is deprecated and will be removed in the next release: use "
+                "atlas_num_speculative_tokens",
+                FutureWarning,
+                stacklevel=4,
+            )
+            self.atlas_num_speculative_tokens = old
+        k = self.atlas_num_speculative_tokens
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 16:
+            raise ValueError(f"atlas_num_speculative_tokens must be an int in [1, 16], got {k!r}")
+
+    def _check_atlas_numbers(self) -> None:
+        frac = self.atlas_adaptive_train_fraction
+        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 <= frac <= 10.0:
+            raise ValueError(f"atlas_adaptive_train_fraction must be a number in [0, 10], got {frac!r}")
+        lo = self.atlas_adaptive_train_min_s
+        if isinstance(lo, bool) or not isinstance(lo, (int, float)) or not (math.isfinite(lo) and lo >= 0):
+            raise ValueError(
+                f"atlas_adaptive_train_min_s must be a finite number of seconds >= 0, got {lo!r} (it bounds "
+                "each retraining of the adaptive head from below; the run waits for it before the next rollout)"
+            )
+        for name in ("atlas_acceptance_probe", "atlas_baseline_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
 
     @property
     def atlas_speculator_names(self) -> list[str]:
@@ -164,6 +230,7 @@ class AtlasGRPOConfig(GRPOConfig, AtlasArgs):
 
     def __post_init__(self) -> None:
         self._check_backend()
+        self._resolve_checkpointing_alias()
         super().__post_init__()
         self._check_atlas()
 
@@ -174,5 +241,6 @@ class AtlasRLOOConfig(RLOOConfig, AtlasArgs):
 
     def __post_init__(self) -> None:
         self._check_backend()
+        self._resolve_checkpointing_alias()
         super().__post_init__()
         self._check_atlas()

@@ -6,6 +6,12 @@ and returns completions (EOS included, as TRL's own paths do) and the logprobs o
 (``log_softmax(logits / temperature)``, TRL's convention). With ``generation_backend`` "transformers" or
 "vllm" TRL's own code runs untouched; rollout time and throughput are logged for every backend, so A/B runs
 compare like with like.
+
+Lifecycle: ``train()`` closes the backend on every exit path (normal end, exception, KeyboardInterrupt), so no
+background retraining outlives it and the process exits with the real exit code. ``log()`` reports counters
+(``LAST_VALUE_METRICS``, e.g. ``atlas/policy_version``) at their last value where TRL averages a log window.
+Checkpoints: the atlas state goes into ``checkpoint-N/atlas/`` before TRL writes ``trainer_state.json`` there,
+so a checkpoint TRL considers complete holds a complete atlas state.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -20,9 +27,13 @@ from transformers import TrainerCallback
 
 from atlas_rl.types import SamplingParams
 
-from .backend import AtlasRolloutBackend
+from .backend import LAST_VALUE_METRICS, AtlasRolloutBackend
 
 logger = logging.getLogger(__name__)
+
+# transformers 5 renamed gradient -> activation checkpointing; TRL's trainers still call the old methods on every
+# step (not our calls), which warns 4 times a run. Silenced during train() only, by exact message.
+_TRL_CHECKPOINTING_WARNING = r"`(is_)?gradient_checkpointing(_enable|_disable)?` is deprecated"
 
 CHECKPOINT_SUBDIR = "atlas"
 
@@ -84,6 +95,25 @@ class AtlasTrainerMixin:
     def use_vllm(self, value: bool) -> None:
         self.__dict__["_atlas_use_vllm_raw"] = value
 
+    def train(self, *args, **kwargs):
+        """TRL's ``train()``; afterwards (however it ends) the backend is closed: background retraining stopped
+        and joined, its failures reported, the engine's hold on the model released."""
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_TRL_CHECKPOINTING_WARNING, category=FutureWarning)
+                return super().train(*args, **kwargs)
+        finally:
+            if self.atlas_backend is not None:
+                self.atlas_backend.close()
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """TRL averages every metric over the log window; counters keep their last value instead."""
+        for per_mode in getattr(self, "_metrics", {}).values():
+            for key in LAST_VALUE_METRICS & set(per_mode):
+                if len(per_mode[key]) > 1:
+                    per_mode[key][:] = per_mode[key][-1:]
+        super().log(logs, start_time)
+
     def _generate(self, prompts: list):
         self._atlas_in_generate = True
         try:
@@ -137,13 +167,13 @@ class AtlasTrainerMixin:
 
     # --------------------------------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.atlas_backend is None or not self.args.should_save:
-            return
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+        if self.atlas_backend is not None and self.args.should_save:  # first: TRL's trainer_state.json marks done
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        self.atlas_backend.save(os.path.join(folder, CHECKPOINT_SUBDIR))
+            step_dir = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            folder = os.path.join(self._get_output_dir(trial=trial), step_dir)
+            self.atlas_backend.save(os.path.join(folder, CHECKPOINT_SUBDIR))
+        super()._save_checkpoint(model, trial)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)

@@ -1,8 +1,12 @@
 """Offline tasks with verifiable rewards, generated in code (nothing is downloaded).
 
-``arithmetic_tasks`` makes short arithmetic word problems whose answer is an integer; ``arithmetic_reward``
-scores a completion 1.0 when its final answer is right (the answer may be given as ``#### 42``,
-``<answer>42</answer>``, "the answer is 42", or as the last number of the completion).
+``arithmetic_tasks`` makes short arithmetic word problems whose answer is an integer (``level="easy"``: one-step
+additions and subtractions of small numbers, the demo's curriculum; ``"mixed"``: six kinds incl. products,
+shares, two-step sums and change); ``arithmetic_reward`` scores a completion 1.0 when its final answer is right
+(the answer may be given as ``#### 42``, ``<answer>42</answer>``, "the answer is 42", or as the last number of
+the completion); ``format_reward`` scores 1.0 when the completion gives its answer on a line of its own as the
+system prompt asks (``#### 42``) — a signal the embedded 135M model meets in about a fifth of its samples at
+first, so GRPO groups hold both outcomes and the policy learns from the first steps.
 """
 
 from __future__ import annotations
@@ -76,12 +80,29 @@ def _problem(rng: random.Random) -> Task:
     )
 
 
-def arithmetic_tasks(n: int, seed: int = 0) -> list[Task]:
-    """``n`` reproducible arithmetic word problems."""
+def _easy_problem(rng: random.Random) -> Task:
+    name, other = rng.sample(_NAMES, 2)
+    item = rng.choice(_ITEMS)
+    a, b = rng.randint(2, 9), rng.randint(2, 9)
+    if rng.random() < 0.5:
+        return Task(
+            f"{name} has {a} {item}. {other} gives {name} {b} more. How many {item} does {name} have?", str(a + b)
+        )
+    return Task(f"{name} has {a + b} {item} and gives {b} to {other}. How many {item} does {name} have left?", str(a))
+
+
+LEVELS = ("easy", "mixed")
+
+
+def arithmetic_tasks(n: int, seed: int = 0, level: str = "mixed") -> list[Task]:
+    """``n`` reproducible arithmetic word problems of the given ``level`` (``"easy"`` or ``"mixed"``)."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
     rng = random.Random(seed)
-    return [_problem(rng) for _ in range(n)]
+    make = _easy_problem if level == "easy" else _problem
+    return [make(rng) for _ in range(n)]
 
 
 _ANSWER_PATTERNS = [
@@ -90,6 +111,7 @@ _ANSWER_PATTERNS = [
     re.compile(r"answer is[:\s]*\$?(-?\d[\d,]*(?:\.\d+)?)", re.IGNORECASE),
 ]
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_ANSWER_LINE = re.compile(r"^\s*####\s*-?\d[\d,]*(?:\.\d+)?\s*$", re.MULTILINE)
 
 
 def extract_answer(text: str) -> str | None:
@@ -111,3 +133,8 @@ def arithmetic_reward(completion: str, answer: str) -> float:
         return 1.0 if abs(float(got) - float(answer)) < 1e-9 else 0.0
     except ValueError:
         return 0.0
+
+
+def format_reward(completion: str) -> float:
+    """1.0 when the completion states its answer on a line of its own as ``#### <number>``, else 0.0."""
+    return 1.0 if _ANSWER_LINE.search(completion) else 0.0

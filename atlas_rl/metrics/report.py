@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 HEADLINE_FIELDS = (
     "steps",
     "speedup",
+    "speedup_ci",
+    "speedup_disturbed_steps",
     "baseline",
     "rollout_tokens_per_s",
     "baseline_rollout_tokens_per_s",
@@ -52,6 +54,7 @@ PPO_KEYS = (
     "val/clipfrac_avg",
 )
 
+PHASES = ("prefill", "propose", "forward", "verify", "plan", "capture")
 BASELINE = "the same engine without speculation, same prompts, seeds and policy version, measured in this run"
 
 
@@ -59,6 +62,22 @@ ReportError = RunLogError  # a run directory that cannot be reported on (missing
 Run = RunLog
 load_run = read_run
 _series = series
+
+
+def median_ci(xs: list[float], level: float = 0.9) -> tuple[float, float, float]:
+    """A distribution-free confidence interval of the median from order statistics: ``(low, high, coverage)``,
+    the narrowest ``(x_(k), x_(n+1-k))`` whose binomial coverage is at least ``level`` (NaNs when n < 2)."""
+    xs = sorted(_finite(xs))
+    n = len(xs)
+    if n < 2:
+        return math.nan, math.nan, math.nan
+    best = (xs[0], xs[-1], 1.0 - 2 * 0.5**n)
+    for k in range(2, n // 2 + 1):
+        coverage = 1.0 - 2 * sum(math.comb(n, i) for i in range(k)) * 0.5**n
+        if coverage < level:
+            break
+        best = (xs[k - 1], xs[n - k], coverage)
+    return best
 
 
 def _finite(xs: list[float]) -> list[float]:
@@ -107,8 +126,14 @@ def summarize(run: Run) -> dict[str, Any]:
         "speculator_train_s": _series(steps, "atlas/speculator_train_s"),
         "reward": _series(steps, "reward"),
         "step_time": _series(steps, "step_time"),
+        "speedup_disturbed": _series(steps, "atlas/speedup_disturbed"),
     }
     series.update({k: _series(steps, k) for k in PPO_KEYS if any(k in st for st in steps)})
+    for key in keys:
+        if key.startswith("rewards/") and key.endswith("/mean"):  # one curve per reward function
+            series[key] = _series(steps, key)
+    for phase in PHASES:
+        series[f"phase/{phase}"] = _series(steps, f"atlas/rollout_{phase}_s")
     for name in specs:
         series[f"share/{name}"] = _series(steps, f"atlas/speculator_share/{name}")
         series[f"mean_acceptance_length/{name}"] = _series(steps, f"atlas/mean_acceptance_length/{name}")
@@ -118,7 +143,7 @@ def summarize(run: Run) -> dict[str, Any]:
     rewards = _finite(series["reward"])
     headline = {
         "steps": len(steps),
-        "speedup": _median(series["speedup"]),
+        **_speedup_headline(series),
         "baseline": BASELINE,
         "rollout_tokens_per_s": _median(series["rollout_tokens_per_s"]),
         "baseline_rollout_tokens_per_s": _median(series["baseline_rollout_tokens_per_s"]),
@@ -131,7 +156,28 @@ def summarize(run: Run) -> dict[str, Any]:
         "per_speculator": {name: _per_speculator(series, name) for name in specs},
         "k_histogram": {str(k): v for k, v in k_total.items()},
     }
-    return {"meta": run.meta, "headline": headline, "series": series, "speculators": specs, "probed": probed}
+    return {
+        "meta": run.meta,
+        "headline": headline,
+        "series": series,
+        "speculators": specs,
+        "probed": probed,
+        "traces": {str(k): v for k, v in sorted(run.traces.items())},
+    }
+
+
+def _speedup_headline(series: dict[str, list[float]]) -> dict[str, Any]:
+    """The median paired speed-up over the steps whose measurement was not disturbed, with its interval."""
+    clean = [v for v, d in zip(series["speedup"], series["speedup_disturbed"]) if not d == 1.0]
+    disturbed = [int(st) for st, d in zip(series["step"], series["speedup_disturbed"]) if d == 1.0]
+    lo, hi, coverage = median_ci(clean)
+    return {
+        "speedup": _median(clean),
+        "speedup_ci": f"[{lo:.2f}, {hi:.2f}] ({100 * coverage:.0f}% CI of the median, {len(_finite(clean))} steps)"
+        if math.isfinite(lo)
+        else "n/a (fewer than 2 undisturbed steps)",
+        "speedup_disturbed_steps": ", ".join(map(str, disturbed)) if disturbed else "none",
+    }
 
 
 # ------------------------------------------------------------------------------------------------ plots
@@ -141,10 +187,6 @@ def _plots(summary: dict[str, Any]) -> dict[str, str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    s = summary["series"]
-    x = s["step"]
-    out: dict[str, str] = {}
 
     def fig_to_b64(fig) -> str:
         for a in fig.axes:
@@ -156,14 +198,33 @@ def _plots(summary: dict[str, Any]) -> dict[str, str]:
         plt.close(fig)
         return base64.b64encode(buf.getvalue()).decode("ascii")
 
+    figures = [
+        ("Rollout throughput per step", _throughput_figure),
+        ("Mean acceptance length per speculator", _acceptance_figure),
+        ("Controller choices and k histogram", _controller_figure),
+        ("Speculator training loss and staleness", _training_figure),
+        ("Reward curve", _reward_figure),
+        ("Where the rollout time went", _phase_figure),
+    ]
+    if summary.get("traces"):
+        figures.append(("Active rows over decode steps", lambda p, sm: _trace_figure(p, sm["traces"])))
+    return {title: fig_to_b64(build(plt, summary)) for title, build in figures}
+
+
+def _throughput_figure(plt: Any, summary: dict[str, Any]) -> Any:
+    s = summary["series"]
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
-    ax.plot(x, s["rollout_tokens_per_s"], "o-", label="atlas")
+    ax.plot(s["step"], s["rollout_tokens_per_s"], "o-", label="atlas")
     if _finite(s["baseline_rollout_tokens_per_s"]):
-        ax.plot(x, s["baseline_rollout_tokens_per_s"], "s--", label="no speculation (same run)")
+        ax.plot(s["step"], s["baseline_rollout_tokens_per_s"], "s--", label="no speculation (same run)")
     ax.set(xlabel="step", ylabel="rollout tokens/s", title="Rollout throughput")
     ax.legend()
-    out["Rollout throughput per step"] = fig_to_b64(fig)
+    return fig
 
+
+def _acceptance_figure(plt: Any, summary: dict[str, Any]) -> Any:
+    s = summary["series"]
+    x = s["step"]
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
     ax.plot(x, s["mean_acceptance_length"], "o-", label="all", color="black")
     for name in summary["speculators"]:
@@ -173,8 +234,12 @@ def _plots(summary: dict[str, Any]) -> dict[str, str]:
     ax.axhline(1.0, color="grey", lw=0.5)
     ax.set(xlabel="step", ylabel="tokens per target forward", title="Mean acceptance length")
     ax.legend()
-    out["Mean acceptance length per speculator"] = fig_to_b64(fig)
+    return fig
 
+
+def _controller_figure(plt: Any, summary: dict[str, Any]) -> Any:
+    s = summary["series"]
+    x = s["step"]
     fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.4))
     bottom = [0.0] * len(x)
     for name in summary["speculators"]:
@@ -190,23 +255,70 @@ def _plots(summary: dict[str, Any]) -> dict[str, str]:
         axes[1].bar([int(k) for k in kh], list(kh.values()))
     axes[1].set(xlabel="longest draft in a step (k)", ylabel="share of decode steps (summed)", title="Chosen k")
     axes[1].xaxis.get_major_locator().set_params(integer=True)
-    out["Controller choices and k histogram"] = fig_to_b64(fig)
+    return fig
 
+
+def _training_figure(plt: Any, summary: dict[str, Any]) -> Any:
+    s = summary["series"]
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
-    ax.plot(x, s["speculator_train_loss"], "o-", label="train loss")
+    ax.plot(s["step"], s["speculator_train_loss"], "o-", label="train loss")
     ax.set(xlabel="step", ylabel="loss", title="Adaptive speculator training")
     ax2 = ax.twinx()
-    ax2.plot(x, s["speculator_staleness"], "s--", color="tab:red", label="staleness")
+    ax2.plot(s["step"], s["speculator_staleness"], "s--", color="tab:red", label="staleness")
     ax2.set_ylabel("staleness (policy versions)")
     ax.legend(loc="upper left")
     ax2.legend(loc="upper right")
-    out["Speculator training loss and staleness"] = fig_to_b64(fig)
+    return fig
 
+
+def _reward_figure(plt: Any, summary: dict[str, Any]) -> Any:
+    s = summary["series"]
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
-    ax.plot(x, s["reward"], "o-")
+    ax.plot(s["step"], s["reward"], "o-", color="black", label="reward (weighted sum)")
+    for key in sorted(k for k in s if k.startswith("rewards/")):
+        ax.plot(s["step"], s[key], ".--", label=key.split("/")[1])
     ax.set(xlabel="step", ylabel="mean reward", title="Reward")
-    out["Reward curve"] = fig_to_b64(fig)
-    return out
+    ax.legend(fontsize=7)
+    return fig
+
+
+def _phase_figure(plt: Any, summary: dict[str, Any]) -> Any:
+    """Per step: seconds of each rollout phase (stacked) and the rest of the rollout's wall time."""
+    s = summary["series"]
+    x = s["step"]
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    bottom = [0.0] * len(x)
+    for phase in PHASES:
+        vals = [0.0 if math.isnan(v) else v for v in s[f"phase/{phase}"]]
+        ax.bar(x, vals, bottom=bottom, label=phase)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    rest = [max(0.0, (0.0 if math.isnan(t) else t) - b) for t, b in zip(s["rollout_s"], bottom)]
+    ax.bar(x, rest, bottom=bottom, label="other (sampling, bookkeeping)", color="lightgrey")
+    ax.set(xlabel="step", ylabel="seconds", title="Rollout time by phase (atlas)")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def _trace_figure(plt: Any, traces: dict[str, dict[str, list[int]]]) -> Any:
+    """Active rows at each decode step of the first and the last recorded rollout (each engine call, e.g. each
+    interleaved half, its own line); dots where the step verified drafts (speculation on)."""
+    keys = sorted(traces, key=int)
+    picked = [keys[0]] if len(keys) == 1 else [keys[0], keys[-1]]
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    for key in picked:
+        t = traces[key]
+        segments = t.get("segments") or [len(t["rows"])]
+        start = 0
+        for j, n in enumerate(segments):
+            rows, qlen = t["rows"][start : start + n], t["query_len"][start : start + n]
+            start += n
+            label = f"step {key}" + (f", call {j + 1}" if len(segments) > 1 else "")
+            (line,) = ax.plot(range(len(rows)), rows, "-", label=label)
+            on = [i for i, q in enumerate(qlen) if q > 1]
+            ax.plot(on, [rows[i] for i in on], ".", color=line.get_color())
+    ax.set(xlabel="decode step", ylabel="active rows", title="Active rows per decode step (dots: drafts verified)")
+    ax.legend(fontsize=7)
+    return fig
 
 
 def _fmt(v: Any) -> str:
@@ -215,10 +327,22 @@ def _fmt(v: Any) -> str:
     return html.escape(str(v))
 
 
+def disturbed_warning(headline: dict[str, Any]) -> str | None:
+    steps = headline.get("speedup_disturbed_steps")
+    if not steps or steps == "none":
+        return None
+    return (
+        f"the paired speed-up measurement of step(s) {steps} was disturbed (another process took CPU time, or the "
+        "two interleaved halves disagreed); those steps are left out of the headline median."
+    )
+
+
 def render_markdown(summary: dict[str, Any]) -> str:
     h = summary["headline"]
     meta = summary["meta"]
     lines = [f"# atlas-rl run report — {meta.get('name', '')}", ""]
+    if w := disturbed_warning(h):
+        lines += [f"> **Warning:** {w}", ""]
     if meta:
         lines += [
             f"- model: {meta.get('model', '?')}",
@@ -269,6 +393,7 @@ def render_html(summary: dict[str, Any], plots: dict[str, str]) -> str:
         for t, b in plots.items()
     )
     title = html.escape(f"atlas-rl run report — {summary['meta'].get('name', '')}")
+    warning = f'<p class="warning"><b>Warning:</b> {html.escape(w)}</p>' if (w := disturbed_warning(h)) else ""
     # the script marks how many plots decoded (read back by the headless-browser test)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{title}</title>
@@ -276,8 +401,9 @@ def render_html(summary: dict[str, Any], plots: dict[str, str]) -> str:
 th,td{{border:1px solid #ccc;padding:4px 8px;text-align:left}}figure{{display:inline-block;margin:8px}}</style>
 </head><body><h1>{title}</h1>
 <p>Speed-up: atlas rollout tokens/s over the same engine without speculation, same prompts, seeds and policy
-version, measured in this run (median over steps).</p>
-<table>{rows}</table>{figs}
+version, measured in this run, interleaved in halves within each step (median over undisturbed steps, with a
+distribution-free confidence interval of the median).</p>
+{warning}<table>{rows}</table>{figs}
 <script>
 window.addEventListener("load", function () {{
   var imgs = document.querySelectorAll("img.plot"), ok = 0;

@@ -15,6 +15,10 @@ The replay feeds the chain the sampled tokens (a draft continues only after an a
 expected acceptance along the path the policy actually took: hardware-independent, comparable between heads
 and across policy versions. It is an estimate of T=1 acceptance (labels are top-K truncated, so it is a slight
 underestimate), not a measurement of the engine's verification.
+
+Cost: the replay is a training-style forward of the head over every position it is given, so the trainer's probe
+keeps it cheap by replaying only a window of each completion (:func:`first_labeled_window`, the first
+``max_positions`` positions from a little before the first labeled one).
 """
 
 from __future__ import annotations
@@ -56,6 +60,24 @@ def chain_acceptance(
         tau = tau + reach
     per_step = [float(a[keep].mean()) for a in rates]
     return float(tau[keep].mean()), per_step, n
+
+
+def first_labeled_window(sample: SequenceSample, max_positions: int) -> SequenceSample:
+    """At most ``max_positions`` positions of ``sample``: from a quarter window before its first labeled position
+    (some prompt context for the head's attention), the whole sample when it is short enough."""
+    if max_positions < 2:
+        raise ValueError(f"max_positions must be >= 2, got {max_positions}")
+    n = len(sample)
+    if n <= max_positions:
+        return sample
+    lab = torch.nonzero(sample.label_mask).flatten()
+    first = int(lab[0]) if lab.numel() else 0
+    start = min(max(0, first - max_positions // 4), n - max_positions)
+    sl = slice(start, start + max_positions)
+    return SequenceSample(
+        sample.tokens[sl], sample.feats[sl], sample.has_feats[sl], sample.label_ids[sl], sample.label_probs[sl],
+        sample.label_mask[sl], sample.policy_version,
+    )  # fmt: skip
 
 
 @torch.no_grad()

@@ -12,10 +12,15 @@ Data choice (newest-version preference): when the newest policy version in the b
 used, sample weights ``labels * recency_decay ** (newest - version)``.
 
 NaN/inf guard: a step whose loss or gradient norm is not finite is skipped (no optimizer step, so the weights
-stay those of the last good step) and counted in ``num_skipped``.
+stay those of the last good step) and counted in ``num_skipped``; the first skip is logged as a warning, later
+ones at debug level (read the count, not the log).
 
 Background mode: ``start(time_budget_s)`` runs ``step`` in a thread while the caller generates (or computes
-policy gradients); ``wait()`` joins it and returns its metrics; ``running`` tells whether it is still busy.
+policy gradients); ``wait()`` joins it and returns its metrics; ``running`` tells whether it is still busy;
+``cancel()`` asks it to stop after the optimizer step in progress (the weights then hold a whole number of
+steps) and joins it. The thread is not a daemon: an interpreter that exits without ``wait``/``cancel`` still
+waits for it (bounded by its budget) instead of killing it inside a torch kernel. After a failed run,
+``discard_unpublished()`` puts the training copy back on the serving head's (last published) weights.
 
 ``state_dict`` / ``load_state_dict`` restore the trainer bit-exactly: training-copy weights, optimizer state,
 counters and the sampling RNG. ``save`` / ``load`` put that state in a safetensors file (no pickle).
@@ -170,6 +175,8 @@ class OnlineSpeculatorTrainer:
         self._thread: threading.Thread | None = None
         self._thread_result: dict[str, float] | None = None
         self._thread_error: BaseException | None = None
+        self._stop = threading.Event()  # set by cancel(): the running step() ends after its current step
+        self._warned_skip = False
         # counters (checkpointed)
         self.num_steps = 0
         self.num_skipped = 0
@@ -206,7 +213,7 @@ class OnlineSpeculatorTrainer:
         top1s: list[float] = []
         est = self._step_s_est  # seconds per step, carried over between calls (0 before the first step)
         pbar = tqdm(total=max_steps, disable=not progress, desc="draft head", unit="step", leave=False)
-        while max_steps is None or steps + skipped < max_steps:
+        while (max_steps is None or steps + skipped < max_steps) and not self._stop.is_set():
             spent = time.perf_counter() - t0
             if budget is not None and (steps + skipped > 0 or est > 0) and spent + est > budget:
                 break
@@ -302,8 +309,11 @@ class OnlineSpeculatorTrainer:
             for _, p in self._params:
                 p.grad = None
             self.num_skipped += 1
-            logger.warning(
-                "online trainer: non-finite loss/gradient (loss %s, grad norm %s); step skipped",
+            log = logger.debug if self._warned_skip else logger.warning
+            self._warned_skip = True
+            log(
+                "online trainer: non-finite loss/gradient (loss %s, grad norm %s); step skipped (further skips are "
+                "counted in num_skipped, not logged)",
                 float(loss.detach()),
                 gnorm,
             )
@@ -329,6 +339,7 @@ class OnlineSpeculatorTrainer:
             raise ValueError("give start() a time_budget_s (seconds) or max_steps, or both")
         self._thread_result = None
         self._thread_error = None
+        self._stop.clear()
 
         def run() -> None:
             try:
@@ -336,7 +347,8 @@ class OnlineSpeculatorTrainer:
             except BaseException as e:  # surfaced by wait()
                 self._thread_error = e
 
-        self._thread = threading.Thread(target=run, name="atlas-online-trainer", daemon=True)
+        # not a daemon: interpreter shutdown joins it (bounded by its budget) rather than killing it mid-kernel
+        self._thread = threading.Thread(target=run, name="atlas-online-trainer", daemon=False)
         self._thread.start()
 
     @property
@@ -355,6 +367,33 @@ class OnlineSpeculatorTrainer:
             err, self._thread_error = self._thread_error, None
             raise RuntimeError(f"the background training run failed: {err}") from err
         return self._thread_result
+
+    def cancel(self, timeout: float | None = None) -> dict[str, float] | None:
+        """Stop the background run after its current optimizer step and join it; returns what :meth:`wait`
+        returns (raises its error the same way). A no-op returning None when nothing runs."""
+        if self._thread is None:
+            return None
+        self._stop.set()
+        try:
+            return self.wait(timeout)
+        finally:
+            if self._thread is None:
+                self._stop.clear()
+
+    def discard_unpublished(self) -> None:
+        """Put the training copy back on the serving head's weights (the last published state) and reset the
+        optimizer's moments: after a failed run the copy may hold a partial update. Counters stay."""
+        if self.running:
+            raise RuntimeError("wait() for the background run before discarding its weights")
+        with self._weights_lock, torch.no_grad():
+            src = dict(self.head.named_parameters())
+            for name, p in self.train_head.named_parameters():
+                if name == "lm_head.weight" and not self.train_head.config.train_lm_head:
+                    continue  # frozen target rows (one tensor for both heads)
+                p.copy_(src[name])
+            self.optimizer.state.clear()
+            for _, p in self._params:
+                p.grad = None
 
     # ------------------------------------------------------------------------------------------ publishing
     def publish(self, head: DraftHead | None = None) -> int:

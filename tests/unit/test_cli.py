@@ -34,7 +34,7 @@ def test_tiny_demo_writes_a_report_with_every_headline_field(tmp_path, capsys):
         assert key in rep["headline"], key
     assert rep["headline"]["steps"] == 1 and rep["headline"]["baseline_rollout_tokens_per_s"] > 0
     html = (out / "report.html").read_text()
-    assert html.count('class="plot"') == 5 and "data:image/png;base64," in html
+    assert html.count('class="plot"') == 7 and "data:image/png;base64," in html
     est = rep["headline"]["per_speculator"]["adaptive"]["estimated_acceptance_length_first"]
     assert 1.0 <= est <= 5.0  # the adaptive head replayed on the captured rollout (k=4)
     assert "estimated τ (T=1)" in (out / "report.md").read_text()

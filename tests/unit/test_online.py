@@ -278,3 +278,47 @@ def test_config_errors_say_what_to_change(target):
         OnlineSpeculatorTrainer(head, CaptureBuffer(CaptureBufferConfig(fuse_layers=FUSE))).step()
     empty = OnlineSpeculatorTrainer(head, CaptureBuffer(CaptureBufferConfig(fuse_layers=FUSE)))
     assert empty.step(max_steps=5)["call_steps"] == 0  # nothing captured yet: nothing to do
+
+
+def test_nan_guard_warns_once_for_many_skipped_steps(target, captured, caplog):
+    train, _ = captured
+    trainer = OnlineSpeculatorTrainer(_head(target), train, OnlineTrainerConfig(batch_size=4, max_seq_len=64))
+    s = train.samples()[0]
+    bad = CaptureBuffer(CaptureBufferConfig(fuse_layers=FUSE))
+    feats = s.feats.clone()
+    feats[len(feats) // 2] = float("nan")
+    kw = {f: getattr(s, f) for f in ("tokens", "has_feats", "label_ids", "label_probs", "label_mask")}
+    bad.add(SequenceSample(**kw, feats=feats, policy_version=0))
+    trainer.buffer = bad
+    with caplog.at_level("WARNING", logger="atlas_rl.training.online"):
+        trainer.step(max_steps=5)
+        trainer.step(max_steps=5)
+    warnings = [r for r in caplog.records if "non-finite" in r.getMessage() and r.levelname == "WARNING"]
+    assert trainer.num_skipped == 10 and len(warnings) == 1
+
+
+def test_cancel_stops_a_background_run_after_its_current_step(target, captured):
+    train, _ = captured
+    trainer = OnlineSpeculatorTrainer(_head(target), train, OnlineTrainerConfig(batch_size=4, max_seq_len=48))
+    trainer.start(time_budget_s=60.0)
+    assert not trainer._thread.daemon  # interpreter shutdown joins it instead of killing it mid-kernel
+    while trainer.num_steps == 0:
+        time.sleep(0.01)
+    t0 = time.perf_counter()
+    m = trainer.cancel()
+    assert time.perf_counter() - t0 < 5.0 and not trainer.running
+    assert m is not None and m["call_steps"] >= 1 and m["call_s"] < 30.0
+    assert trainer.cancel() is None  # nothing runs any more
+    assert trainer.step(max_steps=1)["call_steps"] == 1  # a later run is not cancelled
+
+
+def test_discard_unpublished_returns_to_the_serving_weights(target, captured):
+    train, _ = captured
+    head = _head(target)
+    serving = _weights(head)
+    trainer = OnlineSpeculatorTrainer(head, train, OnlineTrainerConfig(batch_size=4, max_seq_len=48))
+    trainer.step(max_steps=3)
+    assert not _same(_weights(trainer.train_head), serving)
+    trainer.discard_unpublished()
+    assert _same(_weights(trainer.train_head), serving) and not trainer.optimizer.state
+    assert trainer.step(max_steps=1)["call_steps"] == 1

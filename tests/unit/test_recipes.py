@@ -118,7 +118,7 @@ def test_recipe_trainer_fields_are_typed_into_extra(monkeypatch, tmp_path):
         ("steps: three\n", [], "invalid int value: 'three'"),
         ("steps: 1.5\n", [], "steps must be an integer, got 1.5"),
         ("steps: 0\n", [], "steps must be an int >= 1"),
-        ("algo: ppo\n", [], "algo must be 'grpo' or 'rloo'"),
+        ("algo: dpo\n", [], "algo must be 'grpo', 'rloo' or 'ppo'"),
         ("extra: {atlas_max_draft_tokens: six}\n", [], "invalid int value: 'six'"),
         ("", ["--bogus", "1"], "unknown option(s) ['bogus']"),
         ("", ["--learning_rate", "fast"], "invalid float value: 'fast'"),

@@ -105,7 +105,7 @@ def test_two_steps_every_backend(tmp_path, backend, algo):
         assert 0 < h["atlas/speculator_train_s"] <= h["atlas/speculator_train_s_total"]
         for h in logs:  # every rollout: the adaptive head's estimated acceptance on its fresh captured completions
             est = h["atlas/estimated_acceptance_length/adaptive"]
-            assert 1.0 <= est <= 1.0 + cfg.atlas_max_draft_tokens
+            assert 1.0 <= est <= 1.0 + cfg.atlas_num_speculative_tokens
 
 
 def test_plain_text_prompts_work(tmp_path):
@@ -251,3 +251,51 @@ def test_bad_configs_fail_clearly(tmp_path):
         AtlasGRPOTrainer(
             model=_model(), reward_funcs=RecordingReward(), args=cfg, train_dataset=_dataset(), processing_class=TOK
         ).train()
+
+
+@pytest.mark.parametrize("cls", [AtlasGRPOConfig, AtlasRLOOConfig])
+def test_temperature_zero_is_rejected_with_the_greedy_recipe(tmp_path, cls):
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0.*do_sample"):
+        cls(**_common(tmp_path, "atlas", temperature=0.0))
+    with pytest.raises(ValueError, match="temperature"):
+        cls(**_common(tmp_path, "transformers", temperature=0.0))  # TRL divides by it on every backend
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), -1.0])
+def test_unbounded_retraining_minimum_is_rejected(tmp_path, bad):
+    with pytest.raises(ValueError, match="atlas_adaptive_train_min_s must be a finite number"):
+        AtlasGRPOConfig(**_common(tmp_path, "atlas", atlas_adaptive_train_min_s=bad))
+
+
+def test_old_draft_length_name_still_works_with_a_deprecation_warning(tmp_path):
+    with pytest.warns(FutureWarning, match="atlas_num_speculative_tokens"):
+        cfg = AtlasGRPOConfig(**_common(tmp_path, "atlas", atlas_max_draft_tokens=6))
+    assert cfg.atlas_num_speculative_tokens == 6
+    assert (
+        AtlasGRPOConfig(**_common(tmp_path, "atlas", atlas_num_speculative_tokens=3)).atlas_num_speculative_tokens == 3
+    )
+    with pytest.raises(ValueError, match="disagree"):
+        AtlasGRPOConfig(**_common(tmp_path, "atlas", atlas_max_draft_tokens=6, atlas_num_speculative_tokens=3))
+    with pytest.raises(ValueError, match=r"atlas_num_speculative_tokens must be an int in \[1, 16\]"):
+        AtlasGRPOConfig(**_common(tmp_path, "atlas", atlas_num_speculative_tokens=0))
+
+
+def test_paired_baseline_in_halves_keeps_the_rollout_and_logs_the_measurement(tmp_path):
+    """The paired no-speculation rollout runs interleaved in halves (atlas A, baseline A, baseline B, atlas B): the
+    completions handed to TRL are still exactly the greedy policy's, in prompt order; the step logs the speed-up,
+    its disturbed flag and where the rollout time went."""
+    a = _greedy_grpo(tmp_path, "atlas", max_steps=1, per_device_train_batch_size=8, atlas_baseline_every=1)
+    t = _greedy_grpo(tmp_path, "transformers", max_steps=1, per_device_train_batch_size=8)
+    assert a[0] == t[0] and len(a[0]) == 8
+    cfg = AtlasGRPOConfig(
+        **_common(tmp_path, "atlas", max_steps=1, per_device_train_batch_size=8, atlas_baseline_every=1)
+    )
+    trainer = AtlasGRPOTrainer(
+        model=_model(), reward_funcs=RecordingReward(), args=cfg, train_dataset=_dataset(), processing_class=TOK
+    )
+    trainer.train()
+    log = next(h for h in trainer.state.log_history if "atlas/speedup" in h)
+    assert log["atlas/speedup"] > 0 and log["atlas/speedup_disturbed"] in (0.0, 1.0)
+    assert log["atlas/speedup_half_spread"] >= 1.0
+    for phase in ("prefill", "propose", "forward", "verify", "plan"):
+        assert 0.0 <= log[f"atlas/rollout_{phase}_s"] <= log["atlas/rollout_s"]

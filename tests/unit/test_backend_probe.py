@@ -1,0 +1,42 @@
+"""The acceptance probe stays cheap: it replays a bounded window of a few completions, and its time is taken out
+of the retraining budget so probe + retraining stay within ``atlas_adaptive_train_fraction`` of the rollout."""
+
+from __future__ import annotations
+
+import torch
+
+from atlas_rl.trainers import AtlasGRPOConfig
+from atlas_rl.trainers.backend import AtlasRolloutBackend
+from atlas_rl.training.acceptance import first_labeled_window
+from atlas_rl.training.samples import SequenceSample
+
+
+def _sample(n: int, first_label: int) -> SequenceSample:
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[first_label:] = True
+    return SequenceSample(
+        torch.arange(n), torch.randn(n, 4), torch.ones(n, dtype=torch.bool), torch.zeros(n, 2, dtype=torch.long),
+        torch.full((n, 2), 0.5), mask,
+    )  # fmt: skip
+
+
+def test_probe_window_is_bounded_and_starts_before_the_completion():
+    s = _sample(300, first_label=100)
+    w = first_labeled_window(s, 48)
+    assert len(w) == 48 and int(w.tokens[0]) == 100 - 12 and w.num_labels == 36
+    short = _sample(30, first_label=10)
+    assert first_labeled_window(short, 48) is short
+    late = first_labeled_window(_sample(100, first_label=99), 48)
+    assert len(late) == 48 and int(late.tokens[-1]) == 99  # never runs past the end
+
+
+def test_probe_time_comes_out_of_the_retraining_budget(tmp_path):
+    opts = AtlasGRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none",
+                           atlas_adaptive_train_fraction=0.1, atlas_adaptive_train_min_s=0.0)  # fmt: skip
+    backend = AtlasRolloutBackend(opts, eos_token_ids=[0])
+    backend.last_rollout_s = 100.0
+    assert backend._train_budget() == 10.0
+    backend.last_probe = {"atlas/acceptance_probe_s": 3.0}
+    assert backend._train_budget() == 7.0
+    backend.last_probe = {"atlas/acceptance_probe_s": 30.0}
+    assert backend._train_budget() == 0.0
