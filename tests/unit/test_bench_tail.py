@@ -1,0 +1,50 @@
+"""The tail bench's summary (paired ratios, best fixed k, phases) and the roofline table on a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+
+from atlas_rl.bench.harness import ConfigSummary, RunResult
+from atlas_rl.bench.roofline import render_roofline_markdown, roofline_table, weight_chain_ms
+from atlas_rl.bench.tail import _cell_summary, render_tail_markdown
+from atlas_rl.models import tiny_llama
+from atlas_rl.rollout import RolloutEngine
+from atlas_rl.types import SpecStats
+
+
+def _summary(name: str, seconds: list[float], forward_s: float, steps: int) -> ConfigSummary:
+    s = ConfigSummary(name, "w")
+    for sec in seconds:
+        st = SpecStats(num_steps=steps, num_row_forwards=steps, num_emitted_tokens=100, total_s=sec)
+        st.forward_s = forward_s
+        s.runs.append(RunResult(name, "w", 100, sec, st))
+    return s
+
+
+def test_tail_summary_pairs_repeats_and_picks_the_best_fixed_k():
+    results = {
+        "k0": _summary("k0", [10.0, 20.0, 10.0], 5.0, 100),
+        "suffix_k2": _summary("suffix_k2", [5.0, 10.0, 10.0], 2.0, 50),  # paired ratios 2, 2, 1
+        "suffix_k4": _summary("suffix_k4", [10.0, 10.0, 10.0], 2.0, 50),  # 1, 2, 1
+        "default": _summary("default", [8.0, 16.0, 8.0], 2.0, 60),
+    }
+    cell = _cell_summary(results, ["suffix"], [2, 4])
+    s2 = cell["configs"]["suffix_k2"]
+    assert s2["ratio_vs_k0"] == pytest.approx(2.0) and (s2["ratio_min"], s2["ratio_max"]) == (1.0, 2.0)
+    assert cell["best_fixed"] == {"suffix": "suffix_k2"}
+    assert cell["configs"]["k0"]["ms_per_step"]["forward"] == pytest.approx(50.0)
+    assert cell["configs"]["suffix_k2"]["tau"] == pytest.approx(2.0)
+    report = {"cells": {"rows1_T0": {"rows": 1, "temperature": 0.0, **cell}}}
+    md = render_tail_markdown(report)
+    assert "| 1 | 0 |" in md and "1.25x (1.25-1.25)" in md and "suffix_k2" in md
+
+
+def test_roofline_table_on_a_tiny_model_interleaves_engines_and_chain():
+    model = tiny_llama(vocab_size=64)
+    chain = weight_chain_ms(model, 3)
+    assert chain["best"] == min(chain["linear"], chain["mm"]) > 0
+    engines = {"lean": RolloutEngine(model)}
+    table = roofline_table(engines, rows=(1, 2), tokens=(1, 3), context=8, repeats=2, max_columns=4)
+    assert set(table["ms"]["lean"]) == {(1, 1), (1, 3), (2, 1)}  # 2 x 3 = 6 columns > max_columns
+    assert sorted(table["chain"]) == [1, 2, 3]
+    assert "| 2 |" in render_roofline_markdown(table)
