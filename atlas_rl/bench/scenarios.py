@@ -60,6 +60,12 @@ SCENARIOS: dict[str, Scenario] = {
             "atlas_rl.bench.grid", "GridOptions", "run_grid", "render_grid_markdown", "grid",
         ),
         Scenario(
+            "tail",
+            "the long tail of a rollout batch: 1/2/4/8 active rows on held-out prompts, T=0 and T=1, k=0 vs each "
+            "speculator at its best fixed k vs the default (auto controller, all default speculators)",
+            "atlas_rl.bench.tail", "TailOptions", "run_tail", "render_tail_markdown", "tail",
+        ),
+        Scenario(
             "policy-drift",
             "the policy fine-tuned Python -> C over versions: static / suffix / adaptive / all three per version, "
             "the adaptive head retrained in between",

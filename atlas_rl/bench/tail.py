@@ -8,26 +8,25 @@ afterwards, from the same run), and the default engine (auto controller over all
 index and the shipped static head). Reported: tokens/s, the ratio to k=0 (median of the per-repeat ratios, with
 their min-max spread), the mean acceptance length tau, and per-phase milliseconds per decode step.
 
-Run: ``python -m atlas_rl.bench.tail --out_dir runs/tail`` (writes ``tail.json`` and ``tail.md``).
+Run: ``atlas-rl bench --scenario tail --out_dir runs/tail`` (writes ``tail.json`` and ``tail.md``; also
+``python -m atlas_rl.bench.tail``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import statistics
 import sys
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from atlas_rl.config import DEFAULT_MAX_K, EngineConfig
 from atlas_rl.controller import FixedController
 from atlas_rl.rollout.engine import RolloutEngine
 from atlas_rl.types import SamplingParams
 
-from .grid import _auto_controller, _calibrate, _header, _speculator_factories
+from .common import start_run
+from .grid import auto_controller, calibrate, speculator_factories
 from .harness import ConfigSummary, Runner, engine_runner, run_interleaved
 from .workloads import Workload, chat_ids
 
@@ -62,6 +61,9 @@ class TailOptions:
             raise ValueError("repeats and max_new_tokens must be >= 1")
 
 
+QUICK = dict(rows=[1, 2], temperatures=[0.0], ks=[2], max_new_tokens=16, repeats=1)  # --quick
+
+
 def held_out_prompt_ids(tokenizer, count: int, seed: int = 0) -> list[list[int]]:
     """``count`` chat-templated prompts of the held-out split of the broad prompt set (the static head's split:
     ``broad_prompts(seed=0)``, ``split_prompts(held_out_fraction=0.1, seed=0)``), in a ``seed``-shuffled order."""
@@ -92,7 +94,7 @@ def _workload(tokenizer, rows: int, temperature: float, opts: TailOptions) -> Wo
 
 
 def _configs(model, eos: list[int], opts: TailOptions, cost) -> tuple[dict[str, Runner], list[str]]:
-    factories = _speculator_factories(model, ("auto",))
+    factories = speculator_factories(model, ("auto",))
     configs: dict[str, Runner] = {"k0": engine_runner(lambda: RolloutEngine(model, eos_token_ids=eos))}
     for sp, make in factories.items():
         for k in opts.ks:
@@ -112,7 +114,7 @@ def _configs(model, eos: list[int], opts: TailOptions, cost) -> tuple[dict[str, 
             model,
             speculators=[m() for m in factories.values()],
             eos_token_ids=eos,
-            controller=_auto_controller(cost, DEFAULT_MAX_K),
+            controller=auto_controller(cost, DEFAULT_MAX_K),
         )
     )
     return configs, list(factories)
@@ -155,33 +157,24 @@ def _cell_summary(results: dict[str, ConfigSummary], speculators: list[str], ks:
 
 
 def run_tail(opts: TailOptions, command: str = "atlas-rl bench --scenario tail") -> dict:
-    """Run the tail bench; writes ``tail.json`` and ``tail.md`` into ``opts.out_dir`` and returns the report."""
-    from atlas_rl.models import load_target
-
-    out_dir = Path(opts.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    model, tokenizer = load_target(opts.model)
-    eos = list(RolloutEngine(model).eos_token_ids)
-    report = _header(opts, model, command) | {"scenario": "tail", "cells": {}}  # type: ignore[arg-type]
-    cost, report["verification_cost"] = _calibrate(model, eos, DEFAULT_MAX_K)
-    configs, speculators = _configs(model, eos, opts, cost)
+    """Run the tail bench; writes ``tail.json`` (after every cell) and ``tail.md`` into ``opts.out_dir``."""
+    run = start_run(opts, command, scenario="tail", cells={})
+    cost, run.report["verification_cost"] = calibrate(run.model, run.eos, DEFAULT_MAX_K)
+    configs, speculators = _configs(run.model, run.eos, opts, cost)
     for temperature in opts.temperatures:
         for rows in opts.rows:
-            w = _workload(tokenizer, rows, temperature, opts)
+            w = _workload(run.tokenizer, rows, temperature, opts)
             logger.info("tail cell %s: %s", w.name, w.description)
             results = run_interleaved(w, configs, repeats=opts.repeats)
-            report["cells"][w.name] = {
+            run.report["cells"][w.name] = {
                 "rows": rows,
                 "temperature": temperature,
                 "description": w.description,
                 **_cell_summary(results, speculators, opts.ks),
             }
-            (out_dir / "tail.json").write_text(json.dumps(report, indent=1))
-    report["wall_s"] = time.perf_counter() - t0
-    (out_dir / "tail.json").write_text(json.dumps(report, indent=1))
-    (out_dir / "tail.md").write_text(render_tail_markdown(report))
-    return report
+            run.write("tail")
+    run.write("tail", render_tail_markdown)
+    return run.report
 
 
 def _ratio(c: dict) -> str:
@@ -218,11 +211,11 @@ def render_tail_markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trl import TrlParser
+    from atlas_rl.argparsing import ConfigParser
 
-    (opts,) = TrlParser((TailOptions,)).parse_args_and_config(args=argv)
+    opts = ConfigParser([TailOptions], prog="python -m atlas_rl.bench.tail").parse(argv)
     report = run_tail(opts, command="python -m atlas_rl.bench.tail " + " ".join(argv or sys.argv[1:]))
-    print(render_tail_markdown(report))
+    sys.stdout.write(render_tail_markdown(report))
     return 0
 
 
