@@ -159,7 +159,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         help="A GRPO run with generation_backend='atlas' on the embedded default and a verifiable arithmetic task.",
         description="Trains a few GRPO steps (rollouts through the atlas engine, a paired no-speculation rollout per "
         "step as the baseline), writes a run directory and prints the report summary. Defaults finish in about "
-        "10 minutes on a 2-core CPU; scale up with the flags.",
+        "14 minutes on a 2-core CPU (it prints its expected duration); scale up with the flags.",
     )
     p.add_argument("--model", default=None, help="model directory or hub id (default: embedded SmolLM2-135M)")
     p.add_argument("--tiny", action="store_true", help="a tiny random model and byte tokenizer (smoke test)")
