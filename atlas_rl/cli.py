@@ -41,7 +41,8 @@ class BenchCommand:
             "help": "default: HF generate vs engine k=0 vs speculation; grid: the auto controller vs the best fixed "
             "configurations per batch size; tail: few active rows on held-out prompts, T=0 and T=1; policy-drift "
             "(alias: drift): speculators while the policy is fine-tuned Python -> C; controller-drift: the "
-            "controller following two synthetic speculators whose quality drifts. `atlas-rl bench --scenario NAME --help` lists that scenario's options."
+            "controller following two synthetic speculators whose quality drifts. "
+            "`atlas-rl bench --scenario NAME --help` lists that scenario's options."
         },
     )
     quick: bool = field(
@@ -93,7 +94,7 @@ def demo_parser() -> ConfigParser:
         prog="atlas-rl demo",
         description="Trains a few GRPO steps (rollouts through the atlas engine, a paired no-speculation rollout "
         "per step as the baseline), writes a run directory and prints the report summary. Defaults finish in "
-        "about 10 minutes on a 2-core CPU; scale up with the options.",
+        "about 14 minutes on a 2-core CPU; scale up with the options.",
     )
     parser.add_argument(
         "--no-baseline",

@@ -98,7 +98,7 @@ def _load(cfg: TaskRunConfig):
 
 # Seconds per completion token of one row (rollout, paired baseline, loss and backward) on the 2-core CPU with the
 # embedded model, measured by `atlas-rl demo` (docs/results/demo.md): how the demo predicts its duration.
-SECONDS_PER_ROW_TOKEN = 0.045
+SECONDS_PER_ROW_TOKEN = 0.065
 
 
 def _rewards(cfg: TaskRunConfig) -> list:
