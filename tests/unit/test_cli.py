@@ -212,6 +212,12 @@ def _bench_options(argv: list[str]):
             "policy-drift",
             dict(model="tiny", static_head="h.safetensors", k=2),
         ),
+        (
+            "--scenario tail --rows 1,4 --temperatures 0 --ks 2 --repeats 5 --out_dir runs/tail",
+            "tail",
+            dict(rows=[1, 4], temperatures=[0.0], ks=[2], repeats=5, max_new_tokens=128, out_dir="runs/tail"),
+        ),
+        ("--scenario tail --quick --repeats 2", "tail", dict(rows=[1, 2], max_new_tokens=16, repeats=2)),
     ],
 )
 def test_bench_command_lines_parse_to_their_options(argv, scenario, expected):
@@ -306,7 +312,7 @@ def test_demo_flags_parse_into_the_task_config():
 def test_help_of_every_command_and_scenario_exits_0(capsys):
     for argv in (["--help"], ["demo", "-h"], ["report", "-h"], ["bench", "-h"]):
         assert main(argv) == 0
-    for scenario in ("grid", "drift", "policy-drift", "controller-drift"):
+    for scenario in ("grid", "tail", "drift", "policy-drift", "controller-drift"):
         assert main(["bench", "--scenario", scenario, "--help"]) == 0
     assert "--versions" in capsys.readouterr().out
 
