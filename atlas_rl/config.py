@@ -14,8 +14,8 @@ class EngineConfig:
 
     Parameters:
         num_speculative_tokens: the longest draft. None (default) lets the controller choose up to
-            ``DEFAULT_MAX_K``; an int k fixes it (max_k of the "auto" controller, k of the "fixed" one; 0 = plain
-            decoding).
+            ``DEFAULT_MAX_K``; an int k fixes it (the "auto" controller's longest draft, k of the "fixed" one; 0 =
+            plain decoding).
         controller: "auto" (the confidence-aware controller with a measured cost model decides per step and row)
             or "fixed" (every row drafts k tokens with the first speculator). None (default): "auto" unless
             ``num_speculative_tokens`` is given, which asks for fixed-k drafting.
@@ -30,7 +30,7 @@ class EngineConfig:
         default=None,
         metadata={
             "help": "Longest draft: None lets the auto controller choose up to DEFAULT_MAX_K tokens; an int is the "
-            "auto controller's max_k, or k of the fixed mode (0 disables speculation)."
+            "auto controller's num_speculative_tokens, or k of the fixed mode (0 disables speculation)."
         },
     )
     controller: str | None = field(

@@ -65,7 +65,7 @@ def _engines(
             spec = oracle(name, seed=k)
             engines[f"{name}_k{k}"] = (build_engine(model, [spec], k=k, controller="fixed", eos_token_ids=eos), [spec])
     both = [oracle("A", seed=101), oracle("B", seed=102)]
-    ctrl = auto_controller(cost, opts.max_k)
+    ctrl = auto_controller(cost, opts.num_speculative_tokens)
     engines["auto"] = (build_engine(model, both, controller=ctrl, eos_token_ids=eos), both)
     return engines
 
@@ -118,7 +118,7 @@ def run_controller_drift(opts: GridOptions, command: str = "atlas-rl bench --sce
     """Run the scenario (module docstring); writes ``controller_drift.json`` and ``controller_drift.md``."""
     run = start_run(opts, command, scenario="controller-drift")
     model, eos = run.model, run.eos
-    cost, run.report["verification_cost"] = calibrate(model, eos, opts.max_k)
+    cost, run.report["verification_cost"] = calibrate(model, eos, opts.num_speculative_tokens)
     prompts = _prompts(run.tokenizer, opts.drift_rows)
     sp = SamplingParams(temperature=0.0, max_new_tokens=opts.max_new_tokens, ignore_eos=True)
     reference = build_engine(model, eos_token_ids=eos).generate(prompts, sp).completion_ids

@@ -49,7 +49,9 @@ class GridOptions:
             "or 'auto' = suffix, plus static when a head ships for the model."
         },
     )
-    max_k: int = field(default=8, metadata={"help": "The controller's longest draft."})
+    num_speculative_tokens: int = field(
+        default=8, metadata={"help": "The auto controller's longest draft.", "aliases": ["--max_k", "--max-k"]}
+    )
     max_new_tokens: int = field(default=128, metadata={"help": "New tokens per row."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the grid (RL: 1.0)."})
     repeats: int = field(default=1, metadata={"help": "Interleaved repetitions of every configuration."})
@@ -65,8 +67,8 @@ class GridOptions:
             raise ValueError(f"batch_sizes must be integers >= 1, got {self.batch_sizes}")
         if not self.ks or any(k < 1 for k in self.ks):
             raise ValueError(f"ks must be integers >= 1 (k=0 is always included), got {self.ks}")
-        if not (1 <= self.max_k <= 64):
-            raise ValueError(f"max_k must lie in [1, 64], got {self.max_k}")
+        if not (1 <= self.num_speculative_tokens <= 64):
+            raise ValueError(f"num_speculative_tokens must lie in [1, 64], got {self.num_speculative_tokens}")
         if self.repeats < 1 or self.drift_rounds < 2 or self.drift_rows < 1:
             raise ValueError("repeats must be >= 1, drift_rounds >= 2 and drift_rows >= 1")
         if not all(0.0 <= a <= 1.0 for a in self.drift_alphas):
@@ -76,12 +78,12 @@ class GridOptions:
 QUICK = dict(max_new_tokens=32, drift_rows=2, drift_rounds=3, ks=(1, 2, 4), batch_sizes=(1, 4, 16))  # --quick
 
 
-def calibrate(model: torch.nn.Module, eos: list[int], max_k: int) -> tuple[VerificationCost, dict]:
+def calibrate(model: torch.nn.Module, eos: list[int], num_speculative_tokens: int) -> tuple[VerificationCost, dict]:
     """Calibrate (or load) the verification cost before anything is timed; the cost model and its description.
 
     The auto configurations get a fresh copy of this table for every run, so a calibration the engine would
     not cache (the machine looked busy) is not measured again inside a timed run."""
-    eng = build_engine(model, [_NullSpeculator()], k=max_k, controller="auto", eos_token_ids=eos)
+    eng = build_engine(model, [_NullSpeculator()], k=num_speculative_tokens, controller="auto", eos_token_ids=eos)
     cost = eng.verification_cost()
     eng.release()
     return cost, {
@@ -92,11 +94,10 @@ def calibrate(model: torch.nn.Module, eos: list[int], max_k: int) -> tuple[Verif
     }
 
 
-def auto_controller(cost: VerificationCost, max_k: int) -> AutoController:
+def auto_controller(cost: VerificationCost, num_speculative_tokens: int) -> AutoController:
     """A fresh auto controller over a fresh copy of the calibrated table (nothing learned carries over)."""
-    return AutoController(
-        AutoControllerConfig(num_speculative_tokens=max_k), cost=VerificationCost.from_json(cost.to_json())
-    )
+    cfg = AutoControllerConfig(num_speculative_tokens=num_speculative_tokens)
+    return AutoController(cfg, cost=VerificationCost.from_json(cost.to_json()))
 
 
 class _NullSpeculator:
@@ -207,7 +208,10 @@ def _configs(model: torch.nn.Module, eos: list[int], cost: VerificationCost, opt
             )
     configs["auto"] = engine_runner(
         lambda: build_engine(
-            model, [m() for m in factories.values()], controller=auto_controller(cost, opts.max_k), eos_token_ids=eos
+            model,
+            [m() for m in factories.values()],
+            controller=auto_controller(cost, opts.num_speculative_tokens),
+            eos_token_ids=eos,
         )
     )
     return configs
@@ -216,7 +220,7 @@ def _configs(model: torch.nn.Module, eos: list[int], cost: VerificationCost, opt
 def run_grid(opts: GridOptions, command: str = "atlas-rl bench --scenario grid") -> dict:
     """Run the grid (module docstring); writes ``grid.json`` (after every cell) and ``grid.md``."""
     run = start_run(opts, command, scenario="grid", cells={})
-    cost, run.report["verification_cost"] = calibrate(run.model, run.eos, opts.max_k)
+    cost, run.report["verification_cost"] = calibrate(run.model, run.eos, opts.num_speculative_tokens)
     configs = _configs(run.model, run.eos, cost, opts)
     speculators = sorted({name.rsplit("_k", 1)[0] for name in configs if "_k" in name})
     for rows in opts.batch_sizes:

@@ -107,8 +107,8 @@ def _configs(model, eos: list[int], opts: TailOptions, cost) -> tuple[dict[str, 
                     config=EngineConfig(controller="fixed", num_speculative_tokens=k),
                 )
             )
-    # the default engine: auto controller (max_k = DEFAULT_MAX_K) over all default speculators; its cost table is a
-    # fresh copy of the one calibrated before timing (what a default engine loads from its cache)
+    # the default engine: auto controller (num_speculative_tokens = DEFAULT_MAX_K) over all default speculators;
+    # its cost table is a fresh copy of the one calibrated before timing (what a default engine loads from its cache)
     configs["default"] = engine_runner(
         lambda: RolloutEngine(
             model,
