@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         for p, eng in paths.items():  # interleaved: both paths per cell
             results[p][f"{r}x{t}, {ctx}"] = res = profile_cell(eng, r, t, ctx, opts.repeats)
             logger.info("%s %dx%d ctx %d: %.1f ms, top %s", p, r, t, ctx, res["wall_ms"], res["top"][:3])
-    print(render_profile_markdown(results))
+    sys.stdout.write(render_profile_markdown(results) + "\n")
     return 0
 
 

@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown shapes {bad}; choose from {list(SHAPES)}")
     opts = GpuCostOptions(a.out, a.tiny, a.device, tuple(a.shapes.split(",")), a.repeats, a.new_tokens)
     report = run(opts)
-    print(render_markdown(report, opts))
+    sys.stdout.write(render_markdown(report, opts) + "\n")
     return 0
 
 

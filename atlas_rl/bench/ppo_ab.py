@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     la, lb = ma.get("generation_backend", "a"), mb.get("generation_backend", "b")
     text = compare(a, b, la, lb)
-    print(text)
+    sys.stdout.write(text + "\n")
     if args.out:
         Path(args.out).write_text(text)
     return 0

@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         drows = tuple(int(x) for x in opts.decode_rows.split(","))
         prompts = held_out_prompt_ids(tokenizer, max(drows))
         table["decode_steps"] = decode_step_table(engines, prompts, drows, repeats=opts.repeats)
-    print(render_roofline_markdown(table))
+    sys.stdout.write(render_roofline_markdown(table) + "\n")
     return 0
 
 

@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = measure(args.rows, args.repeats, args.max_new_tokens)
-    print(render(results))
+    sys.stdout.write(render(results) + "\n")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({str(k): v for k, v in results.items()}, f, indent=1)
