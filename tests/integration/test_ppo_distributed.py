@@ -3,7 +3,6 @@ speculator identical on both ranks; the PPO recipe runs under DeepSpeed ZeRO-2."
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -50,8 +49,9 @@ def test_two_process_ddp_ppo_keeps_ranks_identical(tmp_path):
 
 @pytest.mark.slow
 def test_ppo_recipe_under_deepspeed_zero2_on_two_cpu_processes(tmp_path):
-    if importlib.util.find_spec("deepspeed") is None:
-        pytest.skip("deepspeed is not installed: DS_BUILD_OPS=0 pip install deepspeed")
+    from test_recipes_deepspeed import _ensure_deepspeed
+
+    _ensure_deepspeed()  # installs the extra when missing, as the GRPO DeepSpeed test does
     run_dir = tmp_path / "zero2"
     script = [str(ROOT / "recipes" / "ppo.py"), "--config", str(ROOT / "recipes" / "configs" / "ppo.yaml")]
     for kv in ("tiny=true", "steps=2", "prompts=4", "max_new_tokens=8", f"run_dir={run_dir}"):
