@@ -62,7 +62,7 @@ from atlas_rl.verification import RejectionSampler, draw_uniforms
 from atlas_rl.verification.base import Verifier
 
 from .cost_probe import engine_code_version
-from .cpu_linear import install_cpu_linear
+from .cpu_linear import drop_packed_weights, install_cpu_linear
 from .forward import LeanForward, lean_forward_unsupported
 from .kv_cache import SlotKVCache
 from .step import (
@@ -275,6 +275,7 @@ class RolloutEngine:
                 for dst, src in pairs:
                     dst.copy_(src)
         self.policy_version = new_version
+        drop_packed_weights(self.model)  # an update through `.data` keeps `_version`: never serve a stale copy
         for s in self.speculators.values():
             speculator_extras(s).on_policy_update(new_version)
         return new_version
@@ -373,10 +374,12 @@ class RolloutEngine:
             controller.set_speculator_priors(priors)
 
     def release(self) -> None:
-        """Give back what the engine holds: the KV cache buffers and the CPU linear-kernel routing."""
+        """Give back what the engine holds: the KV cache buffers, the CPU linear-kernel routing and its weight
+        copies."""
         self._cache = None
         self._uninstall_linear()
         self._uninstall_linear = lambda: None
+        drop_packed_weights(self.model)
 
     # ------------------------------------------------------------------------------------------ checks
     def _validate_prompts(self, prompts: list[list[int]], sampling: SamplingParams) -> None:

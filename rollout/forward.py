@@ -32,7 +32,7 @@ from .kv_cache import SlotKVCache
 
 logger = logging.getLogger(__name__)
 
-FORWARD_VERSION = 1
+FORWARD_VERSION = 2
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from atlas_rl.models import tiny_llama
@@ -36,3 +37,22 @@ def test_not_installed_for_float64_models():
     m = tiny_llama(vocab_size=32, dtype=torch.float64)
     install_cpu_linear(m)
     assert not any("forward" in mod.__dict__ for mod in m.modules() if isinstance(mod, nn.Linear))
+
+
+def test_small_linear_takes_onednn_for_7_to_64_rows_and_follows_in_place_updates():
+    """From MAX_ROWS + 1 rows a oneDNN copy of the weight does the product; an in-place update (a new _version)
+    rebuilds it, so a policy update is never served from a stale copy."""
+    from atlas_rl.rollout.cpu_linear import MAX_ROWS, ONEDNN_MAX_ROWS, drop_packed_weights, small_linear
+
+    lin = torch.nn.Linear(24, 40)
+    x = torch.randn(MAX_ROWS + 2, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(small_linear(x, lin.weight, lin.bias), F.linear(x, lin.weight, lin.bias))
+        if torch.backends.mkldnn.is_available():
+            assert hasattr(lin.weight, "_atlas_onednn_weight")
+        lin.weight.mul_(2.0)  # in place, as an optimizer step or update_weights does
+        torch.testing.assert_close(small_linear(x, lin.weight, lin.bias), F.linear(x, lin.weight, lin.bias))
+        wide = torch.randn(ONEDNN_MAX_ROWS + 1, 24)
+        torch.testing.assert_close(small_linear(wide, lin.weight, None), F.linear(wide, lin.weight))
+    drop_packed_weights(lin)
+    assert not hasattr(lin.weight, "_atlas_onednn_weight")
