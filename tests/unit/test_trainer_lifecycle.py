@@ -13,6 +13,7 @@ import threading
 import pytest
 import torch
 from datasets import Dataset
+from test_trainers import _common
 
 from atlas_rl.models import tiny_llama, tiny_token_ids, tiny_tokenizer
 from atlas_rl.trainers import AtlasGRPOConfig, AtlasGRPOTrainer
@@ -94,21 +95,7 @@ def _length_reward(completions, **kwargs):
 
 
 def _trainer(tmp_path, model=None, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        max_steps=2,
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=12,
-        logging_steps=1,
-        save_strategy="no",
-        seed=0,
-        atlas_adaptive_train_min_s=0.2,
-    )
-    base.update(kw)
+    base = _common(tmp_path, "atlas", **{"output_dir": str(tmp_path / "out"), **kw})  # the trainer tests' settings
     return AtlasGRPOTrainer(
         model=model if model is not None else _model(),
         reward_funcs=_length_reward,
