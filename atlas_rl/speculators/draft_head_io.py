@@ -116,6 +116,7 @@ def _atomic(path: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a head is package data others read
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

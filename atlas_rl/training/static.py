@@ -127,7 +127,8 @@ def train_static_speculator(
         command=command,
     )
     path = save_static_checkpoint(head, card, out_dir / cfg.checkpoint_name)
-    logger.info("wrote %s (%.2f MB) and its card", path, path.stat().st_size / 1e6)
+    size = sum(f.stat().st_size for f in path.iterdir())
+    logger.info("wrote %s (%.2f MB: config.json, model.safetensors, atlas_card.json)", path, size / 1e6)
     return StaticSpeculatorResult(head=head, card=card, checkpoint=path)
 
 
