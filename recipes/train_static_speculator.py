@@ -10,7 +10,7 @@ Steps (the work is done by :func:`atlas_rl.training.static.train_static_speculat
 3. the target answers the training prompts through the engine (self-distillation; no downloads) while the capture
    hook keeps features and soft labels — cached in ``<output_dir>/data`` so a retrain does not regenerate;
 4. draft vocabulary, training-time-test training, held-out evaluation (static vs suffix vs none, k=4, T=0/1);
-5. ``<output_dir>/static_head.safetensors`` + JSON card, copied to ``ship_to``.
+5. ``<output_dir>/static_head/`` (the EAGLE-3 directory vLLM loads, card inside), copied to ``ship_to``.
 
 Options (``--help`` lists them): ``--config FILE`` (YAML), then typed flags for any key (``--epochs 1
 --fuse_layers 3,15,28``) or ``key=value`` overrides as YAML lines (e.g. ``epochs=1 fuse_layers=[3,15,28]
@@ -95,10 +95,11 @@ def _prompt_ids(recipe: RecipeConfig, tokenizer) -> tuple[list[list[int]], list[
 
 def _ship(result: StaticSpeculatorResult, ship_to: str) -> None:
     dst = Path(ship_to)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(result.checkpoint, dst)
-    shutil.copyfile(result.checkpoint.with_suffix(".json"), dst.with_suffix(".json"))
-    print(f"shipped {dst} ({dst.stat().st_size / 1e6:.2f} MB) and {dst.with_suffix('.json')}")
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(result.checkpoint, dst)
+    size = sum(f.stat().st_size for f in dst.iterdir())
+    print(f"shipped {dst}/ ({size / 1e6:.2f} MB: config.json, model.safetensors, atlas_card.json)")
 
 
 def _print_card(card: dict) -> None:

@@ -74,7 +74,7 @@ def load_static_head(
     if isinstance(static_head, DraftHead):
         return static_head, None
     if static_head:
-        return DraftHead.load(static_head, target=model).to(device=p.device, dtype=dtype), None
+        return DraftHead.from_pretrained(static_head, target=model).to(device=p.device, dtype=dtype), None
     from atlas_rl.speculators.defaults import load_static_speculator
 
     spec = load_static_speculator(model)

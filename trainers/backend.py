@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -93,9 +94,20 @@ class CheckpointStateError(ValueError):
 
 
 def _replace_atomically(path: Path, write: Any) -> None:
-    """``write(tmp_path)`` then rename onto ``path``: a reader sees the old file or the new one, never a half."""
+    """``write(tmp_path)`` then rename onto ``path``: a reader sees the old file (or folder) or the new one, never a
+    half. A folder is swapped in two renames; the old one is removed only after the new one is in place."""
     tmp = path.with_name(f".{path.name}.tmp")
+    if tmp.is_dir():
+        shutil.rmtree(tmp)
     write(tmp)
+    if tmp.is_dir() and path.exists():
+        old = path.with_name(f".{path.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+        return
     os.replace(tmp, path)
 
 
@@ -497,7 +509,7 @@ class AtlasRolloutBackend:
     # ------------------------------------------------------------------------------------------ checkpoints
     STATE_FILE = "atlas_state.json"
     TRAINER_FILE = "atlas_adaptive_trainer.safetensors"
-    SERVING_FILE = "atlas_adaptive_head.safetensors"
+    SERVING_DIR = "atlas_adaptive_head"  # the serving head in the EAGLE-3 layout vLLM loads (atlas-rl export-speculator)
 
     def save(self, directory: str | Path) -> None:
         """Write the speculator state into a checkpoint folder (safetensors + JSON, no pickle): the adaptive
@@ -511,7 +523,7 @@ class AtlasRolloutBackend:
             if self.adaptive_trainer._thread is not None:
                 self._collect_training(self.adaptive_trainer.wait)
             _replace_atomically(d / self.TRAINER_FILE, self.adaptive_trainer.save)
-            _replace_atomically(d / self.SERVING_FILE, self.adaptive_head.save)
+            _replace_atomically(d / self.SERVING_DIR, lambda p: self.adaptive_head.save_pretrained(p, dtype=None))
         if self.suffix is not None:
             state["suffix"] = self.suffix.state_dict()
         _replace_atomically(d / self.STATE_FILE, lambda p: p.write_text(json.dumps(state)))
@@ -549,12 +561,10 @@ class AtlasRolloutBackend:
         self.engine.policy_version = self.policy_version
         if self.adaptive_trainer is not None and (d / self.TRAINER_FILE).exists():
             self.adaptive_trainer.load(d / self.TRAINER_FILE)
-            serving = DraftHead.load(d / self.SERVING_FILE)
+            serving = DraftHead.from_pretrained(d / self.SERVING_DIR)
             with torch.no_grad():
                 own = self.adaptive_head.state_dict()
                 for k, v in serving.state_dict().items():
-                    if k == "lm_head.weight" and not serving.config.train_lm_head:
-                        continue
                     own[k].copy_(v)
         if self.suffix is not None and "suffix" in state:
             self.suffix.load_state_dict(state["suffix"])

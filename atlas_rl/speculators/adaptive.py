@@ -1,24 +1,24 @@
 """The adaptive draft head: a lighter :class:`DraftHead`, retrained online while the policy changes.
 
-It is the same EAGLE-style network as the static head (one decoder layer over the target's features), made
-cheaper per draft token in the two places that dominate its cost:
+It is the same EAGLE-3 network as the static head (vLLM's drafter layout; one decoder layer), made cheaper per draft
+token in the two places that dominate its cost:
 
-* a narrower MLP (``intermediate_size``, default 512 instead of the static head's 1536), and
+* a narrower MLP (``intermediate_size``, default 512), and
 * a smaller draft vocabulary: the first ``draft_vocab_size`` tokens (default 2048) of the static head's
-  frequency-ranked vocabulary (``draft_to_target`` is ordered most frequent first), so the frozen output rows,
-  the head's largest matmul, cost a quarter of the static head's 8192 rows.
+  frequency-ranked vocabulary (``draft_to_target`` is ordered most frequent first), so the output rows, the head's
+  largest matmul, cost a fraction of the static head's.
 
 Warm start from a static head (``build_adaptive_head(model, static=...)``): every tensor whose shape matches is
-copied (the fusion layer when both fuse the same target layers, the input projection, the norms, attention),
-the MLP is *sliced* — the ``intermediate_size`` hidden units with the largest
-``|gate_i| * |up_i| * |down_:,i|`` (a magnitude criterion that keeps the units contributing most) — and the
-output rows are the target's rows of the kept tokens (the static head's frozen rows restricted to its first
-``draft_vocab_size`` tokens). Without a static head the head starts from random weights, with a vocabulary
-ranked by :func:`rank_vocab` over token sequences (or the first ids).
+copied (``fc`` when both fuse the same target layers, the norms, attention), the first layer's MLP is *sliced* —
+the ``intermediate_size`` hidden units with the largest ``|gate_i| * |up_i| * |down_:,i|`` — and the output rows
+are the static head's trained rows of the kept tokens (the target's rows where the static head has none, or when
+its rows were frozen). Without a static head the head starts from random weights with the target's rows, and a
+vocabulary ranked by :func:`rank_vocab` over token sequences (or the first ids).
 
-Because the output rows are frozen copies of the target's, the draft vocabulary can be swapped at any time
-without retraining (:func:`set_draft_vocab`), and after a policy update the rows can be refreshed from the new
-target (:func:`refresh_frozen_rows`).
+The output rows are frozen by default (``AdaptiveHeadConfig.train_lm_head``): the draft vocabulary can then be
+swapped without retraining (:func:`set_draft_vocab`), and rows copied from the target are refreshed from the new
+target after a policy update (:func:`refresh_frozen_rows`). Checkpoints export like the static head's
+(``DraftHead.save_pretrained``: the directory vLLM loads).
 """
 
 from __future__ import annotations
@@ -68,6 +68,10 @@ class AdaptiveHeadConfig:
         default=None, metadata={"help": "Target layers fused as features; None = the static head's (else (-1,))."}
     )
     warm_start: bool = field(default=True, metadata={"help": "Initialise from the static head when given one."})
+    train_lm_head: bool = field(
+        default=False,
+        metadata={"help": "Train the output rows online (else frozen: the static head's rows, or the target's)."},
+    )
 
     def __post_init__(self) -> None:
         for name in ("draft_vocab_size", "intermediate_size"):
@@ -142,23 +146,25 @@ def set_draft_vocab(head: DraftHead, model: nn.Module, draft_to_target: torch.Te
     head.target_to_draft = head._inverse_map(d2t.cpu()).to(head.draft_to_target.device)
     head.lm_head.weight.copy_(_output_rows(model, d2t, head.lm_head.weight))
     head.lm_head_ready = True
+    head.rows_follow_target = True
 
 
 @torch.no_grad()
 def refresh_frozen_rows(head: DraftHead, model: nn.Module) -> None:
     """Re-copy the target's (possibly updated) output rows into a frozen-row head (after a policy update)."""
-    if not head.config.train_lm_head:
+    if not head.config.train_lm_head and head.rows_follow_target:
         head.lm_head.weight.copy_(_output_rows(model, head.draft_to_target, head.lm_head.weight))
         head.lm_head_ready = True
 
 
 def head_cost_macs(config: DraftHeadConfig) -> int:
-    """Multiply-accumulates per drafted token of a head (draft layer + output rows; fusion excluded: it runs on
-    verified positions only)."""
+    """Multiply-accumulates per drafted token of a head (draft layers + output rows; the feature fusion ``fc``
+    excluded: it runs on verified positions only). The first layer's q/k/v read the 2H concatenation."""
     c = config
     H = c.hidden_size
-    attn = H * c.num_attention_heads * c.head_dim * 2 + H * c.num_key_value_heads * c.head_dim * 2
-    return 2 * H * H + attn + 3 * H * c.intermediate_size + H * c.draft_vocab_size
+    qkv_out = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+    per_layer = qkv_out * H + c.num_attention_heads * c.head_dim * H + 3 * H * c.intermediate_size
+    return per_layer * c.num_hidden_layers + qkv_out * H + H * c.draft_vocab_size
 
 
 def build_adaptive_head(
@@ -193,7 +199,9 @@ def build_adaptive_head(
         d2t = vocab_ranking.detach().long().flatten()[:n].cpu()
     else:
         d2t = torch.arange(n)
-    overrides: dict = dict(draft_vocab_size=n, intermediate_size=cfg.intermediate_size, fuse_layers=fuse)
+    overrides: dict = dict(
+        draft_vocab_size=n, intermediate_size=cfg.intermediate_size, fuse_layers=fuse, train_lm_head=cfg.train_lm_head
+    )
     if static is not None:
         sc = static.config
         overrides.update(
@@ -206,10 +214,10 @@ def build_adaptive_head(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = DraftHead(hc, draft_to_target=d2t)
+    head.bind_target(model, init_lm_head=True)  # output rows: the target's, then the static head's where it has them
     if static is not None and cfg.warm_start:
         _warm_start(head, static)
     head.to(dtype)
-    head.bind_target(model, init_lm_head=not hc.train_lm_head)
     logger.info(
         "adaptive head: vocab %d, MLP %d, fuse %s; %.2f M MACs per draft token%s",
         n,
@@ -223,33 +231,56 @@ def build_adaptive_head(
 
 @torch.no_grad()
 def _warm_start(head: DraftHead, static: DraftHead) -> None:
+    """Copy what fits from ``static`` into ``head``: equal shapes as they are, the first layer's MLP sliced to the
+    strongest units, the output rows of the static head for the tokens both vocabularies hold."""
     src = static.state_dict()
     dst = head.state_dict()
     copied, sliced, skipped = [], [], []
-    I_new = head.config.intermediate_size
-    I_old = static.config.intermediate_size
-    keep: torch.Tensor | None = None
-    if I_new <= I_old:
-        g = src["gate_proj.weight"].float().norm(dim=1)
-        u = src["up_proj.weight"].float().norm(dim=1)
-        d = src["down_proj.weight"].float().norm(dim=0)
-        keep = torch.argsort(g * u * d, descending=True, stable=True)[:I_new].sort().values
+    keep = _mlp_units_to_keep(src, head.config.intermediate_size, static.config.intermediate_size)
+    mlp = "layers.0.mlp."
     for name, t in dst.items():
         if name in ("lm_head.weight", "draft_to_target"):
-            continue  # output rows come from the target; the vocabulary was chosen by the caller
+            continue  # the vocabulary was chosen by the caller; rows below
         s = src.get(name)
         if s is None:
             skipped.append(name)
-            continue
-        if s.shape == t.shape:
+        elif s.shape == t.shape:
             t.copy_(s.to(t.dtype))
             copied.append(name)
-        elif keep is not None and name in ("gate_proj.weight", "up_proj.weight"):
+        elif keep is not None and name in (mlp + "gate_proj.weight", mlp + "up_proj.weight"):
             t.copy_(s[keep.to(s.device)].to(t.dtype))
             sliced.append(name)
-        elif keep is not None and name == "down_proj.weight":
+        elif keep is not None and name == mlp + "down_proj.weight":
             t.copy_(s[:, keep.to(s.device)].to(t.dtype))
             sliced.append(name)
         else:
             skipped.append(name)
-    logger.info("adaptive warm start: copied %d tensors, sliced %s, kept random %s", len(copied), sliced, skipped)
+    rows = _copy_static_rows(head, static) if static.config.train_lm_head else 0
+    logger.info(
+        "adaptive warm start: copied %d tensors, sliced %s, kept random %s, %d output rows from the static head",
+        len(copied),
+        sliced,
+        skipped,
+        rows,
+    )
+
+
+def _mlp_units_to_keep(src: dict[str, torch.Tensor], n_new: int, n_old: int) -> torch.Tensor | None:
+    """The ``n_new`` first-layer MLP units of largest ``|gate_i| * |up_i| * |down_:,i|`` (sorted), or None."""
+    if n_new > n_old:
+        return None
+    g = src["layers.0.mlp.gate_proj.weight"].float().norm(dim=1)
+    u = src["layers.0.mlp.up_proj.weight"].float().norm(dim=1)
+    d = src["layers.0.mlp.down_proj.weight"].float().norm(dim=0)
+    return torch.argsort(g * u * d, descending=True, stable=True)[:n_new].sort().values
+
+
+def _copy_static_rows(head: DraftHead, static: DraftHead) -> int:
+    """The static head's trained output rows for the adaptive vocabulary's tokens it holds (the rest stay the
+    target's); the rows no longer follow the target (see :func:`refresh_frozen_rows`)."""
+    idx = static.target_to_draft.to(head.draft_to_target.device)[head.draft_to_target]  # [n] static rows or -1
+    have = idx >= 0
+    w = head.lm_head.weight
+    w[have] = static.lm_head.weight[idx[have].to(static.lm_head.weight.device)].to(device=w.device, dtype=w.dtype)
+    head.rows_follow_target = False
+    return int(have.sum())

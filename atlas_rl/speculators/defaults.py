@@ -21,6 +21,7 @@ from torch import nn
 
 from atlas_rl.speculators.base import Speculator
 from atlas_rl.speculators.draft_head import DraftHead, target_fingerprint
+from atlas_rl.speculators.draft_head_io import CONFIG_FILE
 from atlas_rl.speculators.head_speculator import DraftHeadSpeculator
 from atlas_rl.speculators.suffix import SuffixSpeculator
 
@@ -30,22 +31,18 @@ __all__ = ["default_speculators", "load_static_speculator", "shipped_static_head
 
 
 def shipped_static_heads() -> list[Path]:
-    """The draft-head checkpoints shipped in the package (``atlas_rl/data/speculators/*.safetensors``), sorted."""
+    """The draft-head directories shipped in the package (``atlas_rl/data/speculators/*/config.json``), sorted."""
     folder = Path(str(files("atlas_rl.data"))) / "speculators"
-    return sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    return sorted(p.parent for p in folder.glob(f"*/{CONFIG_FILE}")) if folder.is_dir() else []
 
 
 def _trained_for(path: Path) -> str | None:
-    """The target fingerprint a checkpoint was trained for (from its metadata), or None for an unreadable file."""
+    """The target fingerprint a head directory was trained for (from its config), or None for an unreadable one."""
     import json
 
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        return str(json.loads(meta.get("config", "{}")).get("target_name") or "") or None
-    except Exception as e:  # a damaged shipped file must not break model loading: report it and skip it
+        return str(json.loads((path / CONFIG_FILE).read_text()).get("atlas", {}).get("target_name") or "") or None
+    except (OSError, ValueError, AttributeError) as e:  # a damaged shipped head must not break model loading
         logger.warning("skipping unreadable shipped draft head %s: %s", path, e)
         return None
 
@@ -78,7 +75,7 @@ def load_static_speculator(
         )
         return None
     p = next(model.parameters())
-    head = DraftHead.load(path, target=model, dtype=dtype or p.dtype).to(p.device)
+    head = DraftHead.from_pretrained(path, target=model, dtype=dtype or p.dtype).to(p.device)
     head.eval()
     logger.info("loaded the shipped static draft head %s for %s", path.name, target_fingerprint(model))
     return DraftHeadSpeculator(head, name=name, expected_acceptance=card_acceptance(DraftHead.read_card(path)))

@@ -1,35 +1,37 @@
-"""EAGLE-style draft head: one decoder layer over the target's own hidden states.
+"""EAGLE-3 draft head in the layout of vLLM's ``Eagle3LlamaForCausalLM``: decoder layer(s) over the target's features.
 
-Model (per position t of a sequence ``x``; ``f_t`` are the target's features at position t, i.e. the hidden
-states that produced ``x_{t+1}``)::
+Model (per position t of a sequence ``x``; ``f_t`` are the target's aux-layer features at position t, i.e. hidden
+states of the layers ``fuse_layers`` that produced ``x_{t+1}``)::
 
-    g_t   = fuse(concat(f_t[l] for l in fuse_layers))          # [hidden]   (identity for a single layer)
-    u_t   = fc(concat(norm_e(embed(x_{t+1})), norm_g(g_t)))    # [hidden]   embed = the target's frozen embedding
-    h_t   = DecoderLayer(u_t | keys/values of positions <= t)   # [hidden]   one Llama layer, RoPE at position t
-    logits_t = lm_head(norm(h_t))                               # [draft_vocab]  predicts x_{t+2}
+    g_t   = fc(concat(f_t[l] for l in fuse_layers))                 # [hidden]
+    a_t   = concat(input_layernorm(embed(x_{t+1})), hidden_norm(g_t))  # [2*hidden]  embed = the target's (frozen)
+    h_t   = g_t + o_proj(Attn(q/k/v_proj(a_t) | positions <= t))    # layer 0 ("midlayer"): q/k/v read the 2H input
+    h_t   = h_t + mlp(post_attention_layernorm(h_t))
+    (layers 1.. num_hidden_layers-1: plain Llama decoder layers over h)
+    logits_t = lm_head(norm(h_t))                                   # [draft_vocab]  predicts x_{t+2}
 
 Drafting from a sequence whose positions ``0..L-1`` the target has verified (pending token ``x_L``): position
 ``L-1`` gives ``d_1``; then the draft continues on its own output — position ``L`` takes ``(g = h_{L-1}, d_1)``
-and gives ``d_2``, and so on (EAGLE-3: the draft's output stands in for the target features it does not
-have). Its keys/values live in its own small KV cache; draft positions past the verified length are
+(the pre-norm output stands in for ``g``, as in vLLM's EAGLE-3 proposer) and gives ``d_2``, and so on. Its
+keys/values live in its own small KV cache, one per layer; draft positions past the verified length are
 overwritten when the next verified features arrive.
 
 **Reduced vocabulary.** The head predicts over ``draft_vocab_size`` frequency-ranked target tokens
-(``draft_to_target``); its output rows start as the target's own output-head rows for those tokens and are
-frozen unless ``train_lm_head``. A token outside the draft vocabulary gets draft probability 0 and is never
-proposed, so verification stays lossless.
+(``draft_to_target``); its output rows start as the target's own rows for those tokens and are trained unless
+``train_lm_head`` is False. A token outside the draft vocabulary gets draft probability 0 and is never proposed, so
+verification stays lossless.
 
-Training uses *training-time test* (:func:`DraftHead.ttt_logits`): the head is unrolled on its own outputs
-for several steps, exactly as it runs when drafting, and every step is scored against the target's
-distribution (soft cross-entropy, later steps weighted less; see ``atlas_rl.training.losses``).
+Training uses *training-time test* (:func:`DraftHead.ttt_logits`): the head is unrolled on its own outputs for
+several steps, exactly as it runs when drafting, and every step is scored against the target's distribution
+(see ``atlas_rl.training.losses``). Checkpoints: :mod:`atlas_rl.speculators.draft_head_io` (the directory vLLM
+loads with ``speculative_config={"method": "eagle3", "model": DIR}``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +40,6 @@ import torch.nn.functional as F
 from torch import nn
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = "atlas-rl/draft-head/v1"
 
 
 @dataclass
@@ -51,17 +51,21 @@ class DraftHeadConfig:
     draft_vocab_size: int = field(default=8192, metadata={"help": "Tokens the head can propose (frequency-ranked)."})
     fuse_layers: tuple[int, ...] = field(
         default=(-1,),
-        metadata={"help": "Target hidden_states indices fused as features (0=embeddings, l=after layer l, -1=final)."},
+        metadata={
+            "help": "Target hidden_states indices fused by fc (0=embeddings, l=after layer l, -1=final); vLLM's "
+            "eagle_aux_hidden_state_layer_ids, which needs 0 <= l < num_layers."
+        },
     )
-    num_attention_heads: int = field(default=8, metadata={"help": "Attention heads of the draft layer."})
-    num_key_value_heads: int = field(default=4, metadata={"help": "Key/value heads of the draft layer (GQA)."})
+    num_hidden_layers: int = field(default=1, metadata={"help": "Decoder layers of the head (EAGLE-3: 1)."})
+    num_attention_heads: int = field(default=8, metadata={"help": "Attention heads of the draft layers."})
+    num_key_value_heads: int = field(default=4, metadata={"help": "Key/value heads of the draft layers (GQA)."})
     head_dim: int = field(default=64, metadata={"help": "Dimension per attention head."})
-    intermediate_size: int = field(default=1536, metadata={"help": "MLP width of the draft layer."})
+    intermediate_size: int = field(default=1536, metadata={"help": "MLP width of the draft layers."})
     rms_norm_eps: float = field(default=1e-5, metadata={"help": "RMSNorm epsilon."})
     rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base (the target's)."})
     max_position_embeddings: int = field(default=8192, metadata={"help": "Longest sequence the head drafts for."})
     train_lm_head: bool = field(
-        default=False, metadata={"help": "Train the draft output rows (else frozen copies of the target's)."}
+        default=True, metadata={"help": "Train the draft output rows (else frozen copies of the target's rows)."}
     )
     target_name: str = field(default="", metadata={"help": "Which target this head was trained for (checked)."})
 
@@ -71,6 +75,7 @@ class DraftHeadConfig:
             "hidden_size",
             "target_vocab_size",
             "draft_vocab_size",
+            "num_hidden_layers",
             "num_attention_heads",
             "num_key_value_heads",
             "head_dim",
@@ -90,7 +95,7 @@ class DraftHeadConfig:
         if self.head_dim % 2:
             raise ValueError("head_dim must be even (rotary embeddings)")
         if not self.fuse_layers:
-            raise ValueError("fuse_layers needs at least one target layer, e.g. (-1,)")
+            raise ValueError("fuse_layers needs at least one target layer, e.g. (2, 15, 27) or (-1,)")
 
     @classmethod
     def from_target(cls, model: nn.Module, **overrides: Any) -> DraftHeadConfig:
@@ -161,6 +166,60 @@ def apply_rope(
     return x * cos[:, None] + rot * sin[:, None]
 
 
+class _Attention(nn.Module):
+    def __init__(self, c: DraftHeadConfig, in_size: int) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(in_size, c.num_attention_heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(in_size, c.num_key_value_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(in_size, c.num_key_value_heads * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
+
+
+class _MLP(nn.Module):
+    def __init__(self, c: DraftHeadConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., hidden]
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DraftLayer(nn.Module):
+    """One decoder layer; the first (``first=True``, vLLM's ``midlayer``) reads the 2H concatenation of the
+    normed token embedding and the normed feature, with the feature as residual."""
+
+    def __init__(self, c: DraftHeadConfig, first: bool) -> None:
+        super().__init__()
+        H = c.hidden_size
+        self.first = first
+        self.input_layernorm = RMSNorm(H, c.rms_norm_eps)
+        if first:
+            self.hidden_norm = RMSNorm(H, c.rms_norm_eps)
+        self.self_attn = _Attention(c, 2 * H if first else H)
+        self.post_attention_layernorm = RMSNorm(H, c.rms_norm_eps)
+        self.mlp = _MLP(c)
+
+    def layer_input(
+        self,
+        e: torch.Tensor | None,  # [b, t, hidden] token embeddings (first layer only)
+        h: torch.Tensor,  # [b, t, hidden] the feature g (first layer) or the previous layer's output
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (attention input [b, t, 2H or H], residual [b, t, hidden])
+        if self.first:
+            assert e is not None
+            return torch.cat([self.input_layernorm(e), self.hidden_norm(h)], -1), h
+        return self.input_layernorm(h), h
+
+    def finish(
+        self,
+        residual: torch.Tensor,  # [b, t, hidden]
+        attn: torch.Tensor,  # [b, t, heads*d]
+    ) -> torch.Tensor:  # [b, t, hidden] the layer's (pre-norm) output
+        h = residual + self.self_attn.o_proj(attn)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
 class DraftHead(nn.Module):
     """The draft network (weights only; the serving logic is :class:`DraftHeadSpeculator`)."""
 
@@ -168,20 +227,8 @@ class DraftHead(nn.Module):
         super().__init__()
         c = self.config = config
         H = c.hidden_size
-        nf = len(c.fuse_layers)
-        self.fuse = nn.Linear(nf * H, H, bias=False) if nf > 1 else nn.Identity()
-        self.norm_e = RMSNorm(H, c.rms_norm_eps)
-        self.norm_g = RMSNorm(H, c.rms_norm_eps)
-        self.fc = nn.Linear(2 * H, H, bias=False)
-        self.input_layernorm = RMSNorm(H, c.rms_norm_eps)
-        self.q_proj = nn.Linear(H, c.num_attention_heads * c.head_dim, bias=False)
-        self.k_proj = nn.Linear(H, c.num_key_value_heads * c.head_dim, bias=False)
-        self.v_proj = nn.Linear(H, c.num_key_value_heads * c.head_dim, bias=False)
-        self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, H, bias=False)
-        self.post_attention_layernorm = RMSNorm(H, c.rms_norm_eps)
-        self.gate_proj = nn.Linear(H, c.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(H, c.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(c.intermediate_size, H, bias=False)
+        self.fc = nn.Linear(len(c.fuse_layers) * H, H, bias=False)
+        self.layers = nn.ModuleList([DraftLayer(c, first=i == 0) for i in range(c.num_hidden_layers)])
         self.norm = RMSNorm(H, c.rms_norm_eps)
         self.lm_head = nn.Linear(H, c.draft_vocab_size, bias=False)
         self.lm_head.weight.requires_grad_(c.train_lm_head)
@@ -191,8 +238,10 @@ class DraftHead(nn.Module):
         self.register_buffer("target_to_draft", self._inverse_map(draft_to_target), persistent=False)
         # the target's input embedding weights [vocab, hidden], frozen, not part of the state (see bind_target)
         self._embed: torch.Tensor | None = None
-        # a frozen output head is not stored in checkpoints: it must come from the target before use
-        self.lm_head_ready = c.train_lm_head
+        # output rows not yet initialised (from the target or a checkpoint): refuse to draft with random rows
+        self.lm_head_ready = False
+        # frozen output rows that are copies of the target's (refreshed after policy updates; see adaptive.py)
+        self.rows_follow_target = False
         self._init_weights()
 
     def _inverse_map(self, d2t: torch.Tensor) -> torch.Tensor:
@@ -202,12 +251,13 @@ class DraftHead(nn.Module):
 
     def _init_weights(self) -> None:
         std = 0.02
-        for m in (self.fc, self.q_proj, self.k_proj, self.v_proj, self.gate_proj, self.up_proj):
-            nn.init.normal_(m.weight, std=std)
-        for m in (self.o_proj, self.down_proj):
-            nn.init.normal_(m.weight, std=std / math.sqrt(2))
-        if isinstance(self.fuse, nn.Linear):
-            nn.init.normal_(self.fuse.weight, std=std)
+        nn.init.normal_(self.fc.weight, std=std)
+        for layer in self.layers:
+            a, m = layer.self_attn, layer.mlp
+            for lin in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj):
+                nn.init.normal_(lin.weight, std=std)
+            for lin in (a.o_proj, m.down_proj):
+                nn.init.normal_(lin.weight, std=std / math.sqrt(2))
 
     # ----------------------------------------------------------------------------------------- binding
     def bind_target(self, model: nn.Module, init_lm_head: bool = False, copy_embedding: bool = False) -> DraftHead:
@@ -232,6 +282,7 @@ class DraftHead(nn.Module):
                 rows = out[self.draft_to_target.to(out.device)]
                 self.lm_head.weight.copy_(rows.to(device=self.lm_head.weight.device, dtype=self.lm_head.weight.dtype))
             self.lm_head_ready = True
+            self.rows_follow_target = True
         return self
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:  # tokens: [...] long -> [..., hidden]
@@ -241,29 +292,26 @@ class DraftHead(nn.Module):
 
     # ----------------------------------------------------------------------------------------- pieces
     def fuse_features(self, feats: torch.Tensor) -> torch.Tensor:  # feats: [..., n_layers*hidden] -> [..., hidden]
-        return self.fuse(feats)
+        return self.fc(feats)
 
-    def input_proj(
-        self,
-        tokens: torch.Tensor,  # [b, t] long: x_{t+1}, the token after each position
-        g: torch.Tensor,  # [b, t, hidden] fused target features or the draft's own previous outputs
-    ) -> torch.Tensor:  # [b, t, hidden]
-        with torch.no_grad():  # the target's embedding is frozen: no gradient into the target's weights
-            e = self.embed(tokens).to(g.dtype)
-        return self.fc(torch.cat([self.norm_e(e), self.norm_g(g)], -1))
+    def token_embeddings(self, tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``tokens`` [b, t] -> [b, t, hidden] in ``like``'s dtype; no gradient into the target's embedding."""
+        with torch.no_grad():
+            return self.embed(tokens).to(device=like.device, dtype=like.dtype)
 
     def qkv(
         self,
-        u: torch.Tensor,  # [b, t, hidden]
+        layer: int,
+        x: torch.Tensor,  # [b, t, 2H or H] the layer's attention input (DraftLayer.layer_input)
         positions: torch.Tensor,  # [b, t] long
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # q [b,h,t,d], k/v [b,kvh,t,d]
         c = self.config
-        b, t, _ = u.shape
-        x = self.input_layernorm(u)
-        q = self.q_proj(x).view(b, t, c.num_attention_heads, c.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
-        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, u.dtype)
+        a = self.layers[layer].self_attn
+        b, t, _ = x.shape
+        q = a.q_proj(x).view(b, t, c.num_attention_heads, c.head_dim).transpose(1, 2)
+        k = a.k_proj(x).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        v = a.v_proj(x).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, x.dtype)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def attend(
@@ -281,19 +329,11 @@ class DraftHead(nn.Module):
         b, h, t, d = out.shape
         return out.transpose(1, 2).reshape(b, t, h * d)
 
-    def finish_layer(
-        self,
-        u: torch.Tensor,  # [b, t, hidden] layer input (residual)
-        attn: torch.Tensor,  # [b, t, heads*d]
-    ) -> torch.Tensor:  # [b, t, hidden] the layer output h (the next draft step's feature)
-        h = u + self.o_proj(attn)
-        x = self.post_attention_layernorm(h)
-        return h + self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
     def logits(self, h: torch.Tensor) -> torch.Tensor:  # h: [..., hidden] -> [..., draft_vocab]
         if not self.lm_head_ready:
             raise RuntimeError(
-                "the draft output head is frozen and not loaded: call bind_target(model, init_lm_head=True)"
+                "the draft output rows are not initialised: load a checkpoint or call "
+                "bind_target(model, init_lm_head=True)"
             )
         return self.lm_head(self.norm(h))
 
@@ -310,129 +350,114 @@ class DraftHead(nn.Module):
         Returns one ``[b, T, draft_vocab]`` tensor per step j = 1..steps: entry t of step j is the head's
         prediction of ``x_{t+j+1}`` after drafting from base position t — step 1 from the target features
         (teacher forcing), step j > 1 from its own step j-1 output at t, fed the true token ``x_{t+j}`` (drafts
-        only continue after an accepted token). Step j's query sits at position ``t+j-1`` and attends to the
-        target-feature keys of positions ``<= t`` plus its own earlier steps' keys for the same base t (the
-        diagonal), the exact attention pattern of a draft chain on top of a verified prefix.
+        only continue after an accepted token). Step j's query sits at position ``t+j-1`` and attends, in every
+        layer, to the target-feature keys of positions ``<= t`` plus its own earlier steps' keys for the same base
+        t (the diagonal): the exact attention pattern of a draft chain on top of a verified prefix.
         """
         b, T = tokens.shape
-        dev = tokens.device
-        feats = feats.to(self.fc.weight.dtype)
-        pos = torch.arange(T, device=dev)[None].expand(b, T)
-        next_tok = torch.cat([tokens[:, 1:], tokens[:, -1:]], 1)  # x_{t+1}
-        g = self.fuse_features(feats)
-        u = self.input_proj(next_tok, g)
-        q, k1, v1 = self.qkv(u, pos)
+        pos = torch.arange(T, device=tokens.device)[None].expand(b, T)
         causal = (pos[:, None, :] <= pos[:, :, None]) & valid[:, None, :]  # [b, t, s]
-        attn = self.attend(q, k1, v1, causal[:, None])
-        h = self.finish_layer(u, attn)
-        outs = [self.logits(h)]
-        diag_k: list[torch.Tensor] = []
-        diag_v: list[torch.Tensor] = []
-        rep = self.config.num_attention_heads // self.config.num_key_value_heads
-        scale = 1.0 / math.sqrt(self.config.head_dim)
-        k1r = k1.repeat_interleave(rep, 1) if rep > 1 else k1  # [b, heads, T, d]
-        v1r = v1.repeat_interleave(rep, 1) if rep > 1 else v1
-        for j in range(2, steps + 1):
-            # base t, query position t+j-1, input token x_{t+j}, feature = previous step's output at t
-            tok_j = torch.cat([tokens[:, j:], tokens[:, -1:].expand(b, j)], 1)[:, :T]
-            u = self.input_proj(tok_j, h)
-            qj, kj, vj = self.qkv(u, pos + (j - 1))
-            kjr = kj.repeat_interleave(rep, 1) if rep > 1 else kj
-            vjr = vj.repeat_interleave(rep, 1) if rep > 1 else vj
-            diag_k.append(kjr)
-            diag_v.append(vjr)
-            s_main = torch.matmul(qj, k1r.transpose(-1, -2)) * scale  # [b, heads, T, T]
-            s_main = s_main.masked_fill(~causal[:, None], float("-inf"))
-            s_diag = torch.stack([(qj * dk).sum(-1) * scale for dk in diag_k], -1)  # [b, heads, T, j-1]
-            p = torch.softmax(torch.cat([s_main, s_diag], -1), -1)
-            out = torch.matmul(p[..., :T], v1r) + sum(
-                p[..., T + i, None] * dv for i, dv in enumerate(diag_v)
-            )  # [b, heads, T, d]
-            attn = out.transpose(1, 2).reshape(b, T, -1)
-            h = self.finish_layer(u, attn)
+        state = _TTTState(len(self.layers))
+        h = self.fuse_features(feats.to(self.fc.weight.dtype))
+        outs = []
+        for j in range(1, steps + 1):
+            tok_j = torch.cat([tokens[:, j:], tokens[:, -1:].expand(b, j)], 1)[:, :T]  # x_{t+j}
+            h = self._ttt_step(tok_j, h, pos + (j - 1), causal, state, first=j == 1)
             outs.append(self.logits(h))
         return outs
 
-    # ----------------------------------------------------------------------------------------- I/O
-    def save(self, path: str | Path, dtype: torch.dtype | None = None, card: dict[str, Any] | None = None) -> None:
-        """Safetensors with the config in its metadata (frozen target rows are not stored unless trained)."""
-        from safetensors.torch import save_file
+    def _ttt_step(
+        self,
+        tok: torch.Tensor,  # [b, T] input tokens of this step
+        g: torch.Tensor,  # [b, T, hidden] features (step 1) or the previous step's output
+        pos: torch.Tensor,  # [b, T] query positions
+        causal: torch.Tensor,  # [b, T, T] bool, base-position mask
+        state: _TTTState,
+        first: bool,
+    ) -> torch.Tensor:  # [b, T, hidden]
+        e = self.token_embeddings(tok, g)
+        h = g
+        for i, layer in enumerate(self.layers):
+            x, res = layer.layer_input(e if i == 0 else None, h)
+            q, k, v = self.qkv(i, x, pos)
+            k, v = self._repeat_kv(k), self._repeat_kv(v)
+            if first:
+                state.main_k[i], state.main_v[i] = k, v
+                attn = self._attend_full(q, k, v, causal)
+            else:
+                state.diag_k[i].append(k)
+                state.diag_v[i].append(v)
+                attn = self._attend_ttt(q, state, i, causal)
+            h = layer.finish(res, attn)
+        return h
 
-        state = {k: v for k, v in self.state_dict().items() if self.config.train_lm_head or k != "lm_head.weight"}
-        if dtype is not None:
-            state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
-        state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-        meta = {"format": CHECKPOINT_FORMAT, "config": json.dumps(asdict(self.config))}
-        if card is not None:
-            meta["card"] = json.dumps(card)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        save_file(state, str(path), metadata=meta)
-
-    @classmethod
-    def load(cls, path: str | Path, target: nn.Module | None = None, dtype: torch.dtype = torch.float32) -> DraftHead:
-        """Load a head saved by :meth:`save`; with ``target`` given, bind to it and check it is the right one.
-
-        Raises ``ValueError`` naming the file for a corrupt file, a missing/unexpected tensor, a shape mismatch
-        or a target mismatch — never returns a silently random head.
-        """
-        path = Path(path)
-        meta, tensors = _read_checkpoint(path)
-        try:
-            config = DraftHeadConfig(**json.loads(meta["config"]))
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: invalid draft head config: {e}") from e
-        head = cls(config, draft_to_target=tensors.get("draft_to_target"))
-        expected = dict(head.state_dict())
-        if not config.train_lm_head:
-            expected.pop("lm_head.weight")
-        _check_tensors(path, tensors, expected)
-        head.load_state_dict(tensors, strict=False)
-        head.target_to_draft = head._inverse_map(head.draft_to_target)
-        head.lm_head_ready = config.train_lm_head
-        head.to(dtype)
-        if target is not None:
-            fp = target_fingerprint(target)
-            if config.target_name and config.target_name != fp:
-                raise ValueError(f"{path} was trained for target {config.target_name!r}; this model is {fp!r}")
-            head.bind_target(target, init_lm_head=not config.train_lm_head)
-        return head
+    def _repeat_kv(self, x: torch.Tensor) -> torch.Tensor:  # [b, kvh, T, d] -> [b, heads, T, d]
+        rep = self.config.num_attention_heads // self.config.num_key_value_heads
+        return x.repeat_interleave(rep, 1) if rep > 1 else x
 
     @staticmethod
-    def read_card(path: str | Path) -> dict[str, Any]:
-        from safetensors import safe_open
+    def _attend_full(
+        q: torch.Tensor,  # [b, heads, T, d]
+        k: torch.Tensor,  # [b, heads, T, d]
+        v: torch.Tensor,  # [b, heads, T, d]
+        causal: torch.Tensor,  # [b, T, T] bool
+    ) -> torch.Tensor:  # [b, T, heads*d]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal[:, None])
+        b, h, t, d = out.shape
+        return out.transpose(1, 2).reshape(b, t, h * d)
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        return json.loads(meta.get("card", "{}"))
+    def _attend_ttt(self, q: torch.Tensor, state: _TTTState, i: int, causal: torch.Tensor) -> torch.Tensor:
+        """Step j > 1 of layer ``i``: q [b, heads, T, d] attends to the step-1 keys of positions <= t (masked by
+        ``causal`` [b, T, T]) and to its own earlier steps' keys at the same base t; returns [b, T, heads*d]."""
+        T = q.shape[2]
+        scale = 1.0 / math.sqrt(self.config.head_dim)
+        s_main = torch.matmul(q, state.main_k[i].transpose(-1, -2)) * scale  # [b, heads, T, T]
+        s_main = s_main.masked_fill(~causal[:, None], float("-inf"))
+        s_diag = torch.stack([(q * dk).sum(-1) * scale for dk in state.diag_k[i]], -1)  # [b, heads, T, j-1]
+        p = torch.softmax(torch.cat([s_main, s_diag], -1), -1)
+        out = torch.matmul(p[..., :T], state.main_v[i])
+        for n, dv in enumerate(state.diag_v[i]):
+            out = out + p[..., T + n, None] * dv
+        b, h, t, d = out.shape
+        return out.transpose(1, 2).reshape(b, t, h * d)
+
+    # ----------------------------------------------------------------------------------------- I/O
+    def save_pretrained(
+        self, directory: str | Path, dtype: torch.dtype | None = torch.float16, card: dict[str, Any] | None = None
+    ) -> Path:
+        """Write the directory vLLM loads as an EAGLE-3 drafter (see :mod:`~atlas_rl.speculators.draft_head_io`)."""
+        from atlas_rl.speculators.draft_head_io import save_pretrained
+
+        return save_pretrained(self, directory, dtype=dtype, card=card)
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, target: nn.Module | None = None, dtype: torch.dtype = torch.float32
+    ) -> DraftHead:
+        """Load a head directory written by :meth:`save_pretrained`; bind to ``target`` (checked) when given."""
+        from atlas_rl.speculators.draft_head_io import from_pretrained
+
+        return from_pretrained(directory, target=target, dtype=dtype)
+
+    @staticmethod
+    def read_card(directory: str | Path) -> dict[str, Any]:
+        from atlas_rl.speculators.draft_head_io import read_card
+
+        return read_card(directory)
 
 
-def _read_checkpoint(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """``(metadata, tensors)`` of a draft-head checkpoint; ``ValueError`` naming the file when it is not one."""
-    from safetensors import safe_open
+@dataclass
+class _TTTState:
+    """Per-layer keys/values of the training-time test: step 1's (all positions) and the later steps' diagonals."""
 
-    if not path.is_file():
-        raise FileNotFoundError(f"draft head checkpoint not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises several error types for damaged files
-        raise ValueError(f"{path} is not a readable safetensors draft-head checkpoint: {e}") from e
-    if meta.get("format") != CHECKPOINT_FORMAT or "config" not in meta:
-        raise ValueError(f"{path} is not an atlas-rl draft head checkpoint (format {meta.get('format')!r})")
-    return meta, tensors
+    n_layers: int
+    main_k: list[Any] = field(default_factory=list)
+    main_v: list[Any] = field(default_factory=list)
+    diag_k: list[list[torch.Tensor]] = field(default_factory=list)
+    diag_v: list[list[torch.Tensor]] = field(default_factory=list)
 
-
-def _check_tensors(path: Path, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    """The checkpoint holds exactly the ``expected`` tensors, with their shapes, and finite values."""
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"{path}: checkpoint tensors do not match the head: missing {missing}, unexpected {unexpected}"
-        )
-    for k, v in tensors.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise ValueError(f"{path}: tensor {k!r} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
-        if v.is_floating_point() and not torch.isfinite(v).all():
-            raise ValueError(f"{path}: tensor {k!r} holds NaN or inf values")
+    def __post_init__(self) -> None:
+        self.main_k = [None] * self.n_layers
+        self.main_v = [None] * self.n_layers
+        self.diag_k = [[] for _ in range(self.n_layers)]
+        self.diag_v = [[] for _ in range(self.n_layers)]

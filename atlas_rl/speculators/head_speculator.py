@@ -72,7 +72,7 @@ class DraftHeadSpeculator:
         self._groups: dict[int, list[int]] = {}
         self._free: list[int] = []
         self.max_pending = max_pending
-        self._k: torch.Tensor | None = None  # [slots, kv_heads, max_len, head_dim]
+        self._k: torch.Tensor | None = None  # [layers, slots, kv_heads, max_len, head_dim]
         self._v: torch.Tensor | None = None
         self.policy_version = 0
 
@@ -87,8 +87,8 @@ class DraftHeadSpeculator:
 
     def _ensure_storage(self, slots: int, length: int) -> None:
         c = self.head.config
-        cur_slots = 0 if self._k is None else self._k.shape[0]
-        cur_len = 0 if self._k is None else self._k.shape[2]
+        cur_slots = 0 if self._k is None else self._k.shape[1]
+        cur_len = 0 if self._k is None else self._k.shape[3]
         if slots <= cur_slots and length <= cur_len:
             return
         new_slots = max(slots, cur_slots, 8)
@@ -97,12 +97,12 @@ class DraftHeadSpeculator:
             new_len = max(new_len, 2 * cur_len)
         if cur_slots and slots > cur_slots:
             new_slots = max(new_slots, 2 * cur_slots)
-        shape = (new_slots, c.num_key_value_heads, new_len, c.head_dim)
+        shape = (c.num_hidden_layers, new_slots, c.num_key_value_heads, new_len, c.head_dim)
         k = torch.zeros(shape, dtype=self.dtype, device=self.device)
         v = torch.zeros(shape, dtype=self.dtype, device=self.device)
         if self._k is not None:
-            k[:cur_slots, :, :cur_len] = self._k
-            v[:cur_slots, :, :cur_len] = self._v
+            k[:, :cur_slots, :, :cur_len] = self._k
+            v[:, :cur_slots, :, :cur_len] = self._v
         self._k, self._v = k, v
 
     def _alloc_slot(self) -> int:
@@ -165,8 +165,8 @@ class DraftHeadSpeculator:
             self._ensure_storage(max(self._rows[row_ids[i]].slot for i, _ in copies) + 1, L + 1)
             dst = torch.tensor([self._rows[row_ids[i]].slot for i, _ in copies], device=self.device)
             src = torch.tensor([self._rows[row_ids[j]].slot for _, j in copies], device=self.device)
-            self._k[dst, :, :L] = self._k[src, :, :L]
-            self._v[dst, :, :L] = self._v[src, :, :L]
+            self._k[:, dst, :, :L] = self._k[:, src, :, :L]
+            self._v[:, dst, :, :L] = self._v[:, src, :, :L]
             for i, j in copies:
                 st, lead = self._rows[row_ids[i]], self._rows[row_ids[j]]
                 st.committed = lead.committed
@@ -209,27 +209,37 @@ class DraftHeadSpeculator:
         idx = torch.tensor(todo, device=feats.device)
         f = feats[idx, :m].to(device=dev, dtype=self.dtype)  # [n, m, n_layers*hidden]
         pos = start[:, None] + torch.arange(m, device=dev)[None]  # [n, m]
-        u = head.input_proj(nxt, head.fuse_features(f))
         slots = torch.tensor([st.slot for st in states], device=dev)
-        h = self._layer(u, pos, slots)  # [n, m, hidden]
+        h = self._layers(nxt, head.fuse_features(f), pos, slots)  # [n, m, hidden]
         last = torch.tensor([num_new[i] - 1 for i in todo], device=dev)
         h_last = h[torch.arange(n, device=dev), last]
         for a, (i, st) in enumerate(zip(todo, states)):
             st.committed += num_new[i]
             st.h_last = h_last[a]
 
-    def _layer(self, u: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """The draft layer over inputs ``u`` [n, m, hidden] at positions ``pos`` [n, m] of cache ``slots`` [n]:
-        writes their keys/values into the cache, attends causally to the slot's cache, returns [n, m, hidden]."""
+    def _layers(
+        self,
+        tokens: torch.Tensor,  # [n, m] long: the token after each position
+        g: torch.Tensor,  # [n, m, hidden] fused target features, or the draft's own previous outputs
+        pos: torch.Tensor,  # [n, m] long positions
+        slots: torch.Tensor,  # [n] cache slots
+    ) -> torch.Tensor:  # [n, m, hidden] the last layer's pre-norm output
+        """The draft layers over ``(tokens, g)`` at ``pos``: each writes its keys/values into its cache of the rows'
+        ``slots`` and attends causally to that cache."""
         head = self.head
-        q, k, v = head.qkv(u, pos)
-        self._k[slots[:, None], :, pos] = k.transpose(1, 2)
-        self._v[slots[:, None], :, pos] = v.transpose(1, 2)
+        e = head.token_embeddings(tokens, g)
         kv_len = int(pos.max()) + 1
         kpos = torch.arange(kv_len, device=self.device)
         mask = (kpos[None, None, :] <= pos[:, :, None])[:, None]  # [n, 1, m, kv]
-        attn = head.attend(q, self._k[slots, :, :kv_len], self._v[slots, :, :kv_len], mask)
-        return head.finish_layer(u, attn)
+        h = g
+        for i, layer in enumerate(head.layers):
+            x, res = layer.layer_input(e if i == 0 else None, h)
+            q, k, v = head.qkv(i, x, pos)
+            self._k[i, slots[:, None], :, pos] = k.transpose(1, 2)
+            self._v[i, slots[:, None], :, pos] = v.transpose(1, 2)
+            attn = head.attend(q, self._k[i, slots, :, :kv_len], self._v[i, slots, :, :kv_len], mask)
+            h = layer.finish(res, attn)
+        return h
 
     # ------------------------------------------------------------------------------------------ drafting
     @torch.inference_mode()
@@ -292,8 +302,7 @@ class DraftHeadSpeculator:
                 probs.append(p)
             if j + 1 < kmax:
                 pos = (committed + j)[:, None]  # [n, 1] draft position L + j - 1 ... (L = committed)
-                u = self.head.input_proj(tok[:, None], h[:, None])
-                h = self._layer(u, pos, slots)[:, 0]
+                h = self._layers(tok[:, None], h[:, None], pos, slots)[:, 0]
         return tokens, confs, probs
 
     def _draft_token(

@@ -14,8 +14,8 @@ the prompt set and chat templating around it), one module per stage:
 4. **Held-out evaluation through the real engine** (:mod:`~atlas_rl.training.static_eval`). Mean acceptance
    length with ``FixedController(eval_k)`` for the head and the baselines, greedy token-identity with plain
    decoding, draft-vocabulary coverage of the held-out completions.
-5. **Checkpoint** (:mod:`~atlas_rl.training.static_card`). fp16 safetensors with a JSON card in its metadata and
-   next to it.
+5. **Checkpoint** (:mod:`~atlas_rl.training.static_card`). A head directory in the layout vLLM's EAGLE-3 drafter
+   loads (config.json + fp16 model.safetensors) with the JSON card (atlas_card.json) in it.
 
 Why these data choices: ``docs/decisions/static_head_data.md``. The names below are re-exported from the stage
 modules so ``from atlas_rl.training.static import ...`` keeps working.
@@ -164,6 +164,7 @@ def _new_head(model: torch.nn.Module, samples: Sequence[SequenceSample], cfg: St
         fuse_layers=cfg.fuse_layers,
         intermediate_size=cfg.intermediate_size,
         train_lm_head=cfg.train_lm_head,
+        num_hidden_layers=cfg.num_hidden_layers,
     )
     dev = next(model.parameters()).device
     head = DraftHead(hcfg, draft_to_target=d2t).to(dev).bind_target(model, init_lm_head=True)

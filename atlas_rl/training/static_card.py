@@ -1,8 +1,8 @@
 """Stage 5 of the static speculator: the card (what was trained, on what, how well) and the checkpoint.
 
-The checkpoint is fp16 safetensors (frozen output rows are not stored) with the JSON card in its metadata and
-next to it as ``<checkpoint>.json``: data, head, draft vocabulary, training curve, held-out figures, timings,
-versions, the full config and the command that reproduces the run.
+The checkpoint is a head directory in the layout vLLM's EAGLE-3 drafter loads (``config.json`` + fp16
+``model.safetensors``) with the JSON card as ``atlas_card.json`` in it: data, head, draft vocabulary, training
+curve, held-out figures, timings, versions, the full config and the command that reproduces the run.
 """
 
 from __future__ import annotations
@@ -34,11 +34,8 @@ CARD_FORMAT = "atlas-rl/static-speculator-card/v1"
 
 
 def save_static_checkpoint(head: DraftHead, card: dict[str, Any], path: str | Path) -> Path:
-    """fp16 safetensors (card in its metadata) plus the card as ``<path>.json``; returns the checkpoint path."""
-    path = Path(path)
-    head.save(path, dtype=torch.float16, card=card)
-    path.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
-    return path
+    """The head directory at ``path`` (fp16 weights, the card as ``atlas_card.json``); returns ``path``."""
+    return head.save_pretrained(Path(path), dtype=torch.float16, card=card)
 
 
 def completion_tokens(samples: Sequence[SequenceSample]) -> list[list[int]]:
@@ -115,8 +112,10 @@ def coverage_section(
 
 
 def _head_section(head: DraftHead, cfg: StaticSpeculatorConfig) -> dict[str, Any]:
-    stored = sum(v.numel() for k, v in head.state_dict().items() if k != "lm_head.weight" or cfg.train_lm_head)
+    stored = sum(v.numel() for k, v in head.state_dict().items() if k != "draft_to_target")
     return {
+        "layout": "EAGLE-3 (vLLM Eagle3LlamaForCausalLM)",
+        "num_hidden_layers": head.config.num_hidden_layers,
         "fuse_layers": list(cfg.fuse_layers),
         "draft_vocab_size": head.config.draft_vocab_size,
         "intermediate_size": cfg.intermediate_size,

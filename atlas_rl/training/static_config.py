@@ -49,14 +49,18 @@ class StaticSpeculatorConfig:
     label_top_k: int = field(default=32, metadata={"help": "Soft labels kept per position (target top-K tokens)."})
     # ---- head
     fuse_layers: tuple[int, ...] = field(
-        default=(3, 15, 28),
-        metadata={"help": "Target hidden_states indices fused as features (low, mid, high; -1 = final norm)."},
+        default=(2, 15, 27),
+        metadata={
+            "help": "Target hidden_states indices fused as features (low, mid, high; vLLM's default aux layers for "
+            "a 30-layer target; -1 = final norm, which vLLM cannot serve)."
+        },
     )
+    num_hidden_layers: int = field(default=1, metadata={"help": "Decoder layers of the head (EAGLE-3: 1)."})
     draft_vocab_size: int = field(default=8192, metadata={"help": "Tokens the head can propose (most frequent)."})
     intermediate_size: int = field(default=1536, metadata={"help": "MLP width of the draft layer."})
     train_lm_head: bool = field(
-        default=False,
-        metadata={"help": "Train (and store) the output rows; else frozen copies of the target's, not stored."},
+        default=True,
+        metadata={"help": "Train the output rows (they start as the target's); else keep those copies frozen."},
     )
     # ---- training
     ttt_steps: int = field(default=4, metadata={"help": "Training-time-test unroll length (draft steps trained)."})
@@ -119,7 +123,7 @@ class StaticSpeculatorConfig:
     )
     eval_seed: int = field(default=1234, metadata={"help": "Sampling seed of the held-out runs (T > 0)."})
     checkpoint_name: str = field(
-        default="static_head.safetensors", metadata={"help": "File name of the checkpoint in output_dir."}
+        default="static_head", metadata={"help": "Directory name of the head (EAGLE-3 layout) in output_dir."}
     )
 
     def __post_init__(self) -> None:
@@ -170,8 +174,11 @@ class StaticSpeculatorConfig:
         unknown = [b for b in self.eval_baselines if b not in BASELINES]
         if unknown:
             raise ValueError(f"unknown eval_baselines {unknown}; choose from {list(BASELINES)}")
-        if not self.checkpoint_name.endswith(".safetensors"):
-            raise ValueError(f"checkpoint_name must end with .safetensors, got {self.checkpoint_name!r}")
+        if self.checkpoint_name.endswith(".safetensors") or "/" in self.checkpoint_name:
+            raise ValueError(
+                f"checkpoint_name names the head's directory (config.json + model.safetensors) inside output_dir, "
+                f"e.g. 'static_head'; got {self.checkpoint_name!r}"
+            )
 
     @property
     def data_cache_dir(self) -> Path:
@@ -191,4 +198,4 @@ class StaticSpeculatorResult:
 
     head: DraftHead  # fp32, bound to the target
     card: dict[str, Any]
-    checkpoint: Path  # the fp16 safetensors file (card in its metadata and in ``checkpoint.with_suffix('.json')``)
+    checkpoint: Path  # the head directory (config.json, fp16 model.safetensors, atlas_card.json)

@@ -136,7 +136,7 @@ def train_head(
             break
     bar.close()
     if pre is not None:
-        head.fuse = pre.fold()
+        head.fc = pre.fold()
     head.eval()
     return {
         "steps": step,
@@ -154,10 +154,10 @@ def _precondition_fuse(
     head: DraftHead, samples: Sequence[SequenceSample], config: StaticSpeculatorConfig
 ) -> _PreconditionedLinear | None:
     """Swap the head's fuse layer for its preconditioned form (``config.precondition_features``); None if not."""
-    if not (config.precondition_features and isinstance(head.fuse, nn.Linear)):
+    if not config.precondition_features:
         return None
-    pre = _PreconditionedLinear(head.fuse, feature_scale(samples, seed=config.seed).to(head.fuse.weight.device))
-    head.fuse = pre
+    pre = _PreconditionedLinear(head.fc, feature_scale(samples, seed=config.seed).to(head.fc.weight.device))
+    head.fc = pre
     return pre
 
 

@@ -41,11 +41,11 @@ def model():
 def _static(model, fuse=(1, -1)) -> DraftHead:
     cfg = DraftHeadConfig.from_target(model, draft_vocab_size=64, fuse_layers=fuse, intermediate_size=96)
     ranked = torch.randperm(V, generator=torch.Generator().manual_seed(1))[:64]  # "frequency-ranked"
-    head = DraftHead(cfg, draft_to_target=ranked)
+    head = DraftHead(cfg, draft_to_target=ranked).bind_target(model, init_lm_head=True)
     with torch.no_grad():
         for p in head.parameters():
-            p.add_(torch.randn_like(p) * 0.05)  # not the init: copies are recognisable
-    return head.bind_target(model, init_lm_head=True)
+            p.add_(torch.randn_like(p) * 0.05)  # not the init (nor the target's rows): copies are recognisable
+    return head
 
 
 def test_warm_start_copies_what_matches_slices_the_mlp_and_keeps_the_first_tokens(model):
@@ -53,23 +53,29 @@ def test_warm_start_copies_what_matches_slices_the_mlp_and_keeps_the_first_token
     head = build_adaptive_head(model, static, AdaptiveHeadConfig(draft_vocab_size=24, intermediate_size=32))
     assert head.config.fuse_layers == (1, -1) and head.config.draft_vocab_size == 24
     assert torch.equal(head.draft_to_target, static.draft_to_target[:24])
-    assert torch.equal(head.lm_head.weight, model.lm_head.weight[static.draft_to_target[:24]])
-    assert torch.equal(head.lm_head.weight, static.lm_head.weight[:24])  # the static head's first frozen rows
-    for name in ("fuse.weight", "fc.weight", "q_proj.weight", "o_proj.weight", "norm_e.weight", "norm.weight"):
+    assert torch.equal(head.lm_head.weight, static.lm_head.weight[:24])  # the static head's trained rows
+    assert not head.config.train_lm_head and not head.rows_follow_target  # frozen, not refreshed from the target
+    layer = "layers.0."
+    names = ["fc.weight", "norm.weight"] + [
+        layer + n
+        for n in ("self_attn.q_proj.weight", "self_attn.o_proj.weight", "input_layernorm.weight", "hidden_norm.weight")
+    ]
+    for name in names:
         assert torch.equal(head.state_dict()[name], static.state_dict()[name]), name
     # the MLP keeps the 32 hidden units of largest |gate| |up| |down|, in their original order
-    score = (
-        static.gate_proj.weight.norm(dim=1) * static.up_proj.weight.norm(dim=1) * static.down_proj.weight.norm(dim=0)
-    )
+    sm, hm = static.layers[0].mlp, head.layers[0].mlp
+    score = sm.gate_proj.weight.norm(dim=1) * sm.up_proj.weight.norm(dim=1) * sm.down_proj.weight.norm(dim=0)
     keep = score.argsort(descending=True)[:32].sort().values
-    assert torch.equal(head.gate_proj.weight, static.gate_proj.weight[keep])
-    assert torch.equal(head.up_proj.weight, static.up_proj.weight[keep])
-    assert torch.equal(head.down_proj.weight, static.down_proj.weight[:, keep])
+    assert torch.equal(hm.gate_proj.weight, sm.gate_proj.weight[keep])
+    assert torch.equal(hm.up_proj.weight, sm.up_proj.weight[keep])
+    assert torch.equal(hm.down_proj.weight, sm.down_proj.weight[:, keep])
     assert head_cost_macs(head.config) < 0.75 * head_cost_macs(static.config)
     cold = build_adaptive_head(model, static, AdaptiveHeadConfig(24, 32, warm_start=False))
     assert not torch.equal(cold.fc.weight, static.fc.weight)
+    assert torch.equal(cold.lm_head.weight, model.lm_head.weight[static.draft_to_target[:24]])  # the target's rows
     other = build_adaptive_head(model, static, AdaptiveHeadConfig(24, 32, fuse_layers=(-1,)))
-    assert other.config.fuse_layers == (-1,) and not isinstance(other.fuse, torch.nn.Linear)  # nothing to copy
+    H = model.config.hidden_size
+    assert other.config.fuse_layers == (-1,) and other.fc.weight.shape == (H, H)  # fc of another width: not copied
 
 
 def test_adaptive_drafts_keep_the_engine_lossless(model):

@@ -4,6 +4,7 @@ the inference chain, and checkpoints that round-trip bit-exactly or fail loudly.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,64 +159,107 @@ def test_checkpoint_round_trip_is_bit_exact(model, tmp_path):
     with torch.no_grad():
         for p in head.parameters():
             p.add_(torch.randn_like(p) * 0.01)
-    path = tmp_path / "head.safetensors"
-    head.save(path, card={"steps": 3})
-    back = DraftHead.load(path, target=model)
-    sd_a = {k: v for k, v in head.state_dict().items() if k != "lm_head.weight"}
-    sd_b = {k: v for k, v in back.state_dict().items() if k != "lm_head.weight"}
+    path = head.save_pretrained(tmp_path / "head", dtype=None, card={"steps": 3})
+    back = DraftHead.from_pretrained(path, target=model)
+    sd_a, sd_b = head.state_dict(), back.state_dict()
     assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
-    assert torch.equal(back.lm_head.weight, model.lm_head.weight[back.draft_to_target].float())
     assert DraftHead.read_card(path) == {"steps": 3}
-    back.save(tmp_path / "again.safetensors", card={"steps": 3})
-    from safetensors import safe_open
+    again = back.save_pretrained(tmp_path / "again", dtype=None, card={"steps": 3})
     from safetensors.torch import load_file
 
-    a, b = load_file(str(path)), load_file(str(tmp_path / "again.safetensors"))
+    a, b = load_file(str(path / "model.safetensors")), load_file(str(again / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # tensors re-saved bit for bit
-    with safe_open(str(path), "pt") as fa, safe_open(str(tmp_path / "again.safetensors"), "pt") as fb:
-        assert fa.metadata() == fb.metadata()
+    assert (path / "config.json").read_text() == (again / "config.json").read_text()
+
+
+def test_checkpoint_is_in_the_vllm_eagle3_layout(model, tmp_path):
+    """config.json and tensor names are those of vLLM's Eagle3LlamaForCausalLM; d2t holds offsets, t2d a mask."""
+    head = _head(model, dtype=torch.float32)
+    path = head.save_pretrained(tmp_path / "head")
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["architectures"] == ["Eagle3LlamaForCausalLM"] and cfg["num_hidden_layers"] == 1
+    assert cfg["vocab_size"] == V and cfg["draft_vocab_size"] == 48 and cfg["torch_dtype"] == "float16"
+    assert cfg["eagle_aux_hidden_state_layer_ids"] == [1, 2]
+    from safetensors.torch import load_file
+
+    t = load_file(str(path / "model.safetensors"))
+    H = model.config.hidden_size
+    assert t["fc.weight"].shape == (H, 2 * H) and t["midlayer.self_attn.q_proj.weight"].shape[1] == 2 * H
+    assert {"midlayer.hidden_norm.weight", "midlayer.input_layernorm.weight", "norm.weight", "lm_head.weight"} <= set(t)
+    assert not any(k.startswith("layers.") or "embed_tokens" in k for k in t)
+    assert torch.equal(t["d2t"] + torch.arange(48), head.draft_to_target)
+    assert t["t2d"].dtype == torch.bool and int(t["t2d"].sum()) == 48 and bool(t["t2d"][head.draft_to_target].all())
 
 
 def test_bad_checkpoints_fail_with_clear_errors(model, tmp_path):
     head = _head(model, dtype=torch.float32)
-    good = tmp_path / "good.safetensors"
-    head.save(good)
-    corrupt = tmp_path / "corrupt.safetensors"
-    corrupt.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
-    with pytest.raises(ValueError, match="corrupt.safetensors"):
-        DraftHead.load(corrupt)
-    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
-        DraftHead.load(tmp_path / "nope.safetensors")
+    good = head.save_pretrained(tmp_path / "good", dtype=None)
+    weights = (good / "model.safetensors").read_bytes()
+    corrupt = head.save_pretrained(tmp_path / "corrupt", dtype=None)
+    (corrupt / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ValueError, match="corrupt/model.safetensors"):
+        DraftHead.from_pretrained(corrupt)
+    with pytest.raises(FileNotFoundError, match="nope"):
+        DraftHead.from_pretrained(tmp_path / "nope")
     other = tiny_llama(vocab_size=V, dtype=torch.float64, seed=0, hidden_size=32, num_heads=2, num_kv_heads=1)
     with pytest.raises(ValueError, match="trained for target"):
-        DraftHead.load(good, target=other)
+        DraftHead.from_pretrained(good, target=other)
     from safetensors.torch import load_file, save_file
 
-    tensors = load_file(str(good))
-    meta = {
-        "format": "atlas-rl/draft-head/v1",
-        "config": json.dumps(
-            {**json.loads(__import__("safetensors").safe_open(str(good), "pt").metadata()["config"])}
-        ),
-    }
-    bad = dict(tensors)
-    bad.pop("fc.weight")
-    save_file(bad, str(tmp_path / "missing.safetensors"), metadata=meta)
-    with pytest.raises(ValueError, match=r"missing.safetensors.*missing \['fc.weight'\]"):
-        DraftHead.load(tmp_path / "missing.safetensors")
-    bad = dict(tensors)
-    bad["fc.weight"] = torch.zeros(3, 3)
-    save_file(bad, str(tmp_path / "shape.safetensors"), metadata=meta)
+    tensors = load_file(str(good / "model.safetensors"))
+
+    def broken(name: str, change) -> Path:
+        d = head.save_pretrained(tmp_path / name, dtype=None)
+        t = dict(tensors)
+        change(t)
+        save_file(t, str(d / "model.safetensors"))
+        return d
+
+    with pytest.raises(ValueError, match=r"missing/model.safetensors.*missing \['fc.weight'\]"):
+        DraftHead.from_pretrained(broken("missing", lambda t: t.pop("fc.weight")))
     with pytest.raises(ValueError, match="shape"):
-        DraftHead.load(tmp_path / "shape.safetensors")
-    bad = dict(tensors)
-    bad["fc.weight"] = torch.full_like(tensors["fc.weight"], float("nan"))
-    save_file(bad, str(tmp_path / "nan.safetensors"), metadata=meta)
+        DraftHead.from_pretrained(broken("shape", lambda t: t.update({"fc.weight": torch.zeros(3, 3)})))
     with pytest.raises(ValueError, match="NaN"):
-        DraftHead.load(tmp_path / "nan.safetensors")
-    unbound = DraftHead.load(good)
-    with pytest.raises(RuntimeError, match="bind_target"):
-        unbound.logits(torch.zeros(1, head.config.hidden_size))
+        DraftHead.from_pretrained(
+            broken("nan", lambda t: t.update({"fc.weight": torch.full_like(t["fc.weight"], float("nan"))}))
+        )
+    with pytest.raises(ValueError, match="duplicate"):
+        DraftHead.from_pretrained(broken("d2t", lambda t: t.update({"d2t": -torch.arange(48)})))
+    (tmp_path / "noconfig").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        DraftHead.from_pretrained(tmp_path / "noconfig")
+
+
+def test_old_v1_checkpoint_is_refused_naming_its_format(tmp_path):
+    from safetensors.torch import save_file
+
+    old = tmp_path / "old_head.safetensors"
+    save_file({"fc.weight": torch.zeros(2, 2)}, str(old), metadata={"format": "atlas-rl/draft-head/v1", "config": "{}"})
+    with pytest.raises(ValueError, match=r"old_head.safetensors is an atlas-rl/draft-head/v1 checkpoint"):
+        DraftHead.from_pretrained(old)
+
+
+def test_two_layer_head_drafts_losslessly_and_matches_training_time_test(model):
+    """num_hidden_layers=2: the serving chain (a KV cache per layer) equals the unrolled training-time test."""
+    torch.manual_seed(1)
+    cfg = DraftHeadConfig.from_target(
+        model, draft_vocab_size=48, fuse_layers=(1, 2), intermediate_size=64, num_hidden_layers=2
+    )
+    d2t = torch.randperm(V, generator=torch.Generator().manual_seed(1))[:48]
+    head = DraftHead(cfg, draft_to_target=d2t).double().bind_target(model, init_lm_head=True)
+    prompt = PROMPTS[1]
+    seq = prompt + [3, 4]
+    spec = _primed(model, head, seq, len(prompt))
+    (d,) = spec.propose(ProposeInput([0], [0], [seq], sampling=SamplingParams(temperature=0)), [4])
+    full = seq + d.token_ids
+    feats = _features(model, full, cfg.fuse_layers)
+    f = torch.cat([feats[la] for la in cfg.fuse_layers], -1)
+    toks = torch.tensor([full])
+    with torch.no_grad():
+        outs = head.ttt_logits(toks, f, torch.ones_like(toks, dtype=torch.bool), steps=4)
+    base = len(seq) - 2  # the last verified position
+    chain = [int(head.draft_to_target[outs[j][0, base].argmax()]) for j in range(4)]
+    assert chain == d.token_ids
 
 
 def test_config_validation_messages():

@@ -190,7 +190,7 @@ def test_resume_restores_policy_value_and_speculator_state_with_atlas(tmp_path):
     assert all(torch.equal(first["value"][k], v) for k, v in saved_value.items())
     backend = resumed.atlas_backend
     assert backend.num_calls == 3 and backend.policy_version == 3
-    head = DraftHead.load(ckpt / "atlas" / "atlas_adaptive_head.safetensors")
+    head = DraftHead.from_pretrained(ckpt / "atlas" / "atlas_adaptive_head")
     for k, v in head.state_dict().items():
         if k != "lm_head.weight":  # re-copied from the policy before every rollout
             assert torch.equal(first["head"][k], v), k

@@ -36,9 +36,9 @@ from atlas_rl.training.static import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-SHIPPED = REPO / "atlas_rl" / "data" / "speculators" / "smollm2-135m-instruct-static.safetensors"
+SHIPPED = REPO / "atlas_rl" / "data" / "speculators" / "smollm2-135m-instruct-eagle3"
 SMOLLM2_FINGERPRINT = "llama-L30-H576-V49152"
-MAX_SHIPPED_BYTES = 16 * 1024 * 1024
+MAX_SHIPPED_BYTES = 32 * 1024 * 1024
 
 
 def _tiny_config(tmp_path: Path, **kw) -> StaticSpeculatorConfig:
@@ -77,9 +77,9 @@ def tiny():
 def test_pipeline_end_to_end_on_tiny_model_writes_checkpoint_and_card(tiny, tmp_path, monkeypatch):
     cfg = _tiny_config(tmp_path)
     res = train_static_speculator(tiny, _prompts(12, 0), _prompts(4, 1), cfg, command="pytest tiny", progress=False)
-    assert res.checkpoint.is_file() and res.checkpoint.with_suffix(".json").is_file()
-    card = json.loads(res.checkpoint.with_suffix(".json").read_text())
-    assert card == DraftHead.read_card(res.checkpoint)  # the same card in the metadata and next to the file
+    assert (res.checkpoint / "config.json").is_file() and (res.checkpoint / "model.safetensors").is_file()
+    card = json.loads((res.checkpoint / "atlas_card.json").read_text())
+    assert card == DraftHead.read_card(res.checkpoint)
     assert card["command"] == "pytest tiny" and card["target_fingerprint"] == target_fingerprint(tiny)
     assert card["data"]["sequences"] == 24 and card["data"]["train_prompts"] == 12  # 12 prompts x 2 temperatures
     assert card["training"]["steps"] == card["training"]["planned_steps"] > 0
@@ -92,7 +92,7 @@ def test_pipeline_end_to_end_on_tiny_model_writes_checkpoint_and_card(tiny, tmp_
     assert card["held_out"]["greedy_identical_rows"] == "4/4"  # lossless
     assert 0.0 < card["draft_vocab"]["train_completion_coverage"] <= 1.0
     # the stored head loads back onto the target, fp16 weights, frozen rows re-taken from the target
-    head = DraftHead.load(res.checkpoint, target=tiny)
+    head = DraftHead.from_pretrained(res.checkpoint, target=tiny)
     assert head.config.fuse_layers == (1, 2) and head.config.draft_vocab_size == 96
     assert torch.equal(head.draft_to_target, res.head.draft_to_target)
     log = (res.checkpoint.parent / "train_log.jsonl").read_text().splitlines()
@@ -179,7 +179,7 @@ def test_draft_vocab_ranks_by_expected_frequency_and_reports_coverage():
         ({"eval_baselines": ("ngram",)}, "eval_baselines"),
         ({"draft_vocab_size": 0}, "draft_vocab_size"),
         ({"max_train_minutes": 0}, "max_train_minutes"),
-        ({"checkpoint_name": "head.bin"}, "checkpoint_name"),
+        ({"checkpoint_name": "head.safetensors"}, "checkpoint_name"),
         ({"fuse_layers": ()}, "fuse_layers"),
     ],
 )
@@ -232,9 +232,11 @@ def _smollm2_shaped_target():
 
 def test_shipped_static_head_is_small_and_its_card_is_complete():
     assert SHIPPED in shipped_static_heads()
-    assert SHIPPED.stat().st_size <= MAX_SHIPPED_BYTES
+    assert sum(f.stat().st_size for f in SHIPPED.iterdir()) <= MAX_SHIPPED_BYTES
     card = DraftHead.read_card(SHIPPED)
-    assert card == json.loads(SHIPPED.with_suffix(".json").read_text())
+    assert card == json.loads((SHIPPED / "atlas_card.json").read_text())
+    config = json.loads((SHIPPED / "config.json").read_text())
+    assert config["architectures"] == ["Eagle3LlamaForCausalLM"] and config["eagle_aux_hidden_state_layer_ids"]
     assert card["target_fingerprint"] == SMOLLM2_FINGERPRINT
     assert card["command"].startswith(".venv/bin/python recipes/train_static_speculator.py --config ")
     data = card["data"]

@@ -187,10 +187,10 @@ def test_resume_restores_speculator_weights_bit_exactly(tmp_path):
     )
     trainer.train()
     ckpt = tmp_path / "atlas" / "checkpoint-1"
-    assert (ckpt / "atlas" / "atlas_adaptive_head.safetensors").exists()
+    assert (ckpt / "atlas" / "atlas_adaptive_head" / "config.json").exists()  # the EAGLE-3 layout vLLM loads
     from atlas_rl.speculators.draft_head import DraftHead
 
-    saved = DraftHead.load(ckpt / "atlas" / "atlas_adaptive_head.safetensors")
+    saved = DraftHead.from_pretrained(ckpt / "atlas" / "atlas_adaptive_head")
     # resume from step 1 with a fresh trainer: after loading, the serving head equals the saved one bit for bit
     args2 = dict(args, output_dir=str(tmp_path / "resumed"))
     trainer2 = AtlasGRPOTrainer(

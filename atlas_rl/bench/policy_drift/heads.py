@@ -37,10 +37,10 @@ def quick_static(
         cfg_kw, prompts=len(prompts), steps=opts.quick_static_steps, seed=opts.seed, fp=target_fingerprint(model)
     )
     key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    path = cache_dir() / "drift" / f"quick_static-{key}.safetensors"
-    if not tiny and path.is_file():
+    path = cache_dir() / "drift" / f"quick_static-{key}-eagle3"
+    if not tiny and (path / "config.json").is_file():
         logger.info("quick static head from the cache: %s", path)
-        return DraftHead.load(path, target=model), f"quick-trained static head (cached {path})"
+        return DraftHead.from_pretrained(path, target=model), f"quick-trained static head (cached {path})"
     t0 = time.perf_counter()
     buf = CaptureBuffer(CaptureBufferConfig(fuse_layers=fuse, top_k=16, max_positions=None))
     eng = build_engine(model, k=0, controller="fixed", eos_token_ids=eos)
@@ -62,7 +62,7 @@ def quick_static(
         f"{time.perf_counter() - t0:.0f} s; final loss {m['loss']:.2f}) — a stand-in for the shipped head"
     )
     if not tiny:
-        head.save(path, card={"note": note, "settings": settings})
+        head.save_pretrained(path, dtype=None, card={"note": note, "settings": settings})
     return head, note
 
 
