@@ -173,8 +173,8 @@ def _cmd_report(argv: list[str]) -> int:
 class ExportCommand:
     source: str = field(
         metadata={
-            "help": "A head directory, a trainer checkpoint (checkpoint-N, head in atlas/adaptive_head/) or a run "
-            "directory (its newest checkpoint-N) (first positional)."
+            "help": "A head directory, a trainer checkpoint (checkpoint-N, head in atlas/atlas_adaptive_head/) or "
+            "a run directory (its newest checkpoint-N) (first positional)."
         }
     )
     out_dir: str = field(metadata={"help": "Where the vLLM-loadable head directory is written (second positional)."})

@@ -4,7 +4,7 @@
 The source may be
 - a head directory (``config.json`` + ``model.safetensors``, what :meth:`DraftHead.save_pretrained` writes);
 - a trainer checkpoint (``checkpoint-N/``; the Atlas trainers keep the adaptive head in
-  ``checkpoint-N/atlas/adaptive_head/``) or its ``atlas/`` folder;
+  ``checkpoint-N/atlas/atlas_adaptive_head/``) or its ``atlas/`` folder;
 - a run directory (its ``output_dir``): the newest ``checkpoint-N`` is used.
 
 The head is loaded (which validates it: format, names, shapes) and written again with
@@ -19,14 +19,19 @@ import json
 import logging
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from atlas_rl.speculators.draft_head import DraftHead
 
 logger = logging.getLogger(__name__)
 
 HEAD_FILES = ("config.json", "model.safetensors")
-CARD_FILE = "atlas_card.json"
-ADAPTIVE_SUBDIR = Path("atlas") / "adaptive_head"
+# where the Atlas trainers keep the serving adaptive head inside a checkpoint (trainers/backend.py, SERVING_DIR)
+ADAPTIVE_DIRS = ("atlas_adaptive_head", "adaptive_head")
+ADAPTIVE_SUBDIR = Path("atlas") / ADAPTIVE_DIRS[0]
 V1_FORMAT = "atlas-rl/draft-head/v1"
 DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -83,7 +88,7 @@ def resolve_head_dir(source: str | Path) -> Path:
         raise ExportError(f"{src} does not exist: pass a head directory, a checkpoint-N folder or a run directory")
     if src.is_file() and src.name in HEAD_FILES and is_head_dir(src.parent):
         return src.parent  # DIR/model.safetensors or DIR/config.json
-    for cand in (src, src / "adaptive_head", src / ADAPTIVE_SUBDIR):
+    for cand in (src, *(src / n for n in ADAPTIVE_DIRS), *(src / "atlas" / n for n in ADAPTIVE_DIRS)):
         if is_head_dir(cand):
             return cand
     v1 = _v1_files(src)
@@ -99,41 +104,38 @@ def resolve_head_dir(source: str | Path) -> Path:
     )
 
 
-def _check_format(head_dir: Path) -> dict:
-    """The head's ``config.json``, checked to be a readable JSON object that is not a v1 head."""
-    path = head_dir / "config.json"
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ExportError(f"{path}: unreadable or corrupt ({_one_line(e)})") from e
-    if not isinstance(cfg, dict):
-        raise ExportError(f"{path}: not a draft-head config (a JSON object is expected)")
-    fmt = (cfg.get("atlas") or {}).get("format") if isinstance(cfg.get("atlas"), dict) else None
-    if fmt == V1_FORMAT:
-        raise _v1_error(path)
-    return cfg
-
-
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
 
 
-def load_head(head_dir: Path):
+def load_head(head_dir: Path) -> DraftHead:
     """``DraftHead.from_pretrained(head_dir)`` (fp32, no target), every failure as an :class:`ExportError`."""
     from atlas_rl.speculators.draft_head import DraftHead
 
-    _check_format(head_dir)
     try:
         return DraftHead.from_pretrained(head_dir, dtype=torch.float32)
-    except ExportError:
-        raise
-    except ValueError as e:  # the head's own check: it names the file and the mismatch
+    except (ValueError, FileNotFoundError) as e:  # the head's own checks name the file and the mismatch
         raise ExportError(" ".join(str(e).split())) from e
-    except Exception as e:  # a corrupt tensor file, a shape that does not fit the config, ...
+    except Exception as e:  # anything else a damaged directory can raise
+        raise ExportError(f"{head_dir}: cannot be loaded as a draft head ({_one_line(e)})") from e
+
+
+def check_servable(head: DraftHead, head_dir: Path) -> None:
+    """Raise :class:`ExportError` when stock vLLM could not run ``head`` as trained: its fused layers become
+    ``eagle_aux_hidden_state_layer_ids``, which vLLM reads as decoder-layer outputs ``0 <= l < num_layers`` (a
+    negative index has no meaning there; index ``num_layers`` is the last layer BEFORE the final norm in vLLM but
+    after it in Hugging Face's ``hidden_states``)."""
+    c = head.config
+    m = re.search(r"-L(\d+)-", c.target_name or "")
+    num_layers = int(m.group(1)) if m else None
+    bad = [x for x in c.fuse_layers if x < 0 or (num_layers is not None and x >= num_layers)]
+    if bad:
         raise ExportError(
-            f"{head_dir / 'model.safetensors'}: cannot be loaded as a draft head ({_one_line(e)})"
-        ) from e
+            f"{head_dir / 'config.json'}: fuse_layers {list(c.fuse_layers)} include {bad}, which vLLM's "
+            f"eagle_aux_hidden_state_layer_ids cannot express (0 <= l < {num_layers or 'num_layers'}); "
+            "train the head on non-negative target layers, e.g. (2, 15, 27)"
+        )
 
 
 def export_head(source: str | Path, out_dir: str | Path, dtype: str = "float16") -> Path:
@@ -146,6 +148,7 @@ def export_head(source: str | Path, out_dir: str | Path, dtype: str = "float16")
     if out.resolve() == head_dir.resolve():
         raise ExportError(f"{out} is the source head itself: choose another output directory")
     head = load_head(head_dir)
+    check_servable(head, head_dir)
     card = _read_card(head_dir)
     card["exported_from"] = str(head_dir.resolve())
     out.mkdir(parents=True, exist_ok=True)
@@ -155,6 +158,8 @@ def export_head(source: str | Path, out_dir: str | Path, dtype: str = "float16")
 
 
 def _read_card(head_dir: Path) -> dict:
+    from atlas_rl.speculators.draft_head_io import CARD_FILE
+
     path = head_dir / CARD_FILE
     if not path.is_file():
         return {}
