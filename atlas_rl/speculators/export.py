@@ -138,6 +138,17 @@ def check_servable(head: DraftHead, head_dir: Path) -> None:
         )
 
 
+def _check_range(head: DraftHead, head_dir: Path, dtype: torch.dtype) -> None:
+    """Refuse a cast that would turn weights into inf (float16 tops out at 65504)."""
+    limit = torch.finfo(dtype).max
+    for name, t in head.state_dict().items():
+        if t.is_floating_point() and t.numel() and float(t.abs().max()) > limit:
+            raise ExportError(
+                f"{head_dir / 'model.safetensors'}: {name} holds values beyond the {dtype} range (|x| > {limit:g}); "
+                "export with --dtype bfloat16 or float32"
+            )
+
+
 def export_head(source: str | Path, out_dir: str | Path, dtype: str = "float16") -> Path:
     """Write the head ``source`` names into ``out_dir`` (vLLM's EAGLE-3 layout, weights in ``dtype``); returns
     ``out_dir``. The card (``atlas_card.json``) is carried over, with ``exported_from`` added."""
@@ -149,6 +160,7 @@ def export_head(source: str | Path, out_dir: str | Path, dtype: str = "float16")
         raise ExportError(f"{out} is the source head itself: choose another output directory")
     head = load_head(head_dir)
     check_servable(head, head_dir)
+    _check_range(head, head_dir, DTYPES[dtype])
     card = _read_card(head_dir)
     card["exported_from"] = str(head_dir.resolve())
     out.mkdir(parents=True, exist_ok=True)

@@ -88,12 +88,20 @@ def test_export_refuses_v1_corrupt_and_missing_heads_naming_the_file(head, tmp_p
         resolve_head_dir(tmp_path / "empty")
 
 
-def test_export_refuses_layers_vllm_cannot_fuse(tmp_path):
+def test_export_refuses_fuse_layers_and_values_vllm_cannot_take(head, tmp_path):
     model = tiny_llama(vocab_size=V, dtype=torch.float32, seed=0)
     cfg = DraftHeadConfig.from_target(model, draft_vocab_size=V, fuse_layers=(-1,), intermediate_size=32)
-    h = DraftHead(cfg).bind_target(model, init_lm_head=True)
-    h.save_pretrained(tmp_path / "h")
+    DraftHead(cfg).bind_target(model, init_lm_head=True).save_pretrained(tmp_path / "h")
     with pytest.raises(ExportError, match=r"fuse_layers \[-1\].*eagle_aux_hidden_state_layer_ids"):
         export_head(tmp_path / "h", tmp_path / "o")
+    big = DraftHead(head.config, draft_to_target=head.draft_to_target)
+    big.load_state_dict(head.state_dict())
+    big.lm_head_ready = True
+    with torch.no_grad():
+        big.norm.weight[0] = 1e6
+    big.save_pretrained(tmp_path / "big", dtype=torch.float32)
+    with pytest.raises(ExportError, match="norm.weight holds values beyond the torch.float16 range"):
+        export_head(tmp_path / "big", tmp_path / "o")
+    assert export_head(tmp_path / "big", tmp_path / "o_bf16", dtype="bfloat16").is_dir()
     with pytest.raises(ExportError, match="dtype 'int8'"):
-        export_head(tmp_path / "h", tmp_path / "o", dtype="int8")
+        export_head(tmp_path / "big", tmp_path / "o", dtype="int8")
