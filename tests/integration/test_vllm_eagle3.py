@@ -14,9 +14,10 @@ drafts 4, also in a row's last steps, and counts acceptances past ``max_tokens``
 of every verification step of every row (``per_request_spec_decode_metrics="detailed"``); replaying them under
 our engine's rule counts exactly what our engine counts. That figure is asserted; vLLM's raw counters are printed.
 
-The head: the shipped static head when it is in the EAGLE-3 layout (a directory), else one trained here for a few
-minutes by the static pipeline on 32 training-split prompts (self-distilled, greedy). Slow (~10 min on 2 cores);
-skipped when the vLLM venv (``make vllm-env``: ``.venv-vllm/bin/python``) is absent.
+The head: the shipped static head when it is in the EAGLE-3 layout (a directory), else one fitted here for three
+minutes by the static pipeline to the greedy completions of the 8 evaluation prompts (a plumbing head: it must
+draft well enough to exercise every draft position; its quality is not what is tested). Slow (~6-10 min on 2
+cores); skipped when the vLLM venv (``make vllm-env``: ``.venv-vllm/bin/python``) is absent.
 """
 
 from __future__ import annotations
@@ -42,45 +43,37 @@ pytestmark = [
 ]
 
 
-def _quick_head(model, tokenizer, out: Path) -> Path:
-    """A head trained for a few minutes by the static pipeline (greedy self-distillation, 32 prompts)."""
-    from atlas_rl.data.broad_prompts import broad_prompts, split_prompts
+def _quick_head(model, prompts: list[list[int]], out: Path) -> Path:
+    """A head fitted for a few minutes by the static pipeline to the greedy completions of ``prompts`` — the
+    evaluation prompts themselves, on purpose: this test compares two engines running one head, not the head's
+    quality, and a head that drafts well exercises every draft position."""
     from atlas_rl.training.static import train_static_speculator
     from atlas_rl.training.static_config import StaticSpeculatorConfig
-    from atlas_rl.training.static_data import chat_prompt_ids
 
-    train, held = split_prompts(broad_prompts(seed=0), held_out_fraction=0.1, seed=0)
     cfg = StaticSpeculatorConfig(
         output_dir=str(out),
         num_threads=1,
         gen_temperatures=(0.0,),
-        gen_max_new_tokens=96,
+        gen_max_new_tokens=MAX_NEW,
         draft_vocab_size=4096,
         intermediate_size=768,
-        epochs=6.0,
+        epochs=200.0,
         max_train_minutes=3.0,
         eval_temperatures=(0.0,),
         eval_max_new_tokens=16,
         eval_baselines=(),
     )
-    res = train_static_speculator(
-        model,
-        [chat_prompt_ids(tokenizer, p) for p in train[::20][:32]],
-        [chat_prompt_ids(tokenizer, p) for p in held[:1]],
-        cfg,
-        progress=False,
-    )
-    return Path(res.checkpoint)
+    return Path(train_static_speculator(model, prompts, prompts[:1], cfg, progress=False).checkpoint)
 
 
-def _source_head(model, tokenizer, tmp: Path) -> Path:
+def _source_head(model, prompts: list[list[int]], tmp: Path) -> Path:
     from atlas_rl.speculators.defaults import static_head_path
     from atlas_rl.speculators.export import is_head_dir
 
     shipped = static_head_path(model)
     if shipped is not None and is_head_dir(Path(shipped)):
         return Path(shipped)
-    return _quick_head(model, tokenizer, tmp / "trained")
+    return _quick_head(model, prompts, tmp / "trained")
 
 
 def test_stock_vllm_serves_our_head_with_our_outputs_and_acceptance(tmp_path):
@@ -90,13 +83,13 @@ def test_stock_vllm_serves_our_head_with_our_outputs_and_acceptance(tmp_path):
     from atlas_rl.models import default_model_dir, load_target
 
     model, tokenizer = load_target()
-    src = _source_head(model, tokenizer, tmp_path)
+    prompts = held_out_prompt_ids(tokenizer, PROMPTS)
+    src = _source_head(model, prompts, tmp_path)
     exported = tmp_path / "exported"
     assert main(["export-speculator", str(src), str(exported)]) == 0  # float16, the vLLM layout
     cfg = json.loads((exported / "config.json").read_text())
     assert cfg["architectures"] == ["Eagle3LlamaForCausalLM"] and cfg["draft_vocab_size"] < cfg["vocab_size"]
 
-    prompts = held_out_prompt_ids(tokenizer, PROMPTS)
     rep = compare_eagle3(
         model, str(default_model_dir()), exported, prompts, str(VLLM_PYTHON), k=K, max_new_tokens=MAX_NEW
     )
@@ -105,5 +98,5 @@ def test_stock_vllm_serves_our_head_with_our_outputs_and_acceptance(tmp_path):
     assert same["vllm_spec_vs_vllm_plain"] == PROMPTS, rep
     assert same["engine_spec_vs_engine_plain"] == PROMPTS, rep
     tau = rep["tau"]
-    assert tau["engine"] > 1.2, f"the head barely drafts (tau {tau['engine']:.2f}): the comparison would be empty"
+    assert tau["engine"] > 1.5, f"the head barely drafts (tau {tau['engine']:.2f}): the comparison would be empty"
     assert abs(tau["engine"] - tau["vllm_engine_rule"]) <= 0.05, rep
