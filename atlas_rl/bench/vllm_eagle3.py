@@ -192,3 +192,35 @@ def compare_eagle3(
             "engine_spec_vs_vllm_spec": _identical(ours_spec, v_spec["completions"]),
         },
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m atlas_rl.bench.vllm_eagle3 HEAD_DIR [--prompts 8] [--max-new-tokens 96] [--k 4]``: the
+    comparison for a head directory on the embedded default and held-out prompts, as JSON on stdout."""
+    import argparse
+    import sys
+
+    from atlas_rl.bench.run import find_vllm_python
+    from atlas_rl.bench.tail import held_out_prompt_ids
+    from atlas_rl.models import default_model_dir, load_target
+
+    ap = argparse.ArgumentParser(prog="python -m atlas_rl.bench.vllm_eagle3", description=__doc__.split("\n")[0])
+    ap.add_argument("head_dir", help="a head directory in the EAGLE-3 layout (atlas-rl export-speculator writes one)")
+    ap.add_argument("--prompts", type=int, default=8, help="held-out prompts (broad prompt set)")
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--k", type=int, default=4, help="draft tokens per step (num_speculative_tokens)")
+    ap.add_argument("--vllm-python", default=None, help="Python with vLLM (default: ./.venv-vllm/bin/python)")
+    args = ap.parse_args(argv)
+    python = find_vllm_python(args.vllm_python)
+    if python is None:
+        sys.stderr.write("no Python with vLLM found: `make vllm-env`, or pass --vllm-python\n")
+        return 2
+    model, tokenizer = load_target()
+    prompts = held_out_prompt_ids(tokenizer, args.prompts)
+    rep = compare_eagle3(model, str(default_model_dir()), args.head_dir, prompts, python, args.k, args.max_new_tokens)
+    sys.stdout.write(json.dumps(rep, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
