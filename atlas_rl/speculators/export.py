@@ -33,6 +33,7 @@ HEAD_FILES = ("config.json", "model.safetensors")
 ADAPTIVE_DIRS = ("atlas_adaptive_head", "adaptive_head")
 ADAPTIVE_SUBDIR = Path("atlas") / ADAPTIVE_DIRS[0]
 V1_FORMAT = "atlas-rl/draft-head/v1"
+HEAD_FORMAT = "atlas-rl/draft-head/v2"
 DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -42,8 +43,19 @@ class ExportError(ValueError):
 
 
 def is_head_dir(path: Path) -> bool:
-    """True when ``path`` is a directory holding a head's ``config.json`` and ``model.safetensors``."""
-    return path.is_dir() and all((path / f).is_file() for f in HEAD_FILES)
+    """True when ``path`` holds a draft head: ``config.json`` (an EAGLE-3 architecture or our head format) and
+    ``model.safetensors``. A trainer checkpoint holds the same two files for the POLICY: not a head."""
+    if not (path.is_dir() and all((path / f).is_file() for f in HEAD_FILES)):
+        return False
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return True  # a damaged head directory: loading it reports what is wrong, naming the file
+    if not isinstance(cfg, dict):
+        return True
+    atlas = cfg.get("atlas") if isinstance(cfg.get("atlas"), dict) else {}
+    archs = cfg.get("architectures") or []
+    return atlas.get("format") == HEAD_FORMAT or any("Eagle3" in str(a) for a in archs)
 
 
 def _safetensors_format(path: Path) -> str | None:

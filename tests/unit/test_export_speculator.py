@@ -105,3 +105,36 @@ def test_export_refuses_fuse_layers_and_values_vllm_cannot_take(head, tmp_path):
     assert export_head(tmp_path / "big", tmp_path / "o_bf16", dtype="bfloat16").is_dir()
     with pytest.raises(ExportError, match="dtype 'int8'"):
         export_head(tmp_path / "big", tmp_path / "o", dtype="int8")
+
+
+def test_export_of_a_grpo_run_takes_the_newest_checkpoints_adaptive_head(tmp_path, capsys):
+    """A real checkpoint also holds the POLICY's config.json + model.safetensors: the head is found under atlas/."""
+    from test_trainers import TOK, RecordingReward, _common, _dataset, _model
+
+    from atlas_rl.trainers import AtlasGRPOConfig, AtlasGRPOTrainer
+
+    policy = _model()
+    # a static head on layers vLLM can serve (0, 1): the adaptive head takes its fused layers
+    vocab = policy.get_output_embeddings().weight.shape[0]
+    cfg = DraftHeadConfig.from_target(policy, draft_vocab_size=vocab, fuse_layers=(0, 1), intermediate_size=32)
+    DraftHead(cfg).bind_target(policy, init_lm_head=True).save_pretrained(tmp_path / "static")
+    args = _common(tmp_path, "atlas", max_steps=2, save_strategy="steps", save_steps=1)
+    args.update(atlas_static_head=str(tmp_path / "static"), atlas_speculators="static,adaptive")
+    trainer = AtlasGRPOTrainer(
+        model=policy,
+        reward_funcs=RecordingReward(),
+        args=AtlasGRPOConfig(**args),
+        train_dataset=_dataset(),
+        processing_class=TOK,
+    )
+    trainer.train()
+    run = tmp_path / "atlas"
+    assert main(["export-speculator", str(run), str(tmp_path / "served"), "--dtype", "float32"]) == 0
+    assert str(tmp_path / "served") in capsys.readouterr().out
+    saved = DraftHead.from_pretrained(run / "checkpoint-2" / "atlas" / "atlas_adaptive_head")
+    served = DraftHead.from_pretrained(tmp_path / "served")
+    for k, v in saved.state_dict().items():
+        assert torch.equal(served.state_dict()[k], v), k
+    card = json.loads((tmp_path / "served" / "atlas_card.json").read_text())
+    assert card["exported_from"].endswith("checkpoint-2/atlas/atlas_adaptive_head")
+    assert json.loads((tmp_path / "served" / "config.json").read_text())["eagle_aux_hidden_state_layer_ids"] == [0, 1]
