@@ -1,4 +1,4 @@
-"""The ``atlas-rl`` command: ``bench``, ``demo`` and ``report``.
+"""The ``atlas-rl`` command: ``bench``, ``demo``, ``report`` and ``export-speculator``.
 
 Every option is a field of a config dataclass (``atlas-rl bench``: the scenario's options, e.g.
 :class:`atlas_rl.bench.run.BenchOptions`; ``atlas-rl demo``: :class:`atlas_rl.trainers.runner.TaskRunConfig`),
@@ -24,6 +24,7 @@ from atlas_rl.argparsing import ConfigParser
 BENCH_HELP = "Compare HF generate, the engine (k=0) and speculation side by side, in one run, as ratios."
 DEMO_HELP = "A GRPO run with generation_backend='atlas' on the embedded default and a verifiable arithmetic task."
 REPORT_HELP = "Write report.md, report.html and report.json for a run directory."
+EXPORT_HELP = "Write a draft head (a head dir, a trainer checkpoint or run dir) in the layout vLLM serves (eagle3)."
 
 
 def _quote(argv: list[str]) -> str:
@@ -167,11 +168,44 @@ def _cmd_report(argv: list[str]) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ export-speculator
+@dataclass
+class ExportCommand:
+    source: str = field(
+        metadata={
+            "help": "A head directory, a trainer checkpoint (checkpoint-N, head in atlas/atlas_adaptive_head/) or "
+            "a run directory (its newest checkpoint-N) (first positional)."
+        }
+    )
+    out_dir: str = field(metadata={"help": "Where the vLLM-loadable head directory is written (second positional)."})
+    dtype: Literal["float16", "bfloat16", "float32"] = field(
+        default="float16", metadata={"help": "Weight dtype of the exported head."}
+    )
+
+
+def _cmd_export(argv: list[str]) -> int:
+    from atlas_rl.speculators.export import ExportError, export_head
+
+    positional = []
+    while argv and not argv[0].startswith("-") and len(positional) < 2:  # `atlas-rl export-speculator SRC DIR`
+        positional.append(argv.pop(0))
+    argv = [x for name, v in zip(("--source", "--out_dir"), positional) for x in (name, v)] + argv
+    args = ConfigParser([ExportCommand], prog="atlas-rl export-speculator", description=EXPORT_HELP).parse(argv)
+    try:
+        out = export_head(args.source, args.out_dir, dtype=args.dtype)
+    except ExportError as e:
+        print(f"atlas-rl export-speculator: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({args.dtype}); serve it with speculative_config={{'method': 'eagle3', 'model': '{out}'}}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ main
 COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     "bench": (BENCH_HELP, _cmd_bench),
     "demo": (DEMO_HELP, _cmd_demo),
     "report": (REPORT_HELP, _cmd_report),
+    "export-speculator": (EXPORT_HELP, _cmd_export),
 }
 
 
