@@ -33,7 +33,6 @@ import torch
 from atlas_rl.argparsing import ConfigParser
 from atlas_rl.data.broad_prompts import broad_prompts, split_prompts
 from atlas_rl.models import load_target
-from atlas_rl.training.static_corpus import cached_corpus_samples
 from atlas_rl.training.static import (
     StaticSpeculatorConfig,
     StaticSpeculatorResult,
@@ -41,6 +40,7 @@ from atlas_rl.training.static import (
     chat_prompt_ids,
     train_static_speculator,
 )
+from atlas_rl.training.static_corpus import cached_corpus_samples
 
 
 @dataclass

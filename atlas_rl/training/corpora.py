@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import re
@@ -144,7 +145,9 @@ def chunk_text(text: str, tokenizer: Any, max_tokens: int, min_tokens: int = 48)
     out = []
     for p in pieces:
         p = p.strip("\n")
-        if p.strip() and not _looks_like_data(p) and len(tokenizer(p, add_special_tokens=False)["input_ids"]) >= min_tokens:
+        if not p.strip() or _looks_like_data(p):
+            continue
+        if len(tokenizer(p, add_special_tokens=False)["input_ids"]) >= min_tokens:
             out.append(p)
     return out
 
@@ -195,14 +198,14 @@ def minhash(text: str, shingle: int = 5) -> np.ndarray | None:
 def dedup_chunks(chunks: Sequence[Chunk], threshold: float = 0.8) -> tuple[list[Chunk], dict[str, int]]:
     """Drop exact duplicates (normalised text) and near-duplicates (estimated Jaccard of word 5-shingles >=
     ``threshold``), keeping the first of each; returns ``(kept, {"exact": n, "near": m})``."""
-    seen: set[int] = set()
+    seen: set[bytes] = set()
     bands: dict[tuple[int, bytes], int] = {}
     sigs: list[np.ndarray] = []
     kept: list[Chunk] = []
     stats = {"exact": 0, "near": 0}
     rows = _NUM_PERM // _BANDS
     for c in chunks:
-        key = zlib.crc32(normalise(c.text).encode()) ^ (len(c.text) << 32)
+        key = hashlib.sha1(normalise(c.text).encode()).digest()
         if key in seen:
             stats["exact"] += 1
             continue
@@ -240,7 +243,9 @@ def _title(chunk: Chunk) -> str:
     return stem.replace("_", " ").replace("-", " ")
 
 
-def _chat_messages(chunk: Chunk, templates: dict[str, Any], fence: str, rng: random.Random, cont: bool) -> tuple[str, str]:
+def _chat_messages(
+    chunk: Chunk, templates: dict[str, Any], fence: str, rng: random.Random, cont: bool
+) -> tuple[str, str]:
     """``(user turn, assistant turn)`` of a chat built around ``chunk``."""
     t = templates[chunk.style]
     lines = chunk.text.splitlines()
@@ -324,7 +329,7 @@ def build_corpus(
     items = mix_items([format_item(c, tokenizer, settings, spec, eos_id) for c in kept], settings.mix, settings.seed)
     record["manifest"] = source_manifest(files)
     record["pool_labelled_tokens"] = _per_domain(items)
-    logger.info("corpus: %d files, %d chunks, %d after dedup (%s)", len(files), len(chunks), len(kept), record["dedup"])
+    logger.info("corpus: %d files, %d chunks, %d kept (dedup %s)", len(files), len(chunks), len(kept), record["dedup"])
     return items, record
 
 

@@ -86,7 +86,8 @@ def load_source_spec(path: str | Path | None = None) -> dict[str, Any]:
         text = Path(path).read_text(encoding="utf-8")
     spec = json.loads(text)
     if spec.get("format") != "atlas-rl/corpus-sources/v1":
-        raise ValueError(f"{path or 'corpus_sources.json'} is not a corpus source list (format {spec.get('format')!r})")
+        name = path or "corpus_sources.json"
+        raise ValueError(f"{name} is not a corpus source list (format {spec.get('format')!r})")
     return spec
 
 

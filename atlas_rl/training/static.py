@@ -157,7 +157,7 @@ def _generate_data(
         gen_stats.append(st)
     if cfg.corpus_tokens > 0:
         if tokenizer is None:
-            raise ValueError("corpus_tokens > 0 needs the target's tokenizer: train_static_speculator(..., tokenizer=)")
+            raise ValueError("corpus_tokens > 0 needs the target's tokenizer: train_static_speculator(tokenizer=...)")
         s, st = cached_corpus_samples(model, tokenizer, cfg, progress=progress)
         samples.extend(s)
         gen_stats.append({"source": "corpus", **st})

@@ -201,7 +201,7 @@ class StaticSpeculatorConfig:
                 f"corpus_batch_tokens ({self.corpus_batch_tokens}) must be >= corpus_max_len ({self.corpus_max_len})"
             )
         if not isinstance(self.corpus_mix, dict):
-            raise ValueError(f"corpus_mix must map domains to weights, e.g. {{code_python: 0.3, docs: 0.7}}")
+            raise ValueError("corpus_mix must map domains to weights, e.g. {code_python: 0.3, docs: 0.7}")
         self.corpus_mix = {str(k): float(v) for k, v in self.corpus_mix.items()}
         self.corpus_settings  # noqa: B018 -- CorpusSettings checks max_len, shares, mix, threshold
 

@@ -199,7 +199,11 @@ def build_corpus_cache(
     wall = time.perf_counter() - t0
     logger.info(
         "corpus cache %s: %d labelled tokens (%d computed now in %.0f s, %.0f tok/s)",
-        out, done, computed, wall, computed / max(wall, 1e-9),
+        out,
+        done,
+        computed,
+        wall,
+        computed / max(wall, 1e-9),
     )
     return out
 
