@@ -37,6 +37,7 @@ __all__ = [
     "cached_corpus_samples",
     "corpus_cache_stats",
     "load_corpus_samples",
+    "load_training_samples",
 ]
 
 CORPUS_CACHE_FORMAT = "atlas-rl/corpus-cache/v1"
@@ -316,3 +317,26 @@ def cached_corpus_samples(
     stats["used_sequences"] = len(samples)
     stats["used_labelled_tokens"] = sum(s.num_labels for s in samples)
     return samples, stats
+
+
+def load_training_samples(
+    selfdistill_dir: str | Path | None,
+    corpus_dir: str | Path | None,
+    corpus_tokens: int | None = None,
+    temperatures: Sequence[float] | None = None,
+) -> list[SequenceSample]:
+    """Both stage-1 caches together: every ``samples_T*.safetensors`` of ``selfdistill_dir`` (only those of
+    ``temperatures`` when given; sorted by file name), then the corpus cache of ``corpus_dir`` (its first
+    ``corpus_tokens`` labelled tokens when given). Either directory may be None."""
+    out: list[SequenceSample] = []
+    if selfdistill_dir is not None:
+        paths = sorted(Path(selfdistill_dir).glob("samples_T*.safetensors"))
+        if temperatures is not None:
+            paths = [p for p in paths if p.name.split("_")[1] in {f"T{t:g}" for t in temperatures}]
+        if not paths:
+            raise ValueError(f"{selfdistill_dir} holds no self-distilled samples (samples_T*.safetensors)")
+        for p in paths:
+            out.extend(load_samples(p)[0])
+    if corpus_dir is not None:
+        out.extend(load_corpus_samples(corpus_dir, corpus_tokens))
+    return out

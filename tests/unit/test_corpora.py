@@ -242,3 +242,31 @@ def test_config_corpus_fields_are_checked(tmp_path):
     ):
         with pytest.raises(ValueError):
             StaticSpeculatorConfig(output_dir=str(tmp_path), **bad)
+
+
+def test_coverage_curve_matches_vocab_coverage_and_grows_with_size(tiny):
+    from atlas_rl.training.static_vocab import build_draft_vocab, coverage_curve, vocab_coverage
+
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, 200, (40,), generator=g).tolist() for _ in range(6)]
+    samples = samples_from_sequences(tiny, seqs, [10] * 6, (1, 3), top_k=4)
+    held = [torch.randint(0, 300, (50,), generator=g).tolist() for _ in range(3)]
+    curve = coverage_curve(samples, 49152, [16, 64, 256], held)
+    for n, cov in curve.items():
+        assert cov == pytest.approx(vocab_coverage(build_draft_vocab(samples, 49152, n), held))
+    assert curve[16] <= curve[64] <= curve[256]
+
+
+def test_load_training_samples_joins_selfdistilled_and_corpus(tokenizer, tiny, tmp_path):
+    from atlas_rl.training.static_data import save_samples
+
+    d = _build(tiny, tokenizer, _sources(tmp_path), tmp_path / "c", tokens=200)
+    corpus = sc.load_corpus_samples(d)
+    sd = samples_from_sequences(tiny, [[5, 6, 7, 8], [9, 10, 11]], [2, 2], (1, 3), top_k=4)
+    save_samples(tmp_path / "sd" / "samples_T0_abc.safetensors", sd[:1])
+    save_samples(tmp_path / "sd" / "samples_T1_abc.safetensors", sd[1:])
+    both = sc.load_training_samples(tmp_path / "sd", tmp_path / "c")
+    assert [s.tokens.tolist() for s in both] == [[5, 6, 7, 8], [9, 10, 11]] + [s.tokens.tolist() for s in corpus]
+    assert len(sc.load_training_samples(tmp_path / "sd", None, temperatures=[1.0])) == 1
+    with pytest.raises(ValueError, match="no self-distilled samples"):
+        sc.load_training_samples(tmp_path / "c", None)
