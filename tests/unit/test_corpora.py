@@ -270,3 +270,35 @@ def test_load_training_samples_joins_selfdistilled_and_corpus(tokenizer, tiny, t
     assert len(sc.load_training_samples(tmp_path / "sd", None, temperatures=[1.0])) == 1
     with pytest.raises(ValueError, match="no self-distilled samples"):
         sc.load_training_samples(tmp_path / "c", None)
+
+
+def test_stage1_adds_the_corpus_to_the_selfdistilled_samples(tokenizer, tiny, tmp_path):
+    from atlas_rl.training import static as static_mod
+    from atlas_rl.training.static_card import data_section
+
+    sources = _sources(tmp_path)
+    cfg = StaticSpeculatorConfig(
+        output_dir=str(tmp_path / "run"),
+        gen_temperatures=(0.0,),
+        gen_max_new_tokens=4,
+        gen_max_rows=4,
+        label_top_k=4,
+        fuse_layers=(1, 3),
+        corpus_tokens=300,
+        corpus_sources=str(sources),
+        corpus_max_len=160,
+        corpus_mix={"code_python": 1.0},
+        corpus_shard_tokens=300,
+        corpus_batch_tokens=512,
+    )
+    prompts = [[1, 2, 3], [4, 5, 6, 7]]
+    with pytest.raises(ValueError, match="tokenizer"):
+        static_mod._generate_data(tiny, prompts, cfg, progress=False)
+    samples, runs = static_mod._generate_data(tiny, prompts, cfg, progress=False, tokenizer=tokenizer)
+    assert [s.tokens[:3].tolist() for s in samples[:1]] == [[1, 2, 3]]
+    corpus = runs[-1]
+    assert corpus["source"] == "corpus" and corpus["used_labelled_tokens"] >= 300
+    assert len(samples) == 2 + corpus["used_sequences"]
+    assert (tmp_path / "run" / "data" / "corpus").is_dir()
+    section = data_section(samples, cfg, (2, 0), runs, None)
+    assert len(section["generation"]) == 1 and section["corpus"]["sources"]["tmp-python"]["license"] == "MIT"
