@@ -114,11 +114,14 @@ def labelled_tokens(item: CorpusItem) -> int:
 
 
 def _looks_like_data(text: str) -> bool:
-    """Minified code, tables of numbers, base64: long lines or few letters."""
+    """Minified code, tables of numbers, base64 (long lines or few letters), or mostly non-English text (over 15%
+    non-ASCII characters: the target and its traffic are English)."""
     lines = text.splitlines() or [""]
     long_lines = sum(len(ln) > 300 for ln in lines)
     letters = sum(c.isalpha() for c in text)
-    return long_lines > 0.2 * len(lines) or letters < 0.3 * max(len(text), 1)
+    non_ascii = sum(not c.isascii() for c in text)
+    n = max(len(text), 1)
+    return long_lines > 0.2 * len(lines) or letters < 0.3 * n or non_ascii > 0.15 * n
 
 
 def chunk_text(text: str, tokenizer: Any, max_tokens: int, min_tokens: int = 48) -> list[str]:
@@ -236,7 +239,7 @@ def _title(chunk: Chunk) -> str:
         under = lines[i + 1] if i + 1 < len(lines) else ""
         is_rst = len(under) >= 3 and len(set(under)) == 1 and under[0] in "=-~^*"
         t = line.lstrip("#").strip() if line.startswith("#") or is_rst else ""
-        if 3 <= len(t) <= 80 and any(ch.isalpha() for ch in t):
+        if 3 <= len(t) <= 80 and any(ch.isalpha() for ch in t) and ": " not in t:
             return t
     parts = Path(chunk.rel).parts
     stem = parts[0].split("-")[0] if parts[-1] == "METADATA" else Path(chunk.rel).stem
