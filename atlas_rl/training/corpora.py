@@ -3,7 +3,7 @@
 1. **Files** of the sources in ``atlas_rl/data/corpus_sources.json`` (:mod:`~atlas_rl.training.corpus_files`:
    globs, licenses, exclusions of public evaluation sets).
 2. **Chunks** of at most ``max_len`` tokens cut at line boundaries (:func:`chunk_text`); chunks that look like
-   data (very long lines, few letters) are dropped.
+   data (very long lines, few letters) or are mostly non-ASCII (non-English) are dropped.
 3. **Deduplication** (:func:`dedup_chunks`): exact (hash of the whitespace-normalised, lower-cased text), then
    near-duplicates (MinHash over word 5-shingles, LSH bands, estimated Jaccard >= ``dedup_threshold``).
 4. **Items** (:func:`format_item`): a ``chat_share`` of the chunks become a chat in the target's template (a user
