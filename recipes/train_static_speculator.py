@@ -14,7 +14,8 @@ Steps (the work is done by :func:`atlas_rl.training.static.train_static_speculat
 
 Options (``--help`` lists them): ``--config FILE`` (YAML), then typed flags for any key (``--epochs 1
 --fuse_layers 3,15,28``) or ``key=value`` overrides as YAML lines (e.g. ``epochs=1 fuse_layers=[3,15,28]
-ship_to=null``); ``--data-only`` stops after step 3. Keys: :class:`RecipeConfig` (target, prompts, shipping) and
+ship_to=null``); ``--data-only`` stops after step 3 (and the corpus), ``--corpus-only`` only builds the
+teacher-forced corpus cache (``corpus_tokens``; resumable). Keys: :class:`RecipeConfig` (target, prompts, shipping) and
 :class:`atlas_rl.training.static.StaticSpeculatorConfig` (data, head, training, evaluation).
 """
 
@@ -39,6 +40,7 @@ from atlas_rl.training.static import (
     chat_prompt_ids,
     train_static_speculator,
 )
+from atlas_rl.training.static_corpus import cached_corpus_samples
 
 
 @dataclass
@@ -55,6 +57,10 @@ class RecipeConfig:
     max_held_out_prompts: int | None = field(default=None, metadata={"help": "None = all held-out prompts."})
     ship_to: str | None = field(default=None, metadata={"help": "Copy the checkpoint + card here; None = do not."})
     data_only: bool = field(default=False, metadata={"help": "Stop after generating and caching the training data."})
+    corpus_only: bool = field(
+        default=False,
+        metadata={"help": "Only build the teacher-forced corpus cache (corpus_tokens, resumable), then stop."},
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 < self.held_out_fraction < 1.0:
@@ -112,6 +118,21 @@ def _print_card(card: dict) -> None:
         print(f"greedy output with the static head identical to plain decoding: {ev['greedy_identical_rows']} rows")
 
 
+def _data_only(recipe: RecipeConfig, cfg: StaticSpeculatorConfig, model, tokenizer) -> None:
+    """``--data-only`` / ``--corpus-only``: fill the data caches (self-distillation unless corpus-only, then the
+    corpus when ``corpus_tokens > 0``) and stop."""
+    if not recipe.corpus_only:
+        train_ids, _, _ = _prompt_ids(recipe, tokenizer)
+        for temp in cfg.gen_temperatures:
+            samples, stats = cached_samples(model, train_ids, cfg, temp, cfg.data_cache_dir)
+            print(f"T={temp:g}: {len(samples)} samples, {json.dumps(stats)}", flush=True)
+    if cfg.corpus_tokens > 0:
+        samples, stats = cached_corpus_samples(model, tokenizer, cfg)
+        print(f"corpus: {len(samples)} samples, {json.dumps(stats)}", flush=True)
+    elif recipe.corpus_only:
+        print("corpus_tokens is 0: no corpus to build", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     recipe, cfg, command = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -123,13 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"recipes/train_static_speculator.py: error: cannot load model {recipe.model!r}: {e}", file=sys.stderr)
         return 2
-    train_ids, held_ids, data_info = _prompt_ids(recipe, tokenizer)
-    if recipe.data_only:
-        for temp in cfg.gen_temperatures:
-            samples, stats = cached_samples(model, train_ids, cfg, temp, cfg.data_cache_dir)
-            print(f"T={temp:g}: {len(samples)} samples, {json.dumps(stats)}", flush=True)
+    if recipe.corpus_only or recipe.data_only:
+        _data_only(recipe, cfg, model, tokenizer)
         return 0
-    result = train_static_speculator(model, train_ids, held_ids, cfg, data_info=data_info, command=command)
+    train_ids, held_ids, data_info = _prompt_ids(recipe, tokenizer)
+    result = train_static_speculator(
+        model, train_ids, held_ids, cfg, data_info=data_info, command=command, tokenizer=tokenizer
+    )
     if recipe.ship_to:
         _ship(result, recipe.ship_to)
     print(f"checkpoint: {result.checkpoint} ({result.checkpoint.stat().st_size / 1e6:.2f} MB)")

@@ -42,6 +42,7 @@ from atlas_rl.training.static_card import (
     save_static_checkpoint,
 )
 from atlas_rl.training.static_config import BASELINES, StaticSpeculatorConfig, StaticSpeculatorResult
+from atlas_rl.training.static_corpus import cached_corpus_samples
 from atlas_rl.training.static_data import (
     SAMPLES_FORMAT,
     cached_samples,
@@ -84,6 +85,7 @@ def train_static_speculator(
     data_info: dict[str, Any] | None = None,
     command: str = "",
     progress: bool = True,
+    tokenizer: Any = None,
 ) -> StaticSpeculatorResult:
     """Run the whole pipeline (module docstring) and write ``<output_dir>/<checkpoint_name>`` + its JSON card.
 
@@ -93,6 +95,7 @@ def train_static_speculator(
         config: :class:`StaticSpeculatorConfig`.
         data_info: free-form description of the prompts for the card (prompt set, split, ...).
         command: the command that reproduces this run, for the card.
+        tokenizer: the target's tokenizer; needed when ``config.corpus_tokens > 0`` (chunking, chat template).
     """
     cfg = config or StaticSpeculatorConfig()
     if not train_prompts:
@@ -103,7 +106,7 @@ def train_static_speculator(
     out_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t_all = t0 = time.perf_counter()
-    samples, gen_stats = _generate_data(model, train_prompts, cfg, progress)
+    samples, gen_stats = _generate_data(model, train_prompts, cfg, progress, tokenizer)
     timings["data_s"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
     head = _new_head(model, samples, cfg)
@@ -133,9 +136,15 @@ def train_static_speculator(
 
 
 def _generate_data(
-    model: torch.nn.Module, prompts: Sequence[Sequence[int]], cfg: StaticSpeculatorConfig, progress: bool
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    cfg: StaticSpeculatorConfig,
+    progress: bool,
+    tokenizer: Any = None,
 ) -> tuple[list[SequenceSample], list[dict[str, Any]]]:
-    """Stage 1: samples of every generation temperature, from the cache when there; ``(samples, stats per run)``.
+    """Stage 1: samples of every generation temperature, from the cache when there, then ``cfg.corpus_tokens``
+    teacher-forced corpus tokens (:mod:`~atlas_rl.training.static_corpus`); ``(samples, stats per run)``, the
+    corpus run's stats marked ``{"source": "corpus", ...}``.
 
     ``generate_samples`` is looked up here at call time, so a caller (a test) can substitute it on this module.
     """
@@ -147,6 +156,12 @@ def _generate_data(
         )
         samples.extend(s)
         gen_stats.append(st)
+    if cfg.corpus_tokens > 0:
+        if tokenizer is None:
+            raise ValueError("corpus_tokens > 0 needs the target's tokenizer: train_static_speculator(tokenizer=...)")
+        s, st = cached_corpus_samples(model, tokenizer, cfg, progress=progress)
+        samples.extend(s)
+        gen_stats.append({"source": "corpus", **st})
     positions = sum(len(s) for s in samples)
     labels = sum(s.num_labels for s in samples)
     logger.info("training data: %d sequences, %d positions, %d labelled", len(samples), positions, labels)

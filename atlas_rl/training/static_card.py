@@ -83,12 +83,15 @@ def data_section(
     data_info: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """The card's ``data``: ``data_info`` (prompt set, split, ...), ``prompts`` = (train, held-out) counts, the
-    generation runs and what the samples hold."""
+    generation runs, the teacher-forced corpus (sources, licenses, dedup, tokens per domain; None when unused)
+    and what the samples hold."""
+    corpus = [g for g in generation if g.get("source") == "corpus"]
     return {
         **(data_info or {}),
         "train_prompts": prompts[0],
         "held_out_prompts": prompts[1],
-        "generation": generation,
+        "generation": [g for g in generation if g.get("source") != "corpus"],
+        "corpus": corpus[0] if corpus else None,
         "sequences": len(samples),
         "positions": sum(len(s) for s in samples),
         "labelled_positions": sum(s.num_labels for s in samples),

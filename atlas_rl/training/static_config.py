@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from atlas_rl.speculators.draft_head import DraftHead
+from atlas_rl.training.corpora import DEFAULT_MIX, CorpusSettings
 
 __all__ = ["BASELINES", "StaticSpeculatorConfig", "StaticSpeculatorResult"]
 
@@ -47,6 +48,46 @@ class StaticSpeculatorConfig:
     gen_max_new_tokens: int = field(default=160, metadata={"help": "Longest generated answer (tokens)."})
     gen_max_rows: int = field(default=128, metadata={"help": "Rows the engine decodes at once while generating."})
     label_top_k: int = field(default=32, metadata={"help": "Soft labels kept per position (target top-K tokens)."})
+    # ---- data: teacher-forced corpora (atlas_rl.training.corpora / static_corpus)
+    corpus_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "Labelled tokens of teacher-forced corpora (code, docs, chats built from them) added to the "
+            "self-distilled data; 0 = none. One target forward per batch, cached in shards (resumable)."
+        },
+    )
+    corpus_dir: str | None = field(
+        default=None,
+        metadata={"help": "Cache of the teacher-forced corpus samples (None: <data_dir>/corpus); keyed subdirectory."},
+    )
+    corpus_sources: str | None = field(
+        default=None,
+        metadata={"help": "JSON list of corpus sources (None: the packaged atlas_rl/data/corpus_sources.json)."},
+    )
+    corpus_max_len: int = field(
+        default=384, metadata={"help": "Longest corpus sequence (tokens, chat prompt included); chunks end at lines."}
+    )
+    corpus_chat_share: float = field(
+        default=0.6,
+        metadata={"help": "Share of corpus chunks made into a chat (user asks, the chunk is the labelled answer)."},
+    )
+    corpus_continue_share: float = field(
+        default=0.25,
+        metadata={"help": "Share of those chats whose user turn quotes the chunk's first lines ('continue this')."},
+    )
+    corpus_mix: dict[str, float] = field(
+        default_factory=lambda: dict(DEFAULT_MIX),
+        metadata={"help": "Weight of each corpus domain in labelled tokens (domains of corpus_sources.json)."},
+    )
+    corpus_dedup_threshold: float = field(
+        default=0.8, metadata={"help": "Chunks whose estimated Jaccard (word 5-shingles) reaches this are dropped."}
+    )
+    corpus_batch_tokens: int = field(
+        default=2048, metadata={"help": "Padded positions per teacher-forced target forward."}
+    )
+    corpus_shard_tokens: int = field(
+        default=16384, metadata={"help": "Positions per cache shard (a stopped run loses at most one shard)."}
+    )
     # ---- head
     fuse_layers: tuple[int, ...] = field(
         default=(2, 15, 27),
@@ -152,6 +193,21 @@ class StaticSpeculatorConfig:
             raise ValueError(f"eval_k must be an int >= 1 (the evaluated draft length), got {self.eval_k!r}")
         if not self.fuse_layers:
             raise ValueError("fuse_layers needs at least one target layer, e.g. (3, 15, 28) or (-1,)")
+        self._check_corpus()
+
+    def _check_corpus(self) -> None:
+        if isinstance(self.corpus_tokens, bool) or not isinstance(self.corpus_tokens, int) or self.corpus_tokens < 0:
+            raise ValueError(f"corpus_tokens must be an int >= 0 (0 = no corpus), got {self.corpus_tokens!r}")
+        for name in ("corpus_max_len", "corpus_batch_tokens", "corpus_shard_tokens"):
+            _positive_int(self, name)
+        if self.corpus_batch_tokens < self.corpus_max_len:
+            raise ValueError(
+                f"corpus_batch_tokens ({self.corpus_batch_tokens}) must be >= corpus_max_len ({self.corpus_max_len})"
+            )
+        if not isinstance(self.corpus_mix, dict):
+            raise ValueError("corpus_mix must map domains to weights, e.g. {code_python: 0.3, docs: 0.7}")
+        self.corpus_mix = {str(k): float(v) for k, v in self.corpus_mix.items()}
+        self.corpus_settings  # noqa: B018 -- CorpusSettings checks max_len, shares, mix, threshold
 
     def _check_training(self) -> None:
         if not 0.0 <= self.teacher_forced_fraction < 1.0:
@@ -184,6 +240,23 @@ class StaticSpeculatorConfig:
     def data_cache_dir(self) -> Path:
         """Where generated training data is cached."""
         return Path(self.data_dir) if self.data_dir else Path(self.output_dir) / "data"
+
+    @property
+    def corpus_cache_dir(self) -> Path:
+        """Where the teacher-forced corpus samples are cached (a ``corpus_<key>`` directory inside)."""
+        return Path(self.corpus_dir) if self.corpus_dir else self.data_cache_dir / "corpus"
+
+    @property
+    def corpus_settings(self) -> CorpusSettings:
+        """How the corpus is cut, deduplicated, formatted and mixed (raises ValueError on bad values)."""
+        return CorpusSettings(
+            max_len=self.corpus_max_len,
+            chat_share=self.corpus_chat_share,
+            continue_share=self.corpus_continue_share,
+            mix=dict(self.corpus_mix),
+            dedup_threshold=self.corpus_dedup_threshold,
+            seed=self.seed,
+        )
 
 
 def _positive_int(cfg: Any, name: str) -> None:

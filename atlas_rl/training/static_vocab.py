@@ -8,7 +8,7 @@ import torch
 
 from atlas_rl.training.samples import SequenceSample
 
-__all__ = ["build_draft_vocab", "vocab_coverage"]
+__all__ = ["build_draft_vocab", "coverage_curve", "vocab_coverage"]
 
 
 def build_draft_vocab(samples: Sequence[SequenceSample], target_vocab_size: int, size: int) -> torch.Tensor:
@@ -44,3 +44,23 @@ def vocab_coverage(draft_to_target: torch.Tensor, token_lists: Sequence[Sequence
     if total == 0:
         return float("nan")
     return sum(1 for t in token_lists for x in t if x in inside) / total
+
+
+def coverage_curve(
+    samples: Sequence[SequenceSample],
+    target_vocab_size: int,
+    sizes: Sequence[int],
+    token_lists: Sequence[Sequence[int]],
+) -> dict[int, float]:
+    """Coverage of ``token_lists`` by the draft vocabulary :func:`build_draft_vocab` builds from ``samples``, for
+    every size of ``sizes`` (the vocabularies are prefixes of one ranking, so this ranks once)."""
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"sizes must be positive draft vocabulary sizes, got {list(sizes)}")
+    ranking = build_draft_vocab(samples, target_vocab_size, min(max(sizes), target_vocab_size))
+    rank = torch.full((target_vocab_size,), target_vocab_size, dtype=torch.long)
+    rank[ranking] = torch.arange(ranking.numel())
+    flat = torch.tensor([t for toks in token_lists for t in toks], dtype=torch.long)
+    if flat.numel() == 0:
+        return {int(n): float("nan") for n in sizes}
+    r = rank[flat]
+    return {int(n): float((r < n).double().mean()) for n in sizes}
