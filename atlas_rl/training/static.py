@@ -109,7 +109,8 @@ def train_static_speculator(
     samples, gen_stats = _generate_data(model, train_prompts, cfg, progress, tokenizer)
     timings["data_s"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
-    head = _new_head(model, samples, cfg)
+    n_answers = sum(int(st.get("responses", 0)) for st in gen_stats if st.get("source") != "corpus")
+    head = _new_head(model, samples[:n_answers] if cfg.vocab_from_answers and n_answers else samples, cfg)
     timings["vocab_s"] = round(time.perf_counter() - t0, 1)
     train = _train_logged(head, samples, cfg, out_dir / "train_log.jsonl", progress)
     timings["train_s"] = train["wall_s"]
@@ -169,7 +170,8 @@ def _generate_data(
 
 
 def _new_head(model: torch.nn.Module, samples: Sequence[SequenceSample], cfg: StaticSpeculatorConfig) -> DraftHead:
-    """Stage 2: the draft vocabulary and a fresh head on it, bound to the target (output rows from the target)."""
+    """Stage 2: the draft vocabulary (ranked over ``samples``) and a fresh head on it, bound to the target (output
+    rows start as the target's)."""
     vocab = int(model.get_output_embeddings().weight.shape[0])
     size = min(cfg.draft_vocab_size, vocab)
     d2t = build_draft_vocab(samples, vocab, size)
