@@ -509,7 +509,9 @@ class AtlasRolloutBackend:
     # ------------------------------------------------------------------------------------------ checkpoints
     STATE_FILE = "atlas_state.json"
     TRAINER_FILE = "atlas_adaptive_trainer.safetensors"
-    SERVING_DIR = "atlas_adaptive_head"  # the serving head in the EAGLE-3 layout vLLM loads (atlas-rl export-speculator)
+    SERVING_DIR = (
+        "atlas_adaptive_head"  # the serving head in the EAGLE-3 layout vLLM loads (atlas-rl export-speculator)
+    )
 
     def save(self, directory: str | Path) -> None:
         """Write the speculator state into a checkpoint folder (safetensors + JSON, no pickle): the adaptive

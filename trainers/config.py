@@ -39,7 +39,7 @@ class AtlasArgs:
     atlas_static_head: str | None = field(
         default=None,
         metadata={
-            "help": "Path of a static draft head directory (EAGLE-3 layout); None = the head shipped for the model, if any."
+            "help": "Static draft head directory (EAGLE-3 layout); None = the head shipped for the model, if any."
         },
     )
     atlas_num_speculative_tokens: int = field(

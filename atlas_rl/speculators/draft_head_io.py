@@ -90,7 +90,10 @@ def _state_tensors(head: DraftHead, dtype: torch.dtype | None) -> dict[str, torc
 
 
 def save_pretrained(
-    head: DraftHead, directory: str | Path, dtype: torch.dtype | None = torch.float16, card: dict[str, Any] | None = None
+    head: DraftHead,
+    directory: str | Path,
+    dtype: torch.dtype | None = torch.float16,
+    card: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``config.json``, ``model.safetensors`` (and ``atlas_card.json`` when ``card``) into ``directory``.
 

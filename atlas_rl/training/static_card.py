@@ -7,7 +7,6 @@ curve, held-out figures, timings, versions, the full config and the command that
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict

@@ -185,7 +185,9 @@ def test_checkpoint_is_in_the_vllm_eagle3_layout(model, tmp_path):
     t = load_file(str(path / "model.safetensors"))
     H = model.config.hidden_size
     assert t["fc.weight"].shape == (H, 2 * H) and t["midlayer.self_attn.q_proj.weight"].shape[1] == 2 * H
-    assert {"midlayer.hidden_norm.weight", "midlayer.input_layernorm.weight", "norm.weight", "lm_head.weight"} <= set(t)
+    assert {"midlayer.hidden_norm.weight", "midlayer.input_layernorm.weight", "norm.weight", "lm_head.weight"} <= set(
+        t
+    )
     assert not any(k.startswith("layers.") or "embed_tokens" in k for k in t)
     assert torch.equal(t["d2t"] + torch.arange(48), head.draft_to_target)
     assert t["t2d"].dtype == torch.bool and int(t["t2d"].sum()) == 48 and bool(t["t2d"][head.draft_to_target].all())
@@ -234,7 +236,9 @@ def test_old_v1_checkpoint_is_refused_naming_its_format(tmp_path):
     from safetensors.torch import save_file
 
     old = tmp_path / "old_head.safetensors"
-    save_file({"fc.weight": torch.zeros(2, 2)}, str(old), metadata={"format": "atlas-rl/draft-head/v1", "config": "{}"})
+    save_file(
+        {"fc.weight": torch.zeros(2, 2)}, str(old), metadata={"format": "atlas-rl/draft-head/v1", "config": "{}"}
+    )
     with pytest.raises(ValueError, match=r"old_head.safetensors is an atlas-rl/draft-head/v1 checkpoint"):
         DraftHead.from_pretrained(old)
 
