@@ -1,4 +1,5 @@
-"""The static speculator: a draft head trained once, offline, on the target's own answers to broad prompts.
+"""The static speculator: a draft head trained once, offline, on the target's own answers to broad prompts and on
+teacher-forced corpora.
 
 Pipeline (:func:`train_static_speculator`; the recipe ``recipes/train_static_speculator.py`` adds model loading,
 the prompt set and chat templating around it), one module per stage:
@@ -6,9 +7,11 @@ the prompt set and chat templating around it), one module per stage:
 1. **Self-distillation data** (:mod:`~atlas_rl.training.static_data`). The target answers every training prompt
    through the real engine without speculation, once per temperature of ``gen_temperatures`` (e.g. a greedy answer
    and a T=1 sample); a capture buffer turns the forwards it runs anyway into samples (features + top-K soft
-   labels). Cached in ``<output_dir>/data/``, keyed by every setting they depend on.
+   labels). Cached in ``<output_dir>/data/``, keyed by every setting they depend on. Then ``corpus_tokens``
+   labelled tokens of teacher-forced corpora (:mod:`~atlas_rl.training.static_corpus`: code, docs and chats built
+   from files on this machine; one target forward per batch, no generation), cached in resumable shards.
 2. **Draft vocabulary** (:mod:`~atlas_rl.training.static_vocab`). The ``draft_vocab_size`` target tokens with the
-   largest expected frequency in the generated data.
+   largest expected frequency in the target's own answers (``vocab_from_answers``; else in all the data).
 3. **Training-time test** (:mod:`~atlas_rl.training.static_train`). AdamW on the unrolled soft cross-entropy,
    length-bucketed batches, warmup then cosine decay; ``epochs`` over the data or until ``max_train_minutes``.
 4. **Held-out evaluation through the real engine** (:mod:`~atlas_rl.training.static_eval`). Mean acceptance
