@@ -5,7 +5,8 @@ The source may be
 - a head directory (``config.json`` + ``model.safetensors``, what :meth:`DraftHead.save_pretrained` writes);
 - a trainer checkpoint (``checkpoint-N/``; the Atlas trainers keep the adaptive head in
   ``checkpoint-N/atlas/atlas_adaptive_head/``) or its ``atlas/`` folder;
-- a run directory (its ``output_dir``): the newest ``checkpoint-N`` is used.
+- a run directory (the trainer's ``output_dir``, or a recipe's run dir with it in ``trainer/``): the newest
+  ``checkpoint-N`` is used.
 
 The head is loaded (which validates it: format, names, shapes) and written again with
 :meth:`DraftHead.save_pretrained` in the chosen dtype, its card (``atlas_card.json``) kept. An old (v1,
@@ -106,7 +107,10 @@ def resolve_head_dir(source: str | Path) -> Path:
     v1 = _v1_files(src)
     if v1:
         raise _v1_error(v1[0])
-    ckpt = newest_checkpoint(src) if src.is_dir() else None
+    ckpt = None
+    for folder in (src, src / "trainer"):  # a recipe / `atlas-rl demo` run dir keeps the trainer's in trainer/
+        if ckpt is None and folder.is_dir():
+            ckpt = newest_checkpoint(folder)
     if ckpt is not None:
         logger.info("newest checkpoint of %s: %s", src, ckpt.name)
         return resolve_head_dir(ckpt)

@@ -16,8 +16,9 @@ our engine's rule counts exactly what our engine counts. That figure is asserted
 
 The head: the shipped static head when it is in the EAGLE-3 layout (a directory), else one fitted here for three
 minutes by the static pipeline to the greedy completions of the 8 evaluation prompts (a plumbing head: it must
-draft well enough to exercise every draft position; its quality is not what is tested). Slow (~6-10 min on 2
-cores); skipped when the vLLM venv (``make vllm-env``: ``.venv-vllm/bin/python``) is absent.
+draft well enough to exercise every draft position; its quality is not what is tested). Slow (~2 min with the
+shipped head, ~6 min with the fallback, on 2 cores); skipped when the vLLM venv (``make vllm-env``:
+``.venv-vllm/bin/python``) is absent.
 """
 
 from __future__ import annotations
@@ -98,5 +99,6 @@ def test_stock_vllm_serves_our_head_with_our_outputs_and_acceptance(tmp_path):
     assert same["vllm_spec_vs_vllm_plain"] == PROMPTS, rep
     assert same["engine_spec_vs_engine_plain"] == PROMPTS, rep
     tau = rep["tau"]
-    assert tau["engine"] > 1.5, f"the head barely drafts (tau {tau['engine']:.2f}): the comparison would be empty"
+    drafted = rep["accepted_per_pos"]["engine"]
+    assert tau["engine"] > 1.2 and min(drafted[:3]) > 0, f"the head barely drafts ({rep}): the comparison is empty"
     assert abs(tau["engine"] - tau["vllm_engine_rule"]) <= 0.05, rep

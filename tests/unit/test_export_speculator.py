@@ -43,6 +43,9 @@ def test_export_from_run_dir_uses_newest_checkpoint_and_casts_weights(head, tmp_
         h.save_pretrained(run / f"checkpoint-{step}" / "atlas" / "atlas_adaptive_head", dtype=None, card={"s": step})
     out = export_head(run, tmp_path / "out", dtype="bfloat16")
     assert resolve_head_dir(run) == run / "checkpoint-20" / "atlas" / "atlas_adaptive_head"
+    (tmp_path / "recipe_run").mkdir()
+    (run).rename(tmp_path / "recipe_run" / "trainer")  # a recipe run dir: the trainer's output_dir is trainer/
+    assert resolve_head_dir(tmp_path / "recipe_run").parent.parent.name == "checkpoint-20"
     t = _tensors(out / "model.safetensors")
     assert t["norm.weight"].dtype == torch.bfloat16 and t["d2t"].dtype == torch.int64 and t["t2d"].dtype == torch.bool
     assert torch.equal(t["norm.weight"], (head.norm.weight * 2.0).to(torch.bfloat16))
