@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from atlas_rl.speculators.draft_head import DraftHead, DraftHeadConfig
+from atlas_rl.speculators.draft_head import DraftHead, DraftHeadConfig, default_fuse_layers
 
 if TYPE_CHECKING:  # annotations only: speculators sit below training (tests/unit/test_layering.py)
     from atlas_rl.training.samples import SequenceSample
@@ -56,7 +56,8 @@ class AdaptiveHeadConfig:
     Parameters:
         draft_vocab_size: tokens the head can propose (the first N of the static head's ranked vocabulary).
         intermediate_size: MLP width of the draft layer.
-        fuse_layers: target layers fused as features; None = the static head's, or (-1,) without one.
+        fuse_layers: target layers fused as features; None = the static head's, or vLLM's default aux layers
+            (2, L//2, L-3) of an L-layer target without one.
         warm_start: copy / slice the static head's weights when one is given.
     """
 
@@ -65,7 +66,10 @@ class AdaptiveHeadConfig:
     )
     intermediate_size: int = field(default=512, metadata={"help": "MLP width of the draft layer (static: 1536)."})
     fuse_layers: tuple[int, ...] | None = field(
-        default=None, metadata={"help": "Target layers fused as features; None = the static head's (else (-1,))."}
+        default=None,
+        metadata={
+            "help": "Target layers fused as features; None = the static head's (else vLLM's default aux layers)."
+        },
     )
     warm_start: bool = field(default=True, metadata={"help": "Initialise from the static head when given one."})
     train_lm_head: bool = field(
@@ -186,7 +190,9 @@ def build_adaptive_head(
         seed: initialisation seed of what is not copied.
     """
     cfg = config or AdaptiveHeadConfig()
-    fuse = cfg.fuse_layers or (tuple(static.config.fuse_layers) if static is not None else (-1,))
+    fuse = cfg.fuse_layers or (
+        tuple(static.config.fuse_layers) if static is not None else default_fuse_layers(model.config.num_hidden_layers)
+    )
     if vocab_ranking is None:
         vocab_ranking = static.draft_to_target if static is not None else None
     n = cfg.draft_vocab_size

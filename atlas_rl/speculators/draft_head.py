@@ -124,6 +124,12 @@ def _rope_theta(config: Any) -> float:
     return float(theta)
 
 
+def default_fuse_layers(num_layers: int) -> tuple[int, ...]:
+    """vLLM's default EAGLE-3 aux layers of an L-layer target, ``(2, L // 2, L - 3)``, clamped into ``[0, L - 1]``
+    (HF ``hidden_states`` indices; every one is a layer vLLM can hand the drafter)."""
+    return tuple(min(max(x, 0), num_layers - 1) for x in (2, num_layers // 2, num_layers - 3))
+
+
 def target_fingerprint(model: nn.Module) -> str:
     """A short description of the target a head belongs to (architecture, sizes, vocabulary)."""
     c = model.config

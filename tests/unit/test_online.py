@@ -194,7 +194,11 @@ def test_checkpoint_round_trip_is_bit_exact(target, captured, tmp_path):
         save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
         b.load(tmp_path / "other.safetensors")
     other = OnlineSpeculatorTrainer(
-        build_adaptive_head(target, config=AdaptiveHeadConfig(draft_vocab_size=V, intermediate_size=32)), train, cfg
+        build_adaptive_head(
+            target, config=AdaptiveHeadConfig(draft_vocab_size=V, intermediate_size=32, fuse_layers=FUSE)
+        ),
+        train,
+        cfg,
     )
     with pytest.raises(ValueError, match="trainer.safetensors.*shape"):
         other.load(path)
