@@ -1,11 +1,11 @@
 """The speculators a model gets by default, including the static draft head shipped inside the package.
 
 Shipped heads live in ``atlas_rl/data/speculators/<name>/`` (the EAGLE-3 directory vLLM loads: ``config.json``,
-``model.safetensors``, and the card ``atlas_card.json``). A head applies to a target when the target's :func:`~atlas_rl.speculators.draft_head.target_fingerprint`
-(architecture, layers, hidden size, vocabulary) equals the one the head was trained for: the embedded default
-SmolLM2-135M-Instruct — and the policies an RL run derives from it by fine-tuning, which keep its shapes — load
-``smollm2-135m-instruct-eagle3/`` automatically. Other models get no static head (logged at debug
-level) and fall back to the model-free suffix speculator.
+``model.safetensors``, and the card ``atlas_card.json``). A head applies to a target when the target's
+:func:`~atlas_rl.speculators.draft_head.target_fingerprint` (architecture, layers, hidden size, vocabulary) equals
+the one the head was trained for: the embedded default SmolLM2-135M-Instruct — and the policies an RL run derives
+from it by fine-tuning, which keep its shapes — load ``smollm2-135m-instruct-eagle3/`` automatically. Other models
+get no static head (logged at debug level) and fall back to the model-free suffix speculator.
 
 Reproduce the shipped head with ``recipes/train_static_speculator.py`` (the exact command is in its card).
 """
