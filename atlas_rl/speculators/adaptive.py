@@ -193,18 +193,8 @@ def build_adaptive_head(
     fuse = cfg.fuse_layers or (
         tuple(static.config.fuse_layers) if static is not None else default_fuse_layers(model.config.num_hidden_layers)
     )
-    if vocab_ranking is None:
-        vocab_ranking = static.draft_to_target if static is not None else None
     n = cfg.draft_vocab_size
-    if vocab_ranking is not None:
-        if vocab_ranking.numel() < n:
-            raise ValueError(
-                f"the vocabulary ranking holds {vocab_ranking.numel()} tokens, fewer than draft_vocab_size={n}: "
-                "lower AdaptiveHeadConfig.draft_vocab_size"
-            )
-        d2t = vocab_ranking.detach().long().flatten()[:n].cpu()
-    else:
-        d2t = torch.arange(n)
+    d2t = _first_tokens(vocab_ranking if vocab_ranking is not None else _static_ranking(static), n)
     overrides: dict = dict(
         draft_vocab_size=n, intermediate_size=cfg.intermediate_size, fuse_layers=fuse, train_lm_head=cfg.train_lm_head
     )
@@ -233,6 +223,22 @@ def build_adaptive_head(
         f" (static: {head_cost_macs(static.config) / 1e6:.2f} M)" if static is not None else "",
     )
     return head
+
+
+def _static_ranking(static: DraftHead | None) -> torch.Tensor | None:
+    return static.draft_to_target if static is not None else None
+
+
+def _first_tokens(ranking: torch.Tensor | None, n: int) -> torch.Tensor:  # ranking: [>= n] long -> [n] long
+    """The first ``n`` ids of a frequency ranking (the first ids without one)."""
+    if ranking is None:
+        return torch.arange(n)
+    if ranking.numel() < n:
+        raise ValueError(
+            f"the vocabulary ranking holds {ranking.numel()} tokens, fewer than draft_vocab_size={n}: "
+            "lower AdaptiveHeadConfig.draft_vocab_size"
+        )
+    return ranking.detach().long().flatten()[:n].cpu()
 
 
 @torch.no_grad()
