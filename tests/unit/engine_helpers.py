@@ -57,10 +57,24 @@ class BigramSpeculator:
         return out
 
 
-class NoisyOracleSpeculator:
-    """Greedy continuation of the target (teacher-forced, no cache), each token replaced with prob ``noise``."""
+class StatelessSpeculator:
+    """The lifecycle of a speculator that keeps no per-row state (start/observe/stop do nothing)."""
 
     hidden_layers: tuple[int, ...] = ()
+
+    def start(self, group_id: int, prompt_ids: list[int], row_ids: list[int]) -> None:
+        pass
+
+    def observe(self, row_id: int, emitted_ids: list[int]) -> None:
+        pass
+
+    def stop(self, group_id: int) -> None:
+        pass
+
+
+class NoisyOracleSpeculator(StatelessSpeculator):
+    """Greedy continuation of the target (teacher-forced, no cache), each token replaced with prob ``noise``."""
+
     name = "oracle"
 
     def __init__(self, model: torch.nn.Module, noise: float = 0.3, seed: int = 0) -> None:
@@ -75,15 +89,6 @@ class NoisyOracleSpeculator:
         if key not in self._greedy_next:
             self._greedy_next[key] = int(self.model(torch.tensor([seq])).logits[0, -1].argmax())
         return self._greedy_next[key]
-
-    def start(self, group_id: int, prompt_ids: list[int], row_ids: list[int]) -> None:
-        pass
-
-    def observe(self, row_id: int, emitted_ids: list[int]) -> None:
-        pass
-
-    def stop(self, group_id: int) -> None:
-        pass
 
     @torch.no_grad()
     def propose(self, rows: ProposeInput, max_tokens: list[int]) -> list[Draft]:

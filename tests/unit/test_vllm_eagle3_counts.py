@@ -5,6 +5,7 @@ net of its warm-up."""
 from __future__ import annotations
 
 import torch
+from engine_helpers import StatelessSpeculator
 
 from atlas_rl import SamplingParams
 from atlas_rl.bench.vllm_eagle3 import engine_rule_counts
@@ -22,24 +23,14 @@ def _wrong(n: int, j: int) -> bool:
     return (3 * n + 5 * j) % 7 in (0, 4)
 
 
-class ScriptedSpeculator:
+class ScriptedSpeculator(StatelessSpeculator):
     """Drafts the known greedy completion, corrupted by a fixed pattern: the draft at a prefix depends on the
     prefix only (as a deterministic head's does), whatever length is asked for."""
 
-    hidden_layers: tuple[int, ...] = ()
     name = "scripted"
 
     def __init__(self, prompt: list[int], completion: list[int]) -> None:
         self.prompt, self.completion = prompt, completion
-
-    def start(self, group_id: int, prompt_ids: list[int], row_ids: list[int]) -> None:
-        pass
-
-    def observe(self, row_id: int, emitted_ids: list[int]) -> None:
-        pass
-
-    def stop(self, group_id: int) -> None:
-        pass
 
     def draft_at(self, n: int, k: int) -> list[int]:
         y = self.completion + [0] * (k + 1)
