@@ -429,12 +429,18 @@ class DraftHead(nn.Module):
 
     # ----------------------------------------------------------------------------------------- I/O
     def save_pretrained(
-        self, directory: str | Path, dtype: torch.dtype | None = torch.float16, card: dict[str, Any] | None = None
+        self,
+        directory: str | Path,
+        dtype: torch.dtype | None = torch.float16,
+        card: dict[str, Any] | None = None,
+        max_shard_bytes: int | None = None,
     ) -> Path:
         """Write the directory vLLM loads as an EAGLE-3 drafter (see :mod:`~atlas_rl.speculators.draft_head_io`)."""
-        from atlas_rl.speculators.draft_head_io import save_pretrained
+        from atlas_rl.speculators.draft_head_io import MAX_SHARD_BYTES, save_pretrained
 
-        return save_pretrained(self, directory, dtype=dtype, card=card)
+        return save_pretrained(
+            self, directory, dtype=dtype, card=card, max_shard_bytes=max_shard_bytes or MAX_SHARD_BYTES
+        )
 
     @classmethod
     def from_pretrained(

@@ -29,9 +29,21 @@ FORMAT = "atlas-rl/draft-head/v2"
 OLD_FORMAT = "atlas-rl/draft-head/v1"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"  # sharded weights: Hugging Face's index, which vLLM's loader reads
+MAX_SHARD_BYTES = 16 * 1024 * 1024  # shards stay small enough for a git repository without LFS
 CARD_FILE = "atlas_card.json"
 
-__all__ = ["CARD_FILE", "CONFIG_FILE", "FORMAT", "WEIGHTS_FILE", "from_pretrained", "read_card", "save_pretrained"]
+__all__ = [
+    "CARD_FILE",
+    "CONFIG_FILE",
+    "FORMAT",
+    "INDEX_FILE",
+    "WEIGHTS_FILE",
+    "from_pretrained",
+    "read_card",
+    "save_pretrained",
+    "weight_files",
+]
 
 
 def _to_vllm_name(name: str) -> str:
@@ -94,24 +106,68 @@ def save_pretrained(
     directory: str | Path,
     dtype: torch.dtype | None = torch.float16,
     card: dict[str, Any] | None = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> Path:
-    """Write ``config.json``, ``model.safetensors`` (and ``atlas_card.json`` when ``card``) into ``directory``.
+    """Write ``config.json``, the weights (and ``atlas_card.json`` when ``card``) into ``directory``.
 
-    Files are written to temporary names and renamed, so a crash never leaves a half-written head behind.
+    Weights up to ``max_shard_bytes`` go into ``model.safetensors``; larger heads into
+    ``model-0000i-of-0000n.safetensors`` shards with ``model.safetensors.index.json`` (the Hugging Face layout vLLM
+    loads). Files are written to temporary names and renamed, so a crash never leaves a half-written file behind;
+    weight files of an earlier save that the new one does not use are removed after it.
     """
-    from safetensors.torch import save_file
-
     if not head.lm_head_ready:
         raise ValueError("the head's output rows are not initialised: bind_target(model, init_lm_head=True) first")
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     dtype_out = dtype or head.fc.weight.dtype
-    tensors = _state_tensors(head, dtype)
-    _atomic(d / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": FORMAT}))
+    old = set(weight_files(d))
+    new = _save_weights(d, _state_tensors(head, dtype), max_shard_bytes)
     _atomic(d / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(vllm_config(head, dtype_out), indent=2) + "\n"))
     if card is not None:
         _atomic(d / CARD_FILE, lambda p: Path(p).write_text(json.dumps(card, indent=1, sort_keys=False) + "\n"))
+    for stale in old - set(new) - ({d / INDEX_FILE} if len(new) > 1 else set()):
+        stale.unlink(missing_ok=True)
+    if len(new) == 1:
+        (d / INDEX_FILE).unlink(missing_ok=True)
     return d
+
+
+def _save_weights(d: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[Path]:
+    """Write ``tensors`` as one file or as shards + index (see :func:`save_pretrained`); the weight files."""
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in tensors.items():
+        n = v.numel() * v.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += n
+    if len(shards) == 1:
+        _atomic(d / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": FORMAT}))
+        return [d / WEIGHTS_FILE]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, part in zip(names, shards):
+        _atomic(d / name, lambda p, part=part: save_file(part, p, metadata={"format": FORMAT}))
+    total = sum(v.numel() * v.element_size() for v in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": {k: n for n, part in zip(names, shards) for k in part}}
+    _atomic(d / INDEX_FILE, lambda p: Path(p).write_text(json.dumps(index, indent=2) + "\n"))
+    return [d / n for n in names]
+
+
+def weight_files(d: Path) -> list[Path]:
+    """The weight files of head directory ``d``: the shards its index names, else ``model.safetensors``; [] when
+    it has neither (an unreadable index raises ``ValueError`` naming it)."""
+    index = d / INDEX_FILE
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index} is not a readable safetensors index: {e!r}") from e
+        return [d / n for n in names]
+    return [d / WEIGHTS_FILE] if (d / WEIGHTS_FILE).is_file() else []
 
 
 def _atomic(path: Path, write: Any) -> None:
@@ -139,9 +195,14 @@ def _check_directory(d: Path) -> None:
         raise ValueError(f"{d} is a file, not a draft-head directory (config.json + model.safetensors)")
     if not d.is_dir():
         raise FileNotFoundError(f"draft head directory not found: {d}")
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (d / name).is_file():
-            raise FileNotFoundError(f"{d / name} is missing: {d} is not a draft-head directory")
+    if not (d / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{d / CONFIG_FILE} is missing: {d} is not a draft-head directory")
+    files = weight_files(d)
+    if not files:
+        raise FileNotFoundError(f"{d / WEIGHTS_FILE} (or {INDEX_FILE}) is missing: {d} is not a draft-head directory")
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} is missing: {d / INDEX_FILE} names it")
 
 
 def _file_format(path: Path) -> str | None:
@@ -216,8 +277,9 @@ def from_pretrained(
     d = Path(directory)
     _check_directory(d)
     config = _config_from_json(d / CONFIG_FILE)
-    wpath = d / WEIGHTS_FILE
-    tensors = {_from_vllm_name(k): v for k, v in _read_tensors(wpath).items()}
+    files = weight_files(d)
+    wpath = files[0] if len(files) == 1 else d / INDEX_FILE  # named in errors about the weights
+    tensors = {_from_vllm_name(k): v for f in files for k, v in _read_tensors(f).items()}
     tensors.pop("embed_tokens.weight", None)  # a stock checkpoint may carry the target's embedding: we share it
     head = DraftHead(config, draft_to_target=_draft_to_target(wpath, tensors, config))
     expected = {k: v for k, v in head.state_dict().items() if k != "draft_to_target"}

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from atlas_rl.speculators.draft_head_io import INDEX_FILE
+
 if TYPE_CHECKING:
     from atlas_rl.speculators.draft_head import DraftHead
 
@@ -45,8 +47,11 @@ class ExportError(ValueError):
 
 def is_head_dir(path: Path) -> bool:
     """True when ``path`` holds a draft head: ``config.json`` (an EAGLE-3 architecture or our head format) and
-    ``model.safetensors``. A trainer checkpoint holds the same two files for the POLICY: not a head."""
-    if not (path.is_dir() and all((path / f).is_file() for f in HEAD_FILES)):
+    ``model.safetensors`` (or its shards' index). A trainer checkpoint holds the same files for the POLICY: not a
+    head."""
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        return False
+    if not ((path / "model.safetensors").is_file() or (path / INDEX_FILE).is_file()):
         return False
     try:
         cfg = json.loads((path / "config.json").read_text())
@@ -160,7 +165,7 @@ def _check_range(head: DraftHead, head_dir: Path, dtype: torch.dtype) -> None:
     for name, t in head.state_dict().items():
         if t.is_floating_point() and t.numel() and float(t.abs().max()) > limit:
             raise ExportError(
-                f"{head_dir / 'model.safetensors'}: {name} holds values beyond the {dtype} range (|x| > {limit:g}); "
+                f"{head_dir}: tensor {name} holds values beyond the {dtype} range (|x| > {limit:g}); "
                 "export with --dtype bfloat16 or float32"
             )
 

@@ -271,3 +271,26 @@ def test_config_validation_messages():
         DraftHeadConfig(hidden_size=8, target_vocab_size=10, draft_vocab_size=20)
     with pytest.raises(ValueError, match="fuse_layers"):
         DraftHeadConfig(hidden_size=8, target_vocab_size=10, draft_vocab_size=5, fuse_layers=())
+
+
+def test_large_heads_are_sharded_with_an_index_and_load_back_bit_exact(model, tmp_path):
+    """Over ``max_shard_bytes`` the weights go into HF-style shards + model.safetensors.index.json (what vLLM's
+    loader reads); re-saving small removes the shards and the index."""
+    head = _head(model, dtype=torch.float32)
+    d = head.save_pretrained(tmp_path / "head", dtype=None, max_shard_bytes=4096)
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and not (d / "model.safetensors").exists()
+    per_shard = {s: [k for k, v in index["weight_map"].items() if v == s] for s in shards}
+    for s, names in per_shard.items():  # a shard over the bound holds one tensor that alone exceeds it
+        assert (d / s).is_file() and ((d / s).stat().st_size < 4096 + 2048 or len(names) == 1), (s, names)
+    assert {"fc.weight", "midlayer.self_attn.q_proj.weight", "d2t", "t2d"} <= set(index["weight_map"])
+    back = DraftHead.from_pretrained(d, target=model)
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in head.state_dict().items())
+    head.save_pretrained(d, dtype=None)
+    assert sorted(p.name for p in d.iterdir()) == ["config.json", "model.safetensors"]
+    (d / "model.safetensors").unlink()
+    head.save_pretrained(d, dtype=None, max_shard_bytes=4096)
+    (d / shards[0]).unlink()
+    with pytest.raises(FileNotFoundError, match=shards[0]):
+        DraftHead.from_pretrained(d)

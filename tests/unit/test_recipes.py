@@ -224,3 +224,30 @@ def test_task_config_rejects_bad_numbers():
         TaskRunConfig(learning_rate="fast")
     with pytest.raises(ValueError, match="temperature must be a number >= 0"):
         TaskRunConfig(temperature=-1.0)
+
+
+def test_pruned_draft_vocab_keeps_the_most_frequent_rows_and_drafts_losslessly():
+    """recipes/prune_draft_vocab.py: the first n draft tokens (the most frequent) with their output rows; nothing
+    else changes, and the smaller head keeps greedy output identical to plain decoding."""
+    import torch
+
+    from atlas_rl import SamplingParams
+    from atlas_rl.controller import FixedController
+    from atlas_rl.models import tiny_llama
+    from atlas_rl.rollout import RolloutEngine
+    from atlas_rl.speculators.draft_head import DraftHead, DraftHeadConfig
+    from atlas_rl.speculators.head_speculator import DraftHeadSpeculator
+
+    spec = importlib.util.spec_from_file_location("prune_draft_vocab", ROOT / "recipes/prune_draft_vocab.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model = tiny_llama(vocab_size=64, seed=0)
+    cfg = DraftHeadConfig.from_target(model, draft_vocab_size=48, fuse_layers=(1, 2), intermediate_size=32)
+    head = DraftHead(cfg, draft_to_target=torch.randperm(64)[:48]).bind_target(model, init_lm_head=True)
+    small = mod.pruned(head, 40).bind_target(model)
+    assert small.config.draft_vocab_size == 40 and torch.equal(small.draft_to_target, head.draft_to_target[:40])
+    assert torch.equal(small.lm_head.weight, head.lm_head.weight[:40]) and torch.equal(small.fc.weight, head.fc.weight)
+    sp = SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True)
+    base = RolloutEngine(model).generate([[1, 2, 3], [4, 5]], sp)
+    eng = RolloutEngine(model, speculators=[DraftHeadSpeculator(small)], controller=FixedController(3))
+    assert eng.generate([[1, 2, 3], [4, 5]], sp).completion_ids == base.completion_ids
