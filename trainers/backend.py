@@ -111,6 +111,14 @@ def _replace_atomically(path: Path, write: Any) -> None:
     os.replace(tmp, path)
 
 
+def resolve_capture_mode(options: Any) -> str:
+    """``atlas_capture`` "auto" -> "trainer" when vLLM rolls out (it hands out no hidden states), else "engine"."""
+    mode = getattr(options, "atlas_capture", "auto")
+    if mode == "auto":
+        return "trainer" if getattr(options, "atlas_engine", "torch") == "vllm" else "engine"
+    return mode
+
+
 def group_runs(prompt_ids: list[list[int]]) -> tuple[list[list[int]], list[int]]:
     """Collapse runs of identical consecutive prompts: ``(unique prompts, run lengths)``."""
     uniq: list[list[int]] = []
@@ -160,6 +168,9 @@ class AtlasRolloutBackend:
         self._deferred_budget = 0.0
         self.last_probe: dict[str, float] = {}
         self.last_capture_s = 0.0
+        # who feeds the adaptive head's buffer: "engine" (the engine's capture hook during the rollout) or
+        # "trainer" (hooks on the trainer's own loss forward over prompt + completion: vLLM hands out no features)
+        self.capture_mode = resolve_capture_mode(options)
         self.last_segments: list[int] = []  # decode steps of each atlas engine segment of the last rollout
         self.train_failures = 0  # failed retraining runs (whole run)
         self._failures_in_a_row = 0
@@ -196,7 +207,7 @@ class AtlasRolloutBackend:
             eos_token_ids=self.eos_token_ids,
         )
         self.engine.policy_version = self.policy_version
-        if self.buffer is not None and self.is_trainer_rank:
+        if self.buffer is not None and self.is_trainer_rank and self.capture_mode == "engine":
             self.buffer.attach(self.engine)
         self._model = model
         if self._pending_dir is not None:
@@ -235,9 +246,11 @@ class AtlasRolloutBackend:
         self.last_rollout_s = stats.total_s
         self.last_stats = stats
         self.total.merge(stats)
-        if self.buffer is not None:
+        if self.buffer is not None and self.capture_mode == "engine":
             self.buffer.flush()
             self.last_capture_s = self.buffer.hook_s - hook0
+        else:
+            self.last_capture_s = 0.0  # the trainer's forward adds its capture time
         self.last_probe = self._probe_acceptance()
         self._after_rollout()
         self._log_progress(stats)
@@ -329,7 +342,9 @@ class AtlasRolloutBackend:
             return {}
         from atlas_rl.training.acceptance import estimate_acceptance, first_labeled_window
 
-        fresh = [s for s in self.buffer.samples(min_version=self.policy_version) if s.num_labels > 0]
+        # with the trainer's capture this rollout's samples arrive in its loss forward: probe the newest ones
+        newest = self.policy_version if self.capture_mode == "engine" else self.buffer.newest_version
+        fresh = [s for s in self.buffer.samples(min_version=newest) if s.num_labels > 0] if newest is not None else []
         if not fresh:
             return {}
         picked = [fresh[(i * len(fresh)) // min(n, len(fresh))] for i in range(min(n, len(fresh)))]
@@ -356,7 +371,7 @@ class AtlasRolloutBackend:
                 continue
             if zero3:
                 head.bind_target(model, init_lm_head=False, copy_embedding=True)
-            if not head.config.train_lm_head:
+            if not head.config.train_lm_head and head.rows_follow_target:  # else: trained rows (e.g. the static's)
                 with torch.no_grad():
                     out = model.get_output_embeddings().weight
                     head.lm_head.weight.copy_(out[head.draft_to_target.to(out.device)].to(head.lm_head.weight.dtype))

@@ -28,6 +28,21 @@ class AtlasArgs:
             "The last two leave TRL's generation untouched, for A/B runs."
         },
     )
+    atlas_engine: str = field(
+        default="torch",
+        metadata={
+            "help": "Who executes the atlas rollouts: 'torch' (our PyTorch engine, per-row speculation control; CPUs "
+            "and small models) or 'vllm' (a colocated vllm.LLM drafting with our EAGLE-3 heads; GPU users)."
+        },
+    )
+    atlas_capture: str = field(
+        default="auto",
+        metadata={
+            "help": "Where the adaptive head's training data comes from: 'engine' (the rollout's verification "
+            "forwards), 'trainer' (hooks on the trainer's loss forward over prompt + completion) or 'auto' "
+            "('trainer' with atlas_engine='vllm', which hands out no hidden states; else 'engine')."
+        },
+    )
     atlas_speculators: str = field(
         default="auto",
         metadata={
@@ -130,6 +145,7 @@ class AtlasArgs:
         if self.generation_backend == "atlas":
             self._check_atlas_sampling()
         self._check_speculators()
+        self._check_engine()
         self._resolve_num_speculative_tokens()
         self._check_atlas_numbers()
 
@@ -178,6 +194,16 @@ class AtlasArgs:
             )
         if self.atlas_controller not in ("auto", "fixed"):
             raise ValueError(f"atlas_controller must be 'auto' or 'fixed', got {self.atlas_controller!r}")
+
+    def _check_engine(self) -> None:
+        if self.atlas_engine not in ("torch", "vllm"):
+            raise ValueError(f"atlas_engine must be 'torch' or 'vllm', got {self.atlas_engine!r}")
+        if self.atlas_capture not in ("auto", "engine", "trainer"):
+            raise ValueError(f"atlas_capture must be 'auto', 'engine' or 'trainer', got {self.atlas_capture!r}")
+        if self.atlas_engine == "vllm" and self.atlas_capture == "engine":
+            raise ValueError(
+                "atlas_capture='engine' needs atlas_engine='torch': vLLM hands out no hidden states; use 'auto'"
+            )
 
     def _resolve_num_speculative_tokens(self) -> None:
         """``atlas_max_draft_tokens`` (deprecated) sets ``atlas_num_speculative_tokens`` for one more release."""

@@ -28,6 +28,7 @@ from transformers import TrainerCallback
 from atlas_rl.types import SamplingParams
 
 from .backend import LAST_VALUE_METRICS, AtlasRolloutBackend
+from .capture import TrainerCapture
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,12 @@ class AtlasTrainerMixin:
         from atlas_rl.rollout.engine import check_model_supported
 
         check_model_supported(self.accelerator.unwrap_model(self.model))
-        self.atlas_backend = AtlasRolloutBackend(
+        backend_cls = AtlasRolloutBackend
+        if getattr(args, "atlas_engine", "torch") == "vllm":
+            from .vllm_backend import AtlasVllmBackend
+
+            backend_cls = AtlasVllmBackend
+        self.atlas_backend = backend_cls(
             args,
             eos_token_ids=list(self.eos_token_ids),
             process_index=self.accelerator.process_index,
@@ -115,6 +121,8 @@ class AtlasTrainerMixin:
         super().log(logs, start_time)
 
     def _generate(self, prompts: list):
+        if self.atlas_backend is not None and self.model.training:  # a training rollout: owed to the capture
+            self._atlas_trainer_capture().new_rollout(len(prompts))
         self._atlas_in_generate = True
         try:
             return super()._generate(prompts)
@@ -164,6 +172,39 @@ class AtlasTrainerMixin:
         for key, value in self.atlas_backend.metrics().items():
             self._metrics[mode][key].append(value)
         return (completion_ids, logprobs) if self._atlas_returns_logprobs else completion_ids
+
+    # --------------------------------------------------------------------------------------- trainer capture
+    def _atlas_trainer_capture(self) -> TrainerCapture:
+        cap = self.__dict__.get("_atlas_capture")
+        if cap is None:
+            cap = self.__dict__["_atlas_capture"] = TrainerCapture(self.atlas_backend)
+        return cap
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        """TRL's log-probability forward; with ``capture_mode == "trainer"`` its first loss forward over each rollout
+        row also feeds the adaptive head's buffer (see :mod:`.capture`). The result is TRL's, unchanged."""
+
+        def forward():  # noqa: ANN202 - TRL's (logps, entropies, aux_loss)
+            return super(AtlasTrainerMixin, self)._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
+
+        cap = self.__dict__.get("_atlas_capture")
+        if self.atlas_backend is None or cap is None or not cap.wanted():
+            return forward()
+        policy = self.accelerator.unwrap_model(model)
+        if policy is not self.accelerator.unwrap_model(self.model):
+            return forward()
+        policy = policy.get_base_model() if hasattr(policy, "get_base_model") else policy  # PEFT
+        out, secs = cap.run(policy, input_ids, attention_mask, int(logits_to_keep), forward)
+        # the rollout's metrics were logged when it was generated: add the capture to this rollout's entry
+        self.atlas_backend.last_capture_s += secs
+        entries = self._metrics["train"]["atlas/rollout_capture_s"]
+        if entries:
+            entries[-1] += secs
+        else:
+            entries.append(secs)
+        return out
 
     # --------------------------------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, model, trial):

@@ -285,6 +285,7 @@ class OnlineSpeculatorTrainer:
             s.policy_version,
         )  # fmt: skip
 
+    @torch.enable_grad()  # a deferred step runs inside the trainer's generation (no_grad): it must still train
     def _one_step(self, samples: list[SequenceSample], version: int) -> tuple[bool, float, float]:
         c = self.config
         head = self.train_head
