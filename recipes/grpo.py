@@ -8,8 +8,10 @@ config (``--atlas_controller fixed``); ``--set key=value`` (a YAML line, e.g. ``
 ``--help`` lists the run's options.
 """
 
+from atlas_rl.openmp import preload_intel_openmp
 from atlas_rl.trainers.runner import recipe_main
 
 if __name__ == "__main__":
+    preload_intel_openmp()  # where this environment ships Intel OpenMP (the vLLM venv): vLLM on CPU ~2x faster
     run_dir = recipe_main("grpo", __doc__)
     print(f"run directory: {run_dir} (report: {run_dir / 'report.html'})")

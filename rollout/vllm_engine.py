@@ -116,8 +116,8 @@ def _set_process_env(cfg: VllmEngineConfig) -> None:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{max(0, (os.cpu_count() or 1) - 1)}")
         if "libiomp5" not in os.environ.get("LD_PRELOAD", ""):
             logger.warning(
-                "vLLM on CPU without Intel OpenMP preloaded runs ~2x slower: start with `atlas-rl launch` or set "
-                "LD_PRELOAD to the libiomp5.so of the vLLM environment"
+                "vLLM on CPU without Intel OpenMP preloaded runs ~2x slower: the recipes preload it "
+                "(atlas_rl.openmp.preload_intel_openmp); else start Python with LD_PRELOAD=<venv>/lib/libiomp5.so"
             )
 
 

@@ -124,3 +124,22 @@ def test_vllm_engine_refuses_what_it_cannot_draft_with(tmp_path):
     tr = _trainer(tmp_path / "b")
     with pytest.raises(ValueError, match="needs a static draft head"):  # none ships for the tiny model
         tr.atlas_backend._heads(tr.model)
+
+
+def test_intel_openmp_preload_only_where_shipped(tmp_path, monkeypatch):
+    from atlas_rl import openmp
+
+    assert openmp.intel_openmp_library(str(tmp_path)) is None
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "libiomp5.so").write_bytes(b"")
+    assert openmp.intel_openmp_library(str(tmp_path)) == tmp_path / "lib" / "libiomp5.so"
+    calls = []
+    monkeypatch.setattr(openmp.os, "execve", lambda *a: calls.append(a))
+    monkeypatch.setattr(openmp, "intel_openmp_library", lambda prefix=None: tmp_path / "lib" / "libiomp5.so")
+    monkeypatch.setenv("LD_PRELOAD", "/x/libiomp5.so")
+    assert openmp.preload_intel_openmp(["r.py"]) is False and not calls  # already preloaded
+    monkeypatch.setenv("LD_PRELOAD", "")
+    monkeypatch.delenv(openmp.OPT_OUT, raising=False)
+    assert openmp.preload_intel_openmp(["r.py", "--x"]) is True
+    ((exe, args, env),) = calls
+    assert args[1:] == ["r.py", "--x"] and env["LD_PRELOAD"].endswith("libiomp5.so") and env[openmp.OPT_OUT] == "1"
