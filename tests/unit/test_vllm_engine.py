@@ -97,6 +97,7 @@ def test_stats_from_vllm_counters():
         (dict(atlas_engine="sglang"), "atlas_engine must be"),
         (dict(atlas_capture="prefill"), "atlas_capture must be"),
         (dict(atlas_engine="vllm", atlas_capture="engine"), "hands out no hidden states"),
+        (dict(atlas_vllm_drafter="sometimes"), "atlas_vllm_drafter must be"),
     ],
 )
 def test_engine_options_are_checked(tmp_path, kw, match):
