@@ -202,6 +202,9 @@ class AtlasVllmBackend(AtlasRolloutBackend):
 
     def _before_rollout(self) -> None:
         super()._before_rollout()  # join the retraining, publish the adaptive head
+        # both heads on the newest captured samples, the adaptive one with the weights just published: a head that
+        # collapsed in its last retraining is seen before it drafts
+        self.last_probe = super()._probe_acceptance()
         self._choose_drafter()
         self._plan(self._next_prompts)
 
@@ -221,6 +224,11 @@ class AtlasVllmBackend(AtlasRolloutBackend):
         elif want == "static" and self.drafting != "static":
             self.engine.update_drafter(self.static_head, name="static")
         self.drafting = want
+
+    def _probe_acceptance(self) -> dict[str, float]:
+        """After a rollout nothing is new to probe (its samples arrive with the trainer's loss forward): the probe
+        ran before the rollout (:meth:`_before_rollout`)."""
+        return self.last_probe
 
     def on_policy_update(self, version: int) -> None:
         """Only the version moves here; the weights are pushed before the next rollout (with the model TRL hands

@@ -8,6 +8,9 @@ shipped static head, the adaptive head retrained from the trainer's own loss for
   is the trainer's, and the greedy completions change as the policy does (so a stale copy would be caught);
 * the logprobs vLLM hands to TRL agree with TRL's own recompute (``sampling/sampling_logp_difference/max``, which
   TRL logs for its vLLM path) within 1e-3;
+* a collapsed adaptive head never drafts: the script wrecks the head's training copy after step 2 (published before
+  the rollout of step 3) and restores it after step 3; at step 3 the probe sees it (estimated acceptance below the
+  static head's) and vLLM's drafter holds the static head's weights;
 * the adaptive head retrained (steps > 0), its weights reached vLLM's drafter, and, on the final policy's own
   greedy samples, its acceptance length measured in vLLM is at least the static head's, with completions
   identical under either head (lossless).
@@ -87,3 +90,11 @@ def test_adaptive_head_retrains_and_drafts_at_least_as_well_as_static(report):
         f"final policy, greedy, vLLM tau: static {final['static']['tau']:.3f}, adaptive {final['adaptive']['tau']:.3f}"
     )
     assert final["adaptive"]["tau"] >= final["static"]["tau"]
+
+
+def test_a_collapsed_adaptive_head_never_drafts(report):
+    step3 = report["steps"][2]
+    probe = step3["probe"]
+    assert probe["atlas/estimated_acceptance_length/adaptive"] < probe["atlas/estimated_acceptance_length/static"]
+    assert step3["drafting"] == "static"
+    assert step3["drafter"] == report["final"]["static"]["drafter"]  # vLLM holds the static head's weights

@@ -51,6 +51,23 @@ if __name__ == "__main__":
             self.trainer = None
             self.steps: list[dict] = []
 
+        def inject(self, step: int) -> None:
+            """A collapsed retraining: after step 2 the adaptive head's training copy is wrecked (it is published
+            before the rollout of step 3), after step 3 it is restored."""
+            tr = self.trainer.atlas_backend.adaptive_trainer
+            if step not in (2, 3):
+                return
+            tr.wait()  # no background step may run while the weights are swapped
+            head = tr.train_head
+            with torch.no_grad():
+                if step == 2:
+                    self.saved = {k: v.clone() for k, v in head.state_dict().items()}
+                    for p in head.parameters():
+                        if p.requires_grad:
+                            p.add_(torch.randn_like(p), alpha=float(p.detach().abs().mean()) * 4)
+                else:
+                    head.load_state_dict(self.saved)
+
         def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
             b = self.trainer.atlas_backend
             b.on_policy_update(int(state.global_step))  # (runs before the trainer's own version callback)
@@ -62,6 +79,8 @@ if __name__ == "__main__":
             rec["adaptive_train_steps"] = b.adaptive_trainer.num_steps if b.adaptive_trainer else 0
             rec["buffer_samples"] = len(b.buffer) if b.buffer is not None else 0
             rec["drafter"] = drafter_fingerprint(b.engine)
+            rec["probe"] = dict(b.last_probe)
+            self.inject(int(state.global_step))
             self.steps.append(rec)
             return control
 
