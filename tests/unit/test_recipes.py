@@ -251,3 +251,11 @@ def test_pruned_draft_vocab_keeps_the_most_frequent_rows_and_drafts_losslessly()
     base = RolloutEngine(model).generate([[1, 2, 3], [4, 5]], sp)
     eng = RolloutEngine(model, speculators=[DraftHeadSpeculator(small)], controller=FixedController(3))
     assert eng.generate([[1, 2, 3], [4, 5]], sp).completion_ids == base.completion_ids
+
+
+def test_vllm_recipe_configs_parse(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cfg = parse_recipe_args("grpo", "", ["--config", "recipes/configs/grpo_vllm.yaml"])
+    assert cfg.backend == "atlas" and cfg.extra == {"atlas_engine": "vllm"}
+    cfg = parse_recipe_args("grpo", "", ["--config", "recipes/configs/grpo_vllm_server.yaml"])
+    assert cfg.backend == "vllm" and cfg.extra["vllm_mode"] == "server"
