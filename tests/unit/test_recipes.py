@@ -258,4 +258,4 @@ def test_vllm_recipe_configs_parse(monkeypatch):
     cfg = parse_recipe_args("grpo", "", ["--config", "recipes/configs/grpo_vllm.yaml"])
     assert cfg.backend == "atlas" and cfg.extra == {"atlas_engine": "vllm"}
     cfg = parse_recipe_args("grpo", "", ["--config", "recipes/configs/grpo_vllm_server.yaml"])
-    assert cfg.backend == "vllm" and cfg.extra["vllm_mode"] == "server"
+    assert cfg.extra == {"atlas_engine": "vllm", "atlas_vllm_server": "http://VLLM_HOST:8000"}
