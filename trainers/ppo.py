@@ -25,6 +25,7 @@ first epoch sees the unchanged policy, so its ratio is 1 up to float error (logg
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -107,6 +108,8 @@ class AtlasPPOTrainer(Trainer):
         train_dataset: rows with a ``prompt`` (text or a conversation); other columns reach the reward functions.
         processing_class: the policy's tokenizer.
     """
+
+    _atlas_capturing = False  # inside the first PPO epoch of an update (the adaptive head's capture, vLLM)
 
     _tag_names = ["trl", "ppo", "atlas"]
 
@@ -413,6 +416,7 @@ class AtlasPPOTrainer(Trainer):
         first_dev = float("nan")
         model.train()
         for epoch in range(args.num_ppo_epochs):
+            self._atlas_capturing = epoch == 0  # every rollout row passes once through the first epoch
             order = torch.randperm(n, generator=self._shuffle)
             for m in range(args.num_mini_batches):
                 idx = order[m * args.mini_batch_size : (m + 1) * args.mini_batch_size]
@@ -453,13 +457,36 @@ class AtlasPPOTrainer(Trainer):
         model.zero_grad()
         return max_dev
 
+    @contextlib.contextmanager
+    def _atlas_capture(self, mb: PackedBatch) -> Iterator[None]:
+        """With ``capture_mode == "trainer"`` (vLLM rolls out): the adaptive head's samples from this first-epoch
+        forward (hooks on the policy, no extra forward), tagged with the rollout's policy version, rank 0."""
+        b = self.atlas_backend
+        if not (self._atlas_capturing and b is not None and b.capture_mode == "trainer" and b.buffer is not None):
+            yield
+            return
+        if not b.is_trainer_rank:
+            yield
+            return
+        from atlas_rl.training.forward_capture import ForwardCapture
+
+        cfg = b.buffer.config
+        t0 = time.perf_counter()
+        with ForwardCapture(self.policy, tuple(cfg.fuse_layers), top_k=cfg.top_k, feat_dtype=cfg.feat_dtype) as cap:
+            yield
+            with torch.no_grad():
+                samples = cap.samples(mb.input_ids, mb.attention_mask, mb.response_mask.shape[1], b.policy_version)
+        b.buffer.add([x for x in samples if x.num_labels > 0])
+        b.last_capture_s += time.perf_counter() - t0
+
     def _micro_step(
         self, model: nn.Module, mb: PackedBatch, exp: dict[str, torch.Tensor], gas: int
     ) -> tuple[dict[str, float], float]:
         args, mask = self.args, mb.response_mask
-        logits, vpred_all = model(
-            input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids
-        )
+        with self._atlas_capture(mb):
+            logits, vpred_all = model(
+                input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids
+            )
         new_logprobs, entropy = response_logprobs(logits, mb, args.temperature)
         p = mb.context_length
         vpred = vpred_all[:, p - 1 : -1]

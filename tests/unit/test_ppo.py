@@ -349,3 +349,17 @@ def test_without_stop_token_every_completion_has_response_length(tmp_path, backe
     trainer.train()
     assert len(seen) == 16 and all(len(c) == 12 for c in seen)
     assert _logs(trainer)[0]["objective/scores"] == 1.0  # no stop token configured: no missing-EOS penalty
+
+
+def test_trainer_capture_feeds_the_adaptive_head_from_the_first_epoch(tmp_path):
+    """atlas_capture="trainer" (what vLLM rollouts use): the adaptive head's samples come from the first PPO epoch's
+    policy forward, one per rollout row, tagged with the version that generated it; the engine hook stays off."""
+    trainer = _trainer(_config(tmp_path, atlas_capture="trainer", max_steps=3, num_ppo_epochs=2))
+    trainer.train()
+    b = trainer.atlas_backend
+    rows = trainer.args.rollout_batch_size
+    versions = sorted(s.policy_version for s in b.buffer.samples())
+    assert b.capture_mode == "trainer"
+    assert versions == [0] * rows + [1] * rows + [2] * rows  # every row of an update once, despite 2 epochs
+    assert all(s.num_labels > 0 and s.has_feats.any() for s in b.buffer.samples())
+    assert b.adaptive_trainer.num_steps > 0
