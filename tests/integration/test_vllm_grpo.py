@@ -12,8 +12,9 @@ run in the vLLM venv by ``vllm_grpo_script.py``. Asserted:
   (published before the rollout of step 3) and restores it after step 3; at step 3 the probe sees it (estimated
   acceptance below the static head's) and vLLM's drafter holds the static head's weights;
 * the adaptive head retrained (steps > 0; the run gives it >= 6 s per RL step, the default being 10% of the
-  rollout), its weights reached vLLM's drafter, and, on the final policy's own greedy samples (8 prompts x 96), its acceptance length measured in vLLM is at least the static head's, with completions
-  identical under either head (lossless).
+  rollout), its weights reached vLLM's drafter, and, on the final policy's own greedy samples (8 prompts x 96),
+  its acceptance length measured in vLLM is at least the static head's, with completions identical under either
+  head (lossless).
 
 Slow (~8 min on 2 cores); skipped when the vLLM venv (``make vllm-env``) is absent.
 """
