@@ -379,13 +379,14 @@ class AtlasRolloutBackend:
             object.__setattr__(self.adaptive_trainer.train_head, "_embed", self.adaptive_head._embed)
 
     def _train_budget(self) -> float:
-        """Seconds of retraining after this rollout: the fraction of its wall time (at least the minimum), less
-        what the acceptance probe already spent, so probe + retraining stay within the fraction."""
+        """Seconds of retraining after this rollout: the fraction of its wall time less what the acceptance probe
+        already spent (probe + retraining stay within the fraction), but never under ``atlas_adaptive_train_min_s``
+        (a slow probe on a loaded machine must not starve the retraining)."""
         frac = self.options.atlas_adaptive_train_fraction
         if frac <= 0 or self._train_disabled:
             return 0.0
-        budget = max(self.options.atlas_adaptive_train_min_s, frac * self.last_rollout_s)
-        return max(0.0, budget - self.last_probe.get("atlas/acceptance_probe_s", 0.0))
+        spent = self.last_probe.get("atlas/acceptance_probe_s", 0.0)
+        return max(self.options.atlas_adaptive_train_min_s, frac * self.last_rollout_s - spent, 0.0)
 
     def _after_rollout(self) -> None:
         if self.adaptive_trainer is None or not self.is_trainer_rank:

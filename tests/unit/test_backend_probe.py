@@ -40,3 +40,5 @@ def test_probe_time_comes_out_of_the_retraining_budget(tmp_path):
     assert backend._train_budget() == 7.0
     backend.last_probe = {"atlas/acceptance_probe_s": 30.0}
     assert backend._train_budget() == 0.0
+    backend.options.atlas_adaptive_train_min_s = 1.0  # the floor holds for the retraining itself
+    assert backend._train_budget() == 1.0
