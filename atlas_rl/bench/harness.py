@@ -191,6 +191,7 @@ def vllm_runner(python: str, model_dir: str, speculative: dict | None, eos_token
         env = dict(os.environ)
         # vLLM binds its OpenMP threads itself: give it the cores (and as many threads) this process computes on
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", _omp_bind(torch.get_num_threads()))
+        env.setdefault("VLLM_PLUGINS", "none")  # arctic-inference's plugin (suffix decoding) targets vLLM 0.9.1
         proc = subprocess.run([python, script, f.name], capture_output=True, text=True, timeout=3600, env=env)
         line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("{")), None)
         if proc.returncode != 0 or line is None:
