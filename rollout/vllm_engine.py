@@ -41,7 +41,7 @@ from .vllm_worker import EXTENSION
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VllmEngineConfig", "VllmRolloutEngine", "counters_to_stats", "lossless_speculation"]
+__all__ = ["VllmEngineConfig", "VllmRolloutEngine", "counters_to_stats", "lossless_speculation", "rollout_batch"]
 
 SPEC_COUNTERS = ("num_drafts", "num_draft_tokens", "num_accepted_tokens", "num_accepted_tokens_per_pos")
 Schedule = list[tuple[int, int, int]]  # (first batch size, last batch size, k), vLLM's format
@@ -173,12 +173,11 @@ def counters_to_stats(
     return s
 
 
-def vllm_sampling(sampling: SamplingParams, n: int, eos_token_ids: Sequence[int]) -> Any:
-    """Our :class:`SamplingParams` as vLLM's (``n`` samples per prompt, the sampled token's logprob returned)."""
-    from vllm import SamplingParams as VllmSampling
-
+def vllm_sampling_fields(sampling: SamplingParams, n: int, eos_token_ids: Sequence[int]) -> dict[str, Any]:
+    """Our :class:`SamplingParams` in vLLM's field names (``n`` samples per prompt, the sampled token's logprob
+    returned): the keyword arguments of ``vllm.SamplingParams`` and the body of a ``/v1/completions`` request."""
     stops = list(sampling.stop_token_ids) + ([] if sampling.ignore_eos else [int(t) for t in eos_token_ids])
-    return VllmSampling(
+    return dict(
         n=n,
         temperature=float(sampling.temperature),
         top_p=float(sampling.top_p),
@@ -187,6 +186,32 @@ def vllm_sampling(sampling: SamplingParams, n: int, eos_token_ids: Sequence[int]
         stop_token_ids=sorted(set(stops)),
         ignore_eos=True,  # the stop set above is exact (our contract: ignore_eos drops the model's EOS)
         logprobs=0,
+    )
+
+
+def rollout_batch(
+    prompt_ids: list[list[int]],
+    outputs: tuple[list[list[int]], list[list[float]], list[str]],  # completions, logprobs, finish reasons
+    num_generations: int,
+    delta: dict[str, Any],  # vLLM's spec-decode counters over this rollout
+    total_s: float,
+    drafter: str | None,
+    policy_version: int,
+) -> RolloutBatch:
+    """The :class:`RolloutBatch` of one vLLM rollout (local or remote), its statistics from vLLM's counters."""
+    completions, logprobs, reasons = outputs
+    n_tok = sum(len(c) for c in completions)
+    stats = counters_to_stats(delta, len(completions), n_tok, drafter)
+    stats.total_s = stats.forward_s = total_s
+    stats.policy_version = policy_version
+    return RolloutBatch(
+        prompt_ids=[list(p) for p in prompt_ids],
+        completion_ids=completions,
+        logprobs=logprobs,
+        finish_reasons=reasons,
+        num_generations=num_generations,
+        stats=stats,
+        policy_version=policy_version,
     )
 
 
@@ -246,7 +271,9 @@ class VllmRolloutEngine:
 
         if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
             raise ValueError("prompt_ids must be a non-empty list of non-empty token id lists")
-        sp = vllm_sampling(sampling, num_generations, self.eos_token_ids)
+        from vllm import SamplingParams as VllmSampling
+
+        sp = VllmSampling(**vllm_sampling_fields(sampling, num_generations, self.eos_token_ids))
         before = self.spec_counters()
         t0 = time.perf_counter()
         with self._lossless_schedule(sampling):
@@ -259,20 +286,10 @@ class VllmRolloutEngine:
                 completions.append(ids)
                 logprobs.append([float(lp[t].logprob) for lp, t in zip(c.logprobs or [], ids)])
                 reasons.append("stop" if c.finish_reason == "stop" else "length")
-        n_tok = sum(len(c) for c in completions)
         delta = counters_delta(before, self.spec_counters())
-        stats = counters_to_stats(delta, len(completions), n_tok, self.drafter_name if self.speculative else None)
-        stats.total_s = stats.forward_s = total_s
-        stats.policy_version = self.policy_version
-        return RolloutBatch(
-            prompt_ids=[list(p) for p in prompt_ids],
-            completion_ids=completions,
-            logprobs=logprobs,
-            finish_reasons=reasons,
-            num_generations=num_generations,
-            stats=stats,
-            policy_version=self.policy_version,
-        )
+        drafter = self.drafter_name if self.speculative else None
+        outputs = (completions, logprobs, reasons)
+        return rollout_batch(prompt_ids, outputs, num_generations, delta, total_s, drafter, self.policy_version)
 
     @contextlib.contextmanager
     def _lossless_schedule(self, sampling: SamplingParams) -> Iterator[None]:

@@ -28,7 +28,7 @@ import torch
 
 from atlas_rl.types import RolloutBatch, SamplingParams
 
-from .vllm_engine import counters_delta, counters_to_stats
+from .vllm_engine import counters_delta, rollout_batch, vllm_sampling_fields
 from .vllm_worker import encode_tensors
 
 logger = logging.getLogger(__name__)
@@ -99,21 +99,9 @@ class VllmServerDrafter:
         return parse_spec_counters(self._request("/metrics").decode())
 
 
-def _completion_request(prompt: list[int], sampling: SamplingParams, n: int, stops: list[int]) -> dict[str, Any]:
+def _completion_request(prompt: list[int], fields: dict[str, Any]) -> dict[str, Any]:
     """One ``/v1/completions`` body: token ids in, token ids and the sampled tokens' logprobs out."""
-    return {
-        "prompt": prompt,
-        "n": n,
-        "temperature": float(sampling.temperature),
-        "top_p": float(sampling.top_p),
-        "top_k": int(sampling.top_k) if sampling.top_k and sampling.top_k > 0 else -1,
-        "max_tokens": int(sampling.max_new_tokens),
-        "stop_token_ids": stops,
-        "ignore_eos": True,  # the stop set is exact
-        "logprobs": 0,
-        "return_token_ids": True,
-        "skip_special_tokens": False,
-    }
+    return {"prompt": prompt, **fields, "return_token_ids": True, "skip_special_tokens": False}
 
 
 class VllmServerEngine(VllmServerDrafter):
@@ -153,11 +141,11 @@ class VllmServerEngine(VllmServerDrafter):
         if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
             raise ValueError("prompt_ids must be a non-empty list of non-empty token id lists")
         self._check_lossless(sampling)
-        stops = sorted(set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(self.eos_token_ids)))
+        fields = vllm_sampling_fields(sampling, num_generations, self.eos_token_ids)
         before = self.spec_counters()
         t0 = time.perf_counter()
         with ThreadPoolExecutor(max_workers=min(32, len(prompt_ids))) as pool:
-            bodies = [_completion_request(list(p), sampling, num_generations, stops) for p in prompt_ids]
+            bodies = [_completion_request(list(p), fields) for p in prompt_ids]
             replies = list(pool.map(lambda b: json.loads(self._request("/v1/completions", b)), bodies))
         total_s = time.perf_counter() - t0
         completions, logprobs, reasons = [], [], []
@@ -166,13 +154,10 @@ class VllmServerEngine(VllmServerDrafter):
                 completions.append([int(t) for t in c["token_ids"]])
                 logprobs.append([float(x) for x in (c.get("logprobs") or {}).get("token_logprobs") or []])
                 reasons.append("stop" if c.get("finish_reason") == "stop" else "length")
-        n_tok = sum(len(c) for c in completions)
         delta = counters_delta(before, self.spec_counters())
-        stats = counters_to_stats(delta, len(completions), n_tok, self.drafter_name if self.speculative else None)
-        stats.total_s = stats.forward_s = total_s
-        stats.policy_version = self.policy_version
-        return RolloutBatch([list(p) for p in prompt_ids], completions, logprobs, reasons, num_generations, stats,
-                            self.policy_version)  # fmt: skip
+        drafter = self.drafter_name if self.speculative else None
+        outputs = (completions, logprobs, reasons)
+        return rollout_batch(prompt_ids, outputs, num_generations, delta, total_s, drafter, self.policy_version)
 
     def update_weights(self, state: dict[str, torch.Tensor] | None, version: int | None = None) -> None:
         """Push the policy's weights (Hugging Face names, cast to the server's dtype) and tag them ``version``."""

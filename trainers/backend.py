@@ -111,6 +111,15 @@ def _replace_atomically(path: Path, write: Any) -> None:
     os.replace(tmp, path)
 
 
+def backend_class(options: Any) -> type[AtlasRolloutBackend]:
+    """The backend ``options.atlas_engine`` asks for: ours ("torch") or a vLLM engine's ("vllm")."""
+    if getattr(options, "atlas_engine", "torch") == "vllm":
+        from .vllm_backend import AtlasVllmBackend
+
+        return AtlasVllmBackend
+    return AtlasRolloutBackend
+
+
 def resolve_capture_mode(options: Any) -> str:
     """``atlas_capture`` "auto" -> "trainer" when vLLM rolls out (it hands out no hidden states), else "engine"."""
     mode = getattr(options, "atlas_capture", "auto")

@@ -27,7 +27,7 @@ from transformers import TrainerCallback
 
 from atlas_rl.types import SamplingParams
 
-from .backend import LAST_VALUE_METRICS, AtlasRolloutBackend
+from .backend import LAST_VALUE_METRICS, AtlasRolloutBackend, backend_class
 from .capture import TrainerCapture
 
 logger = logging.getLogger(__name__)
@@ -69,12 +69,7 @@ class AtlasTrainerMixin:
         from atlas_rl.rollout.engine import check_model_supported
 
         check_model_supported(self.accelerator.unwrap_model(self.model))
-        backend_cls = AtlasRolloutBackend
-        if getattr(args, "atlas_engine", "torch") == "vllm":
-            from .vllm_backend import AtlasVllmBackend
-
-            backend_cls = AtlasVllmBackend
-        self.atlas_backend = backend_cls(
+        self.atlas_backend = backend_class(args)(
             args,
             eos_token_ids=list(self.eos_token_ids),
             process_index=self.accelerator.process_index,

@@ -25,7 +25,6 @@ first epoch sees the unchanged policy, so its ratio is 1 up to float error (logg
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
@@ -42,6 +41,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from transformers import PreTrainedModel, Trainer
 from transformers.trainer_utils import TrainOutput
 
+from .capture import TrainerCapture
 from .mixin import CHECKPOINT_SUBDIR
 from .ppo_config import AtlasPPOConfig
 from .ppo_core import (
@@ -108,8 +108,6 @@ class AtlasPPOTrainer(Trainer):
         train_dataset: rows with a ``prompt`` (text or a conversation); other columns reach the reward functions.
         processing_class: the policy's tokenizer.
     """
-
-    _atlas_capturing = False  # inside the first PPO epoch of an update (the adaptive head's capture, vLLM)
 
     _tag_names = ["trl", "ppo", "atlas"]
 
@@ -221,6 +219,8 @@ class AtlasPPOTrainer(Trainer):
             args, self.stops, self.pad_id, self.accelerator.process_index, self.accelerator.num_processes
         )
         self.atlas_backend = self.generator.backend
+        # the adaptive head's samples from the first PPO epoch when vLLM rolls out (no hidden states from it)
+        self._atlas_trainer_capture = TrainerCapture(self.atlas_backend) if self.atlas_backend is not None else None
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._shuffle = torch.Generator().manual_seed(int(args.seed) + 12_345)  # the same on every rank
         self.last_update_stats: dict[str, Any] = {}
@@ -331,6 +331,8 @@ class AtlasPPOTrainer(Trainer):
         """Rollout, rewards, advantages and the PPO epochs on one batch of dataset rows; returns the metrics."""
         prompts = self._tokenize(rows)
         rollout = self.generator.generate(self.policy, prompts)
+        if self._atlas_trainer_capture is not None:
+            self._atlas_trainer_capture.new_rollout(len(prompts))
         batch = pack(prompts, rollout.completions, self.pad_id, self.accelerator.device)
         scores, reward_metrics = self._scores(rows, rollout, batch)
         exp = self._experience(batch, rollout, scores)
@@ -416,7 +418,6 @@ class AtlasPPOTrainer(Trainer):
         first_dev = float("nan")
         model.train()
         for epoch in range(args.num_ppo_epochs):
-            self._atlas_capturing = epoch == 0  # every rollout row passes once through the first epoch
             order = torch.randperm(n, generator=self._shuffle)
             for m in range(args.num_mini_batches):
                 idx = order[m * args.mini_batch_size : (m + 1) * args.mini_batch_size]
@@ -457,36 +458,25 @@ class AtlasPPOTrainer(Trainer):
         model.zero_grad()
         return max_dev
 
-    @contextlib.contextmanager
-    def _atlas_capture(self, mb: PackedBatch) -> Iterator[None]:
-        """With ``capture_mode == "trainer"`` (vLLM rolls out): the adaptive head's samples from this first-epoch
-        forward (hooks on the policy, no extra forward), tagged with the rollout's policy version, rank 0."""
-        b = self.atlas_backend
-        if not (self._atlas_capturing and b is not None and b.capture_mode == "trainer" and b.buffer is not None):
-            yield
-            return
-        if not b.is_trainer_rank:
-            yield
-            return
-        from atlas_rl.training.forward_capture import ForwardCapture
+    def _policy_forward(self, model: nn.Module, mb: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The policy + value forward of a micro-batch; with ``capture_mode == "trainer"`` (vLLM rolls out) the
+        first pass over each rollout row also feeds the adaptive head (:class:`~.capture.TrainerCapture`)."""
 
-        cfg = b.buffer.config
-        t0 = time.perf_counter()
-        with ForwardCapture(self.policy, tuple(cfg.fuse_layers), top_k=cfg.top_k, feat_dtype=cfg.feat_dtype) as cap:
-            yield
-            with torch.no_grad():
-                samples = cap.samples(mb.input_ids, mb.attention_mask, mb.response_mask.shape[1], b.policy_version)
-        b.buffer.add([x for x in samples if x.num_labels > 0])
-        b.last_capture_s += time.perf_counter() - t0
+        def forward() -> tuple[torch.Tensor, torch.Tensor]:
+            return model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids)
+
+        cap = self._atlas_trainer_capture
+        if cap is None or not cap.wanted():
+            return forward()
+        out, secs = cap.run(self.policy, mb.input_ids, mb.attention_mask, mb.response_mask.shape[1], forward)
+        self.atlas_backend.last_capture_s += secs
+        return out
 
     def _micro_step(
         self, model: nn.Module, mb: PackedBatch, exp: dict[str, torch.Tensor], gas: int
     ) -> tuple[dict[str, float], float]:
         args, mask = self.args, mb.response_mask
-        with self._atlas_capture(mb):
-            logits, vpred_all = model(
-                input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids
-            )
+        logits, vpred_all = self._policy_forward(model, mb)
         new_logprobs, entropy = response_logprobs(logits, mb, args.temperature)
         p = mb.context_length
         vpred = vpred_all[:, p - 1 : -1]

@@ -15,7 +15,7 @@ from transformers import GenerationConfig
 
 from atlas_rl.types import SamplingParams
 
-from .backend import AtlasRolloutBackend
+from .backend import AtlasRolloutBackend, backend_class
 
 logger = logging.getLogger(__name__)
 
@@ -66,12 +66,7 @@ class PPORolloutGenerator:
         self.num_calls = 0
         self.backend: AtlasRolloutBackend | None = None
         if args.generation_backend == "atlas":
-            cls = AtlasRolloutBackend
-            if getattr(args, "atlas_engine", "torch") == "vllm":
-                from .vllm_backend import AtlasVllmBackend
-
-                cls = AtlasVllmBackend
-            self.backend = cls(
+            self.backend = backend_class(args)(
                 args, eos_token_ids=stops, process_index=process_index, num_processes=num_processes, seed=args.seed
             )
 

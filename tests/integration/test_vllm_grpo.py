@@ -22,24 +22,16 @@ Slow (~8 min on 2 cores); skipped when the vLLM venv (``make vllm-env``) is abse
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from vllm_venv import NEEDS_VLLM_VENV, REPO, VLLM_PYTHON
 
-REPO = Path(__file__).resolve().parents[2]
-VLLM_PYTHON = Path(os.environ.get("ATLAS_RL_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
 STEPS = 5
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not VLLM_PYTHON.exists(),
-        reason=f"no vLLM venv at {VLLM_PYTHON} (`make vllm-env` creates it, or set ATLAS_RL_VLLM_PYTHON)",
-    ),
-]
+pytestmark = NEEDS_VLLM_VENV
 
 
 def _run(tmp_path_factory, steps: int, algo: str) -> dict:

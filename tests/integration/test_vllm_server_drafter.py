@@ -11,15 +11,9 @@ import urllib.request
 
 import pytest
 import torch
-from vllm_server_util import VLLM_PYTHON, vllm_server
+from vllm_venv import NEEDS_VLLM_VENV, vllm_server
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not VLLM_PYTHON.exists(),
-        reason=f"no vLLM venv at {VLLM_PYTHON} (`make vllm-env` creates it, or set ATLAS_RL_VLLM_PYTHON)",
-    ),
-]
+pytestmark = NEEDS_VLLM_VENV
 
 
 @pytest.fixture(scope="module")

@@ -13,16 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-from vllm_server_util import REPO, VLLM_PYTHON, vllm_server
+from vllm_venv import NEEDS_VLLM_VENV, REPO, vllm_server
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not VLLM_PYTHON.exists(),
-        reason=f"no vLLM venv at {VLLM_PYTHON} (`make vllm-env` creates it, or set ATLAS_RL_VLLM_PYTHON)",
-    ),
-]
+pytestmark = NEEDS_VLLM_VENV
 STEPS = 3
 
 

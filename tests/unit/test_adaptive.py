@@ -113,3 +113,18 @@ def test_vocab_swap_and_row_refresh_follow_the_target(model):
         build_adaptive_head(model, _static(model), AdaptiveHeadConfig(draft_vocab_size=80))
     with pytest.raises(ValueError, match="intermediate_size"):
         AdaptiveHeadConfig(intermediate_size=0)
+
+
+def test_vllm_adaptive_head_starts_as_an_exact_copy_of_the_static_head():
+    """atlas_engine="vllm": vLLM's one drafter takes either head, so the adaptive head has the static head's shapes
+    and the warm start alone makes it the static head's exact copy (trained output rows included)."""
+    from atlas_rl.trainers.vllm_backend import _same_shape_adaptive
+
+    model = tiny_llama(seed=0)
+    static = _static(model)
+    with torch.no_grad():
+        static.lm_head.weight.add_(1.0)  # trained rows, not the target's
+    head = _same_shape_adaptive(model, static, seed=1)
+    ref = static.state_dict()
+    assert set(head.state_dict()) == set(ref)
+    assert all(torch.equal(v, ref[k]) for k, v in head.state_dict().items())

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from datasets import Dataset
+from trainer_helpers import TOK, prompt_dataset, tiny_model, trainer_kwargs
 from trl import GRPOTrainer
 
-from atlas_rl.models import tiny_llama, tiny_token_ids, tiny_tokenizer
+from atlas_rl.models import tiny_llama
 from atlas_rl.trainers import AtlasGRPOConfig, AtlasGRPOTrainer, AtlasRLOOConfig, AtlasRLOOTrainer
 from atlas_rl.training.forward_capture import ForwardCapture
 from atlas_rl.training.offline import samples_from_sequences
 from atlas_rl.training.samples import SequenceSample, topk_labels
 
-TOK = tiny_tokenizer()
 PAD = 127
 
 # mixed prompt and completion lengths; row 1's completion is a single token, row 3's has none (masked, e.g. truncated)
@@ -170,39 +169,19 @@ def test_bad_fuse_layers_fail_clearly():
 
 
 # ---------------------------------------------------------------------------------------------- trainers
-def _dataset(n: int = 8) -> Dataset:
-    return Dataset.from_list([{"prompt": [{"role": "user", "content": f"What is {i} + {i}?"}]} for i in range(n)])
-
-
 def _reward(completions, **kwargs):  # noqa: ANN001, ANN003 - TRL reward signature
     return [float(sum(ch.isdigit() for ch in c[0]["content"])) for c in completions]
 
 
 def _args(tmp_path, backend: str, cls=AtlasGRPOConfig, **kw):
-    base = dict(
-        output_dir=str(tmp_path / backend),
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        max_steps=3,
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=12,
-        logging_steps=1,
-        save_strategy="no",
-        seed=0,
-        generation_backend=backend,
-        atlas_adaptive_train_min_s=0.2,
-    )
-    base.update(kw)
-    return cls(**base)
+    return cls(**trainer_kwargs(tmp_path, backend, **{"max_steps": 3, **kw}))
 
 
 def _grpo_trainer(backend: str, tmp_path, **kw) -> AtlasGRPOTrainer:
-    model = tiny_llama(vocab_size=len(TOK), hidden_size=64, **tiny_token_ids(TOK))
+    model = tiny_model()
     args = _args(tmp_path, backend, **kw)
     return AtlasGRPOTrainer(
-        model=model, reward_funcs=_reward, args=args, train_dataset=_dataset(), processing_class=TOK
+        model=model, reward_funcs=_reward, args=args, train_dataset=prompt_dataset(), processing_class=TOK
     )
 
 
@@ -211,10 +190,10 @@ def test_trainer_capture_fills_the_buffer_by_policy_version_and_the_head_trains(
     if algo == "grpo":
         trainer = _grpo_trainer("atlas", tmp_path, atlas_capture="trainer")
     else:
-        model = tiny_llama(vocab_size=len(TOK), hidden_size=64, **tiny_token_ids(TOK))
+        model = tiny_model()
         args = _args(tmp_path, "atlas", AtlasRLOOConfig, atlas_capture="trainer", beta=0.0)
         trainer = AtlasRLOOTrainer(
-            model=model, reward_funcs=_reward, args=args, train_dataset=_dataset(), processing_class=TOK
+            model=model, reward_funcs=_reward, args=args, train_dataset=prompt_dataset(), processing_class=TOK
         )
     trainer.train()
     backend = trainer.atlas_backend

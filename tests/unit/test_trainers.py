@@ -7,22 +7,12 @@ import math
 
 import pytest
 import torch
-from datasets import Dataset
+from trainer_helpers import TOK, prompt_dataset, tiny_model, trainer_kwargs
 
-from atlas_rl.models import tiny_llama, tiny_token_ids, tiny_tokenizer
 from atlas_rl.trainers import AtlasGRPOConfig, AtlasGRPOTrainer, AtlasRLOOConfig, AtlasRLOOTrainer
 
-TOK = tiny_tokenizer()
-
-
-def _model(dtype=torch.float32, seed=0):
-    return tiny_llama(vocab_size=len(TOK), hidden_size=64, dtype=dtype, seed=seed, **tiny_token_ids(TOK))
-
-
-def _dataset(n=8, conversational=True):
-    if conversational:
-        return Dataset.from_list([{"prompt": [{"role": "user", "content": f"What is {i} + {i}?"}]} for i in range(n)])
-    return Dataset.from_list([{"prompt": f"Q: what is {i} + {i}? A:"} for i in range(n)])
+_model = tiny_model
+_dataset = prompt_dataset
 
 
 class RecordingReward:
@@ -42,24 +32,7 @@ class RecordingReward:
         return r
 
 
-def _common(tmp_path, backend, **kw):
-    base = dict(
-        output_dir=str(tmp_path / backend),
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        max_steps=2,
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=12,
-        logging_steps=1,
-        save_strategy="no",
-        seed=0,
-        generation_backend=backend,
-        atlas_adaptive_train_min_s=0.2,
-    )
-    base.update(kw)
-    return base
+_common = trainer_kwargs
 
 
 BACKENDS = ["atlas", "transformers"] + (["vllm"] if importlib.util.find_spec("vllm") else [])

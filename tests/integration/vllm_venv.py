@@ -1,4 +1,5 @@
-"""Starting a stock vLLM OpenAI server on this machine for the server-mode tests (the vLLM venv's Python)."""
+"""The vLLM venv the vLLM tests run in (``make vllm-env``): where it is, the marker that skips without it, and a
+stock vLLM OpenAI server started from it for the server-mode tests."""
 
 from __future__ import annotations
 
@@ -12,8 +13,18 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = Path(os.environ.get("ATLAS_RL_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
+# slow, and skipped with the reason when the venv is absent (`make test` stays green without it)
+NEEDS_VLLM_VENV = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not VLLM_PYTHON.exists(),
+        reason=f"no vLLM venv at {VLLM_PYTHON} (`make vllm-env` creates it, or set ATLAS_RL_VLLM_PYTHON)",
+    ),
+]
 
 
 def free_port() -> int:
