@@ -95,15 +95,10 @@ class AtlasVllmBackend(AtlasRolloutBackend):
             self.adaptive_head = _same_shape_adaptive(model, self.static_head, self.seed + 1)
 
     def _static_dir(self, model: torch.nn.Module) -> str:
+        """The directory the static head was loaded from (the given one, else the shipped one): vLLM loads it."""
         from atlas_rl.speculators.defaults import static_head_path
 
-        given = self.options.atlas_static_head or static_head_path(model)
-        if given:
-            return str(given)
-        out = Path(self._scratch.name) / "static_head"
-        if not out.is_dir():
-            self.static_head.save_pretrained(out, dtype=torch.float32)
-        return str(out)
+        return str(self.options.atlas_static_head or static_head_path(model))
 
     def _attach_drafter(self) -> bool:
         """Start vLLM with the static head as its drafter? ``atlas_vllm_drafter``: "always", "never", or "auto" =
