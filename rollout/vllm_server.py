@@ -1,16 +1,18 @@
-"""Our draft heads in a vLLM *server* (TRL's server mode, the multi-node shape): push a head into the running
-server's EAGLE-3 drafter, read its acceptance counters.
+"""Our draft heads and rollouts in a vLLM *server* (TRL's server mode, the multi-node shape).
 
-The server is vLLM's own (``trl vllm-serve`` only builds its command line) started with our head, our worker
-extension and vLLM's dev endpoints::
+The server is vLLM's own (``trl vllm-serve`` only builds its command line; it forwards extra arguments) started
+with our worker extension, our static head as EAGLE-3 drafter, vLLM's dev endpoints and a weight-transfer engine::
 
-    VLLM_SERVER_DEV_MODE=1 vllm serve MODEL --speculative-config '{"method": "eagle3", "model": HEAD_DIR,
-        "num_speculative_tokens": 4}' --worker-extension-cls atlas_rl.rollout.vllm_worker.AtlasWorkerExtension
+    VLLM_SERVER_DEV_MODE=1 trl vllm-serve --model MODEL --speculative_config '{"method": "eagle3",
+        "model": HEAD_DIR, "num_speculative_tokens": 4}' \
+        --worker-extension-cls atlas_rl.rollout.vllm_worker.AtlasWorkerExtension
 
-(``trl vllm-serve --speculative_config ... --worker-extension-cls ...`` forwards both). TRL's client keeps pushing
-the policy over NCCL (``/update_weights``); :class:`VllmServerDrafter` pushes the draft head through
-``POST /collective_rpc`` (method ``atlas_reload_drafter``, the head's tensors as one base64 safetensors string:
-10-60 MB for our heads, against the policy's GBs), then ``POST /reset_prefix_cache``; acceptance comes from the
+``trl vllm-serve`` sets ``--weight-transfer-config '{"backend": "nccl"}'``; a CPU server takes our gloo backend
+instead (``--weight-transfer-config '{"backend": "atlas_gloo"}'`` after the rest). The policy and the draft head
+both travel through vLLM's weight-transfer engine (:mod:`atlas_rl.rollout.vllm_transfer`: NCCL on GPUs as TRL's
+client, gloo on CPU; the head through ``/start_draft_weight_update``). A server without a weight-transfer engine
+gets the tensors as one base64 safetensors string through ``POST /collective_rpc`` (our worker extension's
+``atlas_reload_drafter`` / ``atlas_reload_policy``: fine for small models). Acceptance comes from the
 ``vllm:spec_decode_*`` counters of ``GET /metrics``. Standard library HTTP only.
 """
 
@@ -20,6 +22,7 @@ import json
 import logging
 import re
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -59,14 +62,39 @@ def parse_spec_counters(text: str) -> dict[str, Any]:
 
 
 class VllmServerDrafter:
-    """The drafter of a running vLLM server (module docstring)."""
+    """The drafter of a running vLLM server (module docstring). ``trainer_address``: where the server's workers
+    reach this process for the weight transfer (default: this host's address on the route to the server)."""
 
-    def __init__(self, base_url: str, timeout_s: float = 300.0) -> None:
+    def __init__(self, base_url: str, timeout_s: float = 300.0, trainer_address: str | None = None) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
+        self.trainer_address = trainer_address
         self.push_s = 0.0
+        self._transfer: Any = None
+        self._transfer_backend: str | None | bool = False  # not asked yet
+
+    def transfer(self) -> Any:
+        """The server's weight-transfer engine, joined at first use; None when it was started without one."""
+        from .vllm_transfer import ServerWeightTransfer, WeightSyncClient, make_transport, server_transfer_backend
+
+        if self._transfer_backend is False:
+            client = WeightSyncClient(self.base_url, self.timeout_s)
+            try:
+                self._transfer_backend = server_transfer_backend(client.server_info())
+            except urllib.error.HTTPError as e:
+                raise ValueError(
+                    f"the vLLM server at {self.base_url} does not expose vLLM's dev endpoints ({e}); restart it "
+                    "with VLLM_SERVER_DEV_MODE=1 in its environment (trl vllm-serve sets it)"
+                ) from e
+            if self._transfer_backend is None:
+                logger.warning("the vLLM server at %s has no weight-transfer engine: weights travel over HTTP "
+                               "(/collective_rpc), fine for small models only", self.base_url)  # fmt: skip
+            else:
+                transport = make_transport(self._transfer_backend, self.base_url, self.trainer_address)
+                self._transfer = ServerWeightTransfer(client, transport)
+        return self._transfer
 
     def _request(self, path: str, body: dict[str, Any] | None = None) -> bytes:
         data = None if body is None else json.dumps(body).encode()
@@ -82,11 +110,14 @@ class VllmServerDrafter:
         from atlas_rl.speculators.draft_head_io import vllm_tensors
 
         t0 = time.perf_counter()
-        payload = encode_tensors(vllm_tensors(head))
-        self._request("/collective_rpc", {"method": "atlas_reload_drafter", "args": [payload]})
+        tensors = vllm_tensors(head)
+        if self.transfer() is not None:
+            self.transfer().send(tensors.items(), draft=True)
+        else:
+            self._request("/collective_rpc", {"method": "atlas_reload_drafter", "args": [encode_tensors(tensors)]})
         self._request("/reset_prefix_cache", {})
         self.push_s = time.perf_counter() - t0
-        mb = len(payload) / 1e6
+        mb = sum(t.numel() * t.element_size() for t in tensors.values()) / 1e6
         logger.info("pushed the draft head into %s in %.2f s (%.1f MB)", self.base_url, self.push_s, mb)
 
     def drafter_norms(self) -> dict[str, list[float]]:
@@ -106,14 +137,19 @@ def _completion_request(prompt: list[int], fields: dict[str, Any]) -> dict[str, 
 
 class VllmServerEngine(VllmServerDrafter):
     """A remote vLLM server behind the rollout-engine interface (the multi-node shape, ``atlas_vllm_server=URL``):
-    rollouts through ``/v1/completions``, the policy pushed through ``/collective_rpc`` (``atlas_reload_policy``,
-    base64 safetensors in the server's dtype: fine for small models; GPU clusters want NCCL, as TRL's client),
-    the drafter as :class:`VllmServerDrafter`. The server must run our worker extension and vLLM's dev endpoints
-    (``VLLM_SERVER_DEV_MODE=1``) and ``--logprobs-mode processed_logprobs`` (what ``trl vllm-serve`` sets). Its
-    batch-size schedule is the server's own (fixed at its start): :meth:`set_schedule` returns False."""
+    rollouts through ``/v1/completions``, the policy (in the server's dtype, tagged with its version) and the
+    drafter pushed as :class:`VllmServerDrafter` pushes heads. The server must run our worker extension, vLLM's
+    dev endpoints (``VLLM_SERVER_DEV_MODE=1``) and ``--logprobs-mode processed_logprobs`` (``trl vllm-serve`` sets
+    both). Its batch-size schedule is the server's own (fixed at its start): :meth:`set_schedule` returns False."""
 
-    def __init__(self, base_url: str, eos_token_ids: list[int] | tuple[int, ...] = (), timeout_s: float = 600.0):
-        super().__init__(base_url, timeout_s)
+    def __init__(
+        self,
+        base_url: str,
+        eos_token_ids: list[int] | tuple[int, ...] = (),
+        timeout_s: float = 600.0,
+        trainer_address: str | None = None,
+    ) -> None:
+        super().__init__(base_url, timeout_s, trainer_address)
         self.eos_token_ids = [int(t) for t in eos_token_ids]
         self.info = json.loads(self._request("/collective_rpc", {"method": "atlas_server_info"}))["results"][0]
         self.policy_version = 0
@@ -164,11 +200,21 @@ class VllmServerEngine(VllmServerDrafter):
         if state is not None:
             dtype = getattr(torch, self.info["dtype"])
             t0 = time.perf_counter()
-            payload = encode_tensors({k: v.detach().to(dtype) for k, v in state.items()})
-            self._request("/collective_rpc", {"method": "atlas_reload_policy", "args": [payload]})
+            tensors = {k: v.detach().to(dtype) for k, v in state.items()}
+            if self.transfer() is not None:
+                self.transfer().send(tensors.items(), version=version)
+            else:
+                self._request("/collective_rpc", {"method": "atlas_reload_policy", "args": [encode_tensors(tensors)]})
+                if version is not None:
+                    self._request("/update_weight_version", {"new_version": str(version)})
             self._request("/reset_prefix_cache", {})
             self.weight_push_s = time.perf_counter() - t0
         self.policy_version = self.policy_version + 1 if version is None else int(version)
+
+    def served_version(self) -> int | None:
+        """The policy version the server reports (``GET /weight_info``): tagged by the weight-transfer engine."""
+        version = json.loads(self._request("/weight_info")).get("weight_version")
+        return None if version is None else int(version)
 
     def update_drafter(self, head: Any, name: str = "adaptive") -> None:
         if not self.speculative:

@@ -83,3 +83,16 @@ class AtlasWorkerExtension:
         fingerprint that tells which head's weights the drafter runs."""
         st = self.model_runner.drafter.model.state_dict()
         return {k: v.float().tolist() for k, v in sorted(st.items()) if k.endswith("norm.weight")}
+
+
+def _register_transfer_engine() -> None:
+    """Register our gloo weight-transfer backend in vLLM's processes: a worker imports this module (its extension)
+    before it builds the weight-transfer engine. Without vLLM (the trainer's side) there is nothing to register."""
+    try:
+        from .vllm_gloo_engine import register
+    except ImportError:
+        return
+    register()
+
+
+_register_transfer_engine()

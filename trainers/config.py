@@ -49,6 +49,13 @@ class AtlasArgs:
             "of a colocated engine; start it with our worker extension (docs/decisions/vllm_engine.md)."
         },
     )
+    atlas_vllm_trainer_address: str | None = field(
+        default=None,
+        metadata={
+            "help": "atlas_vllm_server: the address the server's workers reach this trainer at for the weight "
+            "transfer (NCCL on GPUs, gloo on CPU servers); default: this host's address on the route to the server."
+        },
+    )
     atlas_capture: str = field(
         default="auto",
         metadata={

@@ -134,7 +134,8 @@ class AtlasVllmBackend(AtlasRolloutBackend):
         if url:
             from atlas_rl.rollout.vllm_server import VllmServerEngine
 
-            self.engine = VllmServerEngine(url, eos_token_ids=self.eos_token_ids)
+            address = getattr(self.options, "atlas_vllm_trainer_address", None)
+            self.engine = VllmServerEngine(url, eos_token_ids=self.eos_token_ids, trainer_address=address)
             return self.engine.speculative
         attach = self._attach_drafter()
         cfg = VllmEngineConfig(

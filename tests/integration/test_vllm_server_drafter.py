@@ -1,8 +1,10 @@
-"""Issue 15, server mode (the multi-node shape): a stock ``vllm serve`` started with our static head as its EAGLE-3
-drafter, our worker extension and vLLM's dev endpoints (what ``trl vllm-serve`` sets) takes a draft head pushed
-over HTTP (:class:`~atlas_rl.rollout.vllm_server.VllmServerDrafter`): a perturbed head makes the server's measured
-acceptance collapse, pushing the static head back restores it, and greedy outputs stay identical throughout
-(lossless). Slow (~2 min on 2 cores); skipped when the vLLM venv (``make vllm-env``) is absent."""
+"""Issue 15, server mode (the multi-node shape): a stock vLLM server started as ``trl vllm-serve`` starts it, with
+our static head as its EAGLE-3 drafter and our worker extension, takes a draft head pushed by
+:class:`~atlas_rl.rollout.vllm_server.VllmServerDrafter` — through vLLM's weight-transfer engine (a draft session,
+our gloo backend standing in for TRL's NCCL one on this CPU) or, on a server started without one, through
+``/collective_rpc``: a perturbed head makes the server's measured acceptance collapse, pushing the static head back
+restores it, and greedy outputs stay identical throughout (lossless). Slow (~2 min per server on 2 cores); skipped
+when the vLLM venv (``make vllm-env``) is absent."""
 
 from __future__ import annotations
 
@@ -16,16 +18,16 @@ from vllm_venv import NEEDS_VLLM_VENV, vllm_server
 pytestmark = NEEDS_VLLM_VENV
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@pytest.fixture(scope="module", params=[True, False], ids=["weight-transfer", "collective-rpc"])
+def server(request, tmp_path_factory):
     from atlas_rl.models import default_model_dir, load_target
     from atlas_rl.speculators.defaults import static_head_path
 
     model, tok = load_target(None, dtype=torch.float32)
     head_dir = static_head_path(model)
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with vllm_server(str(default_model_dir()), log, head_dir=str(head_dir)) as url:
-        yield url, model, tok, head_dir
+    with vllm_server(str(default_model_dir()), log, head_dir=str(head_dir), transfer=request.param) as url:
+        yield url, model, tok, head_dir, request.param
 
 
 def _greedy(url: str, prompts: list[list[int]]) -> list[list[int]]:
@@ -44,7 +46,7 @@ def test_a_pushed_head_drafts_in_the_server(server):
     from atlas_rl.rollout.vllm_server import VllmServerDrafter
     from atlas_rl.speculators.draft_head import DraftHead
 
-    url, model, tok, head_dir = server
+    url, model, tok, head_dir, transfer = server
     texts = ["Write a Python function that reverses a list.", "List three colours as a JSON array."]
     prompts = [list(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
                                             return_dict=False)) for t in texts]  # fmt: skip
@@ -65,10 +67,12 @@ def test_a_pushed_head_drafts_in_the_server(server):
         for p in broken.parameters():
             p.add_(torch.randn_like(p) * 0.5, alpha=1.0)
     drafter.push(broken)
+    assert (drafter.transfer() is not None) == transfer  # the weight-transfer engine carries the head when it runs
     tau1, out1 = tau_and_outputs()
     assert drafter.drafter_norms() != norms0
     drafter.push(static)
     tau2, out2 = tau_and_outputs()
-    print(f"server tau: static {tau0:.3f}, perturbed head pushed {tau1:.3f}, static pushed back {tau2:.3f}")
+    route = "weight transfer" if transfer else "collective_rpc"
+    print(f"server tau ({route}): static {tau0:.3f}, perturbed head pushed {tau1:.3f}, static pushed back {tau2:.3f}")
     assert out0 == out1 == out2  # greedy: lossless whichever head drafts
     assert tau0 > 1.3 and tau1 < 1.1 and abs(tau2 - tau0) < 1e-9

@@ -92,6 +92,9 @@ if __name__ == "__main__":
             rec["step"] = int(state.global_step)
             rec["policy_version"] = b.policy_version
             rec["vllm_policy_version"] = b.engine.policy_version
+            if SERVER:  # the version the server itself reports, and whether the weight-transfer engine carried it
+                rec["served_version"] = b.engine.served_version()
+                rec["weight_transfer"] = b.engine.transfer() is not None
             rec["drafting"] = b.drafting
             rec["adaptive_train_steps"] = b.adaptive_trainer.num_steps if b.adaptive_trainer else 0
             rec["buffer_samples"] = len(b.buffer) if b.buffer is not None else 0
