@@ -36,12 +36,13 @@ def _quote(argv: list[str]) -> str:
 class BenchCommand:
     """Which bench runs (the options of the chosen scenario follow)."""
 
-    scenario: Literal["default", "grid", "tail", "policy-drift", "controller-drift", "drift"] = field(
+    scenario: Literal["default", "grid", "tail", "policy-drift", "adapt", "controller-drift", "drift"] = field(
         default="default",
         metadata={
             "help": "default: HF generate vs engine k=0 vs speculation; grid: the auto controller vs the best fixed "
             "configurations per batch size; tail: few active rows on held-out prompts, T=0 and T=1; policy-drift "
-            "(alias: drift): speculators while the policy is fine-tuned Python -> C; controller-drift: the "
+            "(alias: drift): speculators while the policy is fine-tuned Python -> C; adapt: traffic shifts to a "
+            "format the static head never saw and the adaptive head learns it window by window; controller-drift: the "
             "controller following two synthetic speculators whose quality drifts. "
             "`atlas-rl bench --scenario NAME --help` lists that scenario's options."
         },

@@ -73,6 +73,12 @@ SCENARIOS: dict[str, Scenario] = {
             "policy_drift",
         ),
         Scenario(
+            "adapt",
+            "workload shift: traffic moves to a format the static head never saw; static / suffix / adaptive / the "
+            "default stack per window, the adaptive head retrained in between",
+            "atlas_rl.bench.adapt", "AdaptOptions", "run_adapt", "render_adapt_markdown", "adapt",
+        ),
+        Scenario(
             "controller-drift",
             "two synthetic speculators whose quality drifts in opposite directions over rounds, and whether the "
             "auto controller follows",

@@ -312,7 +312,7 @@ def test_demo_flags_parse_into_the_task_config():
 def test_help_of_every_command_and_scenario_exits_0(capsys):
     for argv in (["--help"], ["demo", "-h"], ["report", "-h"], ["bench", "-h"]):
         assert main(argv) == 0
-    for scenario in ("grid", "tail", "drift", "policy-drift", "controller-drift"):
+    for scenario in ("grid", "tail", "drift", "policy-drift", "adapt", "controller-drift"):
         assert main(["bench", "--scenario", scenario, "--help"]) == 0
     assert "--versions" in capsys.readouterr().out
 

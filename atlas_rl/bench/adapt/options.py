@@ -1,0 +1,52 @@
+"""Options of ``atlas-rl bench --scenario adapt`` (and the ``--quick`` preset)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["CONFIGS", "QUICK", "AdaptOptions"]
+
+# benched at every window: no speculation (the ratio baseline), each speculator alone at fixed k, the default stack
+CONFIGS = ("none", "static", "suffix", "adaptive", "default")
+
+
+@dataclass
+class AdaptOptions:
+    """What ``atlas-rl bench --scenario adapt`` runs."""
+
+    model: str | None = field(default=None, metadata={"help": "Target model path/id; None = embedded default."})
+    out_dir: str = field(default="bench_out", metadata={"help": "Where adapt.json, adapt.md and adapt.svg go."})
+    windows: int = field(default=4, metadata={"help": "Traffic windows (each followed by adaptive retraining)."})
+    traffic_prompts: int = field(default=16, metadata={"help": "Requests per traffic window (captured, T=1)."})
+    bench_prompts: int = field(default=4, metadata={"help": "Held-out requests benched at every window."})
+    rows: list[int] = field(default_factory=lambda: [1, 4], metadata={"help": "Active rows of the bench cells."})
+    temperatures: list[float] = field(default_factory=lambda: [0.0, 1.0], metadata={"help": "Bench temperatures."})
+    k: int = field(default=4, metadata={"help": "Draft length of the fixed configurations (and the stack's max)."})
+    max_new_tokens: int = field(default=96, metadata={"help": "New tokens per request (a ticket takes ~50)."})
+    repeats: int = field(default=2, metadata={"help": "Interleaved repetitions of every configuration."})
+    adaptive_share: float = field(
+        default=0.10, metadata={"help": "Retraining budget as a share of the window's traffic rollout time."}
+    )
+    inject_bad_head: int | None = field(
+        default=None,
+        metadata={"help": "Corrupt the published adaptive head after this window (the controller must fall back)."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of prompts, sampling and the adaptive trainer."})
+
+    def __post_init__(self) -> None:
+        if self.windows < 1 or self.traffic_prompts < 1 or self.bench_prompts < 1:
+            raise ValueError("windows, traffic_prompts and bench_prompts must be >= 1")
+        if not self.rows or any(r < 1 or r > self.bench_prompts for r in self.rows):
+            raise ValueError(f"rows must be between 1 and bench_prompts ({self.bench_prompts}), got {self.rows}")
+        if not self.temperatures or any(t < 0 for t in self.temperatures):
+            raise ValueError(f"temperatures must be >= 0, got {self.temperatures}")
+        if self.k < 1 or self.repeats < 1 or self.max_new_tokens < 1:
+            raise ValueError("k, repeats and max_new_tokens must be >= 1")
+        if not 0.0 < self.adaptive_share <= 1.0:
+            raise ValueError(f"adaptive_share must be in (0, 1], got {self.adaptive_share}")
+        if self.inject_bad_head is not None and not 0 <= self.inject_bad_head < self.windows:
+            raise ValueError(f"inject_bad_head must name a window in [0, {self.windows}), got {self.inject_bad_head}")
+
+
+QUICK = dict(windows=2, traffic_prompts=4, bench_prompts=2, rows=[1, 2], temperatures=[0.0], max_new_tokens=24,
+             repeats=1)  # fmt: skip

@@ -1,0 +1,131 @@
+"""The adapt scenario's report: per-cell tables over windows, the retraining table, a speed-over-time SVG."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..common import fmt
+from .options import CONFIGS
+
+__all__ = ["render_adapt_markdown", "speed_svg", "summary"]
+
+_COLORS = {"none": "#999999", "static": "#1f77b4", "suffix": "#2ca02c", "adaptive": "#d62728", "default": "#000000"}
+
+
+def _cells(report: dict[str, Any]) -> list[str]:
+    return list(report["windows"][0]["cells"]) if report.get("windows") else []
+
+
+def summary(report: dict[str, Any]) -> dict[str, Any]:
+    """Per cell: the best adaptive / static τ ratio within the windows, the last window's default / static speed,
+    and the worst adaptive / static τ ratio at any window (the 'never below static' check)."""
+    out: dict[str, Any] = {}
+    for name in _cells(report):
+        per_w = [w["cells"][name] for w in report["windows"]]
+        tau_ratio = [c["adaptive"]["tau"] / c["static"]["tau"] for c in per_w]
+        speed = [c["default"]["tokens_per_s"] / c["static"]["tokens_per_s"] for c in per_w]
+        out[name] = {
+            "adaptive_over_static_tau_best": max(tau_ratio),
+            "adaptive_over_static_tau_last": tau_ratio[-1],
+            "adaptive_over_static_tau_worst": min(tau_ratio),
+            "default_over_static_speed_last": speed[-1],
+            "default_over_static_speed_worst": min(speed),
+        }
+    trains = [w["traffic"]["train_share"] for w in report["windows"] if "traffic" in w]
+    out["max_train_share"] = max(trains) if trains else math.nan
+    return out
+
+
+def _cell_table(report: dict[str, Any], name: str) -> list[str]:
+    head = ["window"] + [f"{c} τ / tok/s" for c in CONFIGS] + ["adaptive/static τ", "default/static speed", "drafts"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for w in report["windows"]:
+        c = w["cells"][name]
+        vals = [f"{fmt(c[k]['tau'])} / {fmt(c[k]['tokens_per_s'], 1)}" for k in CONFIGS]
+        ratio = c["adaptive"]["tau"] / c["static"]["tau"]
+        speed = c["default"]["tokens_per_s"] / c["static"]["tokens_per_s"]
+        share = ", ".join(f"{n} {100 * v:.0f}%" for n, v in sorted(c["default"]["draft_share"].items()))
+        lines.append("| " + " | ".join([f"w{w['window']}", *vals, f"{ratio:.2f}×", f"{speed:.2f}×", share]) + " |")
+    return lines
+
+
+def _traffic_table(report: dict[str, Any]) -> list[str]:
+    lines = [
+        "| window | traffic rollout s | traffic τ (default) | retraining s | share of rollout | optimizer steps | "
+        "loss | staleness (versions) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for w in report["windows"]:
+        t = w.get("traffic")
+        if t is None:
+            continue
+        bad = " (bad head injected after)" if t.get("injected_bad_head") else ""
+        lines.append(
+            f"| w{w['window']}{bad} | {t['rollout_s']:.1f} | {fmt(t['tau'])} | {t['train_s']:.1f} | "
+            f"{100 * t['train_share']:.1f}% | {t['steps']} | {fmt(t['loss'])} | {fmt(t['staleness'], 1)} |"
+        )
+    return lines
+
+
+def render_adapt_markdown(report: dict[str, Any]) -> str:
+    o = report["options"]
+    out = [
+        f"# atlas-rl bench adapt — {report['model']} on {report['device']}",
+        "",
+        f"Workload shift: {o['windows']} windows of {o['traffic_prompts']} bug reports answered in a project-specific "
+        "ticket format the static head never saw (atlas_rl/data/adapt_tickets.json), captured at T=1; the adaptive "
+        f"head retrained after each within {100 * o['adaptive_share']:.0f}% of the window's rollout time. Bench: "
+        f"{o['bench_prompts']} held-out requests, {o['max_new_tokens']} new tokens, k={o['k']}, {o['repeats']} "
+        "interleaved repeats; w0 = before any adaptation. τ = mean acceptance length; `default` = the production "
+        "engine (auto controller over static + adaptive + suffix).",
+        "",
+    ]
+    for name in _cells(report):
+        c = report["windows"][0]["cells"][name]
+        out += [f"## {c['rows']} active row(s), T={c['temperature']:g}", "", *_cell_table(report, name), ""]
+    out += ["## Traffic and retraining", "", *_traffic_table(report), ""]
+    s = summary(report)
+    for name in _cells(report):
+        v = s[name]
+        out.append(
+            f"- {name}: adaptive/static τ best {v['adaptive_over_static_tau_best']:.2f}× (last "
+            f"{v['adaptive_over_static_tau_last']:.2f}×, worst {v['adaptive_over_static_tau_worst']:.2f}×); "
+            f"default/static speed last {v['default_over_static_speed_last']:.2f}× (worst "
+            f"{v['default_over_static_speed_worst']:.2f}×)"
+        )
+    out += [f"- retraining: at most {100 * s['max_train_share']:.1f}% of a window's rollout", "",
+            "Speed over windows: adapt.svg.", "", f"Command: `{report['command']}`", ""]  # fmt: skip
+    return "\n".join(out)
+
+
+def speed_svg(report: dict[str, Any], width: int = 640, height: int = 360) -> str:
+    """Tokens/s over windows per configuration for every cell, one panel per cell, dependency-free SVG."""
+    cells = _cells(report)
+    panel_h = height // max(1, len(cells))
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{panel_h * len(cells)}" '
+             'font-family="sans-serif" font-size="11">']  # fmt: skip
+    for i, name in enumerate(cells):
+        parts += _panel(report, name, 0, i * panel_h, width, panel_h)
+    return "\n".join(parts + ["</svg>"])
+
+
+def _panel(report: dict[str, Any], name: str, x0: int, y0: int, w: int, h: int) -> list[str]:
+    wins = report["windows"]
+    series = {c: [win["cells"][name][c]["tokens_per_s"] for win in wins] for c in CONFIGS}
+    top = max(v for vs in series.values() for v in vs if math.isfinite(v)) * 1.1
+    left, right, pad = x0 + 50, x0 + w - 90, 22
+
+    def xy(i: int, v: float) -> str:
+        x = left + (right - left) * (i / max(1, len(wins) - 1))
+        return f"{x:.1f},{y0 + h - pad - (h - 2 * pad) * v / top:.1f}"
+
+    out = [f'<text x="{left}" y="{y0 + 14}">{name}: tokens/s per window (w0 = before adaptation)</text>',
+           f'<line x1="{left}" y1="{y0 + h - pad}" x2="{right}" y2="{y0 + h - pad}" stroke="#444"/>']  # fmt: skip
+    for j, (c, vs) in enumerate(series.items()):
+        pts = " ".join(xy(i, v) for i, v in enumerate(vs))
+        out.append(f'<polyline fill="none" stroke="{_COLORS[c]}" stroke-width="2" points="{pts}"/>')
+        out.append(f'<text x="{right + 6}" y="{y0 + 30 + 14 * j}" fill="{_COLORS[c]}">{c}</text>')
+    for i in range(len(wins)):
+        out.append(f'<text x="{xy(i, 0).split(",")[0]}" y="{y0 + h - 6}" text-anchor="middle">w{i}</text>')
+    return out

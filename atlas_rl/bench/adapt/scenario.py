@@ -1,0 +1,198 @@
+"""The workload-shift scenario: windows of traffic in a format the static head never saw, the adaptive head
+retrained between windows, every configuration benched on the same held-out requests at every window.
+
+At every window w = 0 .. ``windows`` (w = 0: before any adaptation):
+
+1. **bench** — for each temperature and number of active rows: the held-out requests in batches of ``rows``,
+   the configurations of :data:`~.options.CONFIGS` interleaved and repeated: ``none`` (k=0, the ratio baseline),
+   ``static`` / ``suffix`` / ``adaptive`` each alone at fixed ``k``, and ``default`` — the production engine (the
+   auto controller over all three: it moves to a speculator as its calibrated acceptance earns it, and away when
+   it degrades). Reported: τ, tokens/s, the share of drafts per speculator.
+2. **traffic** (w < ``windows``) — the window's fresh requests (T=1) through the default engine with the capture
+   hook feeding the adaptive head's buffer (tagged with the window as its version: the newest preferred).
+3. **retraining** — the production trainer (:class:`~atlas_rl.training.online.OnlineSpeculatorTrainer`, the head
+   as production builds it: warm-started from the static head) for ``adaptive_share`` of the traffic rollout's
+   wall time, then published: the head serves the next window. ``inject_bad_head`` corrupts it after that window.
+
+``model="tiny"``: a tiny random Llama with a random static head — a smoke test of the pipeline in seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from atlas_rl.config import EngineConfig
+from atlas_rl.rollout.build import build_engine, build_speculators
+from atlas_rl.speculators.draft_head import DraftHead
+from atlas_rl.training.buffer import CaptureBuffer, CaptureBufferConfig
+from atlas_rl.training.online import OnlineSpeculatorTrainer
+from atlas_rl.types import SamplingParams
+
+from ..common import BenchRun, start_run
+from ..grid import auto_controller, calibrate
+from ..harness import ConfigSummary, engine_runner, run_interleaved
+from ..workloads import Workload
+from .options import AdaptOptions
+from .report import render_adapt_markdown, speed_svg
+from .traffic import ticket_prompts
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["run_adapt"]
+
+
+@dataclass
+class _State:
+    opts: AdaptOptions
+    run: BenchRun
+    static: DraftHead
+    adaptive: DraftHead
+    buffer: CaptureBuffer
+    trainer: OnlineSpeculatorTrainer
+    cost: Any  # the calibrated verification cost (a fresh copy per default engine)
+    bench: list[list[int]]
+
+
+def _load_tiny(opts: AdaptOptions, command: str) -> tuple[BenchRun, DraftHead]:
+    from pathlib import Path
+
+    from atlas_rl.bench.common import header
+    from atlas_rl.models import tiny_llama, tiny_token_ids, tiny_tokenizer
+    from atlas_rl.speculators.draft_head import DraftHeadConfig
+
+    tok = tiny_tokenizer()
+    model = tiny_llama(
+        vocab_size=len(tok), hidden_size=64, num_layers=2, max_position_embeddings=2048, seed=opts.seed,
+        **tiny_token_ids(tok),
+    )  # fmt: skip
+    cfg = DraftHeadConfig.from_target(model, fuse_layers=(1, 2), intermediate_size=128, draft_vocab_size=len(tok))
+    static = DraftHead(cfg)
+    static.bind_target(model, init_lm_head=True)
+    Path(opts.out_dir).mkdir(parents=True, exist_ok=True)
+    report = header(opts, model, command) | {"scenario": "adapt", "model": "tiny random Llama", "windows": []}
+    return BenchRun(Path(opts.out_dir), model, tok, [tok.eos_token_id], report), static
+
+
+def _setup(opts: AdaptOptions, command: str) -> _State:
+    if opts.model == "tiny":
+        run, static = _load_tiny(opts, command)
+    else:
+        run = start_run(opts, command, scenario="adapt", windows=[])
+        static = build_speculators(run.model, ["static"]).static_head
+    # the adaptive head and its trainer exactly as production builds them (warm start from the static head)
+    adaptive = build_speculators(run.model, ["adaptive"], static_head=static, seed=opts.seed).adaptive_head
+    buffer = CaptureBuffer(CaptureBufferConfig(fuse_layers=tuple(adaptive.config.fuse_layers)))
+    trainer = OnlineSpeculatorTrainer(adaptive, buffer)
+    cost, run.report["verification_cost"] = calibrate(run.model, run.eos, opts.k)
+    bench = ticket_prompts(run.tokenizer, opts.bench_prompts, seed=f"bench:{opts.seed}")
+    heads = {"static": static, "adaptive": adaptive}
+    run.report["head_parameters"] = {n: sum(p.numel() for p in h.parameters()) for n, h in heads.items()}
+    return _State(opts, run, static, adaptive, buffer, trainer, cost, bench)
+
+
+def _engine(st: _State, config: str) -> Any:
+    """A fresh engine of one configuration (fresh speculator state; the heads are shared)."""
+    m, k = st.run.model, st.opts.k
+    if config == "none":
+        return build_engine(m, eos_token_ids=st.run.eos)
+    names = ["static", "adaptive", "suffix"] if config == "default" else [config]
+    specs = build_speculators(m, names, static_head=st.static, adaptive_head=st.adaptive, seed=st.opts.seed)
+    if config == "default":
+        ctl = auto_controller(st.cost, k)
+        from atlas_rl.rollout.engine import RolloutEngine
+
+        return RolloutEngine(m, speculators=specs.speculators, eos_token_ids=st.run.eos, controller=ctl,
+                             config=EngineConfig(num_speculative_tokens=k))  # fmt: skip
+    return build_engine(m, specs.speculators, k=k, controller="fixed", eos_token_ids=st.run.eos)
+
+
+def _bench_cell(st: _State, rows: int, temperature: float) -> dict[str, Any]:
+    """Every configuration on the held-out requests in batches of ``rows`` (interleaved, repeated)."""
+    from .options import CONFIGS
+
+    runners = {c: engine_runner(lambda c=c: _engine(st, c)) for c in CONFIGS}
+    merged: dict[str, list[ConfigSummary]] = {c: [] for c in CONFIGS}
+    for i in range(0, len(st.bench) - rows + 1, rows):
+        sp = SamplingParams(temperature=temperature, max_new_tokens=st.opts.max_new_tokens, seed=st.opts.seed + i)
+        w = Workload(name=f"b{i}", description="", prompt_ids=st.bench[i : i + rows], num_generations=1, sampling=sp)
+        for c, s in run_interleaved(w, runners, repeats=st.opts.repeats).items():
+            merged[c].append(s)
+    return {c: _summary(ss) for c, ss in merged.items()}
+
+
+def _summary(parts: list[ConfigSummary]) -> dict[str, Any]:
+    """Tokens/s (total tokens over total seconds), τ and draft shares over all batches and repeats."""
+    runs = [r for s in parts for r in s.runs]
+    stats = [r.stats for r in runs if r.stats is not None]
+    emitted = sum(s.num_emitted_tokens for s in stats)
+    forwards = sum(s.num_row_forwards for s in stats)
+    drafts: dict[str, int] = {}
+    for s in stats:
+        for name, ss in s.per_speculator.items():
+            drafts[name] = drafts.get(name, 0) + ss.num_drafts
+    total = sum(drafts.values())
+    return {
+        "tokens_per_s": sum(r.completion_tokens for r in runs) / max(sum(r.seconds for r in runs), 1e-9),
+        "tau": emitted / forwards if forwards else math.nan,
+        "draft_share": {n: d / total for n, d in drafts.items()} if total else {},
+    }
+
+
+def _traffic_and_retrain(st: _State, w: int) -> dict[str, Any]:
+    """Window ``w``'s traffic through the default engine, captured; then retraining within the budget."""
+    o = st.opts
+    prompts = ticket_prompts(st.run.tokenizer, o.traffic_prompts, seed=f"traffic:{o.seed}:{w}")
+    eng = _engine(st, "default")
+    if w > 0:
+        eng.update_weights(None, version=w)  # the buffer tags the window's samples as its version
+    handle = st.buffer.attach(eng)
+    rb = eng.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=o.max_new_tokens, seed=o.seed + w))
+    handle.remove()
+    st.buffer.flush()
+    rollout_s = rb.stats.total_s
+    t0 = time.perf_counter()
+    m = st.trainer.step(time_budget_s=o.adaptive_share * rollout_s)
+    st.trainer.publish()
+    train_s = time.perf_counter() - t0
+    out = {"rollout_s": rollout_s, "tau": rb.stats.mean_acceptance_length, "tokens": rb.num_completion_tokens,
+           "train_s": train_s, "train_share": train_s / rollout_s, "steps": m["call_steps"],
+           "loss": m["call_loss"], "staleness": m["staleness"], "capture_hook_s": st.buffer.hook_s}  # fmt: skip
+    if o.inject_bad_head == w:
+        _corrupt(st.adaptive)
+        out["injected_bad_head"] = True
+    return out
+
+
+def _corrupt(head: DraftHead) -> None:
+    """A collapsed retraining: every trained weight of the serving head buried under noise 4x its mean size."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in head.parameters():
+            if p.requires_grad and p.is_floating_point():
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype), alpha=float(p.abs().mean()) * 4)
+
+
+def run_adapt(opts: AdaptOptions, command: str = "atlas-rl bench --scenario adapt") -> dict:
+    """Run the scenario (module docstring); writes ``adapt.json`` after every window, then ``adapt.md`` and
+    ``adapt.svg`` (speed over windows)."""
+    st = _setup(opts, command)
+    threads = torch.get_num_threads()
+    for w in range(opts.windows + 1):
+        row: dict[str, Any] = {"window": w, "cells": {}}
+        for t in opts.temperatures:
+            for rows in opts.rows:
+                row["cells"][f"rows{rows}_T{t:g}"] = {"rows": rows, "temperature": t, **_bench_cell(st, rows, t)}
+        if w < opts.windows:
+            row["traffic"] = _traffic_and_retrain(st, w)
+        st.run.report["windows"].append(row)
+        logger.info("adapt window %d done (%d threads)", w, threads)
+        st.run.write("adapt")
+    (st.run.out_dir / "adapt.svg").write_text(speed_svg(st.run.report))
+    st.run.write("adapt", render_adapt_markdown)
+    return st.run.report
