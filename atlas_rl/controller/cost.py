@@ -285,7 +285,11 @@ def calibrate(
     cost = VerificationCost(measured, key=key)
     cost.requested_tokens = max_tokens
     cost.calibration_s = time.perf_counter() - t_start
-    cost.reliable = worst <= 3.0 and spread <= 2.0
+    # a table is cached only when it is complete enough to decide with: every draft length at one row, timed in
+    # two passes or more (a busy machine can leave time for the (1, 1) point alone, and a one-point table
+    # extrapolates every verification as dear as that point: the controller would never draft again)
+    complete = all((1, t) in times for t in toks) and min(len(v) for v in times.values()) >= 2
+    cost.reliable = worst <= 3.0 and spread <= 2.0 and complete
     logger.info(
         "verification cost calibrated in %.1f s (%d passes)%s: %s",
         cost.calibration_s,
@@ -348,6 +352,13 @@ def cost_cache_path(key: str, root: Path | None = None) -> Path:
     return root / "controller" / f"verification_cost_{key}.json"
 
 
+def covers_one_row(cost: VerificationCost, max_tokens: int) -> bool:
+    """Whether a table measured one row at every calibrated draft length up to ``max_tokens`` (an incomplete
+    table cached by an earlier version is measured again)."""
+    toks = {t for t in CALIBRATION_TOKENS if t <= max_tokens} | {1, max_tokens}
+    return all((1, t) in cost.measured for t in toks)
+
+
 def load_or_calibrate(
     key: str,
     timer: ForwardTimer,
@@ -366,7 +377,7 @@ def load_or_calibrate(
     try:
         if path.is_file():
             cost = VerificationCost.from_json(json.loads(path.read_text()))
-            if cost.requested_tokens >= max_tokens:
+            if cost.requested_tokens >= max_tokens and covers_one_row(cost, max_tokens):
                 cost.from_cache = True
                 logger.info("verification cost: reusing %s", path)
                 return cost

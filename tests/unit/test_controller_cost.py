@@ -238,3 +238,20 @@ def test_calibrated_table_is_monotone_and_near_the_law_on_a_noisy_machine():
         r, t = int(rng.choice([1, 4, 16])), int(rng.integers(1, 10))
         cost.observe(r, t, law(r, t) * rng.uniform(0.5, 3.0))
         assert np.all(np.diff(cost.forward_curve(r, 9)) >= 0)
+
+
+def test_an_incomplete_calibration_is_used_but_never_cached_and_an_incomplete_cache_is_measured_again(tmp_path):
+    # a busy spell: the first forwards take far longer than the budget allows, so only (1, 1) is measured once.
+    # Cached, that one point would price every verification like it and the controller would never draft again
+    # (found in the cache of this machine: one 1.59 s cell).
+    cost = load_or_calibrate("k", sleeping_timer(lambda r, t: 0.3), max_tokens=9, budget_s=0.2, root=tmp_path)
+    assert list(cost.measured) == [(1, 1)]
+    assert not cost.reliable and not cost_cache_path("k", tmp_path).exists()
+    # such a table written by an earlier version is not reused
+    poisoned = cost_cache_path("k", tmp_path)
+    poisoned.parent.mkdir(parents=True, exist_ok=True)
+    poisoned.write_text(json.dumps(cost.to_json()))
+    law = lambda r, t: 0.001 * (1 + 0.1 * t) * r  # noqa: E731
+    fresh = load_or_calibrate("k", sleeping_timer(law), max_tokens=9, budget_s=5.0, root=tmp_path)
+    assert not fresh.from_cache and (1, 9) in fresh.measured and fresh.reliable
+    assert load_or_calibrate("k", sleeping_timer(law), max_tokens=9, root=tmp_path).from_cache

@@ -27,6 +27,9 @@ class AdaptOptions:
     adaptive_share: float = field(
         default=0.10, metadata={"help": "Retraining budget as a share of the window's traffic rollout time."}
     )
+    adaptive_min_s: float = field(
+        default=1.0, metadata={"help": "Lower bound of the retraining budget in seconds (production's default)."}
+    )
     inject_bad_head: int | None = field(
         default=None,
         metadata={"help": "Corrupt the published adaptive head after this window (the controller must fall back)."},

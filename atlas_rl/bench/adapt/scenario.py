@@ -8,17 +8,22 @@ At every window w = 0 .. ``windows`` (w = 0: before any adaptation):
    ``static`` / ``suffix`` / ``adaptive`` each alone at fixed ``k``, and ``default`` — the production engine (the
    auto controller over all three: it moves to a speculator as its calibrated acceptance earns it, and away when
    it degrades). Reported: τ, tokens/s, the share of drafts per speculator.
-2. **traffic** (w < ``windows``) — the window's fresh requests (T=1) through the default engine with the capture
-   hook feeding the adaptive head's buffer (tagged with the window as its version: the newest preferred).
+2. **traffic** (w < ``windows``) — the window's fresh requests (T=1) through the production engine with the
+   capture hook feeding the adaptive head's buffer (tagged with the window as its version: the newest preferred).
+   The production engine persists across windows, as a trainer's does: its controller keeps what it learned about
+   each speculator, its suffix index the earlier traffic. The bench's ``default`` runs a fresh engine that starts
+   from copies of that state (the held-out requests never enter the production engine's suffix history).
 3. **retraining** — the production trainer (:class:`~atlas_rl.training.online.OnlineSpeculatorTrainer`, the head
    as production builds it: warm-started from the static head) for ``adaptive_share`` of the traffic rollout's
-   wall time, then published: the head serves the next window. ``inject_bad_head`` corrupts it after that window.
+   wall time (at least ``adaptive_min_s``, as production), then published: the head serves the next window.
+   ``inject_bad_head`` corrupts it after that window.
 
 ``model="tiny"``: a tiny random Llama with a random static head — a smoke test of the pipeline in seconds.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -29,6 +34,7 @@ import torch
 
 from atlas_rl.config import EngineConfig
 from atlas_rl.rollout.build import build_engine, build_speculators
+from atlas_rl.rollout.engine import RolloutEngine
 from atlas_rl.speculators.draft_head import DraftHead
 from atlas_rl.training.buffer import CaptureBuffer, CaptureBufferConfig
 from atlas_rl.training.online import OnlineSpeculatorTrainer
@@ -57,6 +63,7 @@ class _State:
     trainer: OnlineSpeculatorTrainer
     cost: Any  # the calibrated verification cost (a fresh copy per default engine)
     bench: list[list[int]]
+    prod: Any = None  # the production engine: serves the traffic, persists across windows
 
 
 def _load_tiny(opts: AdaptOptions, command: str) -> tuple[BenchRun, DraftHead]:
@@ -93,7 +100,9 @@ def _setup(opts: AdaptOptions, command: str) -> _State:
     bench = ticket_prompts(run.tokenizer, opts.bench_prompts, seed=f"bench:{opts.seed}")
     heads = {"static": static, "adaptive": adaptive}
     run.report["head_parameters"] = {n: sum(p.numel() for p in h.parameters()) for n, h in heads.items()}
-    return _State(opts, run, static, adaptive, buffer, trainer, cost, bench)
+    st = _State(opts, run, static, adaptive, buffer, trainer, cost, bench)
+    st.prod = _engine(st, "default")
+    return st
 
 
 def _engine(st: _State, config: str) -> Any:
@@ -103,13 +112,15 @@ def _engine(st: _State, config: str) -> Any:
         return build_engine(m, eos_token_ids=st.run.eos)
     names = ["static", "adaptive", "suffix"] if config == "default" else [config]
     specs = build_speculators(m, names, static_head=st.static, adaptive_head=st.adaptive, seed=st.opts.seed)
-    if config == "default":
-        ctl = auto_controller(st.cost, k)
-        from atlas_rl.rollout.engine import RolloutEngine
-
-        return RolloutEngine(m, speculators=specs.speculators, eos_token_ids=st.run.eos, controller=ctl,
-                             config=EngineConfig(num_speculative_tokens=k))  # fmt: skip
-    return build_engine(m, specs.speculators, k=k, controller="fixed", eos_token_ids=st.run.eos)
+    if config != "default":
+        return build_engine(m, specs.speculators, k=k, controller="fixed", eos_token_ids=st.run.eos)
+    ctl = auto_controller(st.cost, k)
+    if st.prod is not None:  # the production engine's learned state, copied (module docstring)
+        ctl = copy.deepcopy(st.prod.controller)
+        i = next(i for i, sp in enumerate(specs.speculators) if sp.name == "suffix")
+        specs.speculators[i] = copy.deepcopy(st.prod.speculators["suffix"])
+    return RolloutEngine(m, speculators=specs.speculators, eos_token_ids=st.run.eos, controller=ctl,
+                         config=EngineConfig(num_speculative_tokens=k))  # fmt: skip
 
 
 def _bench_cell(st: _State, rows: int, temperature: float) -> dict[str, Any]:
@@ -148,7 +159,7 @@ def _traffic_and_retrain(st: _State, w: int) -> dict[str, Any]:
     """Window ``w``'s traffic through the default engine, captured; then retraining within the budget."""
     o = st.opts
     prompts = ticket_prompts(st.run.tokenizer, o.traffic_prompts, seed=f"traffic:{o.seed}:{w}")
-    eng = _engine(st, "default")
+    eng = st.prod
     if w > 0:
         eng.update_weights(None, version=w)  # the buffer tags the window's samples as its version
     handle = st.buffer.attach(eng)
@@ -157,7 +168,7 @@ def _traffic_and_retrain(st: _State, w: int) -> dict[str, Any]:
     st.buffer.flush()
     rollout_s = rb.stats.total_s
     t0 = time.perf_counter()
-    m = st.trainer.step(time_budget_s=o.adaptive_share * rollout_s)
+    m = st.trainer.step(time_budget_s=max(o.adaptive_min_s, o.adaptive_share * rollout_s))  # as production
     st.trainer.publish()
     train_s = time.perf_counter() - t0
     out = {"rollout_s": rollout_s, "tau": rb.stats.mean_acceptance_length, "tokens": rb.num_completion_tokens,
