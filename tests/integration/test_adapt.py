@@ -1,5 +1,6 @@
-"""``atlas-rl bench --scenario adapt``: the workload-shift scenario end to end on a tiny model (every stage:
-bench cells, captured traffic, retraining within the budget, the bad-head injection, the report and its plot)."""
+"""``atlas-rl bench --scenario adapt``: both parts end to end on a tiny model (the workload shift's bench cells,
+captured traffic, retraining within the budget, the bad-head injection, the report and its plot; the GRPO
+specialisation run with its per-step probes), and a collapsed adaptive head against the controller (slow)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,10 @@ def test_adapt_scenario_runs_end_to_end_on_a_tiny_model(tmp_path):
     assert traffic[1].get("injected_bad_head") and not traffic[0].get("injected_bad_head")
     md = (tmp_path / "adapt.md").read_text()
     assert "adaptive/static τ" in md and "Traffic and retraining" in md
+    steps = rep["policy"]  # the GRPO specialisation part: one probe per optimizer step
+    assert [r["step"] for r in steps] == [1, 2] and all(r["tau"]["adaptive"] >= 1.0 for r in steps)
+    assert all(r["step_s"] > 0 and r["train_s"] >= 0 for r in steps)
+    assert "Policy specialisation" in md
     svg = (tmp_path / "adapt.svg").read_text()
     assert svg.startswith("<svg") and svg.count("<polyline") == len(CONFIGS) * 2
 
@@ -57,6 +62,7 @@ def test_traffic_is_seeded_and_the_bench_is_disjoint_from_it():
         ({"adaptive_share": 0.0}, "adaptive_share"),
         ({"inject_bad_head": 4}, "inject_bad_head"),
         ({"windows": 0}, "windows"),
+        ({"parts": ["drift"]}, "parts"),
     ],
 )
 def test_bad_options_say_what_is_wrong(kw, match):

@@ -34,6 +34,13 @@ class AdaptOptions:
         default=None,
         metadata={"help": "Corrupt the published adaptive head after this window (the controller must fall back)."},
     )
+    parts: list[str] = field(
+        default_factory=lambda: ["shift", "policy"],
+        metadata={"help": "shift: the workload-shift windows; policy: the GRPO specialisation run."},
+    )
+    policy_steps: int = field(default=10, metadata={"help": "GRPO steps of the policy part."})
+    policy_lr: float = field(default=5e-5, metadata={"help": "GRPO learning rate of the policy part."})
+    probe_prompts: int = field(default=4, metadata={"help": "Held-out requests probed after every GRPO step."})
     seed: int = field(default=0, metadata={"help": "Seed of prompts, sampling and the adaptive trainer."})
 
     def __post_init__(self) -> None:
@@ -47,9 +54,13 @@ class AdaptOptions:
             raise ValueError("k, repeats and max_new_tokens must be >= 1")
         if not 0.0 < self.adaptive_share <= 1.0:
             raise ValueError(f"adaptive_share must be in (0, 1], got {self.adaptive_share}")
+        if not self.parts or set(self.parts) - {"shift", "policy"}:
+            raise ValueError(f"parts must be among 'shift' and 'policy', got {self.parts}")
+        if self.policy_steps < 1 or self.probe_prompts < 1 or self.policy_lr <= 0:
+            raise ValueError("policy_steps and probe_prompts must be >= 1 and policy_lr > 0")
         if self.inject_bad_head is not None and not 0 <= self.inject_bad_head < self.windows:
             raise ValueError(f"inject_bad_head must name a window in [0, {self.windows}), got {self.inject_bad_head}")
 
 
 QUICK = dict(windows=2, traffic_prompts=4, bench_prompts=2, rows=[1, 2], temperatures=[0.0], max_new_tokens=24,
-             repeats=1)  # fmt: skip
+             repeats=1, policy_steps=2, probe_prompts=1)  # fmt: skip

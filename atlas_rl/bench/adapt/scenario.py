@@ -189,21 +189,36 @@ def _corrupt(head: DraftHead) -> None:
                 p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype), alpha=float(p.abs().mean()) * 4)
 
 
+def _fresh_target(opts: AdaptOptions, command: str) -> tuple[torch.nn.Module, Any]:
+    if opts.model == "tiny":
+        run = _load_tiny(opts, command)[0]
+        return run.model, run.tokenizer
+    from ..common import load_model
+
+    return load_model(opts.model)
+
+
 def run_adapt(opts: AdaptOptions, command: str = "atlas-rl bench --scenario adapt") -> dict:
-    """Run the scenario (module docstring); writes ``adapt.json`` after every window, then ``adapt.md`` and
-    ``adapt.svg`` (speed over windows)."""
+    """Run the scenario's parts (module docstring; the policy part: :mod:`.specialise`); writes ``adapt.json``
+    after every window and step, then ``adapt.md`` and ``adapt.svg`` (speed over windows)."""
     st = _setup(opts, command)
-    threads = torch.get_num_threads()
-    for w in range(opts.windows + 1):
-        row: dict[str, Any] = {"window": w, "cells": {}}
-        for t in opts.temperatures:
-            for rows in opts.rows:
-                row["cells"][f"rows{rows}_T{t:g}"] = {"rows": rows, "temperature": t, **_bench_cell(st, rows, t)}
-        if w < opts.windows:
-            row["traffic"] = _traffic_and_retrain(st, w)
-        st.run.report["windows"].append(row)
-        logger.info("adapt window %d done (%d threads)", w, threads)
-        st.run.write("adapt")
-    (st.run.out_dir / "adapt.svg").write_text(speed_svg(st.run.report))
+    if "shift" in opts.parts:
+        for w in range(opts.windows + 1):
+            row: dict[str, Any] = {"window": w, "cells": {}}
+            for t in opts.temperatures:
+                for rows in opts.rows:
+                    cell = {"rows": rows, "temperature": t, **_bench_cell(st, rows, t)}
+                    row["cells"][f"rows{rows}_T{t:g}"] = cell
+            if w < opts.windows:
+                row["traffic"] = _traffic_and_retrain(st, w)
+            st.run.report["windows"].append(row)
+            logger.info("adapt window %d done", w)
+            st.run.write("adapt")
+        (st.run.out_dir / "adapt.svg").write_text(speed_svg(st.run.report))
+    if "policy" in opts.parts:
+        from .specialise import run_specialise
+
+        model, tok = _fresh_target(opts, command)  # the GRPO run trains it
+        st.run.report["policy"] = run_specialise(model, tok, opts, opts.out_dir)
     st.run.write("adapt", render_adapt_markdown)
     return st.run.report
