@@ -120,6 +120,21 @@ def test_draft_cost_learns_a_linear_law():
         assert dc.predict("head", rows, depth) == pytest.approx(law(rows, depth), rel=0.1)
 
 
+def test_draft_cost_stays_bounded_after_a_long_run_of_identical_calls():
+    # a rollout of 16 rows asks the same depth step after step, then the batch shrinks: without a bound on the
+    # covariance, forgetting inflated it along the unexcited directions and the first different call threw the
+    # prediction to ~1e14 s (the controller then never asked the speculator again)
+    dc = DraftCost()
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        dc.observe("head", ProposeRecord(16, 64, 0.02 * rng.uniform(0.9, 1.1)))
+    for _ in range(40):  # the tail of the rollout: fewer rows, other depths, noisy timings
+        rows, depth = int(rng.integers(1, 16)), int(rng.integers(1, 5))
+        dc.observe("head", ProposeRecord(rows, depth * rows, (0.004 + 0.001 * rows * depth) * rng.uniform(0.3, 3.0)))
+        for r, d in [(1, 4), (4, 4), (16, 4), (1, 1)]:
+            assert 0.0 <= dc.predict("head", r, d) < 1.0, (r, d, dc.predict("head", r, d))
+
+
 def test_expected_tokens_and_best_length():
     e = expected_tokens(np.array([[0.5, 0.5, 0.0], [1.0, 1.0, 1.0]]))
     assert e.tolist() == [[1.0, 1.5, 1.75, 1.75], [1.0, 2.0, 3.0, 4.0]]
