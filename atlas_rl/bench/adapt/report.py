@@ -153,10 +153,9 @@ def render_adapt_markdown(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def speed_svg(report: dict[str, Any], width: int = 640, height: int = 360) -> str:
+def speed_svg(report: dict[str, Any], width: int = 640, panel_h: int = 170) -> str:
     """Tokens/s over windows per configuration for every cell, one panel per cell, dependency-free SVG."""
     cells = _cells(report)
-    panel_h = height // max(1, len(cells))
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{panel_h * len(cells)}" '
              'font-family="sans-serif" font-size="11">']  # fmt: skip
     for i, name in enumerate(cells):
