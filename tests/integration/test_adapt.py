@@ -107,4 +107,5 @@ def test_a_collapsed_adaptive_head_costs_the_default_engine_at_most_the_explorat
           f"its drafting time share {adaptive_propose}")  # fmt: skip
     assert default_tau >= 0.95 * static_tau
     assert max(shares) <= 0.10
-    assert AutoControllerConfig().exploration_budget == 0.02
+    # its drafting time: the 2% exploration budget plus its first probes (measured 1.7-1.8% per call)
+    assert AutoControllerConfig().exploration_budget == 0.02 and max(adaptive_propose) <= 0.05
