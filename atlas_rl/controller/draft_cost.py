@@ -3,7 +3,7 @@
 ``seconds ~= a + b * depth + c * tokens`` for one ``propose`` call asked for ``tokens`` draft tokens over its
 rows, ``depth = tokens / rows`` tokens per row: ``a`` is a per-call overhead, ``b`` the sequential cost of one
 more draft position (a draft head runs one small forward per position), ``c`` the per-token work (an index
-lookup, a row of a forward). Fit by exponentially weighted ridge least squares over the last 128 calls,
+lookup, a row of a forward). Fit by exponentially weighted ridge least squares (forgetting factor per call),
 coefficients kept non-negative. A speculator never observed is predicted free: the first call measures it.
 
 (It was recursive least squares with forgetting: forgetting divides the covariance by the factor at every update,
@@ -14,22 +14,22 @@ controller never asked that speculator again. Found in the adapt bench, 2026-12-
 
 from __future__ import annotations
 
-from collections import deque
-
 import numpy as np
 
 from atlas_rl.types import ProposeRecord
 
 
-class _WindowFit:
-    """Exponentially weighted ridge least squares over the last ``window`` calls on 3 features, coefficients
-    non-negative (active set: a negative coefficient is pinned to 0 and the rest refitted)."""
+class _WeightedFit:
+    """Exponentially weighted ridge least squares on 3 features, coefficients non-negative (active set: a negative
+    coefficient is pinned to 0 and the rest refitted). O(1) per call: the weighted normal equations are kept as
+    running sums (the engine calls this every step), and solved once per new observation (3 x 3)."""
 
-    def __init__(self, forgetting: float, window: int = 128) -> None:
+    def __init__(self, forgetting: float) -> None:
         self.theta = np.zeros(3)
         self.lam = forgetting
-        self._x: deque[np.ndarray] = deque(maxlen=window)
-        self._y: deque[float] = deque(maxlen=window)
+        self._xx = np.zeros((3, 3))  # sum_i w_i x_i x_i^T
+        self._xy = np.zeros(3)  # sum_i w_i x_i y_i
+        self._w = 0.0  # sum_i w_i
         self.n = 0
 
     @staticmethod
@@ -37,18 +37,18 @@ class _WindowFit:
         return np.array([1.0, depth, tokens / 64.0])
 
     def update(self, x: np.ndarray, y: float) -> None:
-        self._x.append(x)
-        self._y.append(float(y))
+        lam = self.lam
+        self._xx = lam * self._xx + np.outer(x, x)
+        self._xy = lam * self._xy + x * float(y)
+        self._w = lam * self._w + 1.0
         self.n += 1
-        X, Y = np.array(self._x), np.array(self._y)  # [N, 3], [N]
-        w = self.lam ** np.arange(len(Y))[::-1]  # [N] the newest weighs 1
         free = np.ones(3, dtype=bool)
         theta = np.zeros(3)
         for _ in range(3):
-            Xf = X[:, free]
-            A = (Xf * w[:, None]).T @ Xf + 1e-6 * float(w.sum()) * np.eye(int(free.sum()))
+            idx = np.flatnonzero(free)
+            A = self._xx[np.ix_(idx, idx)] + 1e-6 * self._w * np.eye(len(idx))
             theta = np.zeros(3)
-            theta[free] = np.linalg.solve(A, (Xf * w[:, None]).T @ Y)
+            theta[idx] = np.linalg.solve(A, self._xy[idx])
             if (theta >= 0).all():
                 break
             free &= theta > 0
@@ -66,7 +66,7 @@ class DraftCost:
         if not (0.0 < forgetting <= 1.0):
             raise ValueError(f"forgetting must lie in (0, 1], got {forgetting}")
         self.forgetting = forgetting
-        self._models: dict[str, _WindowFit] = {}
+        self._models: dict[str, _WeightedFit] = {}
 
     def predict(self, name: str, rows: int, depth: int) -> float:
         """Seconds of one ``propose`` call for ``rows`` rows asked for ``depth`` tokens each (0 if never seen)."""
@@ -82,5 +82,5 @@ class DraftCost:
     def observe(self, name: str, rec: ProposeRecord) -> None:
         if rec.rows <= 0 or rec.seconds < 0:
             return
-        m = self._models.setdefault(name, _WindowFit(self.forgetting))
+        m = self._models.setdefault(name, _WeightedFit(self.forgetting))
         m.update(m.features(rec.tokens / rec.rows, rec.tokens), rec.seconds)
