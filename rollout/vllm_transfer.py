@@ -39,7 +39,8 @@ GLOO_BACKEND = "atlas_gloo"
 
 class WeightSyncClient:
     """vLLM's weight-sync routes over HTTP (the four methods of vLLM's ``VLLMWeightSyncClient`` protocol, plus the
-    draft session and the server facts a trainer needs)."""
+    draft session and the server facts a trainer needs); :meth:`request` is this package's one HTTP call to a vLLM
+    server."""
 
     def __init__(self, base_url: str, timeout_s: float = 600.0) -> None:
         if not base_url.startswith(("http://", "https://")):
@@ -48,12 +49,16 @@ class WeightSyncClient:
         self.timeout_s = timeout_s
         self.draft = False  # the next session loads into the drafter
 
-    def _call(self, path: str, body: dict[str, Any] | None = None, method: str = "POST") -> Any:
+    def request(self, path: str, body: dict[str, Any] | None = None, method: str | None = None) -> bytes:
+        """The raw reply to ``path`` (GET without ``body``, POST with it, unless ``method`` says otherwise)."""
         data = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"} if data else {}
         req = urllib.request.Request(self.base_url + path, data=data, headers=headers, method=method)
         with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:  # noqa: S310 - the user's server URL
-            raw = resp.read()
+            return resp.read()
+
+    def _call(self, path: str, body: dict[str, Any] | None = None, method: str = "POST") -> Any:
+        raw = self.request(path, body, method)
         return json.loads(raw) if raw else None
 
     def server_info(self) -> dict[str, Any]:

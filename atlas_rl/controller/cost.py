@@ -245,6 +245,11 @@ def _fill_table(measured: dict[tuple[int, int], float], grid_rows: list[int], ma
 
 
 # ---------------------------------------------------------------------------------------------- calibration
+def token_points(tokens: Sequence[int], max_tokens: int) -> list[int]:
+    """The tokens-per-row points a calibration times: ``tokens`` up to ``max_tokens``, and 1 and ``max_tokens``."""
+    return sorted({t for t in tokens if t <= max_tokens} | {1, max_tokens})
+
+
 def calibrate(
     timer: ForwardTimer,
     max_tokens: int = 9,
@@ -269,7 +274,7 @@ def calibrate(
         raise ValueError(f"budget_s must be > 0, got {budget_s}")
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
-    toks = sorted({t for t in tokens if t <= max_tokens} | {1, max_tokens})
+    toks = token_points(tokens, max_tokens)
     t_start = time.perf_counter()
     timer(1, 1, 1)  # warm-up (allocator, kernels); not recorded
     times = {p: [s] for p, s in _first_pass(timer, sorted(set(rows)), toks, budget_s / rounds, t_start).items()}
@@ -355,8 +360,7 @@ def cost_cache_path(key: str, root: Path | None = None) -> Path:
 def covers_one_row(cost: VerificationCost, max_tokens: int) -> bool:
     """Whether a table measured one row at every calibrated draft length up to ``max_tokens`` (an incomplete
     table cached by an earlier version is measured again)."""
-    toks = {t for t in CALIBRATION_TOKENS if t <= max_tokens} | {1, max_tokens}
-    return all((1, t) in cost.measured for t in toks)
+    return all((1, t) in cost.measured for t in token_points(CALIBRATION_TOKENS, max_tokens))
 
 
 def load_or_calibrate(

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -139,10 +138,9 @@ def _bench_cell(st: _State, rows: int, temperature: float) -> dict[str, Any]:
 
 def _summary(parts: list[ConfigSummary]) -> dict[str, Any]:
     """Tokens/s (total tokens over total seconds), τ and draft shares over all batches and repeats."""
-    runs = [r for s in parts for r in s.runs]
+    merged = ConfigSummary(parts[0].config, "all", runs=[r for s in parts for r in s.runs])
+    runs = merged.runs
     stats = [r.stats for r in runs if r.stats is not None]
-    emitted = sum(s.num_emitted_tokens for s in stats)
-    forwards = sum(s.num_row_forwards for s in stats)
     drafts: dict[str, int] = {}
     for s in stats:
         for name, ss in s.per_speculator.items():
@@ -150,7 +148,7 @@ def _summary(parts: list[ConfigSummary]) -> dict[str, Any]:
     total = sum(drafts.values())
     return {
         "tokens_per_s": sum(r.completion_tokens for r in runs) / max(sum(r.seconds for r in runs), 1e-9),
-        "tau": emitted / forwards if forwards else math.nan,
+        "tau": merged.mean_acceptance_length,
         "draft_share": {n: d / total for n, d in drafts.items()} if total else {},
     }
 
