@@ -94,9 +94,8 @@ def _adaptive_head(model: torch.nn.Module, static: DraftHead | None, seed: int) 
 
     p = next(model.parameters())
     dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-    vocab = int(model.get_output_embeddings().weight.shape[0])
-    cfg = AdaptiveHeadConfig(draft_vocab_size=min(AdaptiveHeadConfig().draft_vocab_size, vocab))
-    return build_adaptive_head(model, static=static, config=cfg, dtype=dtype, seed=seed).to(p.device)
+    # the static head's exact copy when there is one, else a light head (AdaptiveHeadConfig's defaults)
+    return build_adaptive_head(model, static=static, config=AdaptiveHeadConfig(), dtype=dtype, seed=seed).to(p.device)
 
 
 def build_speculators(

@@ -50,14 +50,14 @@ def target_directory(model: torch.nn.Module, scratch: Path) -> str:
 
 
 def _same_shape_adaptive(model: torch.nn.Module, static: DraftHead, seed: int) -> DraftHead:
-    """The adaptive head with the static head's shapes, warm-started as its exact copy."""
+    """The adaptive head with the static head's shapes, warm-started as its exact copy (AdaptiveHeadConfig's
+    default when a static head is given: every tensor copied, output rows included)."""
     from atlas_rl.speculators.adaptive import AdaptiveHeadConfig, build_adaptive_head
 
-    sc = static.config
-    cfg = AdaptiveHeadConfig(draft_vocab_size=sc.draft_vocab_size, intermediate_size=sc.intermediate_size)
     p = next(static.parameters())
-    # same shapes: the warm start copies every tensor, output rows included (an exact copy)
-    return build_adaptive_head(model, static=static, config=cfg, dtype=p.dtype, seed=seed).to(p.device)
+    return build_adaptive_head(model, static=static, config=AdaptiveHeadConfig(), dtype=p.dtype, seed=seed).to(
+        p.device
+    )
 
 
 class AtlasVllmBackend(AtlasRolloutBackend):

@@ -32,7 +32,9 @@ posterior, unless it states its own ``expected_acceptance`` (a draft head's held
 acceptance pays, so a good speculator is found within a few steps and a useless one is switched off as soon as
 its first outcomes arrive (at batch 64, after one step). Evidence decays with a half-life of ``half_life_steps``
 steps, so a switched-off speculator is eventually re-examined and a drifting one is followed; re-examining a
-costly speculator whose drafts went unused is rate-limited to ``exploration_budget`` of the recent wall time.
+costly speculator whose drafts went unused is rate-limited to ``exploration_budget`` of the recent wall time, per
+*regime* (speculator, greedy or sampled, batch size rounded down to a power of two): drafts wasted at 16 sampled
+rows, where verification is compute-bound, say nothing about one greedy row, so they do not silence it there.
 """
 
 from __future__ import annotations
@@ -54,6 +56,11 @@ from atlas_rl.controller.tracker import DraftTracker, Outcomes, PendingDraft
 from atlas_rl.types import CALIBRATION_BINS, Draft, SpecStats, SpeculatorStats, StepRecord
 
 logger = logging.getLogger(__name__)
+
+
+def _row_bucket(n: int) -> int:
+    """The batch size rounded down to a power of two (the regime of the waste rate limit)."""
+    return 1 << (max(1, n).bit_length() - 1)
 
 
 @dataclass
@@ -258,7 +265,8 @@ class AutoController(Controller):
         self._reproducible = False  # this call's timings wait for finish()
         self._last_update_s = 0.0
         self._recent_s = 0.0  # decayed wall time of recent steps
-        self._wasted_s: dict[str, float] = {}  # decayed drafting time per speculator whose drafts went unused
+        # decayed drafting time whose drafts went unused, per regime (speculator, greedy, row bucket)
+        self._wasted_s: dict[tuple[str, bool, int], float] = {}
         self._decay = 0.5 ** (1.0 / c.half_life_steps)
         self._call_calibration: dict[str, np.ndarray] = {}  # speculator -> [CALIBRATION_BINS, 3]
         # (step record, speculators whose drafts were verified, seconds of the previous update) of this call's steps
@@ -328,8 +336,8 @@ class AutoController(Controller):
         K = self.num_speculative_tokens
         if self.draft_cost.predict(name, n, K) <= self.config.cheap_fraction * step_s[0]:
             return K
-        if self._wasted_s.get(name, 0.0) > self.config.exploration_budget * self._recent_s:
-            return 0  # its recent drafts cost more than the exploration budget and were not used: wait
+        if self._wasted_s.get((name, greedy, _row_bucket(n)), 0.0) > self.config.exploration_budget * self._recent_s:
+            return 0  # its recent drafts in this regime cost more than the exploration budget, unused: wait
         draft_s = np.array([self.draft_cost.predict(name, n, L) for L in range(1, K + 1)])  # [K]
         # optimistic on purpose (it decides whether to *ask*): rows assumed alike, so the batch's expected tokens
         # are its effective tokens; choose() decides on the actual drafts, where the slowest row counts
@@ -521,12 +529,13 @@ class AutoController(Controller):
             overhead = record.step_s - record.forward_s - propose_s + update_s
             cost.observe(record.num_rows, record.query_len, record.forward_s, overhead)
             self._recent_s = self._decay * self._recent_s + record.step_s
-            for name in list(self._wasted_s):
-                self._wasted_s[name] *= self._decay
+            for key in list(self._wasted_s):
+                self._wasted_s[key] *= self._decay
             for name, p in record.proposals.items():
                 self.draft_cost.observe(name, p)
                 if name not in used:
-                    self._wasted_s[name] = self._wasted_s.get(name, 0.0) + p.seconds
+                    key = (name, self._greedy, _row_bucket(record.num_rows))
+                    self._wasted_s[key] = self._wasted_s.get(key, 0.0) + p.seconds
 
     def finish(self, stats: SpecStats) -> None:
         """End of a call: apply its remaining timings to the cost models (they shape the next call's decisions),

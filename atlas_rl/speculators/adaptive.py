@@ -1,23 +1,30 @@
-"""The adaptive draft head: a lighter :class:`DraftHead`, retrained online while the policy changes.
+"""The adaptive draft head: a :class:`DraftHead` retrained online while the policy changes.
 
-It is the same EAGLE-3 network as the static head (vLLM's drafter layout; one decoder layer), made cheaper per draft
-token in the two places that dominate its cost:
+It is the static head's EAGLE-3 network (vLLM's drafter layout; one decoder layer). With a static head it is, by
+default, the static head's *exact copy* (same MLP width, same draft vocabulary, every tensor copied): its
+acceptance starts equal to the static head's and training moves it from there, so adaptation never starts below
+the floor (docs/decisions/adaptive_head_shape.md has the measurement that chose this over a lighter head).
 
-* a narrower MLP (``intermediate_size``, default 512), and
-* a smaller draft vocabulary: the first ``draft_vocab_size`` tokens (default 2048) of the static head's
-  frequency-ranked vocabulary (``draft_to_target`` is ordered most frequent first), so the output rows, the head's
-  largest matmul, cost a fraction of the static head's.
+A lighter head is a configuration away (``AdaptiveHeadConfig(draft_vocab_size=..., intermediate_size=...)``),
+cheaper per draft token in the two places that dominate its cost:
+
+* a narrower MLP, and
+* a smaller draft vocabulary: the first ``draft_vocab_size`` tokens of the static head's frequency-ranked
+  vocabulary (``draft_to_target`` is ordered most frequent first), so the output rows, the head's largest
+  matmul, cost a fraction of the static head's.
 
 Warm start from a static head (``build_adaptive_head(model, static=...)``): every tensor whose shape matches is
-copied (``fc`` when both fuse the same target layers, the norms, attention), the first layer's MLP is *sliced* —
-the ``intermediate_size`` hidden units with the largest ``|gate_i| * |up_i| * |down_:,i|`` — and the output rows
-are the static head's trained rows of the kept tokens (the target's rows where the static head has none, or when
-its rows were frozen). Without a static head the head starts from random weights with the target's rows, and a
-vocabulary ranked by :func:`rank_vocab` over token sequences (or the first ids).
+copied (``fc`` when both fuse the same target layers, the norms, attention), a narrower first-layer MLP is
+*sliced* — the ``intermediate_size`` hidden units with the largest ``|gate_i| * |up_i| * |down_:,i|`` — and the
+output rows are the static head's trained rows of the kept tokens (the target's rows where the static head has
+none, or when its rows were frozen). Without a static head the head starts light (2048 tokens, MLP 512) from
+random weights with the target's rows, and a vocabulary ranked by :func:`rank_vocab` over token sequences (or the
+first ids).
 
 The output rows are frozen by default (``AdaptiveHeadConfig.train_lm_head``): the draft vocabulary can then be
 swapped without retraining (:func:`set_draft_vocab`), and rows copied from the target are refreshed from the new
-target after a policy update (:func:`refresh_frozen_rows`). Checkpoints export like the static head's
+target after a policy update (:func:`refresh_frozen_rows`); an exact copy keeps the static head's trained rows,
+frozen (fewer parameters to train within the budget). Checkpoints export like the static head's
 (``DraftHead.save_pretrained``: the directory vLLM loads).
 """
 
@@ -39,6 +46,8 @@ if TYPE_CHECKING:  # annotations only: speculators sit below training (tests/uni
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "LIGHT_MLP",
+    "LIGHT_VOCAB",
     "AdaptiveHeadConfig",
     "build_adaptive_head",
     "head_cost_macs",
@@ -49,22 +58,31 @@ __all__ = [
 ]
 
 
+LIGHT_VOCAB = 2048  # draft vocabulary of a head built without a static head
+LIGHT_MLP = 512  # its MLP width
+
+
 @dataclass
 class AdaptiveHeadConfig:
     """Shape of the adaptive head (target-dependent sizes come from the target, or the static head).
 
     Parameters:
-        draft_vocab_size: tokens the head can propose (the first N of the static head's ranked vocabulary).
-        intermediate_size: MLP width of the draft layer.
+        draft_vocab_size: tokens the head can propose (the first N of the static head's ranked vocabulary);
+            None = the static head's (else ``LIGHT_VOCAB``).
+        intermediate_size: MLP width of the draft layer; None = the static head's (else ``LIGHT_MLP``).
         fuse_layers: target layers fused as features; None = the static head's, or vLLM's default aux layers
             (2, L//2, L-3) of an L-layer target without one.
         warm_start: copy / slice the static head's weights when one is given.
+        train_lm_head: train the output rows online (else frozen: the static head's rows, or the target's).
     """
 
-    draft_vocab_size: int = field(
-        default=2048, metadata={"help": "Tokens the head can propose: the static head's N most frequent."}
+    draft_vocab_size: int | None = field(
+        default=None,
+        metadata={"help": "Tokens the head can propose (the static head's N most frequent); None = the static's."},
     )
-    intermediate_size: int = field(default=512, metadata={"help": "MLP width of the draft layer (static: 1536)."})
+    intermediate_size: int | None = field(
+        default=None, metadata={"help": "MLP width of the draft layer; None = the static head's (exact copy)."}
+    )
     fuse_layers: tuple[int, ...] | None = field(
         default=None,
         metadata={
@@ -80,8 +98,8 @@ class AdaptiveHeadConfig:
     def __post_init__(self) -> None:
         for name in ("draft_vocab_size", "intermediate_size"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"AdaptiveHeadConfig.{name} must be a positive int, got {v!r}")
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"AdaptiveHeadConfig.{name} must be a positive int or None, got {v!r}")
         if self.fuse_layers is not None:
             self.fuse_layers = tuple(int(x) for x in self.fuse_layers)
             if not self.fuse_layers:
@@ -179,7 +197,7 @@ def build_adaptive_head(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
 ) -> DraftHead:
-    """A light draft head for ``model``, bound to it and ready to serve (see the module docstring).
+    """The adaptive draft head for ``model``, bound to it and ready to serve (see the module docstring).
 
     Args:
         model: the target (HF causal LM).
@@ -193,10 +211,10 @@ def build_adaptive_head(
     fuse = cfg.fuse_layers or (
         tuple(static.config.fuse_layers) if static is not None else default_fuse_layers(model.config.num_hidden_layers)
     )
-    n = cfg.draft_vocab_size
+    n, mlp = _sizes(cfg, static, model)
     d2t = _first_tokens(vocab_ranking if vocab_ranking is not None else _static_ranking(static), n)
     overrides: dict = dict(
-        draft_vocab_size=n, intermediate_size=cfg.intermediate_size, fuse_layers=fuse, train_lm_head=cfg.train_lm_head
+        draft_vocab_size=n, intermediate_size=mlp, fuse_layers=fuse, train_lm_head=cfg.train_lm_head
     )
     if static is not None:
         sc = static.config
@@ -217,12 +235,20 @@ def build_adaptive_head(
     logger.info(
         "adaptive head: vocab %d, MLP %d, fuse %s; %.2f M MACs per draft token%s",
         n,
-        cfg.intermediate_size,
+        mlp,
         fuse,
         head_cost_macs(hc) / 1e6,
         f" (static: {head_cost_macs(static.config) / 1e6:.2f} M)" if static is not None else "",
     )
     return head
+
+
+def _sizes(cfg: AdaptiveHeadConfig, static: DraftHead | None, model: nn.Module) -> tuple[int, int]:
+    """(draft vocabulary, MLP width): the configured ones, else the static head's, else the light defaults."""
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    n = cfg.draft_vocab_size or (static.config.draft_vocab_size if static is not None else min(LIGHT_VOCAB, vocab))
+    mlp = cfg.intermediate_size or (static.config.intermediate_size if static is not None else LIGHT_MLP)
+    return n, mlp
 
 
 def _static_ranking(static: DraftHead | None) -> torch.Tensor | None:

@@ -115,16 +115,22 @@ def test_vocab_swap_and_row_refresh_follow_the_target(model):
         AdaptiveHeadConfig(intermediate_size=0)
 
 
-def test_vllm_adaptive_head_starts_as_an_exact_copy_of_the_static_head():
-    """atlas_engine="vllm": vLLM's one drafter takes either head, so the adaptive head has the static head's shapes
-    and the warm start alone makes it the static head's exact copy (trained output rows included)."""
+@pytest.mark.parametrize("engine", ["atlas", "vllm"])
+def test_the_adaptive_head_starts_as_an_exact_copy_of_the_static_head(engine):
+    """Both engines: the production adaptive head has the static head's shapes and the warm start alone makes it
+    the static head's exact copy (trained output rows included), so adaptation starts at the static head's τ
+    (vLLM's one drafter takes either head as well)."""
+    from atlas_rl.rollout.build import build_speculators
     from atlas_rl.trainers.vllm_backend import _same_shape_adaptive
 
     model = tiny_llama(seed=0)
     static = _static(model)
     with torch.no_grad():
         static.lm_head.weight.add_(1.0)  # trained rows, not the target's
-    head = _same_shape_adaptive(model, static, seed=1)
+    if engine == "vllm":
+        head = _same_shape_adaptive(model, static, seed=1)
+    else:
+        head = build_speculators(model, ["adaptive"], static_head=static, seed=1).adaptive_head
     ref = static.state_dict()
     assert set(head.state_dict()) == set(ref)
     assert all(torch.equal(v, ref[k]) for k, v in head.state_dict().items())

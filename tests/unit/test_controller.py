@@ -374,3 +374,25 @@ def test_a_measured_prior_skips_the_optimistic_phase_of_soft_drafts():
     informed = simulate(ctl, [weak], 1, 60, cost, seed=9, greedy=False)
     assert sum(q > 0 for q in generic.q) > 0
     assert sum(q > 0 for q in informed.q) == 0
+
+
+def test_drafts_wasted_in_one_regime_do_not_silence_the_speculator_in_another():
+    """A head's drafts left unused at 16 sampled rows (verification compute-bound there) say nothing about one row:
+    the waste rate limit is kept per (speculator, greedy, row bucket), so the head is still asked at one row, and
+    still rate-limited at 16."""
+    cost = cpu_like(0.15)
+    ctl = AutoController(AutoControllerConfig(num_speculative_tokens=4), cost=table_cost(cost))
+    # a head that pays at one row: 60% per token, drafting 2% of a step per token
+    ctl.set_speculator_priors({"head": 0.6})
+    ctl.draft_cost.observe("head", ProposeRecord(1, 4, 0.008))
+
+    def state(rows: int) -> PlanState:
+        return PlanState(list(range(rows)), [0] * rows, [100] * rows, ["head"], 0, greedy=False)
+
+    assert ctl.plan(state(1))[0], "the head pays at one row"
+    for _ in range(50):  # 16 sampled rows: the head drafted (1 s per step), nothing of it verified
+        ctl.plan(state(16))
+        rec = StepRecord(16, 1, 16, 0, 0, 0.2, 1.2, {"head": ProposeRecord(16, 64, 1.0)})
+        ctl.update(rec, [RowOutcome(None, 0, [0]) for _ in range(16)])
+    assert not ctl.plan(state(16))[0], "wasted at 16 rows: rate-limited there"
+    assert ctl.plan(state(1))[0], "one row is another regime: still asked"

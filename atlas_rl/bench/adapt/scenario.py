@@ -110,7 +110,10 @@ def _engine(st: _State, config: str) -> Any:
     if config == "none":
         return build_engine(m, eos_token_ids=st.run.eos)
     names = ["static", "adaptive", "suffix"] if config == "default" else [config]
-    specs = build_speculators(m, names, static_head=st.static, adaptive_head=st.adaptive, seed=st.opts.seed)
+    # alone, the adaptive head draws from the static head's random stream (build_speculators gives it seed + 1):
+    # an exact copy then drafts exactly as the static head, so the ratio measures the training, not the dice
+    seed = st.opts.seed - 1 if config == "adaptive" else st.opts.seed
+    specs = build_speculators(m, names, static_head=st.static, adaptive_head=st.adaptive, seed=seed)
     if config != "default":
         return build_engine(m, specs.speculators, k=k, controller="fixed", eos_token_ids=st.run.eos)
     ctl = auto_controller(st.cost, k)

@@ -72,7 +72,8 @@ def _probe(model: torch.nn.Module, backend: Any, prompts: list[list[int]], sp: S
     for name, kw in heads.items():
         if next(iter(kw.values())) is None:
             continue  # no such head (a target without a shipped static head)
-        specs = build_speculators(model, [name], **kw).speculators
+        # the same random stream for both heads (build_speculators gives the adaptive one seed + 1)
+        specs = build_speculators(model, [name], seed=-1 if name == "adaptive" else 0, **kw).speculators
         eng = build_engine(model, specs, k=k, controller="fixed", eos_token_ids=backend.eos_token_ids)
         out[name] = eng.generate(prompts, sp).stats.mean_acceptance_length
     return out
