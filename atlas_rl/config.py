@@ -54,8 +54,9 @@ class EngineConfig:
     cpu_linear_kernel: bool = field(
         default=True,
         metadata={
-            "help": "On float32 CPU models, compute small decode-step matmuls as (W @ x.T).T, which streams each "
-            "weight once (see atlas_rl.rollout.cpu_linear); training forwards are untouched."
+            "help": "On float32 CPU models, compute small decode-step matmuls with the kernel measured fastest on "
+            "this machine for that many rows (tuned once, cached; see atlas_rl.rollout.kernel_tune); training "
+            "forwards are untouched."
         },
     )
     lean_forward: bool = field(

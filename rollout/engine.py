@@ -62,7 +62,7 @@ from atlas_rl.verification import RejectionSampler, draw_uniforms
 from atlas_rl.verification.base import Verifier
 
 from .cost_probe import engine_code_version
-from .cpu_linear import drop_packed_weights, install_cpu_linear
+from .cpu_linear import drop_packed_weights, install_cpu_linear, kernel_plan
 from .forward import LeanForward, lean_forward_unsupported
 from .kv_cache import SlotKVCache
 from .step import (
@@ -219,7 +219,7 @@ class RolloutEngine:
                 str(self.dtype),
                 torch.get_num_threads(),
                 extra=f"cpu_linear={self.config.cpu_linear_kernel},lean={self._lean is not None},"
-                f"code={engine_code_version()}",
+                f"code={engine_code_version()},kernels={kernel_plan().digest()}",
             )
 
             def timer(rows: int, tokens: int, repeats: int) -> float:

@@ -1,26 +1,58 @@
-"""The CPU small-batch linear kernel: same product as F.linear, used only where it is safe."""
+"""The CPU small-batch linear kernels: the same product as F.linear by every kernel, used only where it is safe;
+the tuned plan picks the fastest kernel per row count and is cached per machine."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from atlas_rl.models import tiny_llama
-from atlas_rl.rollout.cpu_linear import MAX_ROWS, install_cpu_linear
+from atlas_rl.rollout import kernel_tune
+from atlas_rl.rollout.cpu_linear import (
+    drop_packed_weights,
+    install_cpu_linear,
+    kernel_plan,
+    set_kernel_plan,
+    small_linear,
+)
+from atlas_rl.rollout.kernel_tune import KERNELS, MAX_PLAN_ROWS, KernelPlan
 
 
-def test_small_batch_kernel_matches_f_linear_and_uninstalls():
+@pytest.fixture(autouse=True)
+def _restore_plan():
+    before = kernel_plan()
+    yield
+    set_kernel_plan(before)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_every_kernel_matches_f_linear_for_any_layout_and_row_count(kernel):
     torch.manual_seed(0)
     lin = nn.Linear(48, 96)
-    uninstall = install_cpu_linear(nn.Sequential(lin))
+    with torch.no_grad():
+        for shape in [(1, 48), (2, 48), (3, 5, 48), (7, 48), (MAX_PLAN_ROWS, 48)]:
+            x = torch.randn(*shape)
+            ref = F.linear(x, lin.weight, lin.bias)
+            torch.testing.assert_close(small_linear(x, lin.weight, lin.bias, kernel=kernel), ref)
+            xt = torch.randn(shape[-1], *shape[:-1]).movedim(0, -1)  # a column-major (transposed-view) activation
+            torch.testing.assert_close(small_linear(xt, lin.weight, None, kernel=kernel), F.linear(xt, lin.weight))
+
+
+def test_installed_forward_follows_the_plan_and_uninstalls():
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 96)
+    uninstall = install_cpu_linear(nn.Sequential(lin))  # tiny: not tuned, the active plan is kept
     assert "forward" in lin.__dict__
-    for shape in [(1, 48), (3, 5, 48), (MAX_ROWS, 48), (MAX_ROWS + 1, 48)]:
+    set_kernel_plan(KernelPlan(("mm_pad", "mm", "onednn") + ("linear",) * (MAX_PLAN_ROWS - 3)))
+    for shape in [(1, 48), (2, 48), (3, 48), (3, 5, 48), (MAX_PLAN_ROWS + 1, 48)]:
         x = torch.randn(*shape)
         with torch.no_grad():
             got = lin(x)
-        ref = nn.functional.linear(x, lin.weight, lin.bias)
-        assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-5)
+        torch.testing.assert_close(got, F.linear(x, lin.weight, lin.bias))
     uninstall()
     assert "forward" not in lin.__dict__
 
@@ -28,6 +60,7 @@ def test_small_batch_kernel_matches_f_linear_and_uninstalls():
 def test_training_forward_keeps_autograd_path():
     lin = nn.Linear(8, 4)
     install_cpu_linear(nn.Sequential(lin))
+    set_kernel_plan(KernelPlan(("mm",) * MAX_PLAN_ROWS))
     x = torch.randn(2, 8, requires_grad=True)
     lin(x).sum().backward()  # grad enabled: F.linear path, gradients flow as usual
     assert x.grad is not None and lin.weight.grad is not None
@@ -39,20 +72,59 @@ def test_not_installed_for_float64_models():
     assert not any("forward" in mod.__dict__ for mod in m.modules() if isinstance(mod, nn.Linear))
 
 
-def test_small_linear_takes_onednn_for_7_to_64_rows_and_follows_in_place_updates():
-    """From MAX_ROWS + 1 rows a oneDNN copy of the weight does the product; an in-place update (a new _version)
-    rebuilds it, so a policy update is never served from a stale copy."""
-    from atlas_rl.rollout.cpu_linear import MAX_ROWS, ONEDNN_MAX_ROWS, drop_packed_weights, small_linear
-
+def test_onednn_copy_follows_in_place_updates_and_is_dropped():
+    """oneDNN multiplies by a converted copy of the weight; an in-place update (a new _version) rebuilds it, so a
+    policy update is never served from a stale copy."""
     lin = torch.nn.Linear(24, 40)
-    x = torch.randn(MAX_ROWS + 2, 24)
+    x = torch.randn(9, 24)
     with torch.no_grad():
-        torch.testing.assert_close(small_linear(x, lin.weight, lin.bias), F.linear(x, lin.weight, lin.bias))
+        torch.testing.assert_close(small_linear(x, lin.weight, lin.bias, "onednn"), F.linear(x, lin.weight, lin.bias))
         if torch.backends.mkldnn.is_available():
             assert hasattr(lin.weight, "_atlas_onednn_weight")
         lin.weight.mul_(2.0)  # in place, as an optimizer step or update_weights does
-        torch.testing.assert_close(small_linear(x, lin.weight, lin.bias), F.linear(x, lin.weight, lin.bias))
-        wide = torch.randn(ONEDNN_MAX_ROWS + 1, 24)
-        torch.testing.assert_close(small_linear(wide, lin.weight, None), F.linear(wide, lin.weight))
+        torch.testing.assert_close(small_linear(x, lin.weight, lin.bias, "onednn"), F.linear(x, lin.weight, lin.bias))
     drop_packed_weights(lin)
     assert not hasattr(lin.weight, "_atlas_onednn_weight")
+
+
+def test_plan_picks_the_fastest_kernel_per_row_count_with_a_margin_for_the_reference():
+    timings = {
+        1: {"linear": 10.0, "mm": 12.0, "mm_pad": 7.0, "onednn": 11.0},
+        2: {"linear": 10.0, "mm": 9.8, "onednn": 11.0},  # 2% faster: within the margin, the reference stays
+        4: {"linear": 10.0, "mm": 6.0, "onednn": 8.0},
+        16: {"linear": 10.0, "mm": 9.0, "onednn": 5.0},
+    }
+    plan = KernelPlan.from_timings(timings)
+    assert [plan.kernel(r) for r in (1, 2, 3, 4, 15, 16, 64, 65)] == [
+        "mm_pad", "linear", "linear", "mm", "mm", "onednn", "onednn", "linear"
+    ]  # fmt: skip
+    assert plan.summary() == "1: mm_pad, 2-3: linear, 4-15: mm, 16-64: onednn"
+    assert KernelPlan.from_timings({}) == KernelPlan.reference()
+    with pytest.raises(ValueError, match="one of"):
+        KernelPlan(("fast",) * MAX_PLAN_ROWS)
+
+
+def test_tuning_measures_the_models_weights_and_caches_the_plan(tmp_path, monkeypatch):
+    """A model above the tuning threshold is timed once; the second engine start reuses the cached plan (no
+    timing at all), and a corrupt cache file is re-tuned, not trusted."""
+    monkeypatch.setattr(kernel_tune, "MIN_TUNE_BYTES", 0)
+    monkeypatch.setattr(kernel_tune, "GRID", (1, 4))
+    monkeypatch.setattr("atlas_rl.models.cache_dir", lambda: tmp_path)
+    model = tiny_llama(seed=0)
+    calls = []
+    real = kernel_tune.time_kernels
+    monkeypatch.setattr(kernel_tune, "time_kernels", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    plan = kernel_tune.load_or_tune(model)
+    assert calls == [1, 4] and isinstance(plan, KernelPlan)
+    files = list((tmp_path / "kernels").glob("kernel_plan_*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["plan"] == list(plan.by_rows)
+    assert kernel_tune.load_or_tune(model) == plan and calls == [1, 4]
+    files[0].write_text("{not json")
+    kernel_tune.load_or_tune(model)
+    assert calls == [1, 4, 1, 4]
+
+
+def test_small_and_non_float32_models_are_not_tuned(monkeypatch):
+    monkeypatch.setattr(kernel_tune, "tune", lambda *a, **k: pytest.fail("tuned a model that fits in cache"))
+    assert kernel_tune.load_or_tune(tiny_llama(seed=0)) == KernelPlan.reference()
+    assert kernel_tune.load_or_tune(tiny_llama(seed=0, dtype=torch.float64)) == KernelPlan.reference()
