@@ -1,9 +1,10 @@
 """The verification cost table next to its physics: the time to stream the model's weights once.
 
 ``weight_chain_ms(model, columns)`` multiplies a ``[columns, hidden]`` activation through every layer's own weight
-matrices (q, k, v, o, gate, up, down: distinct tensors, so nothing stays in cache) and the LM head, with
-``F.linear`` and with ``torch.mm(W, x.T)`` and keeps the faster: the floor a forward over ``columns`` tokens
-(rows x tokens per row) cannot beat on this machine. ``roofline_table`` interleaves engine forwards
+matrices (q, k, v, o, gate, up, down: distinct tensors, so nothing stays in cache) and the LM head, with every
+kernel the engine can choose (``F.linear``, ``torch.mm(W, x.T)``, on a float32 CPU also one column as two and
+oneDNN) and keeps the fastest: the floor a forward over ``columns`` tokens (rows x tokens per row) cannot beat on
+this machine. ``roofline_table`` interleaves engine forwards
 (``rollout.cost_probe.forward_cost_ms``) with chains of the same column counts, repeat after repeat, so a busy
 machine slows both alike and the ratio stays meaningful.
 
@@ -21,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from atlas_rl.rollout import RolloutEngine
@@ -41,23 +41,29 @@ def _chain_weights(model: torch.nn.Module) -> list[torch.Tensor]:
 
 @torch.inference_mode()
 def weight_chain_ms(model: torch.nn.Module, columns: int, repeats: int = 1) -> dict[str, float]:
-    """``{"linear": ms, "mm": ms, "best": ms}``: median time of one pass over all weights for ``columns`` columns."""
+    """``{kernel: ms, ..., "best": ms}``: median time of one pass over all weights for ``columns`` columns, per
+    kernel (``linear``, ``mm``; on a float32 CPU also the engine's others: one column as two, oneDNN), interleaved;
+    ``best`` is the fastest kernel, so the roofline is the fastest weight stream this machine offers."""
+    from atlas_rl.rollout.kernel_tune import KERNELS, run_kernel
+
     ws = _chain_weights(model)
     dev, dtype = ws[0].device, ws[0].dtype
     xs = {w.shape[1]: torch.randn(columns, w.shape[1], device=dev, dtype=dtype) for w in ws}  # [columns, in]
-    kernels = {"linear": lambda x, w: F.linear(x, w), "mm": lambda x, w: torch.mm(w, x.t()).t()}
-    out: dict[str, float] = {}
-    for name, k in kernels.items():
-        times = []
-        for _ in range(repeats):
+    cpu32 = dev.type == "cpu" and dtype == torch.float32
+    names = [k for k in KERNELS if k != "mm_pad" or columns == 1] if cpu32 else ["linear", "mm"]
+    if "onednn" in names and run_kernel("onednn", xs[ws[0].shape[1]], ws[0]) is None:
+        names.remove("onednn")  # no oneDNN in this build
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for _ in range(repeats):
+        for name in names:
             _sync(dev)
             t0 = time.perf_counter()
             for w in ws:
-                k(xs[w.shape[1]], w)
+                run_kernel(name, xs[w.shape[1]], w)
             _sync(dev)
-            times.append((time.perf_counter() - t0) * 1000)
-        out[name] = statistics.median(times)
-    out["best"] = min(out["linear"], out["mm"])
+            times[name].append((time.perf_counter() - t0) * 1000)
+    out = {name: statistics.median(t) for name, t in times.items()}
+    out["best"] = min(out.values())
     return out
 
 
