@@ -8,10 +8,10 @@ and :func:`small_linear` follows the active plan. The activation is made row-maj
 activation, as ``(W @ x.T).T`` returns, is 3-5x slower as MKL's right operand). Measurements:
 ``docs/decisions/cpu_kernels.md``.
 
-oneDNN's weight copies (``weight.to_mkldnn()``) are cached on the weight and rebuilt when its ``_version`` changes
-(any in-place update); they cost the model's linear weights once more in memory and are made only where the plan
-uses oneDNN; :func:`drop_packed_weights` frees them (``RolloutEngine.update_weights`` calls it on every policy
-update: an update through ``param.data``, as some trainers do, leaves ``_version`` unchanged).
+oneDNN's weight copies (reordered into its blocked layout) are cached on the weight and rebuilt when its
+``_version`` changes (any in-place update); they cost the model's linear weights once more in memory and are made
+only where the plan uses oneDNN; :func:`drop_packed_weights` frees them (``RolloutEngine.update_weights`` calls it
+on every policy update: an update through ``param.data``, as some trainers do, leaves ``_version`` unchanged).
 
 Installed only for float32 CPU models, and only used under ``torch.no_grad``/``inference_mode`` with at most
 :data:`~.kernel_tune.MAX_PLAN_ROWS` rows: training forwards (grad enabled) and prefills keep ``F.linear``.

@@ -4,7 +4,8 @@ A decode or verification forward multiplies a few activation rows by every weigh
 the weights once, and which BLAS call reaches that speed depends on the CPU, the BLAS build and the number of rows.
 The choice cannot be written down once: on the AMD EPYC where :mod:`.cpu_linear` was first tuned, ``mm(W, x.T)``
 streamed 2-6 rows 1.5-2x faster than ``F.linear``; on an Intel Xeon (AVX-512) the same call is 2x *slower* at
-2-3 rows and ``F.linear`` is the fastest (``docs/decisions/cpu_kernels.md``, section 5). So the engine measures:
+2-3 rows, ``F.linear`` is the fastest up to 3 rows and oneDNN over a weight reordered into its blocked layout from
+4 rows on (``docs/decisions/cpu_kernels.md``, section 5). So the engine measures:
 
 * :func:`time_kernels` times every candidate kernel over the model's own weight chain (every ``nn.Linear``, the
   LM head included), interleaved repeat after repeat, and keeps each kernel's fastest pass (interference only
@@ -60,8 +61,9 @@ _ONEDNN = torch.backends.mkldnn.is_available()
 _PACKED = "_atlas_onednn_weight"
 
 
-def onednn_weight(weight: torch.Tensor) -> torch.Tensor | None:  # [out, in] -> oneDNN copy, or None
-    """``weight`` as a oneDNN tensor, converted once per version of ``weight``; None when it cannot be."""
+def onednn_weight(weight: torch.Tensor) -> torch.Tensor | None:  # [out, in] -> oneDNN blocked copy, or None
+    """``weight`` reordered into oneDNN's blocked layout for its linear kernel, once per version of ``weight``;
+    None when it cannot be (no oneDNN, an inference tensor)."""
     if not _ONEDNN:
         return None
     try:
@@ -70,7 +72,11 @@ def onednn_weight(weight: torch.Tensor) -> torch.Tensor | None:  # [out, in] -> 
         return None
     cached = getattr(weight, _PACKED, None)
     if cached is None or cached[0] != version:
-        cached = (version, weight.detach().to_mkldnn())
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+        except (RuntimeError, AttributeError):  # a build without the op
+            return None
+        cached = (version, packed)
         setattr(weight, _PACKED, cached)
     return cached[1]
 
@@ -89,7 +95,7 @@ def run_kernel(
         return torch.mm(weight, x2.expand(2, -1).contiguous().t())[:, :1].t()
     if name == "onednn":
         packed = onednn_weight(weight)
-        return None if packed is None else torch._C._nn.mkldnn_linear(x2.to_mkldnn(), packed, None).to_dense()
+        return None if packed is None else torch.ops.mkldnn._linear_pointwise(x2, packed, None, "none", [], "")
     return F.linear(x2, weight)
 
 
@@ -109,7 +115,7 @@ class KernelPlan:
         return cls(("linear",) * MAX_PLAN_ROWS)
 
     @classmethod
-    def from_timings(cls, timings: dict[int, dict[str, float]], margin: float = 0.05) -> KernelPlan:
+    def from_timings(cls, timings: dict[int, dict[str, float]], margin: float = 0.10) -> KernelPlan:
         """Per measured row count the fastest kernel, ``linear`` unless beaten by more than ``margin``; row counts
         between measured ones take the choice of the nearest measured count below (above for none below)."""
         measured = sorted(timings)

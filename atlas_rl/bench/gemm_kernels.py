@@ -38,7 +38,11 @@ def _packed_kernels(ws: list[torch.Tensor], columns: int) -> dict[str, Kernel]:
         logger.info("MKL packed GEMM unavailable: %s", e)
     try:
         dnn = {id(w): w.to_mkldnn() for w in ws}
-        out["onednn"] = lambda x, w: torch._C._nn.mkldnn_linear(x.to_mkldnn(), dnn[id(w)], None).to_dense()
+        out["onednn_dense"] = lambda x, w: torch._C._nn.mkldnn_linear(x.to_mkldnn(), dnn[id(w)], None).to_dense()
+        from atlas_rl.rollout.kernel_tune import onednn_weight, run_kernel
+
+        if all(onednn_weight(w) is not None for w in ws):  # the engine's: blocked layout, dense activations
+            out["onednn"] = lambda x, w: run_kernel("onednn", x, w)
     except (RuntimeError, AttributeError) as e:
         logger.info("oneDNN linear unavailable: %s", e)
     return out
