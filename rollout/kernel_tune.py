@@ -13,8 +13,9 @@ streamed 2-6 rows 1.5-2x faster than ``F.linear``; on an Intel Xeon (AVX-512) th
 * :meth:`KernelPlan.from_timings` picks, per number of rows (1 .. :data:`MAX_PLAN_ROWS`), the fastest kernel of
   the nearest measured row count at or below it; ``F.linear`` (the reference) unless another kernel beats it by
   more than ``margin``;
-* :func:`load_or_tune` caches the plan as JSON under ``cache_dir()/kernels``, keyed by the CPU (model name and
-  flags), the PyTorch version, the thread count and the model's weight shapes, so it runs once per machine
+* :func:`load_or_tune` caches the plan as JSON under ``cache_dir()/kernels``, keyed by this module's source, the
+  CPU (model name and flags), the PyTorch version, the thread count and the model's weight shapes, so it runs once
+  per machine
   (about 10 s for SmolLM2-135M); models whose weights fit in a CPU cache (< :data:`MIN_TUNE_BYTES`) are not
   tuned: every kernel is as fast there, and ``F.linear`` is used.
 
@@ -217,9 +218,10 @@ def _cpu_identity() -> str:
 
 
 def plan_cache_key(model: nn.Module) -> str:
-    """What the best kernel depends on: CPU, PyTorch build, threads, the weight shapes."""
+    """What the best kernel depends on: the kernels' code, CPU, PyTorch build, threads, the weight shapes."""
     shapes = sorted(tuple(w.shape) for w in linear_weights(model))
-    raw = json.dumps([PLAN_FORMAT, _cpu_identity(), torch.__version__, torch.get_num_threads(), shapes, GRID])
+    code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]  # the kernels themselves
+    raw = json.dumps([PLAN_FORMAT, code, _cpu_identity(), torch.__version__, torch.get_num_threads(), shapes, GRID])
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
