@@ -363,7 +363,8 @@ class RolloutEngine:
                 self.model.train()
 
     def _prepare_controller(self, controller: Controller) -> None:
-        """Hand the controller the cost model (when it needs one) and the speculators' stated acceptance priors."""
+        """Hand the controller the cost model (when it needs one), the speculators' stated acceptance priors and
+        their drafting-cost priors (MACs per drafted token over the target's)."""
         if not self.speculators:
             return
         if controller.needs_cost_model:
@@ -372,6 +373,10 @@ class RolloutEngine:
         priors = {name: e.expected_acceptance for name, e in extras.items() if e.expected_acceptance is not None}
         if priors:
             controller.set_speculator_priors(priors)
+        macs = {name: e.draft_macs_per_token for name, e in extras.items() if e.draft_macs_per_token is not None}
+        if macs:
+            target = sum(m.weight.numel() for m in self.model.modules() if isinstance(m, torch.nn.Linear))
+            controller.set_draft_cost_priors({name: m / max(1, target) for name, m in macs.items()})
 
     def release(self) -> None:
         """Give back what the engine holds: the KV cache buffers, the CPU linear-kernel routing and its weight

@@ -267,6 +267,7 @@ class AutoController(Controller):
         self._recent_s = 0.0  # decayed wall time of recent steps
         # decayed drafting time whose drafts went unused, per regime (speculator, greedy, row bucket)
         self._wasted_s: dict[tuple[str, bool, int], float] = {}
+        self._draft_cost_prior: dict[str, float] = {}  # speculator -> share of a one-token forward per draft token
         self._decay = 0.5 ** (1.0 / c.half_life_steps)
         self._call_calibration: dict[str, np.ndarray] = {}  # speculator -> [CALIBRATION_BINS, 3]
         # (step record, speculators whose drafts were verified, seconds of the previous update) of this call's steps
@@ -290,6 +291,21 @@ class AutoController(Controller):
         the speculator, e.g. from a draft head's card); the others start from ``prior_mean``."""
         for name, mean in priors.items():
             self.acceptance.set_prior(name, mean, self.config.informed_prior_strength)
+
+    def set_draft_cost_priors(self, relative: dict[str, float]) -> None:
+        """Drafting cost of one token per speculator as a share of a one-token target forward (e.g. a head's MACs
+        over the target's): what a speculator's drafts are priced at until the engine has timed it (``update``
+        applies timings when a seeded call ends, so without this a seeded call would draft as if it were free)."""
+        for name, r in relative.items():
+            if not (r >= 0 and math.isfinite(r)):
+                raise ValueError(f"draft cost prior of {name!r} must be a finite share >= 0, got {r!r}")
+        self._draft_cost_prior.update(relative)
+
+    def _draft_s(self, name: str, n: int, L: int, step_s: np.ndarray) -> float:
+        """Predicted seconds for ``name`` to draft ``L`` tokens for ``n`` rows (its prior until first timed)."""
+        if self.draft_cost.observations(name) == 0 and name in self._draft_cost_prior:
+            return self._draft_cost_prior[name] * L * float(step_s[0])
+        return self.draft_cost.predict(name, n, L)
 
     def _cost(self) -> VerificationCost:
         if self.cost is None:
@@ -334,11 +350,11 @@ class AutoController(Controller):
     def _plan_length(self, name: str, greedy: bool, n: int, step_s: np.ndarray, base_rate: float) -> int:
         """Tokens to ask ``name`` for (0: do not ask)."""
         K = self.num_speculative_tokens
-        if self.draft_cost.predict(name, n, K) <= self.config.cheap_fraction * step_s[0]:
+        if self._draft_s(name, n, K, step_s) <= self.config.cheap_fraction * step_s[0]:
             return K
         if self._wasted_s.get((name, greedy, _row_bucket(n)), 0.0) > self.config.exploration_budget * self._recent_s:
             return 0  # its recent drafts in this regime cost more than the exploration budget, unused: wait
-        draft_s = np.array([self.draft_cost.predict(name, n, L) for L in range(1, K + 1)])  # [K]
+        draft_s = np.array([self._draft_s(name, n, L, step_s) for L in range(1, K + 1)])  # [K]
         # optimistic on purpose (it decides whether to *ask*): rows assumed alike, so the batch's expected tokens
         # are its effective tokens; choose() decides on the actual drafts, where the slowest row counts
         totals = self._sampled_totals(name, greedy, n)  # [M, K+1]

@@ -48,7 +48,7 @@ class Controller(Protocol):
     Members with a body here are optional: a controller class that subclasses this Protocol explicitly inherits
     those defaults; the engine calls every member directly. Before a call with speculators, the engine hands the
     controller its cost model when ``needs_cost_model`` (``set_cost_model``) and the speculators' stated priors
-    (``set_speculator_priors``).
+    (``set_speculator_priors``, ``set_draft_cost_priors``).
     """
 
     num_speculative_tokens: int
@@ -78,4 +78,9 @@ class Controller(Protocol):
 
     def set_speculator_priors(self, priors: dict[str, float]) -> None:
         """Per-token acceptance each named speculator expects before any evidence (default: ignored)."""
+        return None
+
+    def set_draft_cost_priors(self, relative: dict[str, float]) -> None:
+        """Each named speculator's cost to draft one token, as a share of a one-token target forward over the same
+        rows, before it was ever timed (default: ignored)."""
         return None

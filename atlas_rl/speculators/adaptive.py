@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from atlas_rl.speculators.draft_head import DraftHead, DraftHeadConfig, default_fuse_layers
+from atlas_rl.speculators.draft_head import DraftHead, DraftHeadConfig, default_fuse_layers, head_cost_macs
 
 if TYPE_CHECKING:  # annotations only: speculators sit below training (tests/unit/test_layering.py)
     from atlas_rl.training.samples import SequenceSample
@@ -177,16 +177,6 @@ def refresh_frozen_rows(head: DraftHead, model: nn.Module) -> None:
     if not head.config.train_lm_head and head.rows_follow_target:
         head.lm_head.weight.copy_(_output_rows(model, head.draft_to_target, head.lm_head.weight))
         head.lm_head_ready = True
-
-
-def head_cost_macs(config: DraftHeadConfig) -> int:
-    """Multiply-accumulates per drafted token of a head (draft layers + output rows; the feature fusion ``fc``
-    excluded: it runs on verified positions only). The first layer's q/k/v read the 2H concatenation."""
-    c = config
-    H = c.hidden_size
-    qkv_out = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
-    per_layer = qkv_out * H + c.num_attention_heads * c.head_dim * H + 3 * H * c.intermediate_size
-    return per_layer * c.num_hidden_layers + qkv_out * H + H * c.draft_vocab_size
 
 
 def build_adaptive_head(

@@ -36,6 +36,9 @@ class Speculator(Protocol):
     * ``expected_acceptance`` (float in (0, 1) or None): the per-token acceptance the speculator expects under
       sampling before any evidence (e.g. measured on held-out prompts when it was trained); the auto controller
       starts from it instead of its generic prior, so a speculator known to be weak is not explored at a loss;
+    * ``draft_macs_per_token`` (int or None): multiply-accumulates to draft one token for one row (a draft head's
+      layers and output rows); before the engine has timed the speculator, the auto controller prices its drafts
+      at this share of a target forward (the target's MACs per token) instead of as free;
     * ``on_policy_update(version)``: the engine loaded policy weights ``version`` (e.g. reload a retrained head);
     * ``observe_hidden(...)``: see :class:`HiddenStateObserver` (required when ``hidden_layers`` is not empty).
     """
@@ -79,6 +82,7 @@ class SpeculatorExtras(Protocol):
     """
 
     expected_acceptance: float | None = None
+    draft_macs_per_token: int | None = None
 
     def on_policy_update(self, version: int) -> None:
         """The engine now runs policy weights ``version`` (default: nothing to do)."""
@@ -99,6 +103,7 @@ class ResolvedExtras:
     """A speculator's optional members, bound (its own where it has them, else the defaults)."""
 
     expected_acceptance: float | None
+    draft_macs_per_token: int | None
     on_policy_update: Callable[[int], None]
     observe_hidden: Callable[[list[int], dict[int, torch.Tensor], list[int]], None]
 
@@ -115,7 +120,7 @@ def speculator_extras(spec: Speculator) -> ResolvedExtras:
 
     Raises:
         ValueError: ``spec`` needs hidden states (``hidden_layers``) but has no ``observe_hidden``, or states an
-            ``expected_acceptance`` outside (0, 1).
+            ``expected_acceptance`` outside (0, 1) or a ``draft_macs_per_token`` that is not a positive int.
     """
     if spec.hidden_layers and not isinstance(spec, HiddenStateObserver):
         raise ValueError(f"speculator {spec.name!r} names hidden_layers but does not implement observe_hidden")
@@ -123,8 +128,14 @@ def speculator_extras(spec: Speculator) -> ResolvedExtras:
     p = getattr(spec, "expected_acceptance", _DEFAULTS.expected_acceptance)
     if p is not None and not (isinstance(p, (int, float)) and 0.0 < p < 1.0):
         raise ValueError(f"speculator {spec.name!r}: expected_acceptance must lie in (0, 1) or be None, got {p!r}")
+    macs = getattr(spec, "draft_macs_per_token", _DEFAULTS.draft_macs_per_token)
+    if macs is not None and (isinstance(macs, bool) or not isinstance(macs, int) or macs < 1):
+        raise ValueError(
+            f"speculator {spec.name!r}: draft_macs_per_token must be a positive int or None, got {macs!r}"
+        )
     return ResolvedExtras(
         expected_acceptance=None if p is None else float(p),
+        draft_macs_per_token=macs,
         on_policy_update=getattr(spec, "on_policy_update", _DEFAULTS.on_policy_update),
         observe_hidden=getattr(spec, "observe_hidden", _DEFAULTS.observe_hidden),
     )

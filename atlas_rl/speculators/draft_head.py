@@ -473,3 +473,13 @@ class _TTTState:
         self.main_v = [None] * self.n_layers
         self.diag_k = [[] for _ in range(self.n_layers)]
         self.diag_v = [[] for _ in range(self.n_layers)]
+
+
+def head_cost_macs(config: DraftHeadConfig) -> int:
+    """Multiply-accumulates per drafted token of a head (draft layers + output rows; the feature fusion ``fc``
+    excluded: it runs on verified positions only). The first layer's q/k/v read the 2H concatenation."""
+    c = config
+    H = c.hidden_size
+    qkv_out = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+    per_layer = qkv_out * H + c.num_attention_heads * c.head_dim * H + 3 * H * c.intermediate_size
+    return per_layer * c.num_hidden_layers + qkv_out * H + H * c.draft_vocab_size

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from atlas_rl.speculators.draft_head import DraftHead
+from atlas_rl.speculators.draft_head import DraftHead, head_cost_macs
 from atlas_rl.types import Draft, ProposeInput, SamplingParams
 from atlas_rl.verification.processing import processed_probs
 
@@ -62,6 +62,7 @@ class DraftHeadSpeculator:
         if expected_acceptance is not None and not (0.0 < expected_acceptance < 1.0):
             raise ValueError(f"expected_acceptance must lie in (0, 1), got {expected_acceptance!r}")
         self.expected_acceptance = expected_acceptance
+        self.draft_macs_per_token = head_cost_macs(head.config)  # the controller's drafting-cost prior
         if head._embed is None or not head.lm_head_ready:
             raise ValueError("bind the draft head to its target first: head.bind_target(model, init_lm_head=...)")
         self.head = head

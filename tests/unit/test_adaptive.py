@@ -134,3 +134,27 @@ def test_the_adaptive_head_starts_as_an_exact_copy_of_the_static_head(engine):
     ref = static.state_dict()
     assert set(head.state_dict()) == set(ref)
     assert all(torch.equal(v, ref[k]) for k, v in head.state_dict().items())
+
+
+def test_the_engine_prices_a_heads_drafts_by_its_macs_before_timing_them(model):
+    """A draft head states its MACs per drafted token; the engine hands the auto controller that share of the
+    target's MACs as the drafting-cost prior (so a fresh engine's first, seeded, call does not draft as if free)."""
+    from atlas_rl.controller import AutoController, AutoControllerConfig
+    from atlas_rl.speculators.draft_head import head_cost_macs
+
+    seen: dict[str, float] = {}
+
+    class Recording(AutoController):
+        def set_draft_cost_priors(self, relative: dict[str, float]) -> None:
+            seen.update(relative)
+            super().set_draft_cost_priors(relative)
+
+    head = _static(model)
+    spec = DraftHeadSpeculator(head, name="static")
+    assert spec.draft_macs_per_token == head_cost_macs(head.config)
+    eng = RolloutEngine(
+        model, speculators=[spec], controller=Recording(AutoControllerConfig(num_speculative_tokens=2))
+    )
+    eng.generate([PROMPTS[0]], SamplingParams(temperature=1.0, max_new_tokens=4, seed=0))
+    target = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert seen == {"static": pytest.approx(head_cost_macs(head.config) / target)}

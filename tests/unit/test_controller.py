@@ -396,3 +396,26 @@ def test_drafts_wasted_in_one_regime_do_not_silence_the_speculator_in_another():
         ctl.update(rec, [RowOutcome(None, 0, [0]) for _ in range(16)])
     assert not ctl.plan(state(16))[0], "wasted at 16 rows: rate-limited there"
     assert ctl.plan(state(1))[0], "one row is another regime: still asked"
+
+
+def test_a_never_timed_head_is_priced_by_its_stated_drafting_cost_not_as_free():
+    """Seeded calls apply step timings only when the call ends, so within a fresh engine's first call a draft head
+    has never been timed. Priced as free it is asked for every token it could draft (and, its time sunk, verified);
+    with its MACs-based prior (11% of a target forward per drafted token) a weak head is asked for little or
+    nothing where verification is dear (one row, 5 tokens cost 1.6x one)."""
+    cost = cpu_like(0.15)
+
+    def asked(prior_cost: float | None, acceptance: float) -> int:
+        ctl = AutoController(AutoControllerConfig(num_speculative_tokens=4), cost=table_cost(cost))
+        ctl.set_speculator_priors({"head": acceptance})
+        if prior_cost is not None:
+            ctl.set_draft_cost_priors({"head": prior_cost})
+        plan = ctl.plan(PlanState([0], [0], [100], ["head"], 0, greedy=False, reproducible=True))
+        return dict(plan[0]).get("head", 0)
+
+    assert asked(None, 0.35) == 4  # free: asked for everything
+    assert asked(0.11, 0.35) <= 1  # priced: at most the one token that pays
+    assert asked(0.11, 0.1) == 0  # a weak head is not asked at all (even its optimistic bound does not pay)
+    assert asked(0.0, 0.1) == 4  # a truly free speculator is always asked (how the controller learns it)
+    with pytest.raises(ValueError, match="draft cost prior"):
+        AutoController(AutoControllerConfig(), cost=table_cost(cost)).set_draft_cost_priors({"head": -1.0})

@@ -18,7 +18,7 @@ from atlas_rl.types import Draft
 def test_speculator_without_optional_members_gets_the_defaults():
     spec = BigramSpeculator(8, soft=False)
     extras = speculator_extras(spec)
-    assert extras.expected_acceptance is None
+    assert extras.expected_acceptance is None and extras.draft_macs_per_token is None
     assert extras.on_policy_update(3) is None and extras.observe_hidden([0], {}, [1]) is None
 
 
@@ -34,7 +34,12 @@ def test_speculator_optional_members_are_its_own_when_present():
 
 @pytest.mark.parametrize(
     "attr, value, match",
-    [("expected_acceptance", 1.5, "expected_acceptance"), ("hidden_layers", (1,), "observe_hidden")],
+    [
+        ("expected_acceptance", 1.5, "expected_acceptance"),
+        ("hidden_layers", (1,), "observe_hidden"),
+        ("draft_macs_per_token", 0, "draft_macs_per_token"),
+        ("draft_macs_per_token", 2.5, "draft_macs_per_token"),
+    ],
 )
 def test_engine_rejects_bad_optional_members_at_registration(attr, value, match):
     spec = BigramSpeculator(64, soft=False)
