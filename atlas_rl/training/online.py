@@ -85,6 +85,20 @@ class OnlineTrainerConfig:
         metadata={"help": "Otherwise sample version v with weight labels * recency_decay ** (newest - v)."},
     )
     min_labels: int = field(default=16, metadata={"help": "Skip training until the buffer holds this many labels."})
+    publish_guard: bool = field(
+        default=True,
+        metadata={
+            "help": "Publish only weights whose estimated acceptance length on held-out samples of the newest "
+            "version is not below the serving head's by more than guard_tolerance (else keep serving the old)."
+        },
+    )
+    holdout_every: int = field(
+        default=8, metadata={"help": "About one captured sample in this many is held out of training for the guard."}
+    )
+    guard_tolerance: float = field(
+        default=0.005, metadata={"help": "Relative drop of estimated acceptance length the guard lets through."}
+    )
+    guard_samples: int = field(default=8, metadata={"help": "Held-out samples (newest first) the guard replays."})
     seed: int = field(default=0, metadata={"help": "Seed of the minibatch sampler."})
 
     def __post_init__(self) -> None:
@@ -105,6 +119,8 @@ class OnlineTrainerConfig:
             raise ValueError("ttt_decay and recency_decay must lie in (0, 1]")
         if self.newest_min_labels < 0 or self.min_labels < 0:
             raise ValueError("newest_min_labels and min_labels must be >= 0")
+        if self.holdout_every < 2 or self.guard_samples < 1 or not 0.0 <= self.guard_tolerance < 1.0:
+            raise ValueError("holdout_every must be >= 2, guard_samples >= 1 and guard_tolerance in [0, 1)")
 
 
 def clone_head(head: DraftHead) -> DraftHead:
@@ -189,6 +205,9 @@ class OnlineSpeculatorTrainer:
         self.trained_version = -1  # newest policy version in the buffer at the last optimizer step
         self.published_version = -1  # trained_version of the weights last published
         self.published_step = 0
+        self.num_rejected = 0  # publishes the guard refused
+        self._guard_s = 0.0  # wall time of the last guard (reserved from the next training budget)
+        self.last_guard: dict[str, float] = {}  # the guard's last verdict: candidate / serving tau, published
         self.last_loss = float("nan")
         self.last_top1 = float("nan")
 
@@ -199,7 +218,8 @@ class OnlineSpeculatorTrainer:
         """Train for at most ``time_budget_s`` seconds of wall time and/or ``max_steps`` optimizer steps.
 
         A step starts only while the time spent so far plus the running estimate of one step fits the budget
-        (the trainer's very first step always runs: there is no estimate yet). Returns this call's metrics (see
+        (the trainer's very first step always runs: there is no estimate yet); with the publish guard on, the
+        budget also covers the next guard (its last duration is reserved). Returns this call's metrics (see
         :meth:`metrics`) plus ``call_steps``, ``call_skipped``, ``call_s``, ``call_loss`` and ``call_top1``.
         """
         if time_budget_s is None and max_steps is None:
@@ -211,6 +231,8 @@ class OnlineSpeculatorTrainer:
 
     def _train(self, budget: float | None, max_steps: int | None, progress: bool) -> dict[str, float]:
         t0 = time.perf_counter()
+        if budget is not None and self.config.publish_guard:
+            budget = max(0.0, budget - self._guard_s)  # the budget covers the next publish's guard too
         steps = skipped = 0
         losses: list[float] = []
         top1s: list[float] = []
@@ -253,7 +275,7 @@ class OnlineSpeculatorTrainer:
     def _pick(self) -> tuple[list[SequenceSample], int] | None:
         """A minibatch (with replacement when the pool is small) and the newest policy version in the pool."""
         c = self.config
-        pool = self.buffer.samples()
+        pool = [s for s in self.buffer.samples() if not self._held_out(s)]
         if not pool:
             return None
         labels = [s.num_labels for s in pool]
@@ -271,6 +293,10 @@ class OnlineSpeculatorTrainer:
         nonzero = int((w > 0).sum())
         idx = torch.multinomial(w, c.batch_size, replacement=nonzero < c.batch_size, generator=self._gen).tolist()
         return [self._window(pool[i]) for i in idx], newest
+
+    def _held_out(self, s: SequenceSample) -> bool:
+        """Whether ``s`` is kept out of training for the publish guard (a hash of its tokens: stable, no state)."""
+        return self.config.publish_guard and (int(s.tokens.sum()) + len(s)) % self.config.holdout_every == 0
 
     def _window(self, s: SequenceSample) -> SequenceSample:
         """A random window of at most ``max_seq_len`` positions that holds labels (whole sample when short)."""
@@ -401,12 +427,17 @@ class OnlineSpeculatorTrainer:
 
     # ------------------------------------------------------------------------------------------ publishing
     def publish(self, head: DraftHead | None = None) -> int:
-        """Copy the training copy's weights into ``head`` (default: the serving head). Returns the optimizer step
-        the published weights belong to. Call it between ``generate`` calls; safe while a background step runs."""
+        """Copy the training copy's weights into ``head`` (default: the serving head) — unless the publish guard
+        (``OnlineTrainerConfig.publish_guard``) finds them worse on held-out samples; the guard's verdict is in
+        ``last_guard``. Returns the optimizer step the serving weights belong to. Call it between ``generate``
+        calls; safe while a background step runs."""
         dst = self.head if head is None else head
         if dst is self.train_head:
             raise ValueError("publish() copies into a serving head, not into the training copy itself")
         with self._weights_lock, torch.no_grad():
+            if not self._guard_passes(dst):
+                self.num_rejected += 1
+                return self.published_step
             src = dict(self.train_head.named_parameters())
             for name, p in dst.named_parameters():
                 if name == "lm_head.weight" and not dst.config.train_lm_head:
@@ -415,6 +446,30 @@ class OnlineSpeculatorTrainer:
             self.published_version = self.trained_version
             self.published_step = self.num_steps
             return self.num_steps
+
+    def _guard_passes(self, dst: DraftHead) -> bool:
+        """Estimated T=1 acceptance length (3 draft steps) of the training copy vs ``dst`` on the newest version's
+        held-out samples; True without any (nothing to judge by) or when the guard is off."""
+        from atlas_rl.training.acceptance import estimate_acceptance, first_labeled_window
+
+        c = self.config
+        self.last_guard = {}
+        if not c.publish_guard or self.num_steps == self.published_step:
+            return True
+        t0 = time.perf_counter()
+        held = [s for s in self.buffer.samples(min_version=self.buffer.newest_version) if self._held_out(s)]
+        val = [first_labeled_window(s, c.max_seq_len) for s in held[-c.guard_samples :]]
+        if not val:
+            return True
+        new = estimate_acceptance(self.train_head, val, 3)[0]
+        old = estimate_acceptance(dst, val, 3)[0]
+        self._guard_s = time.perf_counter() - t0
+        ok = not new < (1.0 - c.guard_tolerance) * old  # NaN estimates (no full chain) pass
+        self.last_guard = {"candidate": new, "serving": old, "published": float(ok)}
+        if not ok:
+            logger.info("online trainer: not publishing step %d (estimated tau %.3f < serving %.3f)", self.num_steps,
+                        new, old)  # fmt: skip
+        return ok
 
     def set_draft_vocab(self, model: torch.nn.Module, draft_to_target: torch.Tensor) -> None:
         """Swap the draft vocabulary of the training copy and the serving head together (frozen-row heads only;
@@ -455,6 +510,7 @@ class OnlineSpeculatorTrainer:
             "staleness": stale,
             "trained_version": self.trained_version,
             "published_version": self.published_version,
+            "rejected_publishes": self.num_rejected,
             "train_s": self.train_s,
         }
 
@@ -468,6 +524,7 @@ class OnlineSpeculatorTrainer:
         "trained_version",
         "published_version",
         "published_step",
+        "num_rejected",
         "last_loss",
         "last_top1",
     )

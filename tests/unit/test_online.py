@@ -275,6 +275,8 @@ def test_config_errors_say_what_to_change(target):
         OnlineTrainerConfig(lr=0)
     with pytest.raises(ValueError, match="max_seq_len"):
         OnlineTrainerConfig(max_seq_len=3, ttt_steps=3)
+    with pytest.raises(ValueError, match="holdout_every"):
+        OnlineTrainerConfig(holdout_every=1)
     head = _head(target)
     with pytest.raises(ValueError, match="fuse_layers=head.config.fuse_layers"):
         OnlineSpeculatorTrainer(head, CaptureBuffer(CaptureBufferConfig(fuse_layers=(1,))))
@@ -326,3 +328,27 @@ def test_discard_unpublished_returns_to_the_serving_weights(target, captured):
     trainer.discard_unpublished()
     assert _same(_weights(trainer.train_head), serving) and not trainer.optimizer.state
     assert trainer.step(max_steps=1)["call_steps"] == 1
+
+
+def test_publish_guard_keeps_serving_weights_that_a_worse_update_would_replace(target, captured):
+    """About one captured sample in holdout_every is never trained on; publish() replays the draft chain of both
+    heads on those and refuses weights whose estimated acceptance length is lower (the serving head keeps drafting),
+    and publishes the ones that are better."""
+    train, _ = captured
+    head = _head(target)
+    trainer = OnlineSpeculatorTrainer(head, train, OnlineTrainerConfig(lr=3e-3, batch_size=8, max_seq_len=64))
+    held = [s for s in train.samples() if trainer._held_out(s)]
+    assert 0 < len(held) < len(train.samples()) // 3
+    trainer.step(max_steps=60)
+    assert trainer.publish() == 60 and trainer.last_guard["published"] == 1.0
+    assert trainer.last_guard["candidate"] > trainer.last_guard["serving"]
+    good = _weights(head)
+    trainer.step(max_steps=1)
+    with torch.no_grad():
+        for _, p in trainer._params:
+            p.add_(torch.randn_like(p) * 2.0)  # a collapsed update
+    assert trainer.publish() == 60  # refused: the serving weights stay those of step 60
+    assert _same(_weights(head), good) and trainer.num_rejected == 1 and trainer.metrics()["rejected_publishes"] == 1
+    assert trainer.last_guard["candidate"] < trainer.last_guard["serving"] and trainer.last_guard["published"] == 0.0
+    off = OnlineSpeculatorTrainer(_head(target), train, OnlineTrainerConfig(publish_guard=False))
+    assert not any(off._held_out(s) for s in train.samples())  # without the guard every sample is trained on

@@ -103,8 +103,8 @@ def _cell_table(report: dict[str, Any], name: str) -> list[str]:
 def _traffic_table(report: dict[str, Any]) -> list[str]:
     lines = [
         "| window | traffic rollout s | traffic τ (default) | retraining s | share of rollout | optimizer steps | "
-        "loss | staleness (versions) |",
-        "|---|---|---|---|---|---|---|---|",
+        "loss | staleness (versions) | published (guard) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for w in report["windows"]:
         t = w.get("traffic")
@@ -113,7 +113,8 @@ def _traffic_table(report: dict[str, Any]) -> list[str]:
         bad = " (bad head injected after)" if t.get("injected_bad_head") else ""
         lines.append(
             f"| w{w['window']}{bad} | {t['rollout_s']:.1f} | {fmt(t['tau'])} | {t['train_s']:.1f} | "
-            f"{100 * t['train_share']:.1f}% | {t['steps']} | {fmt(t['loss'])} | {fmt(t['staleness'], 1)} |"
+            f"{100 * t['train_share']:.1f}% | {t['steps']} | {fmt(t['loss'])} | {fmt(t['staleness'], 1)} | "
+            f"{'yes' if t.get('published', 1.0) else 'no (kept the serving head)'} |"
         )
     return lines
 

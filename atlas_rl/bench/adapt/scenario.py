@@ -174,7 +174,8 @@ def _traffic_and_retrain(st: _State, w: int) -> dict[str, Any]:
     train_s = time.perf_counter() - t0
     out = {"rollout_s": rollout_s, "tau": rb.stats.mean_acceptance_length, "tokens": rb.num_completion_tokens,
            "train_s": train_s, "train_share": train_s / rollout_s, "steps": m["call_steps"],
-           "loss": m["call_loss"], "staleness": m["staleness"], "capture_hook_s": st.buffer.hook_s}  # fmt: skip
+           "loss": m["call_loss"], "staleness": m["staleness"], "capture_hook_s": st.buffer.hook_s,
+           "published": st.trainer.last_guard.get("published", 1.0)}  # fmt: skip
     if o.inject_bad_head == w:
         _corrupt(st.adaptive)
         out["injected_bad_head"] = True
