@@ -231,8 +231,6 @@ class OnlineSpeculatorTrainer:
 
     def _train(self, budget: float | None, max_steps: int | None, progress: bool) -> dict[str, float]:
         t0 = time.perf_counter()
-        if budget is not None and self.config.publish_guard:
-            budget = max(0.0, budget - self._guard_s)  # the budget covers the next publish's guard too
         steps = skipped = 0
         losses: list[float] = []
         top1s: list[float] = []
@@ -240,7 +238,7 @@ class OnlineSpeculatorTrainer:
         pbar = tqdm(total=max_steps, disable=not progress, desc="draft head", unit="step", leave=False)
         while (max_steps is None or steps + skipped < max_steps) and not self._stop.is_set():
             spent = time.perf_counter() - t0
-            if budget is not None and (steps + skipped > 0 or est > 0) and spent + est > budget:
+            if budget is not None and (steps + skipped > 0 or est > 0) and spent + est + self._reserve(est) > budget:
                 break
             if budget is not None and budget == 0:
                 break
@@ -271,6 +269,13 @@ class OnlineSpeculatorTrainer:
             call_top1=sum(top1s) / len(top1s) if top1s else float("nan"),
         )
         return out
+
+    def _reserve(self, step_s: float) -> float:
+        """Seconds of the training budget kept for the next publish's guard: its last duration, about one
+        training step before it ever ran (two replays of a few held-out windows, no backward)."""
+        if not self.config.publish_guard:
+            return 0.0
+        return self._guard_s if self._guard_s > 0 else step_s
 
     def _pick(self) -> tuple[list[SequenceSample], int] | None:
         """A minibatch (with replacement when the pool is small) and the newest policy version in the pool."""
