@@ -43,6 +43,10 @@ from atlas_rl.types import RolloutBatch, SamplingParams, SpecStats
 
 logger = logging.getLogger(__name__)
 
+# the retraining loop starts a step when its *estimated* time fits the budget; a step slowed by the policy update it
+# overlaps (background mode) overruns it by up to one step, so the loop aims at this share of the fraction
+BUDGET_HEADROOM = 0.8
+
 MAX_TRAIN_FAILURES = 3  # failed retrainings in a row after which the adaptive head stops retraining for the run
 PROBE_MAX_POSITIONS = 48  # positions per probed completion (the probe's cost scales with them)
 # metrics that are counters or states: a summary over several steps takes their last value, never the mean
@@ -169,6 +173,8 @@ class AtlasRolloutBackend:
         self.policy_version = 0
         self.last_stats: SpecStats | None = None
         self.last_rollout_s = 0.0
+        self.last_step_s = 0.0  # wall time between the starts of the last two rollouts (one RL step)
+        self._rollout_started_at: float | None = None
         self.last_train: dict[str, float] = {}
         self.total = SpecStats()
         self._pending_dir: Path | None = None
@@ -237,6 +243,10 @@ class AtlasRolloutBackend:
         elif model is not self._model:  # e.g. ZeRO-3 gathered a fresh module: point the engine at it
             self.engine.model = model
             self._model = model
+        now = time.perf_counter()
+        if self._rollout_started_at is not None:  # the whole RL step since the last rollout began
+            self.last_step_s = now - self._rollout_started_at
+        self._rollout_started_at = now
         self._before_rollout()
         self._refresh_heads(model)
         uniq, counts = group_runs(prompt_ids)
@@ -388,14 +398,16 @@ class AtlasRolloutBackend:
             object.__setattr__(self.adaptive_trainer.train_head, "_embed", self.adaptive_head._embed)
 
     def _train_budget(self) -> float:
-        """Seconds of retraining after this rollout: the fraction of its wall time less what the acceptance probe
-        already spent (probe + retraining stay within the fraction), but never under ``atlas_adaptive_train_min_s``
-        (a slow probe on a loaded machine must not starve the retraining)."""
+        """Seconds of retraining after this rollout: the fraction of the last RL step's wall time (rollout to
+        rollout; this rollout's own time before a whole step was seen) less what the acceptance probe already
+        spent (probe + retraining stay within the fraction), but never under ``atlas_adaptive_train_min_s`` (a slow
+        probe on a loaded machine must not starve the retraining)."""
         frac = self.options.atlas_adaptive_train_fraction
         if frac <= 0 or self._train_disabled:
             return 0.0
         spent = self.last_probe.get("atlas/acceptance_probe_s", 0.0)
-        return max(self.options.atlas_adaptive_train_min_s, frac * self.last_rollout_s - spent, 0.0)
+        base = max(self.last_step_s, self.last_rollout_s)
+        return max(self.options.atlas_adaptive_train_min_s, BUDGET_HEADROOM * frac * base - spent, 0.0)
 
     def _after_rollout(self) -> None:
         if self.adaptive_trainer is None or not self.is_trainer_rank:

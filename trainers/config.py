@@ -96,8 +96,9 @@ class AtlasArgs:
     atlas_adaptive_train_fraction: float = field(
         default=0.1,
         metadata={
-            "help": "Time budget of each adaptive-head retraining, as a fraction of the last rollout's wall time "
-            "(0 disables retraining)."
+            "help": "Time budget of each adaptive-head retraining, as a fraction of the last RL step's wall time "
+            "(rollout start to rollout start; the rollout's own time before a whole step was seen; 0 disables "
+            "retraining)."
         },
     )
     atlas_adaptive_train_min_s: float = field(
@@ -133,7 +134,7 @@ class AtlasArgs:
             "(atlas/estimated_acceptance_length/<head>): how well each head tracks the current policy even when "
             "the controller verifies nothing. No target forward; its cost is capped: a window of at most 48 "
             "positions per completion is replayed, and its time is taken out of the retraining budget, so probe + "
-            "retraining stay within atlas_adaptive_train_fraction of the rollout. 0 = off."
+            "retraining stay within atlas_adaptive_train_fraction of the RL step. 0 = off."
         },
     )
     atlas_seed: int | None = field(

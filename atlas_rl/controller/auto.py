@@ -303,7 +303,8 @@ class AutoController(Controller):
 
     def _draft_s(self, name: str, n: int, L: int, step_s: np.ndarray) -> float:
         """Predicted seconds for ``name`` to draft ``L`` tokens for ``n`` rows (its prior until first timed)."""
-        if self.draft_cost.observations(name) == 0 and name in self._draft_cost_prior:
+        seen = getattr(self.draft_cost, "observations", None)  # a custom cost model may not count: trust it
+        if seen is not None and seen(name) == 0 and name in self._draft_cost_prior:
             return self._draft_cost_prior[name] * L * float(step_s[0])
         return self.draft_cost.predict(name, n, L)
 

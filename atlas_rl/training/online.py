@@ -235,10 +235,12 @@ class OnlineSpeculatorTrainer:
         losses: list[float] = []
         top1s: list[float] = []
         est = self._step_s_est  # seconds per step, carried over between calls (0 before the first step)
+        last_dt = 0.0
         pbar = tqdm(total=max_steps, disable=not progress, desc="draft head", unit="step", leave=False)
         while (max_steps is None or steps + skipped < max_steps) and not self._stop.is_set():
             spent = time.perf_counter() - t0
-            if budget is not None and (steps + skipped > 0 or est > 0) and spent + est + self._reserve(est) > budget:
+            nxt = max(est, last_dt)  # a step slowed by concurrent work overruns an average: the slower of the two
+            if budget is not None and (steps + skipped > 0 or est > 0) and spent + nxt + self._reserve(est) > budget:
                 break
             if budget is not None and budget == 0:
                 break
@@ -247,7 +249,7 @@ class OnlineSpeculatorTrainer:
                 break
             t_step = time.perf_counter()
             ok, loss, top1 = self._one_step(*picked)
-            dt = time.perf_counter() - t_step
+            dt = last_dt = time.perf_counter() - t_step
             est = dt if est == 0.0 else 0.7 * est + 0.3 * dt
             self._step_s_est = est
             if ok:

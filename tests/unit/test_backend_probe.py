@@ -1,8 +1,9 @@
 """The acceptance probe stays cheap: it replays a bounded window of a few completions, and its time is taken out
-of the retraining budget so probe + retraining stay within ``atlas_adaptive_train_fraction`` of the rollout."""
+of the retraining budget so probe + retraining stay within ``atlas_adaptive_train_fraction`` of the RL step."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from atlas_rl.trainers import AtlasGRPOConfig
@@ -31,14 +32,20 @@ def test_probe_window_is_bounded_and_starts_before_the_completion():
 
 
 def test_probe_time_comes_out_of_the_retraining_budget(tmp_path):
+    """The budget is the fraction of the last RL step (rollout start to rollout start; the rollout itself before a
+    whole step was seen) at BUDGET_HEADROOM, less the probe's time, never under the floor."""
+    from atlas_rl.trainers.backend import BUDGET_HEADROOM
+
     opts = AtlasGRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none",
                            atlas_adaptive_train_fraction=0.1, atlas_adaptive_train_min_s=0.0)  # fmt: skip
     backend = AtlasRolloutBackend(opts, eos_token_ids=[0])
     backend.last_rollout_s = 100.0
-    assert backend._train_budget() == 10.0
+    assert backend._train_budget() == pytest.approx(10.0 * BUDGET_HEADROOM)
+    backend.last_step_s = 400.0  # a whole GRPO step: rollout + policy update
+    assert backend._train_budget() == pytest.approx(40.0 * BUDGET_HEADROOM)
     backend.last_probe = {"atlas/acceptance_probe_s": 3.0}
-    assert backend._train_budget() == 7.0
-    backend.last_probe = {"atlas/acceptance_probe_s": 30.0}
+    assert backend._train_budget() == pytest.approx(40.0 * BUDGET_HEADROOM - 3.0)
+    backend.last_probe = {"atlas/acceptance_probe_s": 300.0}
     assert backend._train_budget() == 0.0
     backend.options.atlas_adaptive_train_min_s = 1.0  # the floor holds for the retraining itself
     assert backend._train_budget() == 1.0
