@@ -375,8 +375,17 @@ class RolloutEngine:
             controller.set_speculator_priors(priors)
         macs = {name: e.draft_macs_per_token for name, e in extras.items() if e.draft_macs_per_token is not None}
         if macs:
-            target = sum(m.weight.numel() for m in self.model.modules() if isinstance(m, torch.nn.Linear))
+            target = self._target_macs()
             controller.set_draft_cost_priors({name: m / max(1, target) for name, m in macs.items()})
+
+    def _target_macs(self) -> int:
+        """Multiply-accumulates of one target token (its ``nn.Linear`` weights), counted once per model object:
+        every ``generate`` call hands it to the controller, the model rarely changes."""
+        key = id(self.model)
+        if getattr(self, "_macs_of", None) is None or self._macs_of[0] != key:
+            n = sum(m.weight.numel() for m in self.model.modules() if isinstance(m, torch.nn.Linear))
+            self._macs_of = (key, n)
+        return self._macs_of[1]
 
     def release(self) -> None:
         """Give back what the engine holds: the KV cache buffers, the CPU linear-kernel routing and its weight
