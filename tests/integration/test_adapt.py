@@ -34,13 +34,21 @@ def test_adapt_scenario_runs_end_to_end_on_a_tiny_model(tmp_path):
         for cell in w["cells"].values():
             assert cell["none"]["tau"] == 1.0
             assert all(cell[c]["tau"] >= 1.0 and cell[c]["tokens_per_s"] > 0 for c in CONFIGS)
+    for w in rep["windows"]:  # the T=1 static-vs-adaptive check: measured (paired interval) and estimated
+        m, e = w["tau_check"]["measured"], w["tau_check"]["estimated"]
+        assert m["batches"] == 2 and m["ci_low"] <= m["ratio"] <= m["ci_high"] and m["tau_den"] >= 1.0
+        assert e["positions"] > 0 and e["tau_static"] >= 1.0 and e["tau_adaptive"] >= 1.0
+    w0 = rep["windows"][0]["tau_check"]  # before any training the adaptive head is the static head's exact copy
+    assert w0["measured"]["ratio"] == 1.0 and w0["estimated"]["ratio"] == pytest.approx(1.0)
     traffic = [w["traffic"] for w in rep["windows"][:-1]]
     assert all(t["tokens"] > 0 and t["steps"] >= 1 and math.isfinite(t["loss"]) for t in traffic)
     assert traffic[1].get("injected_bad_head") and not traffic[0].get("injected_bad_head")
     md = (tmp_path / "adapt.md").read_text()
-    assert "adaptive/static τ" in md and "Traffic and retraining" in md
+    assert "adaptive/static τ" in md and "Traffic and retraining" in md and "with enough tokens" in md
     steps = rep["policy"]  # the GRPO specialisation part: one probe per optimizer step
     assert [r["step"] for r in steps] == [1, 2] and all(r["tau"]["adaptive"] >= 1.0 for r in steps)
+    # the tiny target ships no static head: no static probe, so no paired check either
+    assert all(("check" in r["tau"]) == ("static" in r["tau"]) for r in steps)
     assert all(r["step_s"] > 0 and r["train_s"] >= 0 for r in steps)
     assert "Policy specialisation" in md
     svg = (tmp_path / "adapt.svg").read_text()
@@ -63,11 +71,29 @@ def test_traffic_is_seeded_and_the_bench_is_disjoint_from_it():
         ({"inject_bad_head": 4}, "inject_bad_head"),
         ({"windows": 0}, "windows"),
         ({"parts": ["drift"]}, "parts"),
+        ({"check_prompts": 4, "check_rows": 8}, "check_rows must be between 1 and check_prompts"),
+        ({"probe_rows": 0}, "probe_rows"),
+        ({"estimate_prompts": -1}, "estimate_prompts"),
     ],
 )
 def test_bad_options_say_what_is_wrong(kw, match):
     with pytest.raises(ValueError, match=match):
         AdaptOptions(**kw)
+
+
+def test_paired_ratio_reports_the_ratio_of_summed_tau_and_a_bootstrap_interval_around_it():
+    from atlas_rl.bench.adapt.tau_check import paired_ratio
+
+    same = [(30, 20), (50, 25), (12, 10)]
+    r = paired_ratio(same, same)
+    assert r["ratio"] == 1.0 and r["ci_low"] == r["ci_high"] == 1.0  # identical sides: no spread at all
+    better = [(36, 20), (60, 25), (14, 10)]  # 1.2x the emitted tokens per forward in every batch
+    r = paired_ratio(better, same, seed=3)
+    assert r["ratio"] == pytest.approx(110 / 92, rel=1e-9) and r["tau_num"] == pytest.approx(110 / 55)
+    assert 1.0 < r["ci_low"] <= r["ratio"] <= r["ci_high"] < 1.3
+    assert paired_ratio(better, same, seed=3) == r  # seeded
+    with pytest.raises(ValueError, match="same non-zero number of batches"):
+        paired_ratio(better, same[:2])
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,7 @@ from ..harness import ConfigSummary, engine_runner, run_interleaved
 from ..workloads import Workload
 from .options import AdaptOptions
 from .report import render_adapt_markdown, speed_svg
+from .tau_check import capture_rollouts, estimated_tau, measured_tau, paired_ratio
 from .traffic import ticket_prompts
 
 logger = logging.getLogger(__name__)
@@ -62,6 +64,8 @@ class _State:
     trainer: OnlineSpeculatorTrainer
     cost: Any  # the calibrated verification cost (a fresh copy per default engine)
     bench: list[list[int]]
+    check: list[list[int]]  # held-out requests of the T=1 τ check (tau_check.py)
+    estimate: list[Any]  # captured T=1 target rollouts the closed-form estimate replays
     prod: Any = None  # the production engine: serves the traffic, persists across windows
 
 
@@ -97,11 +101,23 @@ def _setup(opts: AdaptOptions, command: str) -> _State:
     trainer = OnlineSpeculatorTrainer(adaptive, buffer)
     cost, run.report["verification_cost"] = calibrate(run.model, run.eos, opts.k)
     bench = ticket_prompts(run.tokenizer, opts.bench_prompts, seed=f"bench:{opts.seed}")
+    check = ticket_prompts(run.tokenizer, opts.check_prompts, seed=f"check:{opts.seed}")
+    estimate = _capture_estimate_set(run, opts, tuple(adaptive.config.fuse_layers))
     heads = {"static": static, "adaptive": adaptive}
     run.report["head_parameters"] = {n: sum(p.numel() for p in h.parameters()) for n, h in heads.items()}
-    st = _State(opts, run, static, adaptive, buffer, trainer, cost, bench)
+    st = _State(opts, run, static, adaptive, buffer, trainer, cost, bench, check, estimate)
     st.prod = _engine(st, "default")
     return st
+
+
+def _capture_estimate_set(run: BenchRun, opts: AdaptOptions, fuse_layers: tuple[int, ...]) -> list[Any]:
+    """The target's own T=1 rollouts of held-out requests, captured once for the closed-form τ estimate (the
+    workload shift never changes the target); none without the shift part."""
+    if not opts.estimate_prompts or "shift" not in opts.parts:
+        return []
+    sp = SamplingParams(temperature=1.0, max_new_tokens=opts.max_new_tokens, seed=opts.seed)
+    prompts = ticket_prompts(run.tokenizer, opts.estimate_prompts, seed=f"estimate:{opts.seed}")
+    return capture_rollouts(run.model, run.eos, prompts, fuse_layers, sp)
 
 
 def _engine(st: _State, config: str) -> Any:
@@ -137,6 +153,22 @@ def _bench_cell(st: _State, rows: int, temperature: float) -> dict[str, Any]:
         for c, s in run_interleaved(w, runners, repeats=st.opts.repeats).items():
             merged[c].append(s)
     return {c: _summary(ss) for c, ss in merged.items()}
+
+
+def _tau_check(st: _State) -> dict[str, Any]:
+    """Static alone vs adaptive alone at T=1 on the check requests (measured, paired bootstrap) and the
+    closed-form estimate of both on the captured target rollouts (:mod:`.tau_check`)."""
+    o = st.opts
+    out: dict[str, Any] = {}
+    if st.check:
+        sp = SamplingParams(temperature=1.0, max_new_tokens=o.max_new_tokens, seed=o.seed + 10_000)
+        m = measured_tau(lambda h: _engine(st, h), ("static", "adaptive"), st.check, o.check_rows, sp)
+        out["measured"] = paired_ratio(m["adaptive"], m["static"], seed=o.seed)
+    if st.estimate:
+        (ts, n), (ta, _) = (estimated_tau(h, st.estimate, o.k) for h in (st.static, st.adaptive))
+        out["estimated"] = {"tau_static": ts, "tau_adaptive": ta, "ratio": ta / ts if ts else math.nan,
+                            "positions": n}  # fmt: skip
+    return out
 
 
 def _summary(parts: list[ConfigSummary]) -> dict[str, Any]:
@@ -211,6 +243,7 @@ def run_adapt(opts: AdaptOptions, command: str = "atlas-rl bench --scenario adap
                 for rows in opts.rows:
                     cell = {"rows": rows, "temperature": t, **_bench_cell(st, rows, t)}
                     row["cells"][f"rows{rows}_T{t:g}"] = cell
+            row["tau_check"] = _tau_check(st)
             if w < opts.windows:
                 row["traffic"] = _traffic_and_retrain(st, w)
             st.run.report["windows"].append(row)

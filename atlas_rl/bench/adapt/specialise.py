@@ -23,6 +23,7 @@ import torch
 from atlas_rl.rollout.build import build_engine, build_speculators
 from atlas_rl.types import SamplingParams
 
+from .tau_check import measured_tau, paired_ratio
 from .traffic import ticket_messages, ticket_prompts
 
 logger = logging.getLogger(__name__)
@@ -65,17 +66,21 @@ def _dataset(tokenizer: Any, count: int, seed: int) -> Any:
     return Dataset.from_list(rows)
 
 
-def _probe(model: torch.nn.Module, backend: Any, prompts: list[list[int]], sp: SamplingParams, k: int) -> dict:
-    """τ of the static head alone and the adaptive head alone on the current policy's own rollouts."""
-    out: dict[str, float] = {}
+def _probe(model: torch.nn.Module, backend: Any, prompts: list[list[int]], sp: SamplingParams, opts: Any) -> dict:
+    """τ of the static head alone and the adaptive head alone on the current policy's own rollouts, in batches of
+    ``probe_rows`` (the same seeds for both heads), and the paired bootstrap interval of their ratio."""
     heads = {"static": {"static_head": backend.static_head}, "adaptive": {"adaptive_head": backend.adaptive_head}}
-    for name, kw in heads.items():
-        if next(iter(kw.values())) is None:
-            continue  # no such head (a target without a shipped static head)
+    names = tuple(n for n, kw in heads.items() if next(iter(kw.values())) is not None)  # a head may be missing
+
+    def make(name: str) -> Any:
         # the same random stream for both heads (build_speculators gives the adaptive one seed + 1)
-        specs = build_speculators(model, [name], seed=-1 if name == "adaptive" else 0, **kw).speculators
-        eng = build_engine(model, specs, k=k, controller="fixed", eos_token_ids=backend.eos_token_ids)
-        out[name] = eng.generate(prompts, sp).stats.mean_acceptance_length
+        specs = build_speculators(model, [name], seed=-1 if name == "adaptive" else 0, **heads[name]).speculators
+        return build_engine(model, specs, k=opts.k, controller="fixed", eos_token_ids=backend.eos_token_ids)
+
+    m = measured_tau(make, names, prompts, opts.probe_rows, sp)
+    out: dict[str, Any] = {n: sum(a for a, _ in m[n]) / max(1, sum(b for _, b in m[n])) for n in names}
+    if len(names) == 2:
+        out["check"] = paired_ratio(m["adaptive"], m["static"], seed=opts.seed)
     return out
 
 
@@ -100,7 +105,7 @@ def run_specialise(model: torch.nn.Module, tokenizer: Any, opts: Any, out_dir: s
             step_s = time.perf_counter() - Probe.t_step
             b = trainer.atlas_backend
             m = b.metrics()
-            rec = {"step": int(state.global_step), "step_s": step_s, "tau": _probe(model, b, probes, sp, opts.k),
+            rec = {"step": int(state.global_step), "step_s": step_s, "tau": _probe(model, b, probes, sp, opts),
                    "train_s": m.get("atlas/speculator_train_s", 0.0), "rollout_s": m.get("atlas/rollout_s", 0.0),
                    "default_tau": m.get("atlas/mean_acceptance_length"),
                    "reward": None}  # fmt: skip
