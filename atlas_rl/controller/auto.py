@@ -32,7 +32,9 @@ posterior, unless it states its own ``expected_acceptance`` (a draft head's held
 acceptance pays, so a good speculator is found within a few steps and a useless one is switched off as soon as
 its first outcomes arrive (at batch 64, after one step). Evidence decays with a half-life of ``half_life_steps``
 steps, so a switched-off speculator is eventually re-examined and a drifting one is followed; re-examining a
-costly speculator whose drafts went unused is rate-limited to ``exploration_budget`` of the recent wall time, per
+costly speculator whose drafts went unused, or whose verified drafts realised a net loss against plain decoding
+of the same tokens (the safety net under every prediction: "never slower" by measurement), is rate-limited to
+``exploration_budget`` of the recent wall time, per
 *regime* (speculator, greedy or sampled, batch size rounded down to a power of two): drafts wasted at 16 sampled
 rows, where verification is compute-bound, say nothing about one greedy row, so they do not silence it there.
 """
@@ -553,6 +555,22 @@ class AutoController(Controller):
                 if name not in used:
                     key = (name, self._greedy, _row_bucket(record.num_rows))
                     self._wasted_s[key] = self._wasted_s.get(key, 0.0) + p.seconds
+            self._charge_realised(record, used, update_s)
+
+    def _charge_realised(self, record: StepRecord, used: set[str], update_s: float) -> None:
+        """What a step that verified drafts realised against plain decoding of the same tokens (a plain step of
+        its rows as the cost model prices it): a loss is charged to its speculators' waste in the regime, a gain
+        credited (the credit capped at the exploration budget), so predictions that the measured step times do
+        not bear out (a wrong cost table, costs outside it) stop asking a costly speculator where it lost."""
+        if not used or record.query_len <= 1 or record.num_rows <= 0:
+            return
+        unused_s = sum(p.seconds for name, p in record.proposals.items() if name not in used)
+        plain_s = float(self._step_cost(record.num_rows)[0])  # [s] one plain step of these rows
+        loss = record.step_s + update_s - unused_s - plain_s * record.num_emitted / record.num_rows
+        floor = -self.config.exploration_budget * self._recent_s
+        for name in used:
+            key = (name, self._greedy, _row_bucket(record.num_rows))
+            self._wasted_s[key] = max(floor, self._wasted_s.get(key, 0.0) + loss / len(used))
 
     def finish(self, stats: SpecStats) -> None:
         """End of a call: apply its remaining timings to the cost models (they shape the next call's decisions),

@@ -419,3 +419,20 @@ def test_a_never_timed_head_is_priced_by_its_stated_drafting_cost_not_as_free():
     assert asked(0.0, 0.1) == 4  # a truly free speculator is always asked (how the controller learns it)
     with pytest.raises(ValueError, match="draft cost prior"):
         AutoController(AutoControllerConfig(), cost=table_cost(cost)).set_draft_cost_priors({"head": -1.0})
+
+
+def test_verified_drafts_that_realise_a_loss_stop_a_costly_speculator_whatever_the_cost_table_says():
+    """The cost table says verifying 5 tokens costs 1.2x a plain step; the steps really cost 3.4x. A soft head at
+    40% per token (sampling, one row) looks like a 1.3x gain to the table and is a 0.5x loss in fact. The realised
+    time of the steps that verified it, against plain decoding of the same tokens, is charged to its waste, so the
+    exploration budget stops asking it: the run stays within 15% of plain decoding (without the charge: 1.46x)."""
+    believed, true = cpu_like(0.05), cpu_like(0.6)
+    head = SynthSpec("head", lambda s: 0.4, draft_s=lambda rows, tokens: 0.002 * tokens, soft=True)
+    ctl = AutoController(AutoControllerConfig(num_speculative_tokens=4), cost=table_cost(believed))
+    ctl.set_speculator_priors({"head": 0.4})
+    res = simulate(ctl, [head], 1, 300, true, seed=5, greedy=False)
+    plain = true(1, 1)  # [s] per token of plain decoding
+    per_token = sum(res.seconds) / sum(res.emitted)
+    assert sum(q > 0 for q in res.q[:5]) > 0, "the table's prediction is acted on at first"
+    assert per_token <= 1.15 * plain, f"{per_token / plain:.2f}x plain decoding's time per token"
+    assert sum(q > 0 for q in res.q[150:]) <= 15, "asked again only within the exploration budget"
