@@ -400,6 +400,7 @@ class AutoController(Controller):
             return [None] * n
         acc, low, bins, lens = self._candidate_arrays(candidates, names, greedy)
         self._remember(state, candidates, names, bins, acc, lens)
+        self._mask_in_debt(low, names, greedy, n)
         E = expected_tokens(low)  # [n, S, K+1]
         best_s = E.argmax(1)  # [n, K+1]
         best_E = E.max(1)  # [n, K+1]
@@ -425,6 +426,16 @@ class AutoController(Controller):
             if d.draft_probs is not None and not greedy:
                 self._soft[i] = (name, bins[i, si[i], :m].tolist(), acc[i, si[i], :m].tolist())
         return out
+
+    def _mask_in_debt(self, low: np.ndarray, names: list[str], greedy: bool, n: int) -> None:
+        """Zero, in place, the decision acceptance ``low [n, S, K]`` of the speculators whose account in this regime
+        (unused drafting plus realised losses, :meth:`_charge_realised`) exceeds the exploration budget: their drafts
+        are still evaluated (one-hot drafts learn without verification), not verified, until the account decays.
+        The cheap speculators, always asked, are held back here; the costly ones are not even asked (``plan``)."""
+        limit = self.config.exploration_budget * self._recent_s
+        for c, s in enumerate(names):
+            if self._wasted_s.get((s, greedy, _row_bucket(n)), 0.0) > limit:
+                low[:, c, :] = 0.0
 
     def _candidate_arrays(
         self, candidates: list[dict[str, Draft]], names: list[str], greedy: bool

@@ -436,3 +436,17 @@ def test_verified_drafts_that_realise_a_loss_stop_a_costly_speculator_whatever_t
     assert sum(q > 0 for q in res.q[:5]) > 0, "the table's prediction is acted on at first"
     assert per_token <= 1.15 * plain, f"{per_token / plain:.2f}x plain decoding's time per token"
     assert sum(q > 0 for q in res.q[150:]) <= 15, "asked again only within the exploration budget"
+
+
+def test_a_cheap_speculator_whose_verified_drafts_realise_a_loss_is_held_back_but_still_learns():
+    """The same wrong table with a free speculator (always asked: its one-hot drafts are evaluated without
+    verification): verifying its drafts realises a loss, so choose() stops verifying them once the account exceeds
+    the exploration budget; the run stays within 15% of plain decoding (without: 1.43x)."""
+    believed, true = cpu_like(0.05), cpu_like(0.6)
+    free = SynthSpec("free", lambda s: 0.4)
+    ctl = AutoController(AutoControllerConfig(num_speculative_tokens=4), cost=table_cost(believed))
+    res = simulate(ctl, [free], 1, 300, true, seed=6)
+    per_token = sum(res.seconds) / sum(res.emitted)
+    assert all("free" in a for a in res.asked), "always asked: its drafts keep being evaluated"
+    assert sum(q > 0 for q in res.q[:5]) > 0 and per_token <= 1.15 * true(1, 1), f"{per_token / true(1, 1):.2f}x"
+    assert ctl.acceptance.observed_tokens("free", True) > 50, "it kept learning while held back"
