@@ -23,6 +23,7 @@ the last published (good) weights; after ``MAX_TRAIN_FAILURES`` failures in a ro
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -30,6 +31,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -487,6 +489,17 @@ class AtlasRolloutBackend:
             self.engine.update_weights(None, version=version)
 
     # ------------------------------------------------------------------------------------------ metrics
+    @contextlib.contextmanager
+    def outside_step(self) -> Iterator[None]:
+        """Time spent inside is not part of the RL step whose fraction the retraining budget is (an evaluation or
+        a probe run between two steps, e.g. from a ``TrainerCallback``)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self._rollout_started_at is not None:
+                self._rollout_started_at += time.perf_counter() - t0
+
     def metrics(self) -> dict[str, float]:
         s = self.last_stats
         if s is None:

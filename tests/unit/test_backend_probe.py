@@ -49,3 +49,23 @@ def test_probe_time_comes_out_of_the_retraining_budget(tmp_path):
     assert backend._train_budget() == 0.0
     backend.options.atlas_adaptive_train_min_s = 1.0  # the floor holds for the retraining itself
     assert backend._train_budget() == 1.0
+
+
+def test_time_outside_the_step_is_not_part_of_the_next_step(tmp_path):
+    """An evaluation or probe between two steps (``outside_step``) does not grow the RL step the retraining
+    budget is a fraction of: the step clock moves past it."""
+    import time
+
+    opts = AtlasGRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none")
+    backend = AtlasRolloutBackend(opts, eos_token_ids=[0])
+    with backend.outside_step():  # before any rollout: nothing to move
+        pass
+    assert backend._rollout_started_at is None
+    backend._rollout_started_at = start = time.perf_counter()
+    with backend.outside_step():
+        time.sleep(0.2)
+    assert backend._rollout_started_at - start >= 0.2
+    with pytest.raises(RuntimeError), backend.outside_step():  # the clock moves even when the probe fails
+        time.sleep(0.05)
+        raise RuntimeError("probe failed")
+    assert backend._rollout_started_at - start >= 0.25

@@ -8,7 +8,8 @@ severity from their lists, a quoted title, exactly two repro steps, the closing 
 around the ticket. After each step (a :class:`~transformers.TrainerCallback`): ``probe_prompts`` held-out
 requests rolled out by the current policy with the static head alone and the adaptive head alone (fixed k, the
 run's temperature; the heads the backend serves), τ of each; the backend's retraining seconds against the step's
-wall time (its budget: ``atlas_adaptive_train_fraction`` of the rollout).
+wall time (its budget: ``atlas_adaptive_train_fraction`` of the RL step; the probe runs outside the step:
+``AtlasRolloutBackend.outside_step``).
 """
 
 from __future__ import annotations
@@ -105,7 +106,9 @@ def run_specialise(model: torch.nn.Module, tokenizer: Any, opts: Any, out_dir: s
             step_s = time.perf_counter() - Probe.t_step
             b = trainer.atlas_backend
             m = b.metrics()
-            rec = {"step": int(state.global_step), "step_s": step_s, "tau": _probe(model, b, probes, sp, opts),
+            with b.outside_step():  # the probe is not part of the RL step the retraining budget is a share of
+                tau = _probe(model, b, probes, sp, opts)
+            rec = {"step": int(state.global_step), "step_s": step_s, "tau": tau,
                    "train_s": m.get("atlas/speculator_train_s", 0.0), "rollout_s": m.get("atlas/rollout_s", 0.0),
                    "default_tau": m.get("atlas/mean_acceptance_length"),
                    "reward": None}  # fmt: skip
