@@ -160,6 +160,7 @@ class RolloutEngine:
             self.speculators[s.name] = s
         self.verifier: Verifier = verifier or RejectionSampler()
         self.policy_version = 0
+        self._macs_of: tuple[int, int] | None = None  # (id of the model, its MACs per token): _target_macs
         self._capture_hooks: list[CaptureHook] = []
         self._cache: SlotKVCache | None = None
         self._uninstall_linear = install_cpu_linear(model) if self.config.cpu_linear_kernel else (lambda: None)
@@ -382,7 +383,7 @@ class RolloutEngine:
         """Multiply-accumulates of one target token (its ``nn.Linear`` weights), counted once per model object:
         every ``generate`` call hands it to the controller, the model rarely changes."""
         key = id(self.model)
-        if getattr(self, "_macs_of", None) is None or self._macs_of[0] != key:
+        if self._macs_of is None or self._macs_of[0] != key:
             n = sum(m.weight.numel() for m in self.model.modules() if isinstance(m, torch.nn.Linear))
             self._macs_of = (key, n)
         return self._macs_of[1]

@@ -355,8 +355,8 @@ class AutoController(Controller):
         K = self.num_speculative_tokens
         if self._draft_s(name, n, K, step_s) <= self.config.cheap_fraction * step_s[0]:
             return K
-        if self._wasted_s.get((name, greedy, _row_bucket(n)), 0.0) > self.config.exploration_budget * self._recent_s:
-            return 0  # its recent drafts in this regime cost more than the exploration budget, unused: wait
+        if self._over_budget(name, greedy, n):
+            return 0  # its recent drafts in this regime cost more than the exploration budget (unused or a loss): wait
         draft_s = np.array([self._draft_s(name, n, L, step_s) for L in range(1, K + 1)])  # [K]
         # optimistic on purpose (it decides whether to *ask*): rows assumed alike, so the batch's expected tokens
         # are its effective tokens; choose() decides on the actual drafts, where the slowest row counts
@@ -432,10 +432,14 @@ class AutoController(Controller):
         (unused drafting plus realised losses, :meth:`_charge_realised`) exceeds the exploration budget: their drafts
         are still evaluated (one-hot drafts learn without verification), not verified, until the account decays.
         The cheap speculators, always asked, are held back here; the costly ones are not even asked (``plan``)."""
-        limit = self.config.exploration_budget * self._recent_s
         for c, s in enumerate(names):
-            if self._wasted_s.get((s, greedy, _row_bucket(n)), 0.0) > limit:
+            if self._over_budget(s, greedy, n):
                 low[:, c, :] = 0.0
+
+    def _over_budget(self, name: str, greedy: bool, n: int) -> bool:
+        """Whether ``name``'s account in the regime of ``n`` rows exceeds the exploration budget of recent time."""
+        account = self._wasted_s.get((name, greedy, _row_bucket(n)), 0.0)
+        return account > self.config.exploration_budget * self._recent_s
 
     def _candidate_arrays(
         self, candidates: list[dict[str, Draft]], names: list[str], greedy: bool
@@ -561,22 +565,24 @@ class AutoController(Controller):
             self._recent_s = self._decay * self._recent_s + record.step_s
             for key in list(self._wasted_s):
                 self._wasted_s[key] *= self._decay
+            unused_s = 0.0
             for name, p in record.proposals.items():
                 self.draft_cost.observe(name, p)
                 if name not in used:
                     key = (name, self._greedy, _row_bucket(record.num_rows))
                     self._wasted_s[key] = self._wasted_s.get(key, 0.0) + p.seconds
-            self._charge_realised(record, used, update_s)
+                    unused_s += p.seconds
+            self._charge_realised(record, used, update_s, unused_s)
 
-    def _charge_realised(self, record: StepRecord, used: set[str], update_s: float) -> None:
+    def _charge_realised(self, record: StepRecord, used: set[str], update_s: float, unused_s: float) -> None:
         """What a step that verified drafts realised against plain decoding of the same tokens (a plain step of
         its rows as the cost model prices it): a loss is charged to its speculators' waste in the regime, a gain
         credited (the credit capped at the exploration budget), so predictions that the measured step times do
         not bear out (a wrong cost table, costs outside it) stop asking a costly speculator where it lost."""
         if not used or record.query_len <= 1 or record.num_rows <= 0:
             return
-        unused_s = sum(p.seconds for name, p in record.proposals.items() if name not in used)
-        plain_s = float(self._step_cost(record.num_rows)[0])  # [s] one plain step of these rows
+        cost = self._cost()
+        plain_s = cost.forward_s(record.num_rows, 1) + cost.overhead_s(record.num_rows)  # [s] a plain step
         loss = record.step_s + update_s - unused_s - plain_s * record.num_emitted / record.num_rows
         floor = -self.config.exploration_budget * self._recent_s
         for name in used:

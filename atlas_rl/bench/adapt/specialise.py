@@ -24,7 +24,7 @@ import torch
 from atlas_rl.rollout.build import build_engine, build_speculators
 from atlas_rl.types import SamplingParams
 
-from .tau_check import measured_tau, paired_ratio
+from .tau_check import measured_tau, paired_ratio, summed_tau
 from .traffic import ticket_messages, ticket_prompts
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def _probe(model: torch.nn.Module, backend: Any, prompts: list[list[int]], sp: S
         return build_engine(model, specs, k=opts.k, controller="fixed", eos_token_ids=backend.eos_token_ids)
 
     m = measured_tau(make, names, prompts, opts.probe_rows, sp)
-    out: dict[str, Any] = {n: sum(a for a, _ in m[n]) / max(1, sum(b for _, b in m[n])) for n in names}
+    out: dict[str, Any] = {n: summed_tau(m[n]) for n in names}
     if len(names) == 2:
         out["check"] = paired_ratio(m["adaptive"], m["static"], seed=opts.seed)
     return out

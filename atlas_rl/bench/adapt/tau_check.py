@@ -24,7 +24,7 @@ from atlas_rl.training.buffer import CaptureBuffer, CaptureBufferConfig
 from atlas_rl.training.samples import SequenceSample
 from atlas_rl.types import SamplingParams
 
-__all__ = ["capture_rollouts", "estimated_tau", "measured_tau", "paired_ratio"]
+__all__ = ["capture_rollouts", "estimated_tau", "measured_tau", "paired_ratio", "summed_tau"]
 
 _WINDOW = 160  # positions replayed per captured rollout (prompt tail + completion)
 _CHUNK = 8  # rollouts per replay (bounds the draft-vocabulary logits in memory)
@@ -44,6 +44,11 @@ def measured_tau(
     return out
 
 
+def summed_tau(batches: list[tuple[int, int]]) -> float:
+    """τ of ``(emitted tokens, row forwards)`` batches taken together (sums, not a mean of ratios)."""
+    return sum(a for a, _ in batches) / max(1, sum(b for _, b in batches))
+
+
 def paired_ratio(
     num: list[tuple[int, int]], den: list[tuple[int, int]], resamples: int = 2000, seed: int = 0
 ) -> dict[str, float]:
@@ -51,20 +56,18 @@ def paired_ratio(
     (batches resampled with replacement, the same batches for both sides)."""
 
     def ratio(idx: list[int]) -> float:
-        tn = sum(num[i][0] for i in idx) / max(1, sum(num[i][1] for i in idx))
-        td = sum(den[i][0] for i in idx) / max(1, sum(den[i][1] for i in idx))
-        return tn / td if td else float("nan")
+        td = summed_tau([den[i] for i in idx])
+        return summed_tau([num[i] for i in idx]) / td if td else float("nan")
 
     n = len(num)
     if n == 0 or len(den) != n:
         raise ValueError(f"paired_ratio needs the same non-zero number of batches on both sides, got {n}, {len(den)}")
     rng = random.Random(seed)
     boots = sorted(ratio([rng.randrange(n) for _ in range(n)]) for _ in range(resamples))
-    full = list(range(n))
     return {
-        "tau_num": sum(a for a, _ in num) / max(1, sum(b for _, b in num)),
-        "tau_den": sum(a for a, _ in den) / max(1, sum(b for _, b in den)),
-        "ratio": ratio(full),
+        "tau_num": summed_tau(num),
+        "tau_den": summed_tau(den),
+        "ratio": ratio(list(range(n))),
         "ci_low": boots[int(0.025 * resamples)],
         "ci_high": boots[int(0.975 * resamples) - 1],
         "batches": n,
