@@ -23,6 +23,7 @@ the last published (good) weights; after ``MAX_TRAIN_FAILURES`` failures in a ro
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -30,6 +31,7 @@ import logging
 import math
 import os
 import shutil
+import statistics
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,6 +51,7 @@ logger = logging.getLogger(__name__)
 # overlaps (background mode) overruns it by up to one step, so the loop aims at this share of the fraction
 BUDGET_HEADROOM = 0.8
 
+RECENT_STEPS = 5  # RL steps whose lower median caps the step the retraining budget is a fraction of
 MAX_TRAIN_FAILURES = 3  # failed retrainings in a row after which the adaptive head stops retraining for the run
 PROBE_MAX_POSITIONS = 48  # positions per probed completion (the probe's cost scales with them)
 # metrics that are counters or states: a summary over several steps takes their last value, never the mean
@@ -176,6 +179,7 @@ class AtlasRolloutBackend:
         self.last_stats: SpecStats | None = None
         self.last_rollout_s = 0.0
         self.last_step_s = 0.0  # wall time between the starts of the last two rollouts (one RL step)
+        self._recent_steps: collections.deque[float] = collections.deque(maxlen=RECENT_STEPS)
         self._rollout_started_at: float | None = None
         self.last_train: dict[str, float] = {}
         self.total = SpecStats()
@@ -247,7 +251,7 @@ class AtlasRolloutBackend:
             self._model = model
         now = time.perf_counter()
         if self._rollout_started_at is not None:  # the whole RL step since the last rollout began
-            self.last_step_s = now - self._rollout_started_at
+            self._record_step(now - self._rollout_started_at)
         self._rollout_started_at = now
         self._before_rollout()
         self._refresh_heads(model)
@@ -399,16 +403,28 @@ class AtlasRolloutBackend:
         if zero3 and self.adaptive_trainer is not None:
             object.__setattr__(self.adaptive_trainer.train_head, "_embed", self.adaptive_head._embed)
 
+    def _record_step(self, seconds: float) -> None:
+        self.last_step_s = seconds
+        self._recent_steps.append(seconds)
+
+    def _step_base(self) -> float:
+        """The RL step the retraining budget is a fraction of: this rollout's own time before a whole step was
+        seen; then the last step, but never more than the lower median of the last ``RECENT_STEPS`` steps, so one
+        slow step (another job on the machine, a checkpoint save) does not buy the next retraining a share of the
+        step it will not get, while a step that got faster shrinks the budget at once."""
+        if not self._recent_steps:
+            return self.last_rollout_s
+        return min(self.last_step_s, statistics.median_low(self._recent_steps))
+
     def _train_budget(self) -> float:
-        """Seconds of retraining after this rollout: the fraction of the last RL step's wall time (rollout to
-        rollout; this rollout's own time before a whole step was seen) less what the acceptance probe already
-        spent (probe + retraining stay within the fraction), but never under ``atlas_adaptive_train_min_s`` (a slow
-        probe on a loaded machine must not starve the retraining)."""
+        """Seconds of retraining after this rollout: the fraction of the RL step (``_step_base``) less what the
+        acceptance probe already spent (probe + retraining stay within the fraction), but never under
+        ``atlas_adaptive_train_min_s`` (a slow probe on a loaded machine must not starve the retraining)."""
         frac = self.options.atlas_adaptive_train_fraction
         if frac <= 0 or self._train_disabled:
             return 0.0
         spent = self.last_probe.get("atlas/acceptance_probe_s", 0.0)
-        base = max(self.last_step_s, self.last_rollout_s)
+        base = self._step_base()
         return max(self.options.atlas_adaptive_train_min_s, BUDGET_HEADROOM * frac * base - spent, 0.0)
 
     def _after_rollout(self) -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from atlas_rl.trainers import AtlasGRPOConfig
-from atlas_rl.trainers.backend import AtlasRolloutBackend
+from atlas_rl.trainers.backend import BUDGET_HEADROOM, AtlasRolloutBackend
 from atlas_rl.training.acceptance import first_labeled_window
 from atlas_rl.training.samples import SequenceSample
 
@@ -34,14 +34,13 @@ def test_probe_window_is_bounded_and_starts_before_the_completion():
 def test_probe_time_comes_out_of_the_retraining_budget(tmp_path):
     """The budget is the fraction of the last RL step (rollout start to rollout start; the rollout itself before a
     whole step was seen) at BUDGET_HEADROOM, less the probe's time, never under the floor."""
-    from atlas_rl.trainers.backend import BUDGET_HEADROOM
 
     opts = AtlasGRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none",
                            atlas_adaptive_train_fraction=0.1, atlas_adaptive_train_min_s=0.0)  # fmt: skip
     backend = AtlasRolloutBackend(opts, eos_token_ids=[0])
     backend.last_rollout_s = 100.0
     assert backend._train_budget() == pytest.approx(10.0 * BUDGET_HEADROOM)
-    backend.last_step_s = 400.0  # a whole GRPO step: rollout + policy update
+    backend._record_step(400.0)  # a whole GRPO step: rollout + policy update
     assert backend._train_budget() == pytest.approx(40.0 * BUDGET_HEADROOM)
     backend.last_probe = {"atlas/acceptance_probe_s": 3.0}
     assert backend._train_budget() == pytest.approx(40.0 * BUDGET_HEADROOM - 3.0)
@@ -49,6 +48,20 @@ def test_probe_time_comes_out_of_the_retraining_budget(tmp_path):
     assert backend._train_budget() == 0.0
     backend.options.atlas_adaptive_train_min_s = 1.0  # the floor holds for the retraining itself
     assert backend._train_budget() == 1.0
+
+
+def test_one_slow_step_does_not_grow_the_next_budget(tmp_path):
+    """One step slowed by something else on the machine buys no more retraining (the lower median of the recent
+    steps caps it); a persistently slower run does after the median moves; a faster step shrinks it at once."""
+    opts = AtlasGRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none",
+                           atlas_adaptive_train_fraction=0.1, atlas_adaptive_train_min_s=0.0)  # fmt: skip
+    backend = AtlasRolloutBackend(opts, eos_token_ids=[0])
+    backend.last_rollout_s = 30.0
+    for step_s, base in [(40.0, 40.0), (42.0, 40.0), (120.0, 42.0), (41.0, 41.0), (20.0, 20.0), (110.0, 42.0),
+                         (115.0, 110.0), (118.0, 110.0)]:  # fmt: skip
+        backend._record_step(step_s)
+        assert backend._step_base() == base, step_s
+    assert backend._train_budget() == pytest.approx(0.1 * 110.0 * BUDGET_HEADROOM)
 
 
 def test_time_outside_the_step_is_not_part_of_the_next_step(tmp_path):
