@@ -42,6 +42,12 @@ CALIBRATION_TOKENS: tuple[int, ...] = (1, 2, 3, 5, 9)
 CALIBRATION_ROUNDS = 3  # interleaved passes over the calibration points (each point keeps its fastest)
 CACHE_FORMAT = "atlas-rl/verification-cost"
 CACHE_VERSION = 2  # 2: interleaved passes (a table from single timings is measured again)
+# a cached table is checked at load on a few one-row points (timed SPOT_CHECK_ROUNDS times, fastest kept) and
+# measured again when one of them is off by more than this factor either way: the machine's state changed since
+# it was calibrated (seen here: 1 row x 3 tokens priced 1.04x a plain step by a table from a faster evening, 1.2x)
+STALE_FACTOR = 1.15
+SPOT_CHECK_ROUNDS = 2
+SPOT_CHECK_JITTER_S = 2e-4  # added to both sides of the comparison: sub-millisecond forwards (tiny test models)
 
 
 class VerificationCost:
@@ -363,6 +369,39 @@ def covers_one_row(cost: VerificationCost, max_tokens: int) -> bool:
     return all((1, t) in cost.measured for t in token_points(CALIBRATION_TOKENS, max_tokens))
 
 
+def spot_check(cost: VerificationCost, timer: ForwardTimer, rounds: int = SPOT_CHECK_ROUNDS) -> float:
+    """The largest factor (>= 1, either way) by which ``cost`` misprices a few points timed now: one row at 1, 3
+    and the largest calibrated tokens, and 4 rows x 1 token when the table measured it; interleaved passes, each
+    point keeping its fastest time (as :func:`calibrate`)."""
+    points = sorted(
+        {(1, 1), (1, min(3, cost.requested_tokens)), (1, cost.requested_tokens)} | ({(4, 1)} & set(cost.measured))
+    )
+    timer(1, 1, 1)  # warm-up, not recorded
+    best = {p: math.inf for p in points}
+    for _ in range(rounds):
+        for r, t in points:
+            best[(r, t)] = min(best[(r, t)], timer(r, t, 1))
+    j = SPOT_CHECK_JITTER_S
+    ratios = [(s + j) / (cost.forward_s(r, t) + j) for (r, t), s in best.items()]
+    return max(max(x, 1.0 / x) for x in ratios)
+
+
+def _load_cached(path: Path, timer: ForwardTimer, max_tokens: int) -> VerificationCost | None:
+    """The cached table at ``path`` when it covers ``max_tokens`` and still prices this machine (``spot_check``)."""
+    if not path.is_file():
+        return None
+    cost = VerificationCost.from_json(json.loads(path.read_text()))
+    if cost.requested_tokens < max_tokens or not covers_one_row(cost, max_tokens):
+        return None
+    off = spot_check(cost, timer)
+    if off > STALE_FACTOR:
+        logger.info("verification cost: %s misprices this machine now by %.2fx; measuring again", path, off)
+        return None
+    cost.from_cache = True
+    logger.info("verification cost: reusing %s (spot check within %.2fx)", path, off)
+    return cost
+
+
 def load_or_calibrate(
     key: str,
     timer: ForwardTimer,
@@ -370,7 +409,8 @@ def load_or_calibrate(
     budget_s: float = 5.0,
     root: Path | None = None,
 ) -> VerificationCost:
-    """The cached table of ``key`` when it covers ``max_tokens``; else calibrate now and cache the result.
+    """The cached table of ``key`` when it covers ``max_tokens`` and a spot check of a few points finds it within
+    ``STALE_FACTOR`` of this machine now; else calibrate now and cache the result.
 
     The returned object's ``from_cache`` tells which happened. A calibration that looked disturbed (timings
     inconsistent, see :func:`calibrate`) is used but not cached. A cache that cannot be read or written is
@@ -379,12 +419,9 @@ def load_or_calibrate(
     """
     path = cost_cache_path(key, root)
     try:
-        if path.is_file():
-            cost = VerificationCost.from_json(json.loads(path.read_text()))
-            if cost.requested_tokens >= max_tokens and covers_one_row(cost, max_tokens):
-                cost.from_cache = True
-                logger.info("verification cost: reusing %s", path)
-                return cost
+        cached = _load_cached(path, timer, max_tokens)
+        if cached is not None:
+            return cached
     except (OSError, ValueError, KeyError, TypeError) as e:
         logger.warning("verification cost cache %s is unreadable (%s); measuring again", path, e)
     cost = calibrate(timer, max_tokens=max_tokens, budget_s=budget_s, key=key)

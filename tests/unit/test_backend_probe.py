@@ -34,7 +34,6 @@ def test_probe_window_is_bounded_and_starts_before_the_completion():
 def test_probe_time_comes_out_of_the_retraining_budget(tmp_path):
     """The budget is the fraction of the last RL step (rollout start to rollout start; the rollout itself before a
     whole step was seen) at BUDGET_HEADROOM, less the probe's time, never under the floor."""
-
     opts = AtlasGRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none",
                            atlas_adaptive_train_fraction=0.1, atlas_adaptive_train_min_s=0.0)  # fmt: skip
     backend = AtlasRolloutBackend(opts, eos_token_ids=[0])

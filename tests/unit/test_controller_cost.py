@@ -94,7 +94,10 @@ def test_cost_cache_is_reused_and_keyed(tmp_path):
     n = len(calls)
     assert not c1.from_cache and n > 0 and cost_cache_path(key, tmp_path).is_file()
     c2 = load_or_calibrate(key, sleeping_timer(law, calls), max_tokens=9, budget_s=2.0, root=tmp_path)
-    assert c2.from_cache and len(calls) == n and c2.measured == c1.measured
+    spot = calls[n:]  # the spot check of the cached table: a warm-up and two passes over four points
+    assert c2.from_cache and c2.measured == c1.measured and len(spot) == 1 + 2 * 4
+    assert set(spot) == {(1, 1, 1), (1, 3, 1), (1, 9, 1), (4, 1, 1)}
+    n = len(calls)
     c3 = load_or_calibrate(key, sleeping_timer(law, calls), max_tokens=17, budget_s=2.0, root=tmp_path)
     assert not c3.from_cache and len(calls) > n  # a longer max_k than the cache covers: measured again
     n = len(calls)
@@ -102,10 +105,29 @@ def test_cost_cache_is_reused_and_keyed(tmp_path):
     assert (64, 17) not in short.measured and len(calls) > n  # the budget stopped it short of the grid
     n = len(calls)
     again = load_or_calibrate("other", sleeping_timer(law, calls), max_tokens=17, budget_s=0.05, root=tmp_path)
-    assert again.from_cache and len(calls) == n  # ... and it is reused all the same
+    assert again.from_cache and len(calls) == n + 9  # ... and it is reused all the same (after its spot check)
     cost_cache_path(key, tmp_path).write_text("{not json")
     c4 = load_or_calibrate(key, sleeping_timer(law), max_tokens=9, budget_s=1.0, root=tmp_path)
     assert not c4.from_cache and json.loads(cost_cache_path(key, tmp_path).read_text())["measured"]
+
+
+def test_a_cached_table_that_misprices_the_machine_now_is_measured_again(tmp_path):
+    """A table calibrated in another machine state (here: multi-token forwards 20% dearer now, as seen on this
+    host between an evening and a night) is measured again and replaced; timing noise within the tolerance keeps
+    the cache."""
+    from atlas_rl.controller.cost import STALE_FACTOR
+
+    then = lambda r, t: 0.002 * r * (1 + 0.05 * (t - 1))  # noqa: E731
+    now = lambda r, t: then(r, t) * (1.0 if t == 1 else 1.2)  # noqa: E731
+    first = load_or_calibrate("k", sleeping_timer(then), max_tokens=9, budget_s=5.0, root=tmp_path)
+    assert not first.from_cache and first.reliable
+    noisy = lambda r, t: then(r, t) * (STALE_FACTOR - 0.05)  # noqa: E731 - uniformly a little slower
+    assert load_or_calibrate("k", sleeping_timer(noisy), max_tokens=9, budget_s=5.0, root=tmp_path).from_cache
+    again = load_or_calibrate("k", sleeping_timer(now), max_tokens=9, budget_s=5.0, root=tmp_path)
+    assert not again.from_cache
+    assert again.forward_s(1, 3) / again.forward_s(1, 1) == pytest.approx(now(1, 3) / now(1, 1), rel=1e-6)
+    cached = load_or_calibrate("k", sleeping_timer(now), max_tokens=9, budget_s=5.0, root=tmp_path)
+    assert cached.from_cache and cached.measured == again.measured  # the new table replaced the stale one
 
 
 def test_draft_cost_learns_a_linear_law():
