@@ -21,7 +21,7 @@ import torch
 
 from atlas_rl.speculators.draft_head import DraftHead, head_cost_macs
 from atlas_rl.types import Draft, ProposeInput, SamplingParams
-from atlas_rl.verification.processing import processed_probs
+from atlas_rl.verification.processing import processed_probs, sample_inverse_cdf
 
 logger = logging.getLogger(__name__)
 
@@ -323,7 +323,10 @@ class DraftHeadSpeculator:
         # draft vocabulary, restricted to it (temperature, top-k, top-p only see finite values): sample in draft
         # space, then scatter into the [n, vocab] distribution the verifier needs
         p_d = processed_probs(logits_d, sampling)  # [n, draft_vocab]
-        tok_d = torch.multinomial(p_d.cpu(), 1, generator=self._gen)[:, 0].to(self.device)
+        # inverse CDF over a float64 cumsum, as torch's multinomial kernel, at a tenth of its time (0.03 vs 0.4 ms
+        # over an 18k draft vocabulary on this CPU: its per-category exponentials cost 1-3% of a decode step per token)
+        u = torch.rand(p_d.shape[0], generator=self._gen, dtype=torch.float64).to(self.device)  # [n]
+        tok_d = sample_inverse_cdf(p_d, u)
         conf = p_d.gather(1, tok_d[:, None])[:, 0]
         p = torch.zeros((h.shape[0], head.config.target_vocab_size), dtype=p_d.dtype, device=self.device)
         p[:, d2t] = p_d  # zero outside the draft vocabulary

@@ -135,6 +135,25 @@ def test_head_drafts_keep_the_engine_lossless(model, fuse):
         )
 
 
+def test_drafted_tokens_follow_the_draft_distribution(model):
+    """The first draft token of 4000 proposals from one state follows the draft distribution the verifier is
+    given (chi-square, alpha=0.001, fixed seed): the sampler (inverse CDF) and ``draft_probs`` agree."""
+    from test_engine import _chi2_pvalue
+
+    head = _head(model, vocab=12)
+    seq = PROMPTS[1] + [3, 4, 5]
+    spec = _primed(model, head, seq, len(PROMPTS[1]))
+    sp = SamplingParams(temperature=1.0, max_new_tokens=8)
+    counts = torch.zeros(V, dtype=torch.long)
+    probs = None
+    for _ in range(4000):
+        (d,) = spec.propose(ProposeInput([0], [0], [seq], sampling=sp), [1])
+        counts[d.token_ids[0]] += 1
+        probs = d.draft_probs[0] if probs is None else probs
+        assert torch.equal(d.draft_probs[0], probs)  # the same state: the same distribution every time
+    assert _chi2_pvalue(counts, probs) > 1e-3
+
+
 def test_head_sampling_marginals_match_target():
     """First two emitted positions of 3000 samples match the enumerated exact marginals (chi-square, alpha=0.001)
     with soft drafts from a draft head; fixed seeds."""
