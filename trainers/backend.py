@@ -178,7 +178,7 @@ class AtlasRolloutBackend:
         self.policy_version = 0
         self.last_stats: SpecStats | None = None
         self.last_rollout_s = 0.0
-        self.last_step_s = 0.0  # wall time between the starts of the last two rollouts (one RL step)
+        # wall times between the starts of consecutive rollouts (RL steps), newest last
         self._recent_steps: collections.deque[float] = collections.deque(maxlen=RECENT_STEPS)
         self._rollout_started_at: float | None = None
         self.last_train: dict[str, float] = {}
@@ -403,8 +403,12 @@ class AtlasRolloutBackend:
         if zero3 and self.adaptive_trainer is not None:
             object.__setattr__(self.adaptive_trainer.train_head, "_embed", self.adaptive_head._embed)
 
+    @property
+    def last_step_s(self) -> float:
+        """Wall time between the starts of the last two rollouts (one RL step); 0 before a whole step was seen."""
+        return self._recent_steps[-1] if self._recent_steps else 0.0
+
     def _record_step(self, seconds: float) -> None:
-        self.last_step_s = seconds
         self._recent_steps.append(seconds)
 
     def _step_base(self) -> float:
