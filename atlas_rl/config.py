@@ -24,6 +24,7 @@ class EngineConfig:
         progress: show a progress bar over completion tokens.
         reuse_cache: keep the preallocated KV cache between ``generate`` calls when it is large enough.
         lean_forward: decode/verification forwards through :mod:`atlas_rl.rollout.forward` (default True).
+        fuse_projections: on a CPU, q/k/v and gate/up as one matmul each (default True; a weight copy).
     """
 
     num_speculative_tokens: int | None = field(
@@ -65,6 +66,14 @@ class EngineConfig:
             "help": "Run decode/verification forwards through atlas_rl.rollout.forward (the same math as the Hugging "
             "Face decoder over the same parameters, without its module stack, with RoPE tables and attention on "
             "SDPA's fused kernel); False uses the Hugging Face decoder. Ignored for models it does not support."
+        },
+    )
+    fuse_projections: bool = field(
+        default=True,
+        metadata={
+            "help": "CPU models on the lean forward: run each layer's q/k/v and gate/up projections as one matmul "
+            "each over concatenated copies of their weights (fewer ops per layer; costs those weights once more "
+            "in memory, ~0.3 GB for SmolLM2-135M in float32). Ignored on other devices."
         },
     )
     reuse_cache: bool = field(

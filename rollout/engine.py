@@ -169,7 +169,8 @@ class RolloutEngine:
         if self.config.lean_forward:
             why = lean_forward_unsupported(model)
             if why is None:
-                self._lean = LeanForward(model, cpu_linear=self.config.cpu_linear_kernel)
+                fuse = self.config.fuse_projections and next(model.parameters()).device.type == "cpu"
+                self._lean = LeanForward(model, cpu_linear=self.config.cpu_linear_kernel, fuse=fuse)
             else:
                 logger.info("lean forward off for this model (%s): using the Hugging Face decoder", why)
 
@@ -220,6 +221,7 @@ class RolloutEngine:
                 str(self.dtype),
                 torch.get_num_threads(),
                 extra=f"cpu_linear={self.config.cpu_linear_kernel},lean={self._lean is not None},"
+                f"fused={self._lean is not None and self._lean.fused is not None},"
                 f"code={engine_code_version()},kernels={kernel_plan().digest()}",
             )
 
@@ -277,6 +279,8 @@ class RolloutEngine:
                     dst.copy_(src)
         self.policy_version = new_version
         drop_packed_weights(self.model)  # an update through `.data` keeps `_version`: never serve a stale copy
+        if self._lean is not None and self._lean.fused is not None:
+            self._lean.fused.clear()
         for s in self.speculators.values():
             speculator_extras(s).on_policy_update(new_version)
         return new_version

@@ -11,7 +11,11 @@ module stack, the per-call mask and RoPE construction, and with attention kept o
 * grouped-query attention is *folded*: the ``g`` query heads that share a key/value head become ``g`` extra
   query rows of that head, so keys/values are never repeated and one additive float mask (or none: one token
   per row at equal positions) keeps SDPA on its flash kernel instead of the boolean-mask math path;
-* the small matmuls use :func:`small_linear` (``(W @ x.T).T`` on float32 CPU, see :mod:`.cpu_linear`).
+* the small matmuls use :func:`small_linear` (the kernel tuned for this machine, see :mod:`.cpu_linear`);
+* on a CPU, fewer and cheaper ops per layer: each op that follows a matmul streaming megabytes of weights starts
+  with cold caches (an RMSNorm costs ~70 us there against ~12 us warm), so q/k/v and gate/up run as one matmul
+  each over concatenated weights (:class:`FusedProjections`: a copy, rebuilt when a weight changes), RMSNorm is
+  a sum and in-place ops, RoPE is one ``addcmul`` over q and k together with a sign-folded sine table.
 
 The HF decoder remains the reference: ``tests/unit/test_forward.py`` checks equality (1e-10 in float64, 1e-4
 in float32) for every supported family with ragged cache lengths. Bump :data:`FORWARD_VERSION` whenever this
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +37,7 @@ from .kv_cache import SlotKVCache
 
 logger = logging.getLogger(__name__)
 
-FORWARD_VERSION = 2
+FORWARD_VERSION = 3
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -51,14 +56,50 @@ def lean_forward_unsupported(model: nn.Module) -> str | None:
     return None
 
 
+class FusedProjections:
+    """The q/k/v and the gate/up weights (and biases) of every layer concatenated: one matmul each per layer.
+
+    A copy (the attention and MLP input weights once more in memory), made on first use and again whenever a source
+    changes (another tensor, or its ``_version`` moved: an in-place optimizer step); :meth:`clear` drops them all
+    (``RolloutEngine.update_weights``: an update through ``.data`` keeps ``_version``). Weights that track no
+    version (inference tensors) and layers whose parts differ in having a bias are not fused (None)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[int, str], tuple[tuple, torch.Tensor, torch.Tensor | None]] = {}
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+    def get(
+        self, li: int, part: str, mods: Sequence[nn.Linear]
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:  # ([sum of out, in], [sum of out] | None)
+        biases = [m.bias for m in mods]
+        if any(b is None for b in biases) and any(b is not None for b in biases):
+            return None
+        parts = [m.weight for m in mods] + [b for b in biases if b is not None]
+        try:
+            key = tuple((t.data_ptr(), t._version) for t in parts)
+        except RuntimeError:  # an inference tensor tracks no version: a copy of it could go stale unseen
+            return None
+        hit = self._cache.get((li, part))
+        if hit is not None and hit[0] == key:
+            return hit[1], hit[2]
+        with torch.inference_mode(False), torch.no_grad():  # a normal tensor: oneDNN caches its packed copy
+            weight = torch.cat([m.weight for m in mods])
+            bias = None if biases[0] is None else torch.cat(biases)
+        self._cache[(li, part)] = (key, weight, bias)
+        return weight, bias
+
+
 class LeanForward:
     """``(input_ids [n, q], starts [n], cache, want_hidden) -> (last_hidden [n, q, H], hidden_states | None)``.
 
     ``hidden_states`` follows HF's ``output_hidden_states``: the embeddings, the output of every layer but the
-    last, and the final normed output (``num_layers + 1`` tensors ``[n, q, H]``).
+    last, and the final normed output (``num_layers + 1`` tensors ``[n, q, H]``). ``fuse``: run q/k/v and gate/up
+    as one matmul each (:class:`FusedProjections`; default: on a CPU).
     """
 
-    def __init__(self, model: nn.Module, cpu_linear: bool = True) -> None:
+    def __init__(self, model: nn.Module, cpu_linear: bool = True, fuse: bool | None = None) -> None:
         why = lean_forward_unsupported(model)
         if why is not None:
             raise ValueError(f"LeanForward does not support this model: {why}")
@@ -71,25 +112,33 @@ class LeanForward:
         self.head_dim = int(getattr(mc, "head_dim", None) or mc.hidden_size // self.num_heads)
         self.scaling = float(getattr(self.layers[0].self_attn, "scaling", self.head_dim**-0.5))
         self.cpu_linear = cpu_linear
+        if fuse is None:
+            fuse = next(model.parameters()).device.type == "cpu"
+        self.fused = FusedProjections() if fuse else None
         self._rope_key: tuple | None = None
         self._cos: torch.Tensor | None = None  # [P, head_dim]
-        self._sin: torch.Tensor | None = None  # [P, head_dim]
+        self._sin: torch.Tensor | None = None  # [P, head_dim], sign-folded: -sin on the first half
 
     # ------------------------------------------------------------------------------------------ pieces
-    def _linear(self, x: torch.Tensor, mod: nn.Linear) -> torch.Tensor:  # x: [c, in] -> [c, out]
+    def _linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:  # x: [c, in] -> [c, out]
         if self.cpu_linear:
-            return small_linear(x, mod.weight, mod.bias)
-        return F.linear(x, mod.weight, mod.bias)
+            return small_linear(x, weight, bias)
+        return F.linear(x, weight, bias)
 
     @staticmethod
-    def _rms(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:  # x: [..., d]; HF's RMSNorm, op for op
-        dtype = x.dtype
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-        return norm.weight * h.to(dtype)
+    def _rms(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:  # x: [..., d]; HF's RMSNorm
+        if x.dtype != torch.float32:  # HF computes the norm in float32 whatever the model's dtype
+            h = x.to(torch.float32)
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+            return norm.weight * h.to(x.dtype)
+        # the same products in fewer, in-place ops: mean(x^2) is sum / d on the CPU as well
+        ms = (x * x).sum(-1, keepdim=True).div_(x.shape[-1]).add_(norm.variance_epsilon)
+        return (x * ms.rsqrt_()).mul_(norm.weight)
 
     def _rope_tables(self, length: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin ``[P >= length, head_dim]`` exactly as HF's rotary embedding computes them per position."""
+        """cos and sign-folded sin ``[P >= length, head_dim]`` from HF's rotary embedding's per-position products."""
         rotary = self.decoder.rotary_emb
         inv = rotary.inv_freq
         key = (inv.data_ptr(), inv._version, float(rotary.attention_scaling), dtype, device)
@@ -98,15 +147,17 @@ class LeanForward:
             pos = torch.arange(size, device=device, dtype=torch.float32)
             freqs = pos[:, None] * inv.to(device=device, dtype=torch.float32)[None, :]  # [P, D/2]
             emb = torch.cat((freqs, freqs), dim=-1)
+            sin = emb.sin() * rotary.attention_scaling
+            half = sin.shape[-1] // 2
             self._cos = (emb.cos() * rotary.attention_scaling).to(dtype)
-            self._sin = (emb.sin() * rotary.attention_scaling).to(dtype)
+            self._sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).to(dtype)
             self._rope_key = key
         return self._cos, self._sin
 
     @staticmethod
-    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        return (x * cos) + (torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin)
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # x: [n, q, heads, d]
+        """``x * cos + rotate_half(x) * sin`` (HF's RoPE) with the sign of ``rotate_half`` folded into ``sin``."""
+        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
     def _mask(self, starts: torch.Tensor, q: int, kv_len: int, dtype: torch.dtype) -> torch.Tensor | None:
         """Additive mask ``[n, 1, q * groups, kv]`` (0 where query position >= key position, else -inf); None when
@@ -120,24 +171,43 @@ class LeanForward:
         return mask.masked_fill_((kpos[None, None, :] > qpos[:, :, None])[:, None], -math.inf)
 
     # ------------------------------------------------------------------------------------------ forward
+    def _qkv(self, att: nn.Module, li: int, x: torch.Tensor, cos, sin, n: int, q: int):
+        """Rotated queries ``[n, q, heads, d]``, rotated keys and values ``[n, q, kv_heads, d]`` of one layer."""
+        hq, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
+        mods = (att.q_proj, att.k_proj, att.v_proj)
+        fused = None if self.fused is None else self.fused.get(li, "qkv", mods)
+        if fused is not None:
+            qkv = self._linear(x, *fused).view(n, q, hq + 2 * hk, d)
+            qs, ks, vs = qkv[:, :, :hq], qkv[:, :, hq : hq + hk], qkv[:, :, hq + hk :]
+        else:
+            qs, ks, vs = (self._linear(x, m.weight, m.bias).view(n, q, -1, d) for m in mods)
+        if hasattr(att, "q_norm"):  # qwen3: RMSNorm over the head dim before RoPE
+            return self._rotate(self._rms(qs, att.q_norm), cos, sin), self._rotate(self._rms(ks, att.k_norm), cos, sin), vs
+        if fused is not None:  # q and k side by side: one rotation
+            qk = self._rotate(qkv[:, :, : hq + hk], cos, sin)
+            return qk[:, :, :hq], qk[:, :, hq:], vs
+        return self._rotate(qs, cos, sin), self._rotate(ks, cos, sin), vs
+
     def _attention(self, layer: nn.Module, li: int, x, cos, sin, mask, cache: SlotKVCache, n: int, q: int):
         att = layer.self_attn
         hk, g, d = self.num_kv_heads, self.groups, self.head_dim
-        qs = self._linear(x, att.q_proj).view(n, q, hk, g, d)
-        ks = self._linear(x, att.k_proj).view(n, q, hk, d)
-        vs = self._linear(x, att.v_proj).view(n, q, hk, d)
-        if hasattr(att, "q_norm"):  # qwen3: RMSNorm over the head dim before RoPE
-            qs, ks = self._rms(qs, att.q_norm), self._rms(ks, att.k_norm)
-        qs = self._rotate(qs, cos[:, :, None, None], sin[:, :, None, None])
-        ks = self._rotate(ks, cos[:, :, None], sin[:, :, None])
+        qs, ks, vs = self._qkv(att, li, x, cos, sin, n, q)
         keys, values = cache.write_step(li, ks, vs)  # [n, hk, kv, d] each
-        qf = qs.permute(0, 2, 1, 3, 4).reshape(n, hk, q * g, d)  # folded GQA: [n, hk, q * g, d]
+        qf = qs.reshape(n, q, hk, g, d).permute(0, 2, 1, 3, 4).reshape(n, hk, q * g, d)  # folded GQA
         out = F.scaled_dot_product_attention(qf, keys, values, attn_mask=mask, scale=self.scaling)
         out = out.view(n, hk, q, g, d).permute(0, 2, 1, 3, 4).reshape(n * q, hk * g * d)  # [c, heads * d]
-        return self._linear(out, att.o_proj)
+        return self._linear(out, att.o_proj.weight, att.o_proj.bias)
 
-    def _mlp(self, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:  # x: [c, H]
-        return self._linear(F.silu(self._linear(x, mlp.gate_proj)) * self._linear(x, mlp.up_proj), mlp.down_proj)
+    def _mlp(self, li: int, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:  # x: [c, H]
+        fused = None if self.fused is None else self.fused.get(li, "gate_up", (mlp.gate_proj, mlp.up_proj))
+        if fused is not None:
+            gu = self._linear(x, *fused)  # [c, 2 * intermediate]
+            inter = gu.shape[-1] // 2
+            act = F.silu(gu[:, :inter]).mul_(gu[:, inter:])
+        else:
+            gate, up = mlp.gate_proj, mlp.up_proj
+            act = F.silu(self._linear(x, gate.weight, gate.bias)).mul_(self._linear(x, up.weight, up.bias))
+        return self._linear(act, mlp.down_proj.weight, mlp.down_proj.bias)
 
     def __call__(
         self,
@@ -151,13 +221,13 @@ class LeanForward:
         h = F.embedding(input_ids.reshape(-1), self.decoder.embed_tokens.weight)  # [c, H]
         cos_t, sin_t = self._rope_tables(kv_len, h.dtype, h.device)
         pos = starts[:, None] + torch.arange(q, device=starts.device)[None, :]  # [n, q]
-        cos, sin = cos_t[pos], sin_t[pos]  # [n, q, d]
+        cos, sin = cos_t[pos][:, :, None], sin_t[pos][:, :, None]  # [n, q, 1, d]
         mask = self._mask(starts, q, kv_len, h.dtype)
         cache.set_step(0, starts, q, kv_len)
         hidden = [h] if want_hidden else None
         for li, layer in enumerate(self.layers):
             h = h + self._attention(layer, li, self._rms(h, layer.input_layernorm), cos, sin, mask, cache, n, q)
-            h = h + self._mlp(layer.mlp, self._rms(h, layer.post_attention_layernorm))
+            h = h + self._mlp(li, layer.mlp, self._rms(h, layer.post_attention_layernorm))
             if hidden is not None and li < len(self.layers) - 1:
                 hidden.append(h)
         h = self._rms(h, self.decoder.norm).view(n, q, -1)

@@ -23,9 +23,12 @@ from torch.profiler import ProfilerActivity, profile
 logger = logging.getLogger(__name__)
 
 GROUPS: dict[str, tuple[str, ...]] = {
-    "matmul": ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "aten::mv"),
+    "matmul": ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "aten::mv", "mkldnn::_linear_pointwise"),
     "attention": ("scaled_dot_product", "aten::bmm", "aten::_softmax", "aten::where", "aten::all", "aten::baddbmm"),
-    "elementwise": ("aten::mul", "aten::add", "aten::pow", "aten::rsqrt", "aten::mean", "aten::silu", "aten::neg"),
+    "elementwise": (
+        "aten::mul", "aten::add", "aten::pow", "aten::rsqrt", "aten::mean", "aten::silu", "aten::neg", "aten::sum",
+        "aten::div", "aten::addcmul", "aten::roll",
+    ),
     "kv write / copy": ("aten::copy_", "index_put", "aten::index_copy", "aten::index", "aten::cat", "aten::clone"),
 }
 

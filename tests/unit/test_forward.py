@@ -25,9 +25,9 @@ def _model(model_type: str, dtype: torch.dtype) -> torch.nn.Module:
     return m
 
 
-def _lean_step(model, starts: list[int], q: int, seqs: list[list[int]], want_hidden: bool):
+def _lean_step(model, starts: list[int], q: int, seqs: list[list[int]], want_hidden: bool, fuse: bool = True):
     """Prefill every row's prefix (right-padded, one forward), then one forward of q tokens at ragged starts."""
-    lean = LeanForward(model)
+    lean = LeanForward(model, fuse=fuse)
     mc = model.config
     n = len(seqs)
     cache = SlotKVCache(mc.num_hidden_layers, n, max(starts) + q, lean.num_kv_heads, lean.head_dim, model.dtype, "cpu")
@@ -110,3 +110,44 @@ def test_small_linear_matches_f_linear_for_column_major_and_single_row_inputs():
         with torch.inference_mode():
             got = small_linear(x, w, b)
         torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+def test_unfused_projections_equal_hf_decoder(model_type):
+    """The path without concatenated q/k/v and gate/up weights (other devices, or ``fuse_projections=False``)."""
+    model = _model(model_type, torch.float64)
+    starts, q = [5, 2], 3
+    g = torch.Generator().manual_seed(7)
+    seqs = [torch.randint(0, VOCAB, (s + q,), generator=g).tolist() for s in starts]
+    with torch.inference_mode():
+        last, _ = _lean_step(model, starts, q, seqs, want_hidden=False, fuse=False)
+        for r, (s, st) in enumerate(zip(seqs, starts)):
+            ref = model.get_decoder()(input_ids=torch.tensor([s])).last_hidden_state[0, st:]
+            torch.testing.assert_close(last[r], ref, rtol=0, atol=1e-10)
+
+
+def test_fused_projections_follow_every_kind_of_weight_update():
+    """In place (an optimizer step bumps ``_version``) and a new tensor (``param.data = ...``), seen at once as
+    every update of the shared model is; a copy through ``.data`` (no version bump) once ``update_weights`` is
+    called: the fused copies never serve stale weights."""
+    model = _model("qwen2", torch.float64)  # q/k/v biases: fused as well
+    eng = RolloutEngine(model, config=EngineConfig(num_speculative_tokens=0))
+    assert eng._lean is not None and eng._lean.fused is not None
+    attn = model.model.layers[0].self_attn
+    sp = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)
+    ref_cfg = EngineConfig(num_speculative_tokens=0, lean_forward=False)
+    updates = (
+        (lambda: attn.k_proj.weight.mul_(1.5), False),
+        (lambda: setattr(attn.v_proj.weight, "data", attn.v_proj.weight.data * -1.0), False),
+        (lambda: attn.q_proj.bias.data.copy_(attn.q_proj.bias.data + 0.7), True),
+    )
+    for update, announced in updates:
+        eng.generate([[1, 2, 3]], sp)  # the fused copies of the current weights are built here
+        with torch.no_grad():
+            update()
+        if announced:
+            eng.update_weights()
+        got = eng.generate([[1, 2, 3]], sp)
+        want = RolloutEngine(model, config=ref_cfg).generate([[1, 2, 3]], sp)
+        assert got.completion_ids == want.completion_ids
+        torch.testing.assert_close(torch.tensor(got.logprobs[0]), torch.tensor(want.logprobs[0]), rtol=0, atol=1e-10)
