@@ -182,7 +182,8 @@ class LeanForward:
         else:
             qs, ks, vs = (self._linear(x, m.weight, m.bias).view(n, q, -1, d) for m in mods)
         if hasattr(att, "q_norm"):  # qwen3: RMSNorm over the head dim before RoPE
-            return self._rotate(self._rms(qs, att.q_norm), cos, sin), self._rotate(self._rms(ks, att.k_norm), cos, sin), vs
+            qs, ks = self._rms(qs, att.q_norm), self._rms(ks, att.k_norm)
+            return self._rotate(qs, cos, sin), self._rotate(ks, cos, sin), vs
         if fused is not None:  # q and k side by side: one rotation
             qk = self._rotate(qkv[:, :, : hq + hk], cos, sin)
             return qk[:, :, :hq], qk[:, :, hq:], vs
