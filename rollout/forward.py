@@ -15,7 +15,9 @@ module stack, the per-call mask and RoPE construction, and with attention kept o
 * on a CPU, fewer and cheaper ops per layer: each op that follows a matmul streaming megabytes of weights starts
   with cold caches (an RMSNorm costs ~70 us there against ~12 us warm), so q/k/v and gate/up run as one matmul
   each over concatenated weights (:class:`FusedProjections`: a copy, rebuilt when a weight changes), RMSNorm is
-  a sum and in-place ops, RoPE is one ``addcmul`` over q and k together with a sign-folded sine table.
+  a sum and in-place ops, RoPE is one ``addcmul`` over q and k together with a sign-folded sine table; with
+  ``glue`` (float32 CPU, default) RMSNorm, residual add + RMSNorm, RoPE and SiLU x up are one compiled loop each
+  (:mod:`.cpu_glue`).
 
 The HF decoder remains the reference: ``tests/unit/test_forward.py`` checks equality (1e-10 in float64, 1e-4
 in float32) for every supported family with ragged cache lengths. Bump :data:`FORWARD_VERSION` whenever this
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_glue
 from .cpu_linear import small_linear
 from .kv_cache import SlotKVCache
 
@@ -96,10 +99,13 @@ class LeanForward:
 
     ``hidden_states`` follows HF's ``output_hidden_states``: the embeddings, the output of every layer but the
     last, and the final normed output (``num_layers + 1`` tensors ``[n, q, H]``). ``fuse``: run q/k/v and gate/up
-    as one matmul each (:class:`FusedProjections`; default: on a CPU).
+    as one matmul each (:class:`FusedProjections`; default: on a CPU). ``glue``: the small ops as compiled loops
+    (:mod:`.cpu_glue`; default: for a float32 CPU model, when they build).
     """
 
-    def __init__(self, model: nn.Module, cpu_linear: bool = True, fuse: bool | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, cpu_linear: bool = True, fuse: bool | None = None, glue: bool | None = None
+    ) -> None:
         why = lean_forward_unsupported(model)
         if why is not None:
             raise ValueError(f"LeanForward does not support this model: {why}")
@@ -112,9 +118,13 @@ class LeanForward:
         self.head_dim = int(getattr(mc, "head_dim", None) or mc.hidden_size // self.num_heads)
         self.scaling = float(getattr(self.layers[0].self_attn, "scaling", self.head_dim**-0.5))
         self.cpu_linear = cpu_linear
+        p = next(model.parameters())
         if fuse is None:
-            fuse = next(model.parameters()).device.type == "cpu"
+            fuse = p.device.type == "cpu"
         self.fused = FusedProjections() if fuse else None
+        if glue is None:
+            glue = p.device.type == "cpu" and p.dtype == torch.float32
+        self.glue = cpu_glue.glue_kernels() if glue else None
         self._rope_key: tuple | None = None
         self._cos: torch.Tensor | None = None  # [P, head_dim]
         self._sin: torch.Tensor | None = None  # [P, head_dim], sign-folded: -sin on the first half
@@ -136,6 +146,19 @@ class LeanForward:
         # the same products in fewer, in-place ops: mean(x^2) is sum / d on the CPU as well
         ms = (x * x).sum(-1, keepdim=True).div_(x.shape[-1]).add_(norm.variance_epsilon)
         return (x * ms.rsqrt_()).mul_(norm.weight)
+
+    def _norm(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:  # x: [c, H]
+        if self.glue is not None and x.dtype == torch.float32:
+            return cpu_glue.rms_norm(self.glue, x, norm)
+        return self._rms(x, norm)
+
+    def _add_norm(
+        self, h: torch.Tensor, y: torch.Tensor, norm: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # h, y: [c, H] -> (h + y, RMSNorm(h + y))
+        if self.glue is not None and h.dtype == torch.float32:
+            return cpu_glue.add_rms_norm(self.glue, h, y, norm)
+        h = h + y
+        return h, self._rms(h, norm)
 
     def _rope_tables(self, length: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sign-folded sin ``[P >= length, head_dim]`` from HF's rotary embedding's per-position products."""
@@ -171,29 +194,39 @@ class LeanForward:
         return mask.masked_fill_((kpos[None, None, :] > qpos[:, :, None])[:, None], -math.inf)
 
     # ------------------------------------------------------------------------------------------ forward
-    def _qkv(self, att: nn.Module, li: int, x: torch.Tensor, cos, sin, n: int, q: int):
-        """Rotated queries ``[n, q, heads, d]``, rotated keys and values ``[n, q, kv_heads, d]`` of one layer."""
+    def _qkv(self, att: nn.Module, li: int, x: torch.Tensor, cos, sin, cache: SlotKVCache, n: int, q: int):
+        """Rotated queries ``[n, q, heads, d]``; the step's keys and values written into ``cache``, and the keys and
+        values to attend over returned, ``[n, kv_heads, kv_len, d]`` each."""
         hq, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
         mods = (att.q_proj, att.k_proj, att.v_proj)
         fused = None if self.fused is None else self.fused.get(li, "qkv", mods)
-        if fused is not None:
-            qkv = self._linear(x, *fused).view(n, q, hq + 2 * hk, d)
-            qs, ks, vs = qkv[:, :, :hq], qkv[:, :, hq : hq + hk], qkv[:, :, hq + hk :]
-        else:
+        if fused is None:
             qs, ks, vs = (self._linear(x, m.weight, m.bias).view(n, q, -1, d) for m in mods)
+        else:
+            qkv = self._linear(x, *fused).contiguous().view(n, q, hq + 2 * hk, d)  # ("mm" returns a transpose)
+            qs, ks, vs = qkv[:, :, :hq], qkv[:, :, hq : hq + hk], qkv[:, :, hq + hk :]
         if hasattr(att, "q_norm"):  # qwen3: RMSNorm over the head dim before RoPE
-            qs, ks = self._rms(qs, att.q_norm), self._rms(ks, att.k_norm)
-            return self._rotate(qs, cos, sin), self._rotate(ks, cos, sin), vs
-        if fused is not None:  # q and k side by side: one rotation
+            qs, ks = (
+                self._rotate(self._rms(qs, att.q_norm), cos, sin),
+                self._rotate(self._rms(ks, att.k_norm), cos, sin),
+            )
+        elif fused is not None and self.glue is not None and qkv.dtype == torch.float32:  # one loop, in place
+            rows = cache.write_targets(li)
+            cpu_glue.rope_write_kv_(
+                self.glue, qkv.view(n * q, -1, d), hq, hk, cos.view(n * q, d), sin.view(n * q, d), *rows
+            )
+            return qs, *cache.step_views(li)
+        elif fused is not None:  # q and k side by side: one rotation
             qk = self._rotate(qkv[:, :, : hq + hk], cos, sin)
-            return qk[:, :, :hq], qk[:, :, hq:], vs
-        return self._rotate(qs, cos, sin), self._rotate(ks, cos, sin), vs
+            qs, ks = qk[:, :, :hq], qk[:, :, hq:]
+        else:
+            qs, ks = self._rotate(qs, cos, sin), self._rotate(ks, cos, sin)
+        return qs, *cache.write_step(li, ks, vs)
 
     def _attention(self, layer: nn.Module, li: int, x, cos, sin, mask, cache: SlotKVCache, n: int, q: int):
         att = layer.self_attn
         hk, g, d = self.num_kv_heads, self.groups, self.head_dim
-        qs, ks, vs = self._qkv(att, li, x, cos, sin, n, q)
-        keys, values = cache.write_step(li, ks, vs)  # [n, hk, kv, d] each
+        qs, keys, values = self._qkv(att, li, x, cos, sin, cache, n, q)  # keys, values: [n, hk, kv, d]
         qf = qs.reshape(n, q, hk, g, d).permute(0, 2, 1, 3, 4).reshape(n, hk, q * g, d)  # folded GQA
         out = F.scaled_dot_product_attention(qf, keys, values, attn_mask=mask, scale=self.scaling)
         out = out.view(n, hk, q, g, d).permute(0, 2, 1, 3, 4).reshape(n * q, hk * g * d)  # [c, heads * d]
@@ -203,6 +236,8 @@ class LeanForward:
         fused = None if self.fused is None else self.fused.get(li, "gate_up", (mlp.gate_proj, mlp.up_proj))
         if fused is not None:
             gu = self._linear(x, *fused)  # [c, 2 * intermediate]
+            if self.glue is not None and gu.dtype == torch.float32:
+                return self._linear(cpu_glue.silu_mul(self.glue, gu), mlp.down_proj.weight, mlp.down_proj.bias)
             inter = gu.shape[-1] // 2
             act = F.silu(gu[:, :inter]).mul_(gu[:, inter:])
         else:
@@ -226,12 +261,16 @@ class LeanForward:
         mask = self._mask(starts, q, kv_len, h.dtype)
         cache.set_step(0, starts, q, kv_len)
         hidden = [h] if want_hidden else None
+        x = self._norm(h, self.layers[0].input_layernorm)  # the next block's normed input
         for li, layer in enumerate(self.layers):
-            h = h + self._attention(layer, li, self._rms(h, layer.input_layernorm), cos, sin, mask, cache, n, q)
-            h = h + self._mlp(li, layer.mlp, self._rms(h, layer.post_attention_layernorm))
-            if hidden is not None and li < len(self.layers) - 1:
+            y = self._attention(layer, li, x, cos, sin, mask, cache, n, q)
+            h, x = self._add_norm(h, y, layer.post_attention_layernorm)
+            last = li == len(self.layers) - 1
+            nxt = self.decoder.norm if last else self.layers[li + 1].input_layernorm
+            h, x = self._add_norm(h, self._mlp(li, layer.mlp, x), nxt)
+            if hidden is not None and not last:
                 hidden.append(h)
-        h = self._rms(h, self.decoder.norm).view(n, q, -1)
+        x = x.view(n, q, -1)  # the final norm's output
         if hidden is None:
-            return h, None
-        return h, tuple(t.view(n, q, -1) for t in hidden) + (h,)
+            return x, None
+        return x, tuple(t.view(n, q, -1) for t in hidden) + (x,)

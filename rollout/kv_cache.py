@@ -86,16 +86,28 @@ class SlotKVCache(Cache):
         """:meth:`update` for the lean forward after :meth:`set_step`: one ``index_copy_`` per buffer with flat
         indices computed once per step (instead of an advanced-index write per layer). Returns the keys/values
         to attend over, ``[n, kv_heads, kv_len, head_dim]`` each (views of the buffers)."""
+        k_flat, v_flat, idx = self.write_targets(layer_idx)
+        d = k_flat.shape[1]
+        k_flat.index_copy_(0, idx, key_states.reshape(-1, d))
+        v_flat.index_copy_(0, idx, value_states.reshape(-1, d))
+        return self.step_views(layer_idx)
+
+    def write_targets(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(keys [slots, head_dim], values [slots, head_dim], index [n * q * kv_heads])``: the layer's buffers
+        as rows, and the row each new (token, kv head) of this step goes to, ordered token-major as a projection
+        produces them (computed once per step, after :meth:`set_step`)."""
         k_buf, v_buf = self.keys[layer_idx], self.values[layer_idx]  # [rows, kv_heads, max_len, head_dim]
         hk, d = k_buf.shape[1], k_buf.shape[3]
         if self._flat_idx is None:
             heads = torch.arange(hk, device=k_buf.device)
             idx = (self._write_rows[:, :, None] * hk + heads) * self.max_len + self._write_pos[:, :, None]
             self._flat_idx = idx.reshape(-1)  # [n * q * hk] ordered like key_states
-        k_buf.view(-1, d).index_copy_(0, self._flat_idx, key_states.reshape(-1, d))
-        v_buf.view(-1, d).index_copy_(0, self._flat_idx, value_states.reshape(-1, d))
+        return k_buf.view(-1, d), v_buf.view(-1, d), self._flat_idx
+
+    def step_views(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys/values this step attends over, ``[n, kv_heads, kv_len, head_dim]`` each (views)."""
         r0, r1 = self._row0, self._row0 + self._nrows
-        return k_buf[r0:r1, :, : self._kv_len], v_buf[r0:r1, :, : self._kv_len]
+        return self.keys[layer_idx, r0:r1, :, : self._kv_len], self.values[layer_idx, r0:r1, :, : self._kv_len]
 
     def set_uniform_step(self, row0: int, nrows: int, start: int, q_len: int) -> None:
         """Fast path when all rows write at the same positions (e.g. prefill of a right-padded batch)."""

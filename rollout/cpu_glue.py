@@ -1,0 +1,103 @@
+"""The small per-layer ops of a CPU decode step (RMSNorm, residual add + RMSNorm, RoPE, SiLU x up) as C++ loops.
+
+Why: after a matmul has streamed megabytes of weights through the caches, every PyTorch op starts cold; on the
+Xeon host an RMSNorm made of seven ATen ops costs ~70 us there against ~16 us for one plain loop, and a lean forward
+of SmolLM2-135M spent ~16 ms per step (a third of the weight stream at one row) outside its matmuls
+(``docs/results/verification_cost.md``, section 7). The loops (``csrc/decode_glue.cpp``) are compiled once per
+machine with the system compiler through :func:`torch.utils.cpp_extension.load` (~30 s, cached under
+``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``; the module name carries a hash of the source
+and of the PyTorch version). Without a working compiler the forward keeps its PyTorch ops (a warning, once).
+
+float32 CPU tensors only; the wrappers make inputs contiguous. Same math as the PyTorch ops, summation order aside
+(the RMSNorm sum is accumulated in double): the forward stays within the 1e-4 float32 contract of
+``tests/unit/test_forward.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "decode_glue.cpp"
+_state: dict[str, ModuleType | None | bool] = {"tried": False, "module": None}
+
+
+def glue_kernels() -> ModuleType | None:
+    """The compiled module (built on first call, then cached on disk), or None when it cannot be built."""
+    if not _state["tried"]:
+        _state["tried"] = True
+        _state["module"] = _build()
+    module = _state["module"]
+    return module if isinstance(module, ModuleType) else None
+
+
+def _build() -> ModuleType | None:
+    try:
+        source = SOURCE.read_bytes()
+    except OSError as exc:
+        logger.warning("decode glue source missing (%s): the lean forward uses PyTorch ops", exc)
+        return None
+    digest = hashlib.sha256(source + torch.__version__.encode()).hexdigest()[:12]
+    name = f"atlas_rl_decode_glue_{digest}"
+    t0 = time.perf_counter()
+    logger.info("loading the CPU decode glue kernels %s (compiled once per machine, ~30 s the first time)", name)
+    try:
+        from torch.utils.cpp_extension import load
+
+        module = load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3"], verbose=False)
+    except Exception as exc:  # no compiler or headers, a failed build: the PyTorch ops compute the same thing
+        logger.warning("CPU decode glue kernels unavailable (%s): the lean forward uses PyTorch ops", exc)
+        return None
+    logger.info("CPU decode glue kernels ready in %.1f s", time.perf_counter() - t0)
+    return module
+
+
+def rms_norm(glue: ModuleType, x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:  # x: [..., d] float32
+    return glue.rms_norm(x.contiguous(), norm.weight.detach().contiguous(), float(norm.variance_epsilon))
+
+
+def add_rms_norm(
+    glue: ModuleType,
+    h: torch.Tensor,  # [c, d] the residual stream
+    y: torch.Tensor,  # [c, d] what a block adds to it
+    norm: torch.nn.Module,
+) -> tuple[torch.Tensor, torch.Tensor]:  # (h + y, RMSNorm(h + y)), each [c, d]
+    w = norm.weight.detach().contiguous()
+    return glue.add_rms_norm(h.contiguous(), y.contiguous(), w, float(norm.variance_epsilon))
+
+
+def rope_(
+    glue: ModuleType,
+    x: torch.Tensor,  # [c, all_heads, d] contiguous, rotated in place on its first `heads` heads
+    heads: int,
+    cos: torch.Tensor,  # [c, d]
+    sin: torch.Tensor,  # [c, d] sign-folded (-sin on the first half)
+) -> None:
+    glue.rope_(x, heads, cos.contiguous(), sin.contiguous())
+
+
+def rope_write_kv_(
+    glue: ModuleType,
+    x: torch.Tensor,  # [c, hq + 2 * hk, d] contiguous q | k | v heads; q and k rotated in place
+    hq: int,
+    hk: int,
+    cos: torch.Tensor,  # [c, d]
+    sin: torch.Tensor,  # [c, d] sign-folded
+    k_rows: torch.Tensor,  # [slots, d] a layer's key cache as rows (a contiguous view)
+    v_rows: torch.Tensor,  # [slots, d]
+    index: torch.Tensor,  # [c * hk] long: the row of each (token, kv head)
+) -> None:
+    if not (k_rows.is_contiguous() and v_rows.is_contiguous() and index.dtype == torch.long):
+        raise ValueError("rope_write_kv_ needs contiguous cache rows and a long index")
+    glue.rope_write_kv_(x, hq, hk, cos.contiguous(), sin.contiguous(), k_rows, v_rows, index.contiguous())
+
+
+def silu_mul(glue: ModuleType, gu: torch.Tensor) -> torch.Tensor:  # gu: [c, 2m] gate | up -> [c, m]
+    return glue.silu_mul(gu.contiguous())
