@@ -163,16 +163,9 @@ class RolloutEngine:
         self._macs_of: tuple[int, int] | None = None  # (id of the model, its MACs per token): _target_macs
         self._capture_hooks: list[CaptureHook] = []
         self._cache: SlotKVCache | None = None
-        self._uninstall_linear = install_cpu_linear(model) if self.config.cpu_linear_kernel else (lambda: None)
         self._verification_cost: VerificationCost | None = None
         self._lean: LeanForward | None = None
-        if self.config.lean_forward:
-            why = lean_forward_unsupported(model)
-            if why is None:
-                fuse = self.config.fuse_projections and next(model.parameters()).device.type == "cpu"
-                self._lean = LeanForward(model, cpu_linear=self.config.cpu_linear_kernel, fuse=fuse)
-            else:
-                logger.info("lean forward off for this model (%s): using the Hugging Face decoder", why)
+        self._uninstall_linear = self._install_forward_path(model)
 
         mc = model.config
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
@@ -197,6 +190,23 @@ class RolloutEngine:
         params = inspect.signature(model.get_decoder().forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.controller: Controller = controller or self._default_controller()
+
+    def _install_forward_path(self, model: torch.nn.Module) -> Callable[[], None]:
+        """The CPU kernel plan on the target's and the draft heads' linears, and the lean forward where the model
+        supports it; returns the target's ``uninstall``."""
+        uninstall = install_cpu_linear(model) if self.config.cpu_linear_kernel else (lambda: None)
+        if self.config.cpu_linear_kernel:  # draft heads too: their LM head streams 2x faster by oneDNN at 4 rows
+            for s in self.speculators.values():
+                if isinstance(getattr(s, "head", None), torch.nn.Module):
+                    install_cpu_linear(s.head, tune=False)
+        if self.config.lean_forward:
+            why = lean_forward_unsupported(model)
+            if why is None:
+                fuse = self.config.fuse_projections and next(model.parameters()).device.type == "cpu"
+                self._lean = LeanForward(model, cpu_linear=self.config.cpu_linear_kernel, fuse=fuse)
+            else:
+                logger.info("lean forward off for this model (%s): using the Hugging Face decoder", why)
+        return uninstall
 
     # ------------------------------------------------------------------------------------------ public
     @property

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from atlas_rl.rollout.cpu_linear import install_cpu_linear
 from atlas_rl.speculators.draft_head import DraftHead, head_cost_macs
 from atlas_rl.types import Draft, ProposeInput, SamplingParams
 from atlas_rl.verification.processing import processed_probs, sample_inverse_cdf
@@ -67,9 +66,6 @@ class DraftHeadSpeculator:
         if head._embed is None or not head.lm_head_ready:
             raise ValueError("bind the draft head to its target first: head.bind_target(model, init_lm_head=...)")
         self.head = head
-        # its matmuls by the kernel measured fastest on this machine, as the target's (float32 CPU, no autograd:
-        # the adaptive head's training forwards keep F.linear); at 4 rows the draft LM head alone goes 10 -> 5 ms
-        install_cpu_linear(head, tune=False)
         self.name = name
         self.hidden_layers: tuple[int, ...] = tuple(head.config.fuse_layers)
         self._gen = torch.Generator().manual_seed(seed)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from engine_helpers import teacher_forced_logprobs
 
 from atlas_rl import SamplingParams
@@ -313,3 +314,16 @@ def test_large_heads_are_sharded_with_an_index_and_load_back_bit_exact(model, tm
     (d / shards[0]).unlink()
     with pytest.raises(FileNotFoundError, match=shards[0]):
         DraftHead.from_pretrained(d)
+
+
+def test_the_engine_puts_a_float32_draft_head_on_the_tuned_kernels_and_training_keeps_autograd():
+    model = tiny_llama(vocab_size=V, seed=0)
+    head = _head(model, dtype=torch.float32)
+    RolloutEngine(model, speculators=[DraftHeadSpeculator(head)], controller=FixedController(2))
+    assert getattr(head.lm_head, "_atlas_cpu_linear", False)  # routed through small_linear
+    h = torch.randn(3, model.config.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(head.logits(h), F.linear(head.norm(h), head.lm_head.weight), rtol=1e-5, atol=1e-5)
+    loss = head.fuse_features(torch.randn(2, len(head.config.fuse_layers) * model.config.hidden_size)).sum()
+    loss.backward()  # the training path (grad enabled) stays on F.linear
+    assert head.fc.weight.grad is not None
