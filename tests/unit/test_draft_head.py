@@ -12,9 +12,11 @@ import torch.nn.functional as F
 from engine_helpers import teacher_forced_logprobs
 
 from atlas_rl import SamplingParams
+from atlas_rl.config import EngineConfig
 from atlas_rl.controller import FixedController
 from atlas_rl.models import tiny_llama
 from atlas_rl.rollout import RolloutEngine
+from atlas_rl.rollout.cpu_linear import bf16_matmul_available
 from atlas_rl.speculators.draft_head import DraftHead, DraftHeadConfig
 from atlas_rl.speculators.head_speculator import DraftHeadSpeculator
 from atlas_rl.types import ProposeInput
@@ -316,14 +318,38 @@ def test_large_heads_are_sharded_with_an_index_and_load_back_bit_exact(model, tm
         DraftHead.from_pretrained(d)
 
 
-def test_the_engine_puts_a_float32_draft_head_on_the_tuned_kernels_and_training_keeps_autograd():
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_engine_puts_a_float32_draft_head_on_the_tuned_kernels_and_training_keeps_autograd(bf16):
     model = tiny_llama(vocab_size=V, seed=0)
     head = _head(model, dtype=torch.float32)
-    RolloutEngine(model, speculators=[DraftHeadSpeculator(head)], controller=FixedController(2))
-    assert getattr(head.lm_head, "_atlas_cpu_linear", False)  # routed through small_linear
+    cfg = EngineConfig(draft_bf16=bf16)
+    RolloutEngine(model, speculators=[DraftHeadSpeculator(head)], controller=FixedController(2), config=cfg)
+    assert getattr(head.lm_head, "_atlas_cpu_linear", False)  # routed through small_linear / draft_linear
     h = torch.randn(3, model.config.hidden_size)
+    tol = 3e-2 if bf16 and bf16_matmul_available() else 1e-5  # bfloat16 keeps 8 bits of mantissa
     with torch.no_grad():
-        torch.testing.assert_close(head.logits(h), F.linear(head.norm(h), head.lm_head.weight), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(head.logits(h), F.linear(head.norm(h), head.lm_head.weight), rtol=tol, atol=tol)
     loss = head.fuse_features(torch.randn(2, len(head.config.fuse_layers) * model.config.hidden_size)).sum()
-    loss.backward()  # the training path (grad enabled) stays on F.linear
+    loss.backward()  # the training path (grad enabled) stays on F.linear, in float32
     assert head.fc.weight.grad is not None
+
+
+@pytest.mark.skipif(not bf16_matmul_available(), reason="no native bfloat16 matmul on this CPU")
+def test_bf16_drafting_stays_lossless():
+    """A float32 head drafting in bfloat16: the first two emitted positions of 3000 samples still match the target's
+    exact marginals (chi-square, alpha=0.001, fixed seeds), and the drafts were accepted at all."""
+    from test_engine import _chi2_pvalue, _exact_marginals
+
+    m = tiny_llama(vocab_size=16, seed=3)
+    cfg = DraftHeadConfig.from_target(m, draft_vocab_size=12, fuse_layers=(-1,), intermediate_size=32)
+    head = DraftHead(cfg, draft_to_target=torch.arange(12)).bind_target(m, init_lm_head=True)
+    exact = _exact_marginals(m, [1, 2, 3], 16, 2)
+    eng = RolloutEngine(m, speculators=[DraftHeadSpeculator(head)], controller=FixedController(2))
+    assert head.lm_head.forward.__func__.__name__ == "_draft_forward"
+    out = eng.generate(
+        [[1, 2, 3]], SamplingParams(temperature=1.0, max_new_tokens=3, seed=5, ignore_eos=True), num_generations=3000
+    )
+    comps = torch.tensor(out.completion_ids)
+    assert out.stats.num_accepted_tokens > 0
+    for pos in range(2):
+        assert _chi2_pvalue(torch.bincount(comps[:, pos], minlength=16), exact[pos]) > 1e-3
