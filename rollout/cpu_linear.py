@@ -31,10 +31,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernel_tune import MAX_PLAN_ROWS, KernelPlan, drop_onednn_copies, linear_weights, load_or_tune, run_kernel
+from .kernel_tune import (
+    MAX_PLAN_ROWS,
+    KernelPlan,
+    drop_onednn_copies,
+    linear_weights,
+    load_or_tune,
+    onednn_weight,
+    run_kernel,
+)
 
 _MARK = "_atlas_cpu_linear"
-_BF16 = "_atlas_onednn_bf16_weight"
 _bf16 = {"ok": None}
 _active = {"plan": KernelPlan.reference()}  # the process's plan: one machine, one best kernel per row count
 
@@ -91,22 +98,6 @@ def bf16_matmul_available() -> bool:
     return bool(_bf16["ok"])
 
 
-def _bf16_weight(weight: torch.Tensor) -> torch.Tensor | None:  # [out, in] float32 -> oneDNN bfloat16 copy
-    try:
-        version = weight._version
-    except RuntimeError:  # an inference tensor tracks no version: never cache a copy of it
-        return None
-    cached = getattr(weight, _BF16, None)
-    if cached is None or cached[0] != version:
-        try:
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16))
-        except (RuntimeError, AttributeError):
-            return None
-        cached = (version, packed)
-        setattr(weight, _BF16, cached)
-    return cached[1]
-
-
 def draft_linear(
     x: torch.Tensor,  # [..., in_features]
     weight: torch.Tensor,  # [out_features, in_features]
@@ -117,7 +108,7 @@ def draft_linear(
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu" or not 0 < rows <= MAX_PLAN_ROWS:
         return small_linear(x, weight, bias)
-    packed = _bf16_weight(weight) if bf16_matmul_available() else None
+    packed = onednn_weight(weight, torch.bfloat16) if bf16_matmul_available() else None
     if packed is None:
         return small_linear(x, weight, bias)
     x2 = x.reshape(rows, x.shape[-1]).to(torch.bfloat16)

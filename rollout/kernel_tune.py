@@ -62,23 +62,27 @@ _ONEDNN = torch.backends.mkldnn.is_available()
 _PACKED = "_atlas_onednn_weight"
 
 
-def onednn_weight(weight: torch.Tensor) -> torch.Tensor | None:  # [out, in] -> oneDNN blocked copy, or None
-    """``weight`` reordered into oneDNN's blocked layout for its linear kernel, once per version of ``weight``;
-    None when it cannot be (no oneDNN, an inference tensor)."""
+def onednn_weight(
+    weight: torch.Tensor, dtype: torch.dtype | None = None
+) -> torch.Tensor | None:  # [out, in] -> oneDNN blocked copy, or None
+    """``weight`` (cast to ``dtype`` first when given) reordered into oneDNN's blocked layout for its linear kernel,
+    once per version of ``weight`` and dtype; None when it cannot be (no oneDNN, an inference tensor)."""
     if not _ONEDNN:
         return None
     try:
         version = weight._version
     except RuntimeError:  # an inference tensor tracks no version: never cache a copy of it
         return None
-    cached = getattr(weight, _PACKED, None)
+    attr = _PACKED if dtype is None else f"{_PACKED}_{str(dtype).removeprefix('torch.')}"
+    cached = getattr(weight, attr, None)
     if cached is None or cached[0] != version:
         try:
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+            src = weight.detach() if dtype is None else weight.detach().to(dtype)
+            packed = torch.ops.mkldnn._reorder_linear_weight(src)
         except (RuntimeError, AttributeError):  # a build without the op
             return None
         cached = (version, packed)
-        setattr(weight, _PACKED, cached)
+        setattr(weight, attr, cached)
     return cached[1]
 
 
@@ -203,8 +207,8 @@ def tune(
 def drop_onednn_copies(weights: Sequence[torch.Tensor]) -> None:
     """Free the oneDNN copies cached on ``weights``."""
     for w in weights:
-        if hasattr(w, _PACKED):
-            delattr(w, _PACKED)
+        for attr in [a for a in vars(w) if a.startswith(_PACKED)]:  # the float32 copy and any other dtype's
+            delattr(w, attr)
 
 
 def _cpu_identity() -> str:
