@@ -26,7 +26,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # the sources whose changes change what a verification forward costs (part of the cost model's cache key)
-_COST_SOURCES = ("forward.py", "kv_cache.py", "cpu_linear.py", "kernel_tune.py", "cost_probe.py")
+_COST_SOURCES = (
+    "forward.py",
+    "kv_cache.py",
+    "cpu_linear.py",
+    "kernel_tune.py",
+    "cost_probe.py",
+    "cpu_glue.py",
+    "csrc/decode_glue.cpp",
+)
 
 
 def engine_code_version() -> str:

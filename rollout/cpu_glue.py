@@ -8,7 +8,8 @@ machine with the system compiler through :func:`torch.utils.cpp_extension.load` 
 ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``; the module name carries a hash of the source
 and of the PyTorch version). Without a working compiler the forward keeps its PyTorch ops (a warning, once).
 
-float32 CPU tensors only; the wrappers make inputs contiguous. Same math as the PyTorch ops, summation order aside
+float32 CPU tensors only; the loops make their inputs contiguous (no extra op from Python on the hot path).
+Same math as the PyTorch ops, summation order aside
 (the RMSNorm sum is accumulated in double): the forward stays within the 1e-4 float32 contract of
 ``tests/unit/test_forward.py``.
 """
@@ -60,7 +61,7 @@ def _build() -> ModuleType | None:
 
 
 def rms_norm(glue: ModuleType, x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:  # x: [..., d] float32
-    return glue.rms_norm(x.contiguous(), norm.weight.detach().contiguous(), float(norm.variance_epsilon))
+    return glue.rms_norm(x, norm.weight, norm.variance_epsilon)
 
 
 def add_rms_norm(
@@ -69,8 +70,7 @@ def add_rms_norm(
     y: torch.Tensor,  # [c, d] what a block adds to it
     norm: torch.nn.Module,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (h + y, RMSNorm(h + y)), each [c, d]
-    w = norm.weight.detach().contiguous()
-    return glue.add_rms_norm(h.contiguous(), y.contiguous(), w, float(norm.variance_epsilon))
+    return glue.add_rms_norm(h, y, norm.weight, norm.variance_epsilon)
 
 
 def rope_(
@@ -80,7 +80,7 @@ def rope_(
     cos: torch.Tensor,  # [c, d]
     sin: torch.Tensor,  # [c, d] sign-folded (-sin on the first half)
 ) -> None:
-    glue.rope_(x, heads, cos.contiguous(), sin.contiguous())
+    glue.rope_(x, heads, cos, sin)
 
 
 def rope_write_kv_(
@@ -94,10 +94,8 @@ def rope_write_kv_(
     v_rows: torch.Tensor,  # [slots, d]
     index: torch.Tensor,  # [c * hk] long: the row of each (token, kv head)
 ) -> None:
-    if not (k_rows.is_contiguous() and v_rows.is_contiguous() and index.dtype == torch.long):
-        raise ValueError("rope_write_kv_ needs contiguous cache rows and a long index")
-    glue.rope_write_kv_(x, hq, hk, cos.contiguous(), sin.contiguous(), k_rows, v_rows, index.contiguous())
+    glue.rope_write_kv_(x, hq, hk, cos, sin, k_rows, v_rows, index)
 
 
 def silu_mul(glue: ModuleType, gu: torch.Tensor) -> torch.Tensor:  # gu: [c, 2m] gate | up -> [c, m]
-    return glue.silu_mul(gu.contiguous())
+    return glue.silu_mul(gu)

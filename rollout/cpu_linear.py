@@ -37,7 +37,6 @@ from .kernel_tune import (
     drop_onednn_copies,
     linear_weights,
     load_or_tune,
-    onednn_weight,
     run_kernel,
 )
 
@@ -103,19 +102,10 @@ def draft_linear(
     weight: torch.Tensor,  # [out_features, in_features]
     bias: torch.Tensor | None,  # [out_features] or None
 ) -> torch.Tensor:  # [..., out_features] float32
-    """A draft head's matmul in bfloat16 (float32 result) where :func:`bf16_matmul_available`, for few rows of a
-    float32 CPU input without autograd; :func:`small_linear` otherwise."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu" or not 0 < rows <= MAX_PLAN_ROWS:
-        return small_linear(x, weight, bias)
-    packed = onednn_weight(weight, torch.bfloat16) if bf16_matmul_available() else None
-    if packed is None:
-        return small_linear(x, weight, bias)
-    x2 = x.reshape(rows, x.shape[-1]).to(torch.bfloat16)
-    out = torch.ops.mkldnn._linear_pointwise(x2, packed, None, "none", [], "").float()  # [rows, out_features]
-    if bias is not None:
-        out = out + bias
-    return out.reshape(*x.shape[:-1], weight.shape[0])
+    """A draft head's matmul in bfloat16 (float32 result, oneDNN kernel ``onednn_bf16``) where
+    :func:`bf16_matmul_available`, for few rows of a float32 CPU input without autograd; :func:`small_linear` by
+    the plan otherwise."""
+    return small_linear(x, weight, bias, "onednn_bf16" if bf16_matmul_available() else None)
 
 
 def _draft_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:  # x: [..., in_features]

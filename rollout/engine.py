@@ -202,7 +202,7 @@ class RolloutEngine:
         if self.config.lean_forward:
             why = lean_forward_unsupported(model)
             if why is None:
-                fuse = self.config.fuse_projections and next(model.parameters()).device.type == "cpu"
+                fuse = None if self.config.fuse_projections else False  # None: LeanForward's default (on a CPU)
                 self._lean = LeanForward(model, cpu_linear=self.config.cpu_linear_kernel, fuse=fuse)
             else:
                 logger.info("lean forward off for this model (%s): using the Hugging Face decoder", why)

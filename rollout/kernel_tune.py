@@ -101,6 +101,11 @@ def run_kernel(
     if name == "onednn":
         packed = onednn_weight(weight)
         return None if packed is None else torch.ops.mkldnn._linear_pointwise(x2, packed, None, "none", [], "")
+    if name == "onednn_bf16":  # draft heads only (cpu_linear.draft_linear), never tuned for the target
+        packed = onednn_weight(weight, torch.bfloat16)
+        if packed is None:
+            return None
+        return torch.ops.mkldnn._linear_pointwise(x2.to(torch.bfloat16), packed, None, "none", [], "").float()
     return F.linear(x2, weight)
 
 

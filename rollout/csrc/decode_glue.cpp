@@ -21,6 +21,8 @@ void rms_row(const float* x, const float* w, float* out, int64_t d, double eps) 
 
 // x: [c, d], w: [d] -> [c, d]
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+  x = x.contiguous();
+  w = w.contiguous();
   auto out = torch::empty_like(x);
   const int64_t d = x.size(-1), c = x.numel() / d;
   const float* xp = x.data_ptr<float>();
@@ -32,6 +34,9 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
 
 // h, y: [c, d], w: [d] -> (h + y, rms_norm(h + y))
 std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(torch::Tensor h, torch::Tensor y, torch::Tensor w, double eps) {
+  h = h.contiguous();
+  y = y.contiguous();
+  w = w.contiguous();
   auto sum = torch::empty_like(h);
   auto out = torch::empty_like(h);
   const int64_t d = h.size(-1), c = h.numel() / d;
@@ -48,6 +53,9 @@ std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(torch::Tensor h, torch::Te
 // In place on the first `heads` heads of x [c, all_heads, d]: x * cos + roll(x, d/2) * sin, cos/sin: [c, d]
 // (sin sign-folded: -sin on the first half, so this is HF's x * cos + rotate_half(x) * sin)
 void rope_(torch::Tensor x, int64_t heads, torch::Tensor cos, torch::Tensor sin) {
+  TORCH_CHECK(x.is_contiguous(), "rope_ rotates x in place: it must be contiguous");
+  cos = cos.contiguous();
+  sin = sin.contiguous();
   const int64_t c = x.size(0), all = x.size(1), d = x.size(2), half = d / 2;
   float* xp = x.data_ptr<float>();
   const float* cp = cos.data_ptr<float>();
@@ -70,6 +78,9 @@ void rope_(torch::Tensor x, int64_t heads, torch::Tensor cos, torch::Tensor sin)
 // token i, kv head j into rows idx[i * hk + j] of k_rows / v_rows [slots, d] (a layer's KV cache as rows)
 void rope_write_kv_(torch::Tensor x, int64_t hq, int64_t hk, torch::Tensor cos, torch::Tensor sin,
                     torch::Tensor k_rows, torch::Tensor v_rows, torch::Tensor idx) {
+  TORCH_CHECK(k_rows.is_contiguous() && v_rows.is_contiguous(), "the KV cache rows must be contiguous");
+  TORCH_CHECK(idx.scalar_type() == torch::kLong, "the row index must be int64");
+  idx = idx.contiguous();
   rope_(x, hq + hk, cos, sin);
   const int64_t c = x.size(0), all = x.size(1), d = x.size(2);
   const float* xp = x.data_ptr<float>();
@@ -91,6 +102,7 @@ void rope_write_kv_(torch::Tensor x, int64_t hq, int64_t hk, torch::Tensor cos, 
 
 // gu: [c, 2 * m] (gate | up) -> [c, m] silu(gate) * up
 torch::Tensor silu_mul(torch::Tensor gu) {
+  gu = gu.contiguous();
   const int64_t c = gu.size(0), m = gu.size(1) / 2;
   auto out = torch::empty({c, m}, gu.options());
   const float* gp = gu.data_ptr<float>();

@@ -25,6 +25,12 @@ def _model(model_type: str, dtype: torch.dtype) -> torch.nn.Module:
     return m
 
 
+def _seqs(starts: list[int], q: int, seed: int) -> list[list[int]]:
+    """One random token sequence per row: its cached prefix (``starts``) and ``q`` new tokens."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (s + q,), generator=g).tolist() for s in starts]
+
+
 def _lean_step(model, starts: list[int], q: int, seqs: list[list[int]], want_hidden: bool, fuse: bool = True):
     """Prefill every row's prefix (right-padded, one forward), then one forward of q tokens at ragged starts."""
     lean = LeanForward(model, fuse=fuse)
@@ -43,8 +49,7 @@ def _lean_step(model, starts: list[int], q: int, seqs: list[list[int]], want_hid
 def test_lean_forward_equals_hf_decoder_ragged_float64(model_type, q):
     model = _model(model_type, torch.float64)
     starts = [7, 3, 11]
-    g = torch.Generator().manual_seed(q)
-    seqs = [torch.randint(0, VOCAB, (s + q,), generator=g).tolist() for s in starts]
+    seqs = _seqs(starts, q, q)
     with torch.inference_mode():
         last, hidden = _lean_step(model, starts, q, seqs, want_hidden=True)
         for r, (s, st) in enumerate(zip(seqs, starts)):
@@ -61,8 +66,7 @@ def test_lean_forward_equals_hf_decoder_ragged_float64(model_type, q):
 def test_lean_forward_logits_match_hf_float32(model_type):
     model = _model(model_type, torch.float32)
     starts, q = [4, 9], 5
-    g = torch.Generator().manual_seed(3)
-    seqs = [torch.randint(0, VOCAB, (s + q,), generator=g).tolist() for s in starts]
+    seqs = _seqs(starts, q, 3)
     with torch.inference_mode():
         last, _ = _lean_step(model, starts, q, seqs, want_hidden=False)
         for r, (s, st) in enumerate(zip(seqs, starts)):
@@ -117,8 +121,7 @@ def test_unfused_projections_equal_hf_decoder(model_type):
     """The path without concatenated q/k/v and gate/up weights (other devices, or ``fuse_projections=False``)."""
     model = _model(model_type, torch.float64)
     starts, q = [5, 2], 3
-    g = torch.Generator().manual_seed(7)
-    seqs = [torch.randint(0, VOCAB, (s + q,), generator=g).tolist() for s in starts]
+    seqs = _seqs(starts, q, 7)
     with torch.inference_mode():
         last, _ = _lean_step(model, starts, q, seqs, want_hidden=False, fuse=False)
         for r, (s, st) in enumerate(zip(seqs, starts)):
