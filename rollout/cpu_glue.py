@@ -24,9 +24,13 @@ from types import ModuleType
 
 import torch
 
+from .kernel_tune import cpu_identity
+from .kv_cache import SlotKVCache
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "decode_glue.cpp"
+FLAG_SETS = (("-O3", "-march=native"), ("-O3",))
 _state: dict[str, ModuleType | None | bool] = {"tried": False, "module": None}
 
 
@@ -45,19 +49,23 @@ def _build() -> ModuleType | None:
     except OSError as exc:
         logger.warning("decode glue source missing (%s): the lean forward uses PyTorch ops", exc)
         return None
-    digest = hashlib.sha256(source + torch.__version__.encode()).hexdigest()[:12]
-    name = f"atlas_rl_decode_glue_{digest}"
-    t0 = time.perf_counter()
-    logger.info("loading the CPU decode glue kernels %s (compiled once per machine, ~30 s the first time)", name)
-    try:
-        from torch.utils.cpp_extension import load
+    errors = []
+    for flags in FLAG_SETS:  # this CPU's vector instructions first (the build is per machine), then portable
+        key = source + torch.__version__.encode() + " ".join(flags).encode() + cpu_identity().encode()
+        name = f"atlas_rl_decode_glue_{hashlib.sha256(key).hexdigest()[:12]}"
+        t0 = time.perf_counter()
+        logger.info("loading the CPU decode glue kernels %s (compiled once per machine, ~30 s the first time)", name)
+        try:
+            from torch.utils.cpp_extension import load
 
-        module = load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3"], verbose=False)
-    except Exception as exc:  # no compiler or headers, a failed build: the PyTorch ops compute the same thing
-        logger.warning("CPU decode glue kernels unavailable (%s): the lean forward uses PyTorch ops", exc)
-        return None
-    logger.info("CPU decode glue kernels ready in %.1f s", time.perf_counter() - t0)
-    return module
+            module = load(name=name, sources=[str(SOURCE)], extra_cflags=list(flags), verbose=False)
+        except Exception as exc:  # no compiler or headers, a failed build: the PyTorch ops compute the same thing
+            errors.append(f"{' '.join(flags)}: {exc}")
+            continue
+        logger.info("CPU decode glue kernels ready in %.1f s", time.perf_counter() - t0)
+        return module
+    logger.warning("CPU decode glue kernels unavailable (%s): the lean forward uses PyTorch ops", "; ".join(errors))
+    return None
 
 
 def rms_norm(glue: ModuleType, x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:  # x: [..., d] float32
@@ -95,6 +103,27 @@ def rope_write_kv_(
     index: torch.Tensor,  # [c * hk] long: the row of each (token, kv head)
 ) -> None:
     glue.rope_write_kv_(x, hq, hk, cos, sin, k_rows, v_rows, index)
+
+
+def rope_kv_attend(
+    glue: ModuleType,
+    x: torch.Tensor,  # [n * q, hq + 2 * hk, d] contiguous q | k | v heads; q and k rotated in place
+    hq: int,
+    hk: int,
+    cos: torch.Tensor,  # [n * q, d]
+    sin: torch.Tensor,  # [n * q, d] sign-folded
+    cache: SlotKVCache,
+    layer: int,
+    mask: torch.Tensor | None,  # [n, 1, q * hq / hk, kv_len] additive, or None
+    n: int,
+    q: int,
+    scale: float,
+) -> torch.Tensor:  # [n * q, hq * d]
+    """:func:`rope_write_kv_` into ``cache`` (after its ``set_step``), then attention over it (folded GQA)."""
+    row0, kv_len, index = cache.step_layout()
+    return glue.rope_kv_attend(
+        x, hq, hk, cos, sin, cache.keys, cache.values, layer, row0, kv_len, index, mask, n, q, scale
+    )
 
 
 def silu_mul(glue: ModuleType, gu: torch.Tensor) -> torch.Tensor:  # gu: [c, 2m] gate | up -> [c, m]

@@ -25,7 +25,7 @@ whatever it computes; the verifier is handed exactly that, so the output stays l
 from __future__ import annotations
 
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +72,7 @@ def small_linear(
     input without autograd; ``F.linear`` otherwise."""
     if not torch.is_grad_enabled() and x.dtype == torch.float32 and x.device.type == "cpu":
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        name = kernel or kernel_plan().kernel(rows)
+        name = kernel or kernel_plan().kernel(rows, weight.shape)
         if 0 < rows <= MAX_PLAN_ROWS and name != "linear":
             # row-major activation: MKL's kernel for a column-major right operand is 3-5x slower
             out = run_kernel(name, x.reshape(rows, x.shape[-1]).contiguous(), weight)  # [rows, out_features]
@@ -112,11 +112,16 @@ def _draft_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:  # x: [...
     return draft_linear(x, self.weight, self.bias)
 
 
-def install_cpu_linear(model: nn.Module, tune: bool = True, low_precision: bool = False) -> Callable[[], None]:
+def install_cpu_linear(
+    model: nn.Module,
+    tune: bool = True,
+    low_precision: bool = False,
+    weights: Sequence[torch.Tensor] | None = None,
+) -> Callable[[], None]:
     """Route the ``nn.Linear`` layers of a float32 CPU model through the small-batch kernel, with this machine's
-    kernel plan (:func:`~.kernel_tune.load_or_tune`; ``tune=False`` keeps the active plan); returns an
-    ``uninstall`` function. A no-op (returning a no-op) for other devices and dtypes. ``low_precision``: draft
-    heads only, :func:`draft_linear`."""
+    kernel plan (:func:`~.kernel_tune.load_or_tune` over ``weights``, by default the model's linear weights;
+    ``tune=False`` keeps the active plan); returns an ``uninstall`` function. A no-op (returning a no-op) for other
+    devices and dtypes. ``low_precision``: draft heads only, :func:`draft_linear`."""
     try:
         p = next(model.parameters())
     except StopIteration:
@@ -124,8 +129,8 @@ def install_cpu_linear(model: nn.Module, tune: bool = True, low_precision: bool 
     if p.device.type != "cpu" or p.dtype != torch.float32:
         return lambda: None
     if tune:
-        set_kernel_plan(load_or_tune(model))
-        if "onednn" not in kernel_plan().by_rows:
+        set_kernel_plan(load_or_tune(model, weights=weights))
+        if not kernel_plan().uses("onednn"):
             drop_onednn_copies(linear_weights(model))
     patched = []
     for mod in model.modules():

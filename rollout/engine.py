@@ -194,11 +194,6 @@ class RolloutEngine:
     def _install_forward_path(self, model: torch.nn.Module) -> Callable[[], None]:
         """The CPU kernel plan on the target's and the draft heads' linears, and the lean forward where the model
         supports it; returns the target's ``uninstall``."""
-        uninstall = install_cpu_linear(model) if self.config.cpu_linear_kernel else (lambda: None)
-        if self.config.cpu_linear_kernel:  # draft heads too (oneDNN: their LM head streams 2x faster at 4 rows)
-            for s in self.speculators.values():
-                if isinstance(getattr(s, "head", None), torch.nn.Module):
-                    install_cpu_linear(s.head, tune=False, low_precision=self.config.draft_bf16)
         if self.config.lean_forward:
             why = lean_forward_unsupported(model)
             if why is None:
@@ -206,6 +201,16 @@ class RolloutEngine:
                 self._lean = LeanForward(model, cpu_linear=self.config.cpu_linear_kernel, fuse=fuse)
             else:
                 logger.info("lean forward off for this model (%s): using the Hugging Face decoder", why)
+        if not self.config.cpu_linear_kernel:
+            return lambda: None
+        head = model.get_output_embeddings()
+        chain = None  # the kernels are tuned over the weights the forward multiplies by (fused ones included)
+        if self._lean is not None and isinstance(head, torch.nn.Linear):
+            chain = self._lean.weight_chain(head.weight)
+        uninstall = install_cpu_linear(model, weights=chain)
+        for s in self.speculators.values():  # draft heads too (oneDNN: their LM head streams 2x faster at 4 rows)
+            if isinstance(getattr(s, "head", None), torch.nn.Module):
+                install_cpu_linear(s.head, tune=False, low_precision=self.config.draft_bf16)
         return uninstall
 
     # ------------------------------------------------------------------------------------------ public

@@ -40,7 +40,7 @@ from .kv_cache import SlotKVCache
 
 logger = logging.getLogger(__name__)
 
-FORWARD_VERSION = 3
+FORWARD_VERSION = 4
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -129,6 +129,20 @@ class LeanForward:
         self._cos: torch.Tensor | None = None  # [P, head_dim]
         self._sin: torch.Tensor | None = None  # [P, head_dim], sign-folded: -sin on the first half
 
+    def weight_chain(self, lm_head: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The weights a forward multiplies by, in order (the fused copies where projections are fused), then
+        ``lm_head``: what the kernel plan is tuned over (:func:`~.kernel_tune.load_or_tune`)."""
+        chain = []
+        with torch.no_grad():
+            for li, layer in enumerate(self.layers):
+                att, mlp = layer.self_attn, layer.mlp
+                parts = (("qkv", (att.q_proj, att.k_proj, att.v_proj)), ("o", (att.o_proj,)))
+                parts += (("gate_up", (mlp.gate_proj, mlp.up_proj)), ("down", (mlp.down_proj,)))
+                for part, mods in parts:
+                    fused = self.fused.get(li, part, mods) if self.fused is not None and len(mods) > 1 else None
+                    chain.extend([fused[0]] if fused is not None else [m.weight for m in mods])
+        return chain + ([] if lm_head is None else [lm_head])
+
     # ------------------------------------------------------------------------------------------ pieces
     def _linear(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
@@ -194,12 +208,12 @@ class LeanForward:
         return mask.masked_fill_((kpos[None, None, :] > qpos[:, :, None])[:, None], -math.inf)
 
     # ------------------------------------------------------------------------------------------ forward
-    def _qkv(self, att: nn.Module, li: int, x: torch.Tensor, cos, sin, cache: SlotKVCache, n: int, q: int):
+    def _qkv(self, att: nn.Module, li: int, x: torch.Tensor, fused, cos, sin, cache: SlotKVCache, n: int, q: int):
         """Rotated queries ``[n, q, heads, d]``; the step's keys and values written into ``cache``, and the keys and
-        values to attend over returned, ``[n, kv_heads, kv_len, d]`` each."""
+        values to attend over returned, ``[n, kv_heads, kv_len, d]`` each. ``fused``: the q/k/v weights as one
+        (:class:`FusedProjections`) or None."""
         hq, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
         mods = (att.q_proj, att.k_proj, att.v_proj)
-        fused = None if self.fused is None else self.fused.get(li, "qkv", mods)
         if fused is None:
             qs, ks, vs = (self._linear(x, m.weight, m.bias).view(n, q, -1, d) for m in mods)
         else:
@@ -210,12 +224,6 @@ class LeanForward:
                 self._rotate(self._rms(qs, att.q_norm), cos, sin),
                 self._rotate(self._rms(ks, att.k_norm), cos, sin),
             )
-        elif fused is not None and self.glue is not None and qkv.dtype == torch.float32:  # one loop, in place
-            rows = cache.write_targets(li)
-            cpu_glue.rope_write_kv_(
-                self.glue, qkv.view(n * q, -1, d), hq, hk, cos.view(n * q, d), sin.view(n * q, d), *rows
-            )
-            return qs, *cache.step_views(li)
         elif fused is not None:  # q and k side by side: one rotation
             qk = self._rotate(qkv[:, :, : hq + hk], cos, sin)
             qs, ks = qk[:, :, :hq], qk[:, :, hq:]
@@ -226,7 +234,15 @@ class LeanForward:
     def _attention(self, layer: nn.Module, li: int, x, cos, sin, mask, cache: SlotKVCache, n: int, q: int):
         att = layer.self_attn
         hk, g, d = self.num_kv_heads, self.groups, self.head_dim
-        qs, keys, values = self._qkv(att, li, x, cos, sin, cache, n, q)  # keys, values: [n, hk, kv, d]
+        fused = None if self.fused is None else self.fused.get(li, "qkv", (att.q_proj, att.k_proj, att.v_proj))
+        if fused is not None and self.glue is not None and x.dtype == torch.float32 and not hasattr(att, "q_norm"):
+            qkv = self._linear(x, *fused).contiguous().view(n * q, -1, d)  # ("mm" returns a transpose)
+            c = n * q  # RoPE, the KV write and SDPA in one compiled call
+            out = cpu_glue.rope_kv_attend(
+                self.glue, qkv, self.num_heads, hk, cos.view(c, d), sin.view(c, d), cache, li, mask, n, q, self.scaling
+            )
+            return self._linear(out, att.o_proj.weight, att.o_proj.bias)
+        qs, keys, values = self._qkv(att, li, x, fused, cos, sin, cache, n, q)  # keys, values: [n, hk, kv, d]
         qf = qs.reshape(n, q, hk, g, d).permute(0, 2, 1, 3, 4).reshape(n, hk, q * g, d)  # folded GQA
         out = F.scaled_dot_product_attention(qf, keys, values, attn_mask=mask, scale=self.scaling)
         out = out.view(n, hk, q, g, d).permute(0, 2, 1, 3, 4).reshape(n * q, hk * g * d)  # [c, heads * d]

@@ -57,7 +57,7 @@ KERNELS = ("linear", "mm", "mm_pad", "onednn")
 MAX_PLAN_ROWS = 64  # above it F.linear (a GEMM of that size is compute-bound: no kernel streams better)
 GRID = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64)  # row counts timed; the others take the nearest below
 MIN_TUNE_BYTES = 16 << 20  # smaller models are not tuned (their weights stay in cache)
-PLAN_FORMAT = 1
+PLAN_FORMAT = 2
 _ONEDNN = torch.backends.mkldnn.is_available()
 _PACKED = "_atlas_onednn_weight"
 
@@ -109,54 +109,104 @@ def run_kernel(
     return F.linear(x2, weight)
 
 
+Shape = tuple[int, int]  # a weight's (out_features, in_features)
+
+
 @dataclass(frozen=True)
 class KernelPlan:
-    """The kernel for each number of activation rows 1 .. :data:`MAX_PLAN_ROWS` (``by_rows[r - 1]``)."""
+    """The kernel for each number of activation rows 1 .. :data:`MAX_PLAN_ROWS` (``by_rows[r - 1]``), and the same
+    per weight shape where a shape was tuned on its own (``by_shape``: ``((out, in), by_rows)`` pairs): a 49152-row
+    LM head streams best with another kernel than a 576 x 1536 projection at the same row count."""
 
     by_rows: tuple[str, ...]
+    by_shape: tuple[tuple[Shape, tuple[str, ...]], ...] = ()
 
     def __post_init__(self) -> None:
-        if len(self.by_rows) != MAX_PLAN_ROWS or set(self.by_rows) - set(KERNELS):
-            raise ValueError(f"a KernelPlan names one of {KERNELS} for each of 1..{MAX_PLAN_ROWS} rows")
+        for rows in [self.by_rows] + [r for _, r in self.by_shape]:
+            if len(rows) != MAX_PLAN_ROWS or set(rows) - set(KERNELS):
+                raise ValueError(f"a KernelPlan names one of {KERNELS} for each of 1..{MAX_PLAN_ROWS} rows")
+        object.__setattr__(self, "_shapes", {tuple(shape): rows for shape, rows in self.by_shape})
 
     @classmethod
     def reference(cls) -> KernelPlan:
         """``F.linear`` everywhere (the untuned default)."""
         return cls(("linear",) * MAX_PLAN_ROWS)
 
-    @classmethod
-    def from_timings(cls, timings: dict[int, dict[str, float]], margin: float = 0.10) -> KernelPlan:
-        """Per measured row count the fastest kernel, ``linear`` unless beaten by more than ``margin``; row counts
-        between measured ones take the choice of the nearest measured count below (above for none below)."""
+    @staticmethod
+    def choose(
+        timings: dict[int, dict[str, float]], margin: float = 0.03, reference: Sequence[str] | None = None
+    ) -> tuple[str, ...]:
+        """Per measured row count the fastest kernel unless it beats the reference kernel (``linear``, or
+        ``reference[r - 1]``) by at most ``margin``; row counts between measured ones take the choice of the
+        nearest measured count below (above for none below)."""
         measured = sorted(timings)
         if not measured:
-            return cls.reference()
+            return ("linear",) * MAX_PLAN_ROWS if reference is None else tuple(reference)
         best = {}
         for r in measured:
             t = timings[r]
+            ref = "linear" if reference is None else reference[r - 1]
             name = min(t, key=t.get)
-            best[r] = name if t[name] < (1.0 - margin) * t.get("linear", float("inf")) else "linear"
+            best[r] = name if t[name] < (1.0 - margin) * t.get(ref, float("inf")) else ref
         plan = []
         for r in range(1, MAX_PLAN_ROWS + 1):
             below = [m for m in measured if m <= r]
             plan.append(best[below[-1] if below else measured[0]])
-        return cls(tuple(plan))
+        return tuple(plan)
 
-    def kernel(self, rows: int) -> str:
-        return self.by_rows[rows - 1] if 0 < rows <= MAX_PLAN_ROWS else "linear"
+    @classmethod
+    def from_timings(cls, timings: dict[int, dict[str, float]], margin: float = 0.03) -> KernelPlan:
+        """One choice for every weight (:meth:`choose` over whole-chain timings ``{rows: {kernel: ms}}``)."""
+        return cls(cls.choose(timings, margin))
+
+    @classmethod
+    def from_shape_timings(
+        cls, timings: dict[int, dict[Shape, dict[str, float]]], margin: float = 0.03, shape_margin: float = 0.15
+    ) -> KernelPlan:
+        """From ``{rows: {shape: {kernel: ms}}}``: the choice over the whole chain (the sum of all shapes), and a
+        shape's own choice only where it beats that by more than ``shape_margin`` (one shape's time is a small
+        sum, noisier than the chain's; a kernel that returns a transposed product costs a copy later)."""
+        shapes = sorted({shape for per in timings.values() for shape in per})
+        totals = {}
+        for r, per in timings.items():
+            names = set.intersection(*(set(t) for t in per.values())) if per else set()
+            totals[r] = {k: sum(t[k] for t in per.values()) for k in names}
+        default = cls.choose(totals, margin)
+        by_shape = []
+        for shape in shapes:
+            own = cls.choose({r: per[shape] for r, per in timings.items() if shape in per}, shape_margin, default)
+            if own != default:
+                by_shape.append((shape, own))
+        return cls(default, tuple(by_shape))
+
+    def kernel(self, rows: int, shape: Sequence[int] | None = None) -> str:
+        if not 0 < rows <= MAX_PLAN_ROWS:
+            return "linear"
+        by_rows = self._shapes.get(shape, self.by_rows) if shape is not None else self.by_rows  # type: ignore[attr-defined]
+        return by_rows[rows - 1]
+
+    def uses(self, name: str) -> bool:
+        """Whether any row count of any shape runs kernel ``name``."""
+        return name in self.by_rows or any(name in rows for _, rows in self.by_shape)
 
     def digest(self) -> str:
-        return hashlib.sha256(",".join(self.by_rows).encode()).hexdigest()[:12]
+        text = ",".join(self.by_rows) + "|" + ";".join(f"{s}:{','.join(r)}" for s, r in self.by_shape)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
 
-    def summary(self) -> str:
-        """Runs of equal kernels: ``"1: linear, 4-8: mm, 12-64: onednn"``."""
+    @staticmethod
+    def _runs(by_rows: tuple[str, ...]) -> str:
         runs: list[tuple[int, int, str]] = []
-        for r, name in enumerate(self.by_rows, 1):
+        for r, name in enumerate(by_rows, 1):
             if runs and runs[-1][2] == name:
                 runs[-1] = (runs[-1][0], r, name)
             else:
                 runs.append((r, r, name))
         return ", ".join(f"{a}: {n}" if a == b else f"{a}-{b}: {n}" for a, b, n in runs)
+
+    def summary(self) -> str:
+        """Runs of equal kernels, ``"1: linear, 4-8: mm, 12-64: onednn"``, then each tuned shape's."""
+        parts = [self._runs(self.by_rows)] + [f"{o}x{i}: {self._runs(r)}" for (o, i), r in self.by_shape]
+        return "; ".join(parts)
 
 
 def linear_weights(model: nn.Module) -> list[torch.Tensor]:
@@ -173,19 +223,25 @@ def linear_weights(model: nn.Module) -> list[torch.Tensor]:
 @torch.inference_mode()
 def time_kernels(
     weights: Sequence[torch.Tensor], rows: int, repeats: int = 3, kernels: Sequence[str] = KERNELS
-) -> dict[str, float]:
-    """``{kernel: ms}``: the fastest of ``repeats`` interleaved passes over ``weights`` with ``rows`` rows."""
+) -> dict[Shape, dict[str, float]]:
+    """``{(out, in): {kernel: ms}}``: per weight shape, the time of its weights within the fastest of ``repeats``
+    interleaved passes over the whole chain ``weights`` with ``rows`` rows (each kernel streams the chain in
+    order, so every weight is read with the caches it meets in a forward)."""
     xs = {int(w.shape[1]): torch.randn(rows, int(w.shape[1]), dtype=w.dtype) for w in weights}  # [rows, in]
     names = [k for k in kernels if k != "mm_pad" or rows == 1]  # mm_pad is mm above one row
     if "onednn" in names and run_kernel("onednn", xs[int(weights[0].shape[1])], weights[0]) is None:
         names.remove("onednn")
-    best = {k: float("inf") for k in names}
+    shapes = [(int(w.shape[0]), int(w.shape[1])) for w in weights]
+    best = {s: {k: float("inf") for k in names} for s in shapes}
     for _ in range(repeats):
         for k in names:
-            t0 = time.perf_counter()
-            for w in weights:
-                run_kernel(k, xs[int(w.shape[1])], w)
-            best[k] = min(best[k], (time.perf_counter() - t0) * 1000)
+            spent = dict.fromkeys(shapes, 0.0)
+            for w, shape in zip(weights, shapes):
+                t0 = time.perf_counter()
+                run_kernel(k, xs[shape[1]], w)
+                spent[shape] += (time.perf_counter() - t0) * 1000
+            for shape, ms in spent.items():
+                best[shape][k] = min(best[shape][k], ms)
     return best
 
 
@@ -194,17 +250,19 @@ def tune(
     grid: Sequence[int] | None = None,
     repeats: int = 3,
     progress: Callable[[int], None] | None = None,
-) -> tuple[KernelPlan, dict[int, dict[str, float]]]:
-    """Time every kernel at every row count of ``grid`` (default :data:`GRID`) over ``model``'s weights; the plan
-    and the timings."""
-    weights = linear_weights(model)
+    weights: Sequence[torch.Tensor] | None = None,
+) -> tuple[KernelPlan, dict[int, dict[Shape, dict[str, float]]]]:
+    """Time every kernel at every row count of ``grid`` (default :data:`GRID`) over ``weights`` (default: the
+    model's ``nn.Linear`` weights; the engine passes the ones its forward multiplies by, in order); the plan (a
+    choice per weight shape) and the timings."""
+    weights = linear_weights(model) if weights is None else list(weights)
     timings = {}
     for r in GRID if grid is None else grid:
         timings[int(r)] = time_kernels(weights, int(r), repeats)
         if progress is not None:
             progress(int(r))
-    plan = KernelPlan.from_timings(timings)
-    if "onednn" not in plan.by_rows:
+    plan = KernelPlan.from_shape_timings(timings)
+    if not plan.uses("onednn"):
         drop_onednn_copies(weights)
     return plan, timings
 
@@ -216,7 +274,7 @@ def drop_onednn_copies(weights: Sequence[torch.Tensor]) -> None:
             delattr(w, attr)
 
 
-def _cpu_identity() -> str:
+def cpu_identity() -> str:
     """CPU model name and flags (Linux ``/proc/cpuinfo``; the platform string elsewhere)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -226,11 +284,11 @@ def _cpu_identity() -> str:
     return "\n".join(sorted(set(keep)))
 
 
-def plan_cache_key(model: nn.Module) -> str:
+def plan_cache_key(model: nn.Module, weights: Sequence[torch.Tensor] | None = None) -> str:
     """What the best kernel depends on: the kernels' code, CPU, PyTorch build, threads, the weight shapes."""
-    shapes = sorted(tuple(w.shape) for w in linear_weights(model))
+    shapes = [tuple(w.shape) for w in (linear_weights(model) if weights is None else weights)]
     code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]  # the kernels themselves
-    raw = json.dumps([PLAN_FORMAT, code, _cpu_identity(), torch.__version__, torch.get_num_threads(), shapes, GRID])
+    raw = json.dumps([PLAN_FORMAT, code, cpu_identity(), torch.__version__, torch.get_num_threads(), shapes, GRID])
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
@@ -240,32 +298,46 @@ def _cache_path(key: str) -> Path:
     return cache_dir() / "kernels" / f"kernel_plan_{key}.json"
 
 
-def load_or_tune(model: nn.Module, use_cache: bool = True) -> KernelPlan:
-    """The cached plan for this machine and model shapes, else :func:`tune` (and cache it); the reference plan for
-    small models, non-CPU or non-float32 models."""
-    weights = linear_weights(model)
+def load_or_tune(
+    model: nn.Module, use_cache: bool = True, weights: Sequence[torch.Tensor] | None = None
+) -> KernelPlan:
+    """The cached plan for this machine and weight shapes, else :func:`tune` (and cache it); the reference plan
+    for small models, non-CPU or non-float32 models. ``weights``: the chain a forward multiplies by (default: the
+    model's ``nn.Linear`` weights)."""
+    weights = linear_weights(model) if weights is None else list(weights)
     if not weights or weights[0].device.type != "cpu" or weights[0].dtype != torch.float32:
         return KernelPlan.reference()
     if sum(w.numel() * w.element_size() for w in weights) < MIN_TUNE_BYTES:
         return KernelPlan.reference()
-    path = _cache_path(plan_cache_key(model))
+    path = _cache_path(plan_cache_key(model, weights))
     if use_cache and path.is_file():
         try:
-            plan = KernelPlan(tuple(json.loads(path.read_text())["plan"]))
+            plan = _read_plan(path)
             logger.debug("matmul kernels: reusing %s (%s)", path, plan.summary())
             return plan
         except (OSError, ValueError, KeyError, TypeError) as e:
             logger.warning("matmul kernels: ignoring unreadable plan %s (%s); re-tuning", path, e)
     t0 = time.perf_counter()
-    plan, timings = tune(model)
+    plan, timings = tune(model, weights=weights)
     logger.info("matmul kernels tuned in %.1f s: %s", time.perf_counter() - t0, plan.summary())
     if use_cache:
         _write_plan(path, plan, timings)
     return plan
 
 
-def _write_plan(path: Path, plan: KernelPlan, timings: dict[int, dict[str, float]]) -> None:
-    doc = {"format": PLAN_FORMAT, "plan": list(plan.by_rows), "timings_ms": {str(k): v for k, v in timings.items()}}
+def _read_plan(path: Path) -> KernelPlan:
+    doc = json.loads(path.read_text())
+    by_shape = tuple((tuple(int(v) for v in k.split("x")), tuple(r)) for k, r in doc["by_shape"].items())
+    return KernelPlan(tuple(doc["plan"]), by_shape)  # type: ignore[arg-type]
+
+
+def _write_plan(path: Path, plan: KernelPlan, timings: dict[int, dict[Shape, dict[str, float]]]) -> None:
+    doc = {
+        "format": PLAN_FORMAT,
+        "plan": list(plan.by_rows),
+        "by_shape": {f"{o}x{i}": list(r) for (o, i), r in plan.by_shape},
+        "timings_ms": {str(k): {f"{o}x{i}": t for (o, i), t in v.items()} for k, v in timings.items()},
+    }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")

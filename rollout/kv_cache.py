@@ -104,6 +104,11 @@ class SlotKVCache(Cache):
             self._flat_idx = idx.reshape(-1)  # [n * q * hk] ordered like key_states
         return k_buf.view(-1, d), v_buf.view(-1, d), self._flat_idx
 
+    def step_layout(self) -> tuple[int, int, torch.Tensor]:
+        """``(row0, kv_len, index [n * q * kv_heads])`` of the step set by :meth:`set_step`: the first cache row,
+        the key positions to attend over, and :meth:`write_targets`' row index (for the compiled decode glue)."""
+        return self._row0, self._kv_len, self.write_targets(0)[2]
+
     def step_views(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys/values this step attends over, ``[n, kv_heads, kv_len, head_dim]`` each (views)."""
         r0, r1 = self._row0, self._row0 + self._nrows

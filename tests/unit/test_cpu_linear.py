@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from atlas_rl.models import tiny_llama
-from atlas_rl.rollout import kernel_tune
+from atlas_rl.rollout import cpu_linear, kernel_tune
 from atlas_rl.rollout.cpu_linear import (
     drop_packed_weights,
     install_cpu_linear,
@@ -122,6 +122,58 @@ def test_tuning_measures_the_models_weights_and_caches_the_plan(tmp_path, monkey
     files[0].write_text("{not json")
     kernel_tune.load_or_tune(model)
     assert calls == [1, 4, 1, 4]
+
+
+def test_a_shape_gets_its_own_kernel_only_where_it_gains_clearly(monkeypatch):
+    """The whole chain's choice is the default; a shape whose own timings beat it by more than the shape margin
+    (15%) keeps its own choice (a 49152-row LM head and a 576-row projection stream best with different kernels),
+    a small per-shape gain does not override it (noise); small_linear follows the per-shape choice."""
+    head, proj, down = (500, 48), (96, 48), (48, 96)
+    timings = {
+        1: {head: {"linear": 9.0, "onednn": 5.0}, proj: {"linear": 2.0, "onednn": 2.2}},
+        4: {head: {"linear": 5.0, "onednn": 10.0}, proj: {"linear": 10.0, "onednn": 5.0}},
+    }
+    timings[1][down] = {"linear": 2.0, "onednn": 2.1}
+    timings[4][down] = {"linear": 10.0, "onednn": 9.0}
+    plan = KernelPlan.from_shape_timings(timings)
+    assert [plan.kernel(r) for r in (1, 4)] == ["onednn", "onednn"]  # chain sums 13.0 vs 9.3 and 25.0 vs 24.0
+    assert [plan.kernel(r, head) for r in (1, 3, 4, 64)] == ["onednn", "onednn", "linear", "linear"]
+    assert [plan.kernel(r, proj) for r in (1, 4)] == ["onednn", "onednn"]  # 10% slower at 1 row: not overridden
+    assert [plan.kernel(r, down) for r in (1, 4)] == ["onednn", "onednn"]
+    assert plan.kernel(4, (7, 7)) == "onednn" and plan.kernel(MAX_PLAN_ROWS + 1, head) == "linear"
+    assert plan.by_shape == ((head, ("onednn",) * 3 + ("linear",) * (MAX_PLAN_ROWS - 3)),)
+    assert plan.uses("linear") and plan.digest() != KernelPlan(plan.by_rows).digest()
+    used = []
+    real = cpu_linear.run_kernel
+    monkeypatch.setattr(cpu_linear, "run_kernel", lambda name, *a: used.append(name) or real(name, *a))
+    set_kernel_plan(plan)
+    with torch.no_grad():
+        w_head, w_proj, x = torch.randn(*head), torch.randn(*proj), torch.randn(4, 48)
+        torch.testing.assert_close(small_linear(x, w_head, None), F.linear(x, w_head))  # linear: no run_kernel
+        torch.testing.assert_close(small_linear(x, w_proj, None), F.linear(x, w_proj))
+    assert used == ["onednn"]
+
+
+def test_engine_tunes_over_the_weights_its_forward_multiplies_by(tmp_path, monkeypatch):
+    """With fused projections the forward multiplies by the concatenated q/k/v and gate/up weights, in layer order,
+    then the LM head: those are the weights timed (and the shapes the plan can name)."""
+    from atlas_rl.rollout import RolloutEngine
+
+    monkeypatch.setattr(kernel_tune, "MIN_TUNE_BYTES", 0)
+    monkeypatch.setattr(kernel_tune, "GRID", (1, 4))
+    monkeypatch.setattr("atlas_rl.models.cache_dir", lambda: tmp_path)
+    seen = []
+    real = kernel_tune.time_kernels
+    monkeypatch.setattr(kernel_tune, "time_kernels", lambda w, *a, **k: seen.append(list(w)) or real(w, *a, **k))
+    model = tiny_llama(seed=0)
+    RolloutEngine(model)
+    mc, layer = model.config, model.model.layers[0]
+    hd = mc.hidden_size // mc.num_attention_heads
+    qkv = (hd * (mc.num_attention_heads + 2 * mc.num_key_value_heads), mc.hidden_size)
+    per_layer = [qkv, tuple(layer.self_attn.o_proj.weight.shape), (2 * mc.intermediate_size, mc.hidden_size)]
+    per_layer.append(tuple(layer.mlp.down_proj.weight.shape))
+    expected = per_layer * mc.num_hidden_layers + [tuple(model.lm_head.weight.shape)]
+    assert len(seen) == 2 and [tuple(w.shape) for w in seen[0]] == expected
 
 
 def test_small_and_non_float32_models_are_not_tuned(monkeypatch):
