@@ -1,4 +1,5 @@
-"""The small per-layer ops of a CPU decode step (RMSNorm, residual add + RMSNorm, RoPE, SiLU x up) as C++ loops.
+"""The small per-layer ops of a CPU decode step (RMSNorm, residual add + RMSNorm, RoPE + KV write + SDPA, SiLU x up)
+in C++.
 
 Why: after a matmul has streamed megabytes of weights through the caches, every PyTorch op starts cold; on the
 Xeon host an RMSNorm made of seven ATen ops costs ~70 us there against ~16 us for one plain loop, and a lean forward
@@ -6,7 +7,8 @@ of SmolLM2-135M spent ~16 ms per step (a third of the weight stream at one row) 
 (``docs/results/verification_cost.md``, section 7). The loops (``csrc/decode_glue.cpp``) are compiled once per
 machine with the system compiler through :func:`torch.utils.cpp_extension.load` (~30 s, cached under
 ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``; the module name carries a hash of the source
-and of the PyTorch version). Without a working compiler the forward keeps its PyTorch ops (a warning, once).
+and of the PyTorch version, the flags and the CPU; built with ``-march=native`` first, portable flags if that fails).
+Without a working compiler the forward keeps its PyTorch ops (a warning, once).
 
 float32 CPU tensors only; the loops make their inputs contiguous (no extra op from Python on the hot path).
 Same math as the PyTorch ops, summation order aside

@@ -37,6 +37,7 @@ from .kernel_tune import (
     drop_onednn_copies,
     linear_weights,
     load_or_tune,
+    onednn_weight,
     run_kernel,
 )
 
@@ -60,6 +61,18 @@ def set_kernel_plan(plan: KernelPlan) -> None:
 def drop_packed_weights(model: nn.Module) -> None:
     """Free the oneDNN weight copies cached on ``model``'s parameters."""
     drop_onednn_copies(list(model.parameters()))
+
+
+def prepack_weights(weights: Sequence[torch.Tensor]) -> None:
+    """Make now the oneDNN copies of the ``weights`` (``[out, in]`` each) that the active plan runs through oneDNN
+    at some row count, instead of inside the first forward that needs them: a reorder of the LM head alone costs
+    about a forward, and in the first forward it would distort the verification cost calibration."""
+    plan = kernel_plan()
+    for w in weights:
+        if w.device.type != "cpu" or w.dtype != torch.float32:
+            continue
+        if any(plan.kernel(r, w.shape) == "onednn" for r in range(1, MAX_PLAN_ROWS + 1)):
+            onednn_weight(w)
 
 
 def small_linear(

@@ -16,8 +16,8 @@ module stack, the per-call mask and RoPE construction, and with attention kept o
   with cold caches (an RMSNorm costs ~70 us there against ~12 us warm), so q/k/v and gate/up run as one matmul
   each over concatenated weights (:class:`FusedProjections`: a copy, rebuilt when a weight changes), RMSNorm is
   a sum and in-place ops, RoPE is one ``addcmul`` over q and k together with a sign-folded sine table; with
-  ``glue`` (float32 CPU, default) RMSNorm, residual add + RMSNorm, RoPE and SiLU x up are one compiled loop each
-  (:mod:`.cpu_glue`).
+  ``glue`` (float32 CPU, default) RMSNorm, residual add + RMSNorm and SiLU x up are one compiled loop each, and RoPE,
+  the KV-cache write and SDPA one compiled call (:mod:`.cpu_glue`).
 
 The HF decoder remains the reference: ``tests/unit/test_forward.py`` checks equality (1e-10 in float64, 1e-4
 in float32) for every supported family with ragged cache lengths. Bump :data:`FORWARD_VERSION` whenever this

@@ -176,6 +176,22 @@ def test_engine_tunes_over_the_weights_its_forward_multiplies_by(tmp_path, monke
     assert len(seen) == 2 and [tuple(w.shape) for w in seen[0]] == expected
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this PyTorch build")
+def test_engine_prepares_the_onednn_copies_at_start_not_in_its_first_forward(monkeypatch):
+    """Copies for every weight the plan runs through oneDNN exist once the engine is built (a reorder inside the
+    first forward made the verification cost calibration look disturbed); none where the plan never uses it."""
+    from atlas_rl.rollout import RolloutEngine
+
+    plan = KernelPlan(("linear",) * MAX_PLAN_ROWS, (((64, 128), ("onednn",) * MAX_PLAN_ROWS),))
+    monkeypatch.setattr(kernel_tune, "load_or_tune", lambda *a, **k: plan)
+    monkeypatch.setattr(cpu_linear, "load_or_tune", lambda *a, **k: plan)
+    model = tiny_llama(seed=0)
+    eng = RolloutEngine(model)
+    chain = eng._lean.weight_chain(model.lm_head.weight)
+    packed = {tuple(w.shape): hasattr(w, "_atlas_onednn_weight") for w in chain}
+    assert packed[(64, 128)] is True and not any(v for k, v in packed.items() if k != (64, 128))
+
+
 def test_small_and_non_float32_models_are_not_tuned(monkeypatch):
     monkeypatch.setattr(kernel_tune, "tune", lambda *a, **k: pytest.fail("tuned a model that fits in cache"))
     assert kernel_tune.load_or_tune(tiny_llama(seed=0)) == KernelPlan.reference()
