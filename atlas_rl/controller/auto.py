@@ -269,6 +269,10 @@ class AutoController(Controller):
         self._recent_s = 0.0  # decayed wall time of recent steps
         # decayed drafting time whose drafts went unused, per regime (speculator, greedy, row bucket)
         self._wasted_s: dict[tuple[str, bool, int], float] = {}
+        # a seeded call's own waste account and recent time, priced by the cost models as they stood at its start
+        # (its measured timings wait for finish()): the exploration budget binds within the call, deterministically
+        self._call_wasted_s: dict[tuple[str, bool, int], float] = {}
+        self._call_recent_s = 0.0
         self._draft_cost_prior: dict[str, float] = {}  # speculator -> share of a one-token forward per draft token
         self._decay = 0.5 ** (1.0 / c.half_life_steps)
         self._call_calibration: dict[str, np.ndarray] = {}  # speculator -> [CALIBRATION_BINS, 3]
@@ -438,8 +442,9 @@ class AutoController(Controller):
 
     def _over_budget(self, name: str, greedy: bool, n: int) -> bool:
         """Whether ``name``'s account in the regime of ``n`` rows exceeds the exploration budget of recent time."""
-        account = self._wasted_s.get((name, greedy, _row_bucket(n)), 0.0)
-        return account > self.config.exploration_budget * self._recent_s
+        key = (name, greedy, _row_bucket(n))
+        account = self._wasted_s.get(key, 0.0) + self._call_wasted_s.get(key, 0.0)
+        return account > self.config.exploration_budget * (self._recent_s + self._call_recent_s)
 
     def _candidate_arrays(
         self, candidates: list[dict[str, Draft]], names: list[str], greedy: bool
@@ -523,6 +528,8 @@ class AutoController(Controller):
         self._timings.append((record, used, self._last_update_s))
         if not self._reproducible:
             self._apply_timings()
+        else:
+            self._account_predicted(record, used)
         greedy = self._greedy
         self.acceptance.decay(greedy)
         outcomes: dict[tuple[str, bool], Outcomes] = {}
@@ -574,6 +581,26 @@ class AutoController(Controller):
                     unused_s += p.seconds
             self._charge_realised(record, used, update_s, unused_s)
 
+    def _account_predicted(self, record: StepRecord, used: set[str]) -> None:
+        """A seeded call's step in its own waste account, priced by the cost models (not by its clock): the step
+        as the verification cost prices it plus the predicted drafting of every speculator asked, and that
+        drafting as waste where its drafts went unused. A fresh engine's seeded call (a benchmark) would otherwise
+        draft with a costly head at every step, unused, until the call ends."""
+        n = record.num_rows
+        if n <= 0:
+            return
+        step_s = self._step_cost(n)  # [K+1]
+        for key in list(self._call_wasted_s):
+            self._call_wasted_s[key] *= self._decay
+        spent = float(step_s[min(max(record.query_len, 1), len(step_s)) - 1])
+        for name in record.proposals:
+            draft_s = self._draft_s(name, n, self._asked.get(name, self.num_speculative_tokens), step_s)
+            spent += draft_s
+            if name not in used:
+                key = (name, self._greedy, _row_bucket(n))
+                self._call_wasted_s[key] = self._call_wasted_s.get(key, 0.0) + draft_s
+        self._call_recent_s = self._decay * self._call_recent_s + spent
+
     def _charge_realised(self, record: StepRecord, used: set[str], update_s: float, unused_s: float) -> None:
         """What a step that verified drafts realised against plain decoding of the same tokens (a plain step of
         its rows as the cost model prices it): a loss is charged to its speculators' waste in the regime, a gain
@@ -594,6 +621,7 @@ class AutoController(Controller):
         hand its predicted-vs-realised acceptance to ``stats``; drafts still pending are censored."""
         if self._timings:
             self._apply_timings()
+        self._call_wasted_s, self._call_recent_s = {}, 0.0  # the measured timings replace the call's estimates
         self._rng = np.random.default_rng(self.config.seed)  # every call plans from the same random stream
         for name, cal in self._call_calibration.items():
             stats.speculator(name).merge(SpeculatorStats(calibration=cal.tolist()))
