@@ -224,9 +224,9 @@ def linear_weights(model: nn.Module) -> list[torch.Tensor]:
 def time_kernels(
     weights: Sequence[torch.Tensor], rows: int, repeats: int = 3, kernels: Sequence[str] = KERNELS
 ) -> dict[Shape, dict[str, float]]:
-    """``{(out, in): {kernel: ms}}``: per weight shape, the time of its weights within the fastest of ``repeats``
-    interleaved passes over the whole chain ``weights`` with ``rows`` rows (each kernel streams the chain in
-    order, so every weight is read with the caches it meets in a forward)."""
+    """``{(out, in): {kernel: ms}}``: per weight shape and kernel, the least time its weights took in any of
+    ``repeats`` interleaved passes over the whole chain ``weights`` with ``rows`` rows (each kernel streams the
+    chain in order, so every weight is read with the caches it meets in a forward)."""
     xs = {int(w.shape[1]): torch.randn(rows, int(w.shape[1]), dtype=w.dtype) for w in weights}  # [rows, in]
     names = [k for k in kernels if k != "mm_pad" or rows == 1]  # mm_pad is mm above one row
     if "onednn" in names and run_kernel("onednn", xs[int(weights[0].shape[1])], weights[0]) is None:
