@@ -93,20 +93,6 @@ def rope_(
     glue.rope_(x, heads, cos, sin)
 
 
-def rope_write_kv_(
-    glue: ModuleType,
-    x: torch.Tensor,  # [c, hq + 2 * hk, d] contiguous q | k | v heads; q and k rotated in place
-    hq: int,
-    hk: int,
-    cos: torch.Tensor,  # [c, d]
-    sin: torch.Tensor,  # [c, d] sign-folded
-    k_rows: torch.Tensor,  # [slots, d] a layer's key cache as rows (a contiguous view)
-    v_rows: torch.Tensor,  # [slots, d]
-    index: torch.Tensor,  # [c * hk] long: the row of each (token, kv head)
-) -> None:
-    glue.rope_write_kv_(x, hq, hk, cos, sin, k_rows, v_rows, index)
-
-
 def rope_kv_attend(
     glue: ModuleType,
     x: torch.Tensor,  # [n * q, hq + 2 * hk, d] contiguous q | k | v heads; q and k rotated in place
@@ -121,7 +107,8 @@ def rope_kv_attend(
     q: int,
     scale: float,
 ) -> torch.Tensor:  # [n * q, hq * d]
-    """:func:`rope_write_kv_` into ``cache`` (after its ``set_step``), then attention over it (folded GQA)."""
+    """RoPE on q and k in place, k and v written into ``cache`` (after its ``set_step``), then attention over it
+    (folded GQA): one call into ``csrc/decode_glue.cpp``."""
     row0, kv_len, index = cache.step_layout()
     return glue.rope_kv_attend(
         x, hq, hk, cos, sin, cache.keys, cache.values, layer, row0, kv_len, index, mask, n, q, scale

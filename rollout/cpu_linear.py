@@ -132,8 +132,9 @@ def install_cpu_linear(
     weights: Sequence[torch.Tensor] | None = None,
 ) -> Callable[[], None]:
     """Route the ``nn.Linear`` layers of a float32 CPU model through the small-batch kernel, with this machine's
-    kernel plan (:func:`~.kernel_tune.load_or_tune` over ``weights``, by default the model's linear weights;
-    ``tune=False`` keeps the active plan); returns an ``uninstall`` function. A no-op (returning a no-op) for other
+    kernel plan (:func:`~.kernel_tune.load_or_tune` over ``weights``, by default the model's linear weights, whose
+    oneDNN copies it makes at once: :func:`prepack_weights`; ``tune=False`` keeps the active plan); returns an
+    ``uninstall`` function. A no-op (returning a no-op) for other
     devices and dtypes. ``low_precision``: draft heads only, :func:`draft_linear`."""
     try:
         p = next(model.parameters())
@@ -143,7 +144,9 @@ def install_cpu_linear(
         return lambda: None
     if tune:
         set_kernel_plan(load_or_tune(model, weights=weights))
-        if not kernel_plan().uses("onednn"):
+        if kernel_plan().uses("onednn"):  # made now, not inside the first forward that needs them
+            prepack_weights(linear_weights(model) if weights is None else weights)
+        else:
             drop_onednn_copies(linear_weights(model))
     patched = []
     for mod in model.modules():

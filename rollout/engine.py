@@ -62,9 +62,8 @@ from atlas_rl.verification import RejectionSampler, draw_uniforms
 from atlas_rl.verification.base import Verifier
 
 from .cost_probe import engine_code_version
-from .cpu_linear import drop_packed_weights, install_cpu_linear, kernel_plan, prepack_weights
+from .cpu_linear import drop_packed_weights, install_cpu_linear, kernel_plan
 from .forward import LeanForward, lean_forward_unsupported
-from .kernel_tune import linear_weights
 from .kv_cache import SlotKVCache
 from .step import (
     PackedStep,
@@ -209,7 +208,6 @@ class RolloutEngine:
         if self._lean is not None and isinstance(head, torch.nn.Linear):
             chain = self._lean.weight_chain(head.weight)
         uninstall = install_cpu_linear(model, weights=chain)
-        prepack_weights(chain if chain is not None else linear_weights(model))  # not inside the first forward
         for s in self.speculators.values():  # draft heads too (oneDNN: their LM head streams 2x faster at 4 rows)
             if isinstance(getattr(s, "head", None), torch.nn.Module):
                 install_cpu_linear(s.head, tune=False, low_precision=self.config.draft_bf16)

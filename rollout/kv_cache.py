@@ -97,17 +97,21 @@ class SlotKVCache(Cache):
         as rows, and the row each new (token, kv head) of this step goes to, ordered token-major as a projection
         produces them (computed once per step, after :meth:`set_step`)."""
         k_buf, v_buf = self.keys[layer_idx], self.values[layer_idx]  # [rows, kv_heads, max_len, head_dim]
-        hk, d = k_buf.shape[1], k_buf.shape[3]
+        d = k_buf.shape[3]
+        return k_buf.view(-1, d), v_buf.view(-1, d), self._step_index()
+
+    def _step_index(self) -> torch.Tensor:  # [n * q * kv_heads] long, computed once per step
         if self._flat_idx is None:
-            heads = torch.arange(hk, device=k_buf.device)
+            hk = self.keys.shape[2]
+            heads = torch.arange(hk, device=self.keys.device)
             idx = (self._write_rows[:, :, None] * hk + heads) * self.max_len + self._write_pos[:, :, None]
-            self._flat_idx = idx.reshape(-1)  # [n * q * hk] ordered like key_states
-        return k_buf.view(-1, d), v_buf.view(-1, d), self._flat_idx
+            self._flat_idx = idx.reshape(-1)  # ordered like key_states: token-major, then kv head
+        return self._flat_idx
 
     def step_layout(self) -> tuple[int, int, torch.Tensor]:
         """``(row0, kv_len, index [n * q * kv_heads])`` of the step set by :meth:`set_step`: the first cache row,
         the key positions to attend over, and :meth:`write_targets`' row index (for the compiled decode glue)."""
-        return self._row0, self._kv_len, self.write_targets(0)[2]
+        return self._row0, self._kv_len, self._step_index()
 
     def step_views(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys/values this step attends over, ``[n, kv_heads, kv_len, head_dim]`` each (views)."""

@@ -273,6 +273,7 @@ class AutoController(Controller):
         # (its measured timings wait for finish()): the exploration budget binds within the call, deterministically
         self._call_wasted_s: dict[tuple[str, bool, int], float] = {}
         self._call_recent_s = 0.0
+        self._plan_step_s: tuple[int, np.ndarray] = (0, np.zeros(0))  # (rows, [K+1] seconds) priced by plan()
         self._draft_cost_prior: dict[str, float] = {}  # speculator -> share of a one-token forward per draft token
         self._decay = 0.5 ** (1.0 / c.half_life_steps)
         self._call_calibration: dict[str, np.ndarray] = {}  # speculator -> [CALIBRATION_BINS, 3]
@@ -339,6 +340,7 @@ class AutoController(Controller):
         self._greedy = state.greedy
         self._reproducible = state.reproducible
         step_s = self._step_cost(n)  # [K+1]
+        self._plan_step_s = (n, step_s)  # the step's prices, for a seeded call's own account in update()
         base_rate = n / step_s[0]
         self._asked = {}
         # even perfect drafts (every token accepted) cannot pay: do not even ask
@@ -589,7 +591,9 @@ class AutoController(Controller):
         n = record.num_rows
         if n <= 0:
             return
-        step_s = self._step_cost(n)  # [K+1]
+        planned_n, step_s = self._plan_step_s  # [K+1] as plan() priced this step (unchanged within a seeded call)
+        if planned_n != n:
+            step_s = self._step_cost(n)
         for key in list(self._call_wasted_s):
             self._call_wasted_s[key] *= self._decay
         spent = float(step_s[min(max(record.query_len, 1), len(step_s)) - 1])
