@@ -795,11 +795,10 @@ class RolloutEngine:
             if r.finish is not None:
                 ctx.group_left[r.group_id] -= 1
         stop_finished_groups(self.speculators, ctx.group_left)
-        survivors = [rows[i] for i in keep]
-        if survivors:
-            keep_t = torch.tensor(keep, dtype=torch.long, device=ctx.device)
-            ctx.cache.compact(keep_t, max(r.cache_len for r in survivors))
-        return survivors
+        if not keep:
+            return []
+        order = ctx.cache.compact(keep, max(rows[i].cache_len for i in keep))
+        return [rows[i] for i in order]
 
     def _capture_step(
         self,

@@ -152,15 +152,20 @@ class SlotKVCache(Cache):
         self.keys[:, dst, :, :length] = self.keys[:, src, :, :length]
         self.values[:, dst, :, :length] = self.values[:, src, :, :length]
 
-    def compact(self, keep: torch.Tensor, length: int) -> None:
-        """Move the rows ``keep`` ([m] long, ascending) to slots ``0 .. m-1`` (first ``length`` positions)."""
-        m = int(keep.shape[0])
-        if m == 0:
-            return
-        if torch.equal(keep, torch.arange(m, device=keep.device)):
-            return
-        self.keys[:, :m, :, :length] = self.keys[:, keep, :, :length]
-        self.values[:, :m, :, :length] = self.values[:, keep, :, :length]
+    def compact(self, keep: list[int], length: int) -> list[int]:
+        """Drop every slot not in ``keep`` (ascending indices of the live slots) and return the new order: slot
+        ``i`` now holds what slot ``order[i]`` held (first ``length`` positions). The live slots stay where they
+        are; each hole among the first ``len(keep)`` slots takes the last live slot behind them, so a step where
+        rows finish copies only as many rows as there are holes (not every survivor: the cache of a 16-row batch
+        at 250 positions is ~180 MB)."""
+        order = fill_holes(keep)
+        moves = [(i, j) for i, j in enumerate(order) if i != j]
+        if moves:
+            dev = self.keys.device
+            dst = torch.tensor([i for i, _ in moves], dtype=torch.long, device=dev)  # [h]
+            src = torch.tensor([j for _, j in moves], dtype=torch.long, device=dev)  # [h]
+            self.copy_rows(dst, src, length)
+        return order
 
     # --- parts of the HF Cache interface a model may query -------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -182,3 +187,14 @@ class SlotKVCache(Cache):
 
     def __repr__(self) -> str:
         return f"SlotKVCache(layers={self.num_layers}, rows={self.max_rows}, max_len={self.max_len})"
+
+
+def fill_holes(keep: list[int]) -> list[int]:
+    """``keep`` (ascending live slot indices) -> ``order``: the live slots packed into ``0 .. len(keep)-1`` with
+    the fewest moves (the holes, in order, filled by the live slots behind the packed range, in order)."""
+    m = len(keep)
+    order = [j for j in keep if j < m]
+    movers = [j for j in keep if j >= m]
+    holes = sorted(set(range(m)) - set(order))
+    placed = dict(zip(holes, movers))
+    return [placed.get(i, i) for i in range(m)]

@@ -60,6 +60,10 @@ from atlas_rl.types import CALIBRATION_BINS, Draft, SpecStats, SpeculatorStats, 
 logger = logging.getLogger(__name__)
 
 
+# batches from which planning prices asking a speculator at n x the mean of its recent drafts (no random batches)
+_LARGE_BATCH = 16
+
+
 def _row_bucket(n: int) -> int:
     """The batch size rounded down to a power of two (the regime of the waste rate limit)."""
     return 1 << (max(1, n).bit_length() - 1)
@@ -367,7 +371,9 @@ class AutoController(Controller):
         # optimistic on purpose (it decides whether to *ask*): rows assumed alike, so the batch's expected tokens
         # are its effective tokens; choose() decides on the actual drafts, where the slowest row counts
         totals = self._sampled_totals(name, greedy, n)  # [M, K+1]
-        best_L, best_rate = 0, base_rate
+        # a large batch is a near-certain expectation (no selection to credit, no optimism): asking must beat plain
+        # decoding by the margin that choose() demands, or its drafting is spent for nothing
+        best_L, best_rate = 0, base_rate * (1.0 + self.config.margin if n >= _LARGE_BATCH else 1.0)
         for L in range(1, K + 1):
             rate = float((totals[:, : L + 1] / (step_s[: L + 1] + draft_s[L - 1])).max(1).mean())
             if rate > best_rate:
@@ -376,21 +382,24 @@ class AutoController(Controller):
 
     def _sampled_totals(self, name: str, greedy: bool, n: int) -> np.ndarray:
         """``[M, max_k+1]`` optimistic expected tokens of a batch of ``n`` rows asking ``name``, cut to q tokens,
-        over M random batches of its recent drafts (one line, ``n x`` the mean, at large batches)."""
+        over M random batches of its recent drafts (at large batches one line: ``n x`` the calibrated mean)."""
         est = self.acceptance.estimates(name, greedy)
+        large = n >= _LARGE_BATCH  # the calibrated mean: optimism explores at small batches, where a row is cheap
+        per_bin = est.mean if large else est.optimistic  # [K, B]
+        marginal = est.marginal if large else est.marginal_optimistic  # [K]
         res = self._reservoirs.get((name, greedy))
         if res is None or res.count == 0:
-            return n * expected_tokens(est.marginal_optimistic[None])
+            return n * expected_tokens(marginal[None])
         K = self.num_speculative_tokens
         bins = res.bins[: res.count]  # [R, K]
         j = np.arange(K)[None, :]
         acc = np.where(
             bins >= 0,
-            est.optimistic[j, np.maximum(bins, 0)],
-            np.where(j >= res.asked[: res.count, None], est.marginal_optimistic[None, :], 0.0),
+            per_bin[j, np.maximum(bins, 0)],
+            np.where(j >= res.asked[: res.count, None], marginal[None, :], 0.0),
         )  # [R, K]
         e = expected_tokens(acc)  # [R, K+1]
-        if n >= 16 or res.count < 2:
+        if large or res.count < 2:
             return n * e.mean(0, keepdims=True)
         idx = self._rng.integers(0, res.count, size=(self.config.plan_batches, n))
         return e[idx].sum(1)

@@ -188,3 +188,35 @@ def test_plan_asks_a_free_speculator_for_the_longest_draft():
     """Drafting that costs nothing is always asked for K tokens: asking is how its quality is learned."""
     ctl = controller(0.2, 0.2)
     assert dict(ctl.plan(state(4))[0]) == {"synth": K}
+
+
+def _plan_oracle(acc: np.ndarray, slope: float, rows: int, draft_s: list[float], margin: float) -> set[int]:
+    """``oracle_plan`` for per-position acceptance ``acc [K]`` and a margin over plain decoding."""
+    e = expected_tokens(acc)  # [K+1]
+    rates = np.zeros(K + 1)
+    rates[0] = rows / step_seconds(rows, 1, slope) * (1.0 + margin)
+    for L in range(1, K + 1):
+        rates[L] = max(rows * e[q] / (step_seconds(rows, q + 1, slope) + draft_s[L]) for q in range(L + 1))
+    return oracle_lengths(rates)
+
+
+def test_plan_at_a_large_batch_asks_where_the_calibrated_mean_beats_plain_by_the_margin():
+    """At 16 rows asking a costly speculator is priced at the calibrated mean (optimism credits exploration and the
+    selection among a few rows, neither of which a large batch has) and must beat plain decoding by ``margin``, as
+    ``choose`` demands: otherwise its drafts are made every step and left unverified (the 16-row tail, 0.90-0.96x
+    k=0). Some cells of the grid ask under the optimistic bound and must not."""
+    margin, rows, fixed = 0.05, 16, 5e-5
+    optimistic_only = 0
+    for alpha in ALPHAS:
+        for slope in SLOPES:
+            for per_token in (1e-5, 1e-4, 4e-4):
+                draft = LinearDraftCost(fixed, per_token)
+                config = AutoControllerConfig(num_speculative_tokens=K, prior_mean=alpha, margin=margin)
+                ctl = AutoController(config, cost=frozen_cost(slope), draft_cost=draft)
+                est = ctl.acceptance.estimates("synth", True)
+                draft_s = [0.0] + [draft.predict("synth", rows, L) for L in range(1, K + 1)]
+                asked = dict(ctl.plan(state(rows))[0]).get("synth", 0)
+                assert asked in _plan_oracle(est.marginal, slope, rows, draft_s, margin), (alpha, slope, per_token)
+                optimistic = _plan_oracle(est.marginal_optimistic, slope, rows, draft_s, 0.0)
+                optimistic_only += asked == 0 and 0 not in optimistic
+    assert optimistic_only >= 2
