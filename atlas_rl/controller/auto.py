@@ -265,6 +265,7 @@ class AutoController(Controller):
         self._rng = np.random.default_rng(c.seed)
         # per-step state between plan/choose and update
         self._asked: dict[str, int] = {}
+        self._cheap: set[str] = set()  # speculators asked this step because drafting is (predicted) negligible
         self._step_rows: list[int] = []
         self._soft: dict[int, tuple[str, list[int], list[float]]] = {}
         self._greedy = False
@@ -347,6 +348,7 @@ class AutoController(Controller):
         self._plan_step_s = (n, step_s)  # the step's prices, for a seeded call's own account in update()
         base_rate = n / step_s[0]
         self._asked = {}
+        self._cheap = set()
         # even perfect drafts (every token accepted) cannot pay: do not even ask
         perfect = n * np.arange(1, K + 2) / step_s
         if perfect[1:].max() > base_rate:
@@ -364,6 +366,7 @@ class AutoController(Controller):
         """Tokens to ask ``name`` for (0: do not ask)."""
         K = self.num_speculative_tokens
         if self._draft_s(name, n, K, step_s) <= self.config.cheap_fraction * step_s[0]:
+            self._cheap.add(name)
             return K
         if self._over_budget(name, greedy, n):
             return 0  # its recent drafts in this regime cost more than the exploration budget (unused or a loss): wait
@@ -495,7 +498,18 @@ class AutoController(Controller):
         )[ci]
         optimistic = np.stack([e.optimistic for e in est])[ci, pj, b]
         pessimistic = np.stack([e.pessimistic for e in est])[ci, pj, b]
-        low[ri, ci, pj] = np.where(soft, np.where(thin, optimistic, mean), pessimistic)
+        # a one-hot draft of a costly speculator never observed, on the generic prior alone, is evaluated (by the
+        # tokens the rows emit) but not verified: the prior is no evidence (a collapsed head's first drafts were
+        # verified); its drafting is charged as unused, so the plan re-asks it once the account allows
+        unseen = np.array(
+            [
+                s not in self._cheap
+                and not self.acceptance.has_prior(s)
+                and self.acceptance.observed_tokens(s, greedy) == 0
+                for s in names
+            ]
+        )[ci]
+        low[ri, ci, pj] = np.where(soft, np.where(thin, optimistic, mean), np.where(unseen, 0.0, pessimistic))
         bins[ri, ci, pj] = b
         lens[[i for i, _, _ in flat], [c for _, c, _ in flat]] = m
         return acc, low, bins, lens

@@ -475,3 +475,19 @@ def test_a_cheap_speculator_whose_verified_drafts_realise_a_loss_is_held_back_bu
     assert all("free" in a for a in res.asked), "always asked: its drafts keep being evaluated"
     assert sum(q > 0 for q in res.q[:5]) > 0 and per_token <= 1.15 * true(1, 1), f"{per_token / true(1, 1):.2f}x"
     assert ctl.acceptance.observed_tokens("free", True) > 50, "it kept learning while held back"
+
+
+def test_a_new_costly_speculators_greedy_drafts_are_evaluated_before_any_is_verified():
+    """The first greedy drafts of a costly speculator with no evidence and no prior of its own are evaluated by the
+    tokens the rows emit, not verified on the generic prior (50%): a weak one (5% per token) is never verified (it
+    was, at its first step: a collapsed adaptive head took 1 of ~10 verified drafts of a call), a good one (90%)
+    is verified from its first outcomes on."""
+    cost = cpu_like(0.15)
+    verified = {}
+    for alpha in (0.05, 0.9):
+        spec = SynthSpec("new", lambda s, a=alpha: a, draft_s=lambda rows, tokens: 0.002 * tokens)
+        ctl = AutoController(AutoControllerConfig(num_speculative_tokens=8), cost=table_cost(cost))
+        ctl.set_draft_cost_priors({"new": 0.02})  # costly: above cheap_fraction of a step
+        verified[alpha] = [q > 0 for q in simulate(ctl, [spec], 1, 60, cost, seed=2).q]
+    assert not any(verified[0.05])
+    assert not verified[0.9][0] and sum(verified[0.9]) >= 30

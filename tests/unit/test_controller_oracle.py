@@ -68,8 +68,8 @@ def oracle_plan(alpha: float, slope: float, rows: int, draft_s: list[float]) -> 
 
 
 def controller(alpha: float, slope: float, **kw: object) -> AutoController:
-    """An AutoController whose calibrated acceptance is exactly ``alpha`` everywhere (its prior, no evidence, no
-    optimism or caution), with no safety margin and no tail cut, over a frozen cost table."""
+    """An AutoController whose calibrated acceptance is exactly ``alpha`` everywhere (the speculator's own prior,
+    no evidence, no optimism or caution), with no safety margin and no tail cut, over a frozen cost table."""
     names = {f.name for f in dataclasses.fields(AutoControllerConfig)}
     longest = "num_speculative_tokens" if "num_speculative_tokens" in names else "max_k"  # renamed in issue 12
     config = AutoControllerConfig(
@@ -80,7 +80,9 @@ def controller(alpha: float, slope: float, **kw: object) -> AutoController:
         margin=0.0,
         tail_min_prob=0.0,
     )
-    return AutoController(config, cost=frozen_cost(slope), **kw)
+    ctl = AutoController(config, cost=frozen_cost(slope), **kw)
+    ctl.set_speculator_priors({"synth": alpha})  # known acceptance (a never-observed one is not verified)
+    return ctl
 
 
 def state(rows: int, name: str = "synth") -> PlanState:
