@@ -155,7 +155,7 @@ class SlotKVCache(Cache):
     def compact(self, keep: list[int], length: int) -> list[int]:
         """Drop every slot not in ``keep`` (ascending indices of the live slots) and return the new order: slot
         ``i`` now holds what slot ``order[i]`` held (first ``length`` positions). The live slots stay where they
-        are; each hole among the first ``len(keep)`` slots takes the last live slot behind them, so a step where
+        are; the holes among the first ``len(keep)`` slots take the live slots behind them, in order, so a step where
         rows finish copies only as many rows as there are holes (not every survivor: the cache of a 16-row batch
         at 250 positions is ~180 MB)."""
         order = fill_holes(keep)

@@ -8,9 +8,10 @@ Every decode step maximises *expected emitted tokens per second of wall time*:
   asked for the length ``L`` that maximises the expected rate *including its drafting cost*, or not at all when
   no length beats plain decoding. The expected rate is estimated from a reservoir of the speculator's recent
   drafts (their confidence bins per position) re-scored with the current, optimistic calibration, summed over
-  random batches of the current size: at small batches it credits the selection ``choose`` will make, at large
-  batches it is ``rows x`` the mean. Nothing is asked when even perfect drafts could not pay (large batches on a
-  compute-bound device).
+  random batches of the current size: at small batches it credits the selection ``choose`` will make; from 16 rows
+  it is ``rows x`` the calibrated *mean* (no selection to credit, a near-certain expectation) and must beat plain
+  decoding by ``margin``, as ``choose`` demands. Nothing is asked when even perfect drafts could not pay (large
+  batches on a compute-bound device).
 * **choose** (after drafting) turns each draft's confidences into calibrated per-token acceptance
   (:class:`.calibration.AcceptanceModel`; a cautious lower bound for drafts that are evaluated whether verified
   or not; for soft drafts under sampling, which only verification can evaluate, an optimistic one while the
@@ -29,14 +30,15 @@ Every decode step maximises *expected emitted tokens per second of wall time*:
 Cold start: a speculator never observed is assumed to accept ``prior_mean`` of its tokens (0.5) with a wide
 posterior, unless it states its own ``expected_acceptance`` (a draft head's held-out figure, worth
 ``informed_prior_strength`` observations); it is asked (cheap, or optimistic value) and verified where such an
-acceptance pays, so a good speculator is found within a few steps and a useless one is switched off as soon as
-its first outcomes arrive (at batch 64, after one step). Evidence decays with a half-life of ``half_life_steps``
-steps, so a switched-off speculator is eventually re-examined and a drifting one is followed; re-examining a
-costly speculator whose drafts went unused, or whose verified drafts realised a net loss against plain decoding
-of the same tokens (the safety net under every prediction: "never slower" by measurement), is rate-limited to
-``exploration_budget`` of the recent wall time, per
-*regime* (speculator, greedy or sampled, batch size rounded down to a power of two): drafts wasted at 16 sampled
-rows, where verification is compute-bound, say nothing about one greedy row, so they do not silence it there.
+acceptance pays — except the greedy drafts of a costly speculator on the generic prior alone, which are evaluated
+by the emitted tokens before any is verified — so a good speculator is found within a few steps and a useless one
+is switched off as soon as its first outcomes arrive (at batch 64, after one step). Evidence decays with a
+half-life of ``half_life_steps`` steps, so a switched-off speculator is eventually re-examined and a drifting one
+is followed; re-examining a costly speculator whose drafts went unused, or whose verified drafts realised a net
+loss against plain decoding of the same tokens (the safety net under every prediction: "never slower" by
+measurement), is rate-limited to ``exploration_budget`` of the recent wall time, per *regime* (speculator, greedy
+or sampled, batch size rounded down to a power of two): drafts wasted at 16 sampled rows, where verification is
+compute-bound, say nothing about one greedy row, so they do not silence it there.
 """
 
 from __future__ import annotations
@@ -371,8 +373,8 @@ class AutoController(Controller):
         if self._over_budget(name, greedy, n):
             return 0  # its recent drafts in this regime cost more than the exploration budget (unused or a loss): wait
         draft_s = np.array([self._draft_s(name, n, L, step_s) for L in range(1, K + 1)])  # [K]
-        # optimistic on purpose (it decides whether to *ask*): rows assumed alike, so the batch's expected tokens
-        # are its effective tokens; choose() decides on the actual drafts, where the slowest row counts
+        # optimistic on purpose below 16 rows (it decides whether to *ask*): rows assumed alike, so the batch's
+        # expected tokens are its effective tokens; choose() decides on the actual drafts, where the slowest row counts
         totals = self._sampled_totals(name, greedy, n)  # [M, K+1]
         # a large batch is a near-certain expectation (no selection to credit, no optimism): asking must beat plain
         # decoding by the margin that choose() demands, or its drafting is spent for nothing
