@@ -75,6 +75,15 @@ def prepack_weights(weights: Sequence[torch.Tensor]) -> None:
             onednn_weight(w)
 
 
+def prepack_draft_weights(model: nn.Module) -> None:
+    """Make now the bfloat16 oneDNN copies a draft head's matmuls use (:func:`draft_linear`), instead of inside its
+    first ``propose``: there they took 40-150 ms (12 ms is a whole 4-token draft at one row), charged to the head's
+    drafting cost, so the controller priced a fresh head 3-13x too dear and a test of its drafting share failed."""
+    for w in linear_weights(model):
+        if w.device.type == "cpu" and w.dtype == torch.float32:
+            onednn_weight(w, torch.bfloat16)
+
+
 def small_linear(
     x: torch.Tensor,  # [..., in_features]
     weight: torch.Tensor,  # [out_features, in_features]
@@ -148,6 +157,8 @@ def install_cpu_linear(
             prepack_weights(linear_weights(model) if weights is None else weights)
         else:
             drop_onednn_copies(linear_weights(model))
+    if low_precision and bf16_matmul_available():  # a draft head's bfloat16 copies, made now (see below)
+        prepack_draft_weights(model)
     patched = []
     for mod in model.modules():
         if type(mod) is nn.Linear and not getattr(mod, _MARK, False):

@@ -30,15 +30,15 @@ Every decode step maximises *expected emitted tokens per second of wall time*:
 Cold start: a speculator never observed is assumed to accept ``prior_mean`` of its tokens (0.5) with a wide
 posterior, unless it states its own ``expected_acceptance`` (a draft head's held-out figure, worth
 ``informed_prior_strength`` observations); it is asked (cheap, or optimistic value) and verified where such an
-acceptance pays — except the greedy drafts of a costly speculator on the generic prior alone, which are evaluated
-by the emitted tokens before any is verified — so a good speculator is found within a few steps and a useless one
-is switched off as soon as its first outcomes arrive (at batch 64, after one step). Evidence decays with a
-half-life of ``half_life_steps`` steps, so a switched-off speculator is eventually re-examined and a drifting one
-is followed; re-examining a costly speculator whose drafts went unused, or whose verified drafts realised a net
-loss against plain decoding of the same tokens (the safety net under every prediction: "never slower" by
-measurement), is rate-limited to ``exploration_budget`` of the recent wall time, per *regime* (speculator, greedy
-or sampled, batch size rounded down to a power of two): drafts wasted at 16 sampled rows, where verification is
-compute-bound, say nothing about one greedy row, so they do not silence it there.
+acceptance pays — except the greedy drafts of a costly speculator on the generic prior, which are evaluated by the
+emitted tokens until its evidence outweighs that prior — so a good speculator is found within a few steps and a
+useless one is switched off as soon as its first outcomes arrive (at batch 64, after one step). Evidence decays
+with a half-life of ``half_life_steps`` steps, so a switched-off speculator is eventually re-examined and a
+drifting one is followed; re-examining a costly speculator whose drafts went unused, or whose verified drafts
+realised a net loss against plain decoding of the same tokens (the safety net under every prediction: "never
+slower" by measurement), is rate-limited to ``exploration_budget`` of the recent wall time, per *regime*
+(speculator, greedy or sampled, batch size rounded down to a power of two): drafts wasted at 16 sampled rows, where
+verification is compute-bound, say nothing about one greedy row, so they do not silence it there.
 """
 
 from __future__ import annotations
@@ -500,14 +500,15 @@ class AutoController(Controller):
         )[ci]
         optimistic = np.stack([e.optimistic for e in est])[ci, pj, b]
         pessimistic = np.stack([e.pessimistic for e in est])[ci, pj, b]
-        # a one-hot draft of a costly speculator never observed, on the generic prior alone, is evaluated (by the
-        # tokens the rows emit) but not verified: the prior is no evidence (a collapsed head's first drafts were
-        # verified); its drafting is charged as unused, so the plan re-asks it once the account allows
+        # a one-hot draft of a costly speculator whose evidence does not yet outweigh the generic prior (no prior of
+        # its own) is evaluated (by the tokens the rows emit) but not verified: the prior is no evidence, and one
+        # lucky token on it made a collapsed head look good; its drafting counts as unused, so the plan re-asks it
+        # once the account allows
         unseen = np.array(
             [
                 s not in self._cheap
                 and not self.acceptance.has_prior(s)
-                and self.acceptance.observed_tokens(s, greedy) == 0
+                and self.acceptance.observed_tokens(s, greedy) < self.config.prior_strength
                 for s in names
             ]
         )[ci]

@@ -196,3 +196,20 @@ def test_small_and_non_float32_models_are_not_tuned(monkeypatch):
     monkeypatch.setattr(kernel_tune, "tune", lambda *a, **k: pytest.fail("tuned a model that fits in cache"))
     assert kernel_tune.load_or_tune(tiny_llama(seed=0)) == KernelPlan.reference()
     assert kernel_tune.load_or_tune(tiny_llama(seed=0, dtype=torch.float64)) == KernelPlan.reference()
+
+
+@pytest.mark.skipif(not cpu_linear.bf16_matmul_available(), reason="no native bfloat16 matmul on this CPU")
+def test_engine_prepares_the_draft_heads_bfloat16_copies_at_start_not_in_their_first_draft():
+    """A draft head's first propose made its bfloat16 oneDNN copies (40-150 ms for SmolLM2's head against 12 ms for a
+    whole 4-token draft): the controller learned a drafting cost 3-13x too dear from it. The engine makes them."""
+    from atlas_rl.rollout import RolloutEngine
+    from atlas_rl.speculators.draft_head import DraftHead, DraftHeadConfig
+    from atlas_rl.speculators.head_speculator import DraftHeadSpeculator
+
+    model = tiny_llama(seed=0)
+    cfg = DraftHeadConfig.from_target(model, draft_vocab_size=48, fuse_layers=(1, 2), intermediate_size=64)
+    head = DraftHead(cfg).bind_target(model, init_lm_head=True)
+    weights = kernel_tune.linear_weights(head)
+    assert weights and not any(hasattr(w, "_atlas_onednn_weight_bfloat16") for w in weights)
+    RolloutEngine(model, speculators=[DraftHeadSpeculator(head)])
+    assert all(hasattr(w, "_atlas_onednn_weight_bfloat16") for w in weights)
