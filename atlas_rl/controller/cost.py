@@ -46,6 +46,10 @@ CACHE_VERSION = 2  # 2: interleaved passes (a table from single timings is measu
 # measured again when one of them is off by more than this factor either way: the machine's state changed since
 # it was calibrated (seen here: 1 row x 3 tokens priced 1.04x a plain step by a table from a faster evening, 1.2x)
 STALE_FACTOR = 1.15
+# ... or when the one-row curve's *shape* (t tokens over one token, what every draft-length decision divides) is off
+# by more than this: a table cached while the other core was busy had 1x1 5% dear and 1x2 5% cheap (1x2 / 1x1 1.01
+# against 1.12 now), within STALE_FACTOR point by point, and the controller verified 1-token drafts at a loss
+SHAPE_FACTOR = 1.06
 SPOT_CHECK_ROUNDS = 2
 SPOT_CHECK_JITTER_S = 2e-4  # added to both sides of the comparison: sub-millisecond forwards (tiny test models)
 
@@ -373,6 +377,11 @@ def spot_check(cost: VerificationCost, timer: ForwardTimer, rounds: int = SPOT_C
     """The largest factor (>= 1, either way) by which ``cost`` misprices a few points timed now: one row at 1, 3
     and the largest calibrated tokens, and 4 rows x 1 token when the table measured it; interleaved passes, each
     point keeping its fastest time (as :func:`calibrate`)."""
+    return _price_off(cost, _spot_times(cost, timer, rounds))
+
+
+def _spot_times(cost: VerificationCost, timer: ForwardTimer, rounds: int) -> dict[tuple[int, int], float]:
+    """The spot-check points timed now (fastest of ``rounds`` interleaved passes), seconds."""
     points = sorted(
         {(1, 1), (1, min(3, cost.requested_tokens)), (1, cost.requested_tokens)} | ({(4, 1)} & set(cost.measured))
     )
@@ -381,9 +390,26 @@ def spot_check(cost: VerificationCost, timer: ForwardTimer, rounds: int = SPOT_C
     for _ in range(rounds):
         for r, t in points:
             best[(r, t)] = min(best[(r, t)], timer(r, t, 1))
+    return best
+
+
+def _price_off(cost: VerificationCost, best: dict[tuple[int, int], float]) -> float:
     j = SPOT_CHECK_JITTER_S
     ratios = [(s + j) / (cost.forward_s(r, t) + j) for (r, t), s in best.items()]
     return max(max(x, 1.0 / x) for x in ratios)
+
+
+def _shape_off(cost: VerificationCost, best: dict[tuple[int, int], float]) -> float:
+    """The largest factor (>= 1, either way) by which ``cost`` misprices one row's t tokens *relative to one token*
+    (the ratios every draft-length decision is made of), from the spot-check times ``best``."""
+    j = SPOT_CHECK_JITTER_S
+    base_now, base_table = best[(1, 1)] + j, cost.forward_s(1, 1) + j
+    ratios = [
+        ((s + j) / base_now) / ((cost.forward_s(1, t) + j) / base_table)
+        for (r, t), s in best.items()
+        if r == 1 and t > 1
+    ]
+    return max((max(x, 1.0 / x) for x in ratios), default=1.0)
 
 
 def _load_cached(path: Path, timer: ForwardTimer, max_tokens: int) -> VerificationCost | None:
@@ -393,12 +419,18 @@ def _load_cached(path: Path, timer: ForwardTimer, max_tokens: int) -> Verificati
     cost = VerificationCost.from_json(json.loads(path.read_text()))
     if cost.requested_tokens < max_tokens or not covers_one_row(cost, max_tokens):
         return None
-    off = spot_check(cost, timer)
-    if off > STALE_FACTOR:
-        logger.info("verification cost: %s misprices this machine now by %.2fx; measuring again", path, off)
+    best = _spot_times(cost, timer, SPOT_CHECK_ROUNDS)
+    off, shape = _price_off(cost, best), _shape_off(cost, best)
+    if off > STALE_FACTOR or shape > SHAPE_FACTOR:
+        logger.info(
+            "verification cost: %s misprices this machine now by %.2fx (one-row shape %.2fx); measuring again",
+            path,
+            off,
+            shape,
+        )
         return None
     cost.from_cache = True
-    logger.info("verification cost: reusing %s (spot check within %.2fx)", path, off)
+    logger.info("verification cost: reusing %s (spot check within %.2fx, one-row shape %.2fx)", path, off, shape)
     return cost
 
 

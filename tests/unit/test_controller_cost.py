@@ -292,3 +292,20 @@ def test_an_incomplete_calibration_is_used_but_never_cached_and_an_incomplete_ca
     fresh = load_or_calibrate("k", sleeping_timer(law), max_tokens=9, budget_s=5.0, root=tmp_path)
     assert not fresh.from_cache and (1, 9) in fresh.measured and fresh.reliable
     assert load_or_calibrate("k", sleeping_timer(law), max_tokens=9, root=tmp_path).from_cache
+
+
+def test_a_cached_table_whose_one_row_shape_is_off_is_measured_again(tmp_path):
+    """Within STALE_FACTOR point by point, but 1 token priced 4% dear and more tokens 4% cheap (t tokens over one:
+    8% off; seen here: a table cached while the other core was busy, 1x2 / 1x1 1.01 against 1.12 now): measured
+    again, since every draft-length decision divides these; a shape within the tolerance keeps the cache."""
+    from atlas_rl.controller.cost import SHAPE_FACTOR, STALE_FACTOR
+
+    then = lambda r, t: 0.002 * r * (1 + 0.05 * (t - 1))  # noqa: E731
+    now = lambda r, t: then(r, t) * (1.04 if t == 1 else 0.96)  # noqa: E731
+    assert 1.04 < STALE_FACTOR and (1.04 / 0.96) > SHAPE_FACTOR
+    assert not load_or_calibrate("k", sleeping_timer(then), max_tokens=9, budget_s=5.0, root=tmp_path).from_cache
+    close = lambda r, t: then(r, t) * (1.01 if t == 1 else 0.99)  # noqa: E731 - 2%: within the tolerance
+    assert load_or_calibrate("k", sleeping_timer(close), max_tokens=9, budget_s=5.0, root=tmp_path).from_cache
+    again = load_or_calibrate("k", sleeping_timer(now), max_tokens=9, budget_s=5.0, root=tmp_path)
+    assert not again.from_cache
+    assert again.forward_s(1, 3) / again.forward_s(1, 1) == pytest.approx(now(1, 3) / now(1, 1), rel=1e-6)
