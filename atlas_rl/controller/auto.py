@@ -491,27 +491,19 @@ class AutoController(Controller):
         # (exploration by verifying), the calibrated mean once it is not (evidence decays, so a speculator left
         # unverified becomes thin, and optimistic, again)
         soft = np.repeat([d.draft_probs is not None and not greedy for _, _, d in flat], m)
-        thin = np.array(
-            [
-                not self.acceptance.has_prior(s)  # a measured prior is evidence: no optimistic phase
-                and self.acceptance.observed_tokens(s, greedy) < self.config.soft_explore_tokens
-                for s in names
-            ]
-        )[ci]
+        # evidence per speculator: its observed draft tokens (decayed), unbounded when it states its own prior (a
+        # measured prior is evidence: no optimistic phase, no wait below)
+        seen = np.array(
+            [math.inf if self.acceptance.has_prior(s) else self.acceptance.observed_tokens(s, greedy) for s in names]
+        )
+        thin = (seen < self.config.soft_explore_tokens)[ci]
         optimistic = np.stack([e.optimistic for e in est])[ci, pj, b]
         pessimistic = np.stack([e.pessimistic for e in est])[ci, pj, b]
-        # a one-hot draft of a costly speculator whose evidence does not yet outweigh the generic prior (no prior of
-        # its own) is evaluated (by the tokens the rows emit) but not verified: the prior is no evidence, and one
-        # lucky token on it made a collapsed head look good; its drafting counts as unused, so the plan re-asks it
-        # once the account allows
-        unseen = np.array(
-            [
-                s not in self._cheap
-                and not self.acceptance.has_prior(s)
-                and self.acceptance.observed_tokens(s, greedy) < self.config.prior_strength
-                for s in names
-            ]
-        )[ci]
+        # a one-hot draft of a costly speculator whose evidence does not yet outweigh the generic prior is evaluated
+        # (by the tokens the rows emit) but not verified: the prior is no evidence, and one lucky token on it made a
+        # collapsed head look good; its drafting counts as unused, so the plan re-asks it once the account allows
+        costly = np.array([s not in self._cheap for s in names])
+        unseen = (costly & (seen < self.config.prior_strength))[ci]
         low[ri, ci, pj] = np.where(soft, np.where(thin, optimistic, mean), np.where(unseen, 0.0, pessimistic))
         bins[ri, ci, pj] = b
         lens[[i for i, _, _ in flat], [c for _, c, _ in flat]] = m
