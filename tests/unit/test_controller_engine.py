@@ -110,6 +110,7 @@ def test_default_engine_controller_is_auto_and_its_calibration_is_cached(tmp_pat
     monkeypatch.setattr(cost_mod, "calibrate", calibrate_and_trust)
     # ... nor may its noise on millisecond forwards fail the cached table's spot check (tested in test_controller_cost)
     monkeypatch.setattr(cost_mod, "STALE_FACTOR", 10.0)
+    monkeypatch.setattr(cost_mod, "SHAPE_FACTOR", 10.0)  # its one-row shape check likewise
     t0 = time.perf_counter()
     e1 = RolloutEngine(m, speculators=[spec])
     first_start = time.perf_counter() - t0
