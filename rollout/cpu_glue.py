@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "decode_glue.cpp"
 FLAG_SETS = (("-O3", "-march=native"), ("-O3",))
+ROW_ATTENTION_MAX_Q = 16  # steps of up to this many tokens per row attend row by row (attend_rows), longer by SDPA
 _state: dict[str, ModuleType | None | bool] = {"tried": False, "module": None}
 
 
@@ -107,12 +108,13 @@ def rope_kv_attend(
     q: int,
     scale: float,
 ) -> torch.Tensor:  # [n * q, hq * d]
-    """RoPE on q and k in place, k and v written into ``cache`` (after its ``set_step``), then attention over it
-    (folded GQA): one call into ``csrc/decode_glue.cpp``."""
+    """RoPE on q and k in place, k and v written into ``cache`` (after its ``set_step``), then attention over it:
+    one call into ``csrc/decode_glue.cpp``. Steps of up to :data:`ROW_ATTENTION_MAX_Q` tokens per row (decoding,
+    verification) attend over each row's own positions only (``attend_rows``); longer ones through SDPA with
+    ``mask`` and folded GQA."""
     row0, kv_len, index = cache.step_layout()
-    return glue.rope_kv_attend(
-        x, hq, hk, cos, sin, cache.keys, cache.values, layer, row0, kv_len, index, mask, n, q, scale
-    )
+    kv = (cache.keys, cache.values, layer, row0, kv_len, index)
+    return glue.rope_kv_attend(x, hq, hk, cos, sin, *kv, mask, n, q, scale, cache.step_starts(), ROW_ATTENTION_MAX_Q)
 
 
 def silu_mul(glue: ModuleType, gu: torch.Tensor) -> torch.Tensor:  # gu: [c, 2m] gate | up -> [c, m]

@@ -48,6 +48,7 @@ class SlotKVCache(Cache):
         self._kv_len = 0
         self._write_rows: torch.Tensor | None = None  # [n, 1]
         self._write_pos: torch.Tensor | None = None  # [n, q]
+        self._starts: torch.Tensor | None = None  # [n]
         self._uniform_start: int | None = None
         self._flat_idx: torch.Tensor | None = None  # [n * q * kv_heads] rows of a layer's [-1, head_dim] view
 
@@ -73,6 +74,7 @@ class SlotKVCache(Cache):
         self._row0, self._nrows, self._kv_len = row0, n, kv_len
         ar = torch.arange(q_len, device=starts.device)
         self._write_pos = starts[:, None] + ar[None, :]  # [n, q]
+        self._starts = starts
         self._write_rows = torch.arange(row0, row0 + n, device=starts.device)[:, None]  # [n, 1]
         self._uniform_start = None
         self._flat_idx = None
@@ -112,6 +114,10 @@ class SlotKVCache(Cache):
         """``(row0, kv_len, index [n * q * kv_heads])`` of the step set by :meth:`set_step`: the first cache row,
         the key positions to attend over, and :meth:`write_targets`' row index (for the compiled decode glue)."""
         return self._row0, self._kv_len, self._step_index()
+
+    def step_starts(self) -> torch.Tensor:  # [n] long
+        """Each row's first write position in the step set by :meth:`set_step` (its ``starts``)."""
+        return self._starts
 
     def step_views(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys/values this step attends over, ``[n, kv_heads, kv_len, head_dim]`` each (views)."""

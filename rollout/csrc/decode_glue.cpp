@@ -10,6 +10,12 @@
 #include <cstring>
 #include <tuple>
 
+#include <ATen/Parallel.h>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 // exp(x) without a libm call, so that loops over it vectorise (Cephes' expf: range reduction by ln 2, degree-6
@@ -43,6 +49,105 @@ void rms_row(const float* x, const float* w, float* out, int64_t d, double eps) 
   for (; j < d; ++j) s += static_cast<double>(x[j]) * x[j];
   const float inv = 1.0f / std::sqrt(static_cast<float>(s / d) + static_cast<float>(eps));
   for (int64_t j = 0; j < d; ++j) out[j] = (x[j] * inv) * w[j];
+}
+
+// sum_i a[i] * b[i] over D floats in 16 independent partial sums (one vector of them), reduced pairwise (8, 4, 2,
+// 1 lanes) so that both the products and the reduction vectorise (D a multiple of 16)
+template <int64_t D>
+inline float dot16(const float* a, const float* b) {
+  float part[16] = {0.0f};
+  for (int64_t i = 0; i < D; i += 16)
+    for (int64_t l = 0; l < 16; ++l) part[l] += a[i + l] * b[i + l];
+  for (int64_t w = 8; w > 0; w /= 2)
+    for (int64_t l = 0; l < w; ++l) part[l] += part[l + w];
+  return part[0];
+}
+
+// s[p] = exp(s[p] - max(s)) for p < lim; returns their sum (in 16 partial sums, reduced pairwise)
+inline float exp_shift_sum(float* s, int64_t lim) {
+  float m = -INFINITY;
+  for (int64_t p = 0; p < lim; ++p) m = std::max(m, s[p]);
+  float part[16] = {0.0f};
+  int64_t p = 0;
+  for (; p + 16 <= lim; p += 16)
+    for (int64_t l = 0; l < 16; ++l) {
+      s[p + l] = exp_approx(s[p + l] - m);
+      part[l] += s[p + l];
+    }
+  for (int64_t l = 0; p + l < lim; ++l) {
+    s[p + l] = exp_approx(s[p + l] - m);
+    part[l] += s[p + l];
+  }
+  for (int64_t w = 8; w > 0; w /= 2)
+    for (int64_t l = 0; l < w; ++l) part[l] += part[l + w];
+  return part[0];
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+// sums of the 8 lanes of each of x[0..7], as the 8 lanes of one vector
+inline __m256 sum8x8(const __m256* x) {
+  const __m256 t0 = _mm256_hadd_ps(x[0], x[1]), t1 = _mm256_hadd_ps(x[2], x[3]);
+  const __m256 t2 = _mm256_hadd_ps(x[4], x[5]), t3 = _mm256_hadd_ps(x[6], x[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// s[p] = scale * q.k_p for p < lim (keys [lim, D]): eight keys at a time, their products summed across lanes
+// together (no per-key horizontal sum); the last lim % 8 keys through dot16
+template <int64_t D>
+void scores(const float* q, const float* k, int64_t lim, float scale, float* s) {
+  int64_t p = 0;
+  for (; p + 8 <= lim; p += 8) {
+    __m256 acc[8];
+    for (int64_t u = 0; u < 8; ++u) acc[u] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < D; i += 8) {
+      const __m256 qi = _mm256_loadu_ps(q + i);
+      for (int64_t u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + (p + u) * D + i), acc[u]);
+    }
+    _mm256_storeu_ps(s + p, _mm256_mul_ps(sum8x8(acc), _mm256_set1_ps(scale)));
+  }
+  for (; p < lim; ++p) s[p] = dot16<D>(q, k + p * D) * scale;
+}
+#else
+template <int64_t D>
+void scores(const float* q, const float* k, int64_t lim, float scale, float* s) {
+  for (int64_t p = 0; p < lim; ++p) s[p] = dot16<D>(q, k + p * D) * scale;
+}
+#endif
+
+// A query rows (the grouped heads of one token, all seeing positions 0 .. lim - 1) over keys/values [lim, D]:
+// out_a = softmax(scale q_a.k) v, each key and value read once for all A rows. q, out: A rows `stride` floats
+// apart; s: scratch [A, lim].
+template <int64_t D, int64_t A>
+void attend_group(const float* q, const float* k, const float* v, int64_t lim, float scale, float* s, float* out,
+                  int64_t stride) {
+  for (int64_t a = 0; a < A; ++a) scores<D>(q + a * stride, k, lim, scale, s + a * lim);
+  float inv[A];
+  for (int64_t a = 0; a < A; ++a) inv[a] = 1.0f / exp_shift_sum(s + a * lim, lim);
+  float acc[A][D] = {};  // local accumulators the compiler can keep in registers
+  for (int64_t p = 0; p < lim; ++p) {
+    const float* vp = v + p * D;
+    for (int64_t a = 0; a < A; ++a)
+      for (int64_t i = 0; i < D; ++i) acc[a][i] += s[a * lim + p] * vp[i];
+  }
+  for (int64_t a = 0; a < A; ++a)
+    for (int64_t i = 0; i < D; ++i) out[a * stride + i] = acc[a][i] * inv[a];
+}
+
+// attend_group over g query rows in chunks of at most 4
+template <int64_t D>
+void attend_heads(const float* q, const float* k, const float* v, int64_t lim, float scale, float* s, float* out,
+                  int64_t stride, int64_t g) {
+  for (int64_t a0 = 0; a0 < g; a0 += 4) {
+    const float* qa = q + a0 * stride;
+    float* oa = out + a0 * stride;
+    switch (std::min<int64_t>(4, g - a0)) {
+      case 4: attend_group<D, 4>(qa, k, v, lim, scale, s, oa, stride); break;
+      case 3: attend_group<D, 3>(qa, k, v, lim, scale, s, oa, stride); break;
+      case 2: attend_group<D, 2>(qa, k, v, lim, scale, s, oa, stride); break;
+      default: attend_group<D, 1>(qa, k, v, lim, scale, s, oa, stride);
+    }
+  }
 }
 
 }  // namespace
@@ -128,18 +233,68 @@ void rope_write_kv_(torch::Tensor x, int64_t hq, int64_t hk, torch::Tensor cos, 
   }
 }
 
+// Causal attention of a short step over the cache, row by row: token t of row r (position starts[r] + t) sees key
+// positions 0 .. starts[r] + t of its own row only, so a row never reads the positions other rows have and it lacks
+// (SDPA over a padded [n, hk, kv_len, d] view reads and masks them). Query head h uses kv head h / g (GQA).
+// x: [n * q, hq + 2 hk, D] (queries in heads 0 .. hq); k_layer, v_layer: [rows, hk, max_len, D]; starts: [n].
+// out: [n * q, hq * D]; scratch: [n * hk, 4 * kv_len].
+template <int64_t D>
+void attend_rows_d(const torch::Tensor& x, int64_t hq, int64_t hk, const torch::Tensor& k_layer,
+                   const torch::Tensor& v_layer, int64_t row0, const int64_t* sp, int64_t n, int64_t q, float scale,
+                   torch::Tensor& scratch, torch::Tensor& out) {
+  const int64_t all = x.size(1), g = hq / hk, max_len = k_layer.size(2), kv_len = scratch.size(1) / 4;
+  const float* xp = x.data_ptr<float>();
+  const float* kp = k_layer.data_ptr<float>();
+  const float* vp = v_layer.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  float* sc = scratch.data_ptr<float>();
+  at::parallel_for(0, n * hk, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r = b / hk, j = b % hk, block = ((row0 + r) * hk + j) * max_len * D;
+      for (int64_t t = 0; t < q; ++t) {  // the g query heads of kv head j, token t
+        const int64_t tok = r * q + t;
+        attend_heads<D>(xp + (tok * all + j * g) * D, kp + block, vp + block, sp[r] + t + 1, scale,
+                        sc + b * 4 * kv_len, op + (tok * hq + j * g) * D, D, g);
+      }
+    }
+  });
+}
+
+// attend_rows_d for the head sizes it is compiled for (64, 128); returns [n * q, hq * d]
+torch::Tensor attend_rows(const torch::Tensor& x, int64_t hq, int64_t hk, const torch::Tensor& k_layer,
+                          const torch::Tensor& v_layer, int64_t row0, const torch::Tensor& starts, int64_t n,
+                          int64_t q, double scale) {
+  TORCH_CHECK(starts.scalar_type() == torch::kLong && starts.numel() == n, "starts must be int64 [n]");
+  TORCH_CHECK(x.is_contiguous() && k_layer.is_contiguous() && v_layer.is_contiguous(), "attend_rows: not contiguous");
+  const int64_t d = x.size(2);
+  auto st = starts.contiguous();
+  const int64_t* sp = st.data_ptr<int64_t>();
+  auto out = torch::empty({n * q, hq * d}, x.options());
+  auto scratch = torch::empty({n * hk, 4 * (*std::max_element(sp, sp + n) + q)}, x.options());
+  const float sc = static_cast<float>(scale);
+  if (d == 64)
+    attend_rows_d<64>(x, hq, hk, k_layer, v_layer, row0, sp, n, q, sc, scratch, out);
+  else if (d == 128)
+    attend_rows_d<128>(x, hq, hk, k_layer, v_layer, row0, sp, n, q, sc, scratch, out);
+  else
+    TORCH_CHECK(false, "attend_rows: head_dim ", d, " is not compiled (64, 128)");
+  return out;
+}
+
 // The attention block of a step after its q/k/v projection: rope_write_kv_ into layer `layer` of the cache
-// (keys, values: [layers, rows, hk, max_len, d]; idx: the rows of keys[layer].view(-1, d) to write), then SDPA of
-// the rotated queries over cache rows row0 .. row0 + n, positions 0 .. kv_len, grouped-query heads folded as
-// g extra query rows of their key/value head (so keys/values are never repeated), mask: additive [n, 1, q g, kv]
-// or none. x: [n * q, hq + 2 hk, d]. Returns [n * q, hq * d] (the input of o_proj).
+// (keys, values: [layers, rows, hk, max_len, d]; idx: the rows of keys[layer].view(-1, d) to write), then attention
+// of the rotated queries over cache rows row0 .. row0 + n: attend_rows for steps of up to `row_q_max` tokens per
+// row (decoding, verification), else SDPA over positions 0 .. kv_len with grouped-query heads folded as g extra
+// query rows of their key/value head (so keys/values are never repeated), mask: additive [n, 1, q g, kv] or none.
+// x: [n * q, hq + 2 hk, d]; starts: [n] each row's position of its first token. Returns [n * q, hq * d].
 torch::Tensor rope_kv_attend(torch::Tensor x, int64_t hq, int64_t hk, torch::Tensor cos, torch::Tensor sin,
                              torch::Tensor keys, torch::Tensor values, int64_t layer, int64_t row0, int64_t kv_len,
                              torch::Tensor idx, c10::optional<torch::Tensor> mask, int64_t n, int64_t q,
-                             double scale) {
+                             double scale, torch::Tensor starts, int64_t row_q_max) {
   auto k_layer = keys.select(0, layer), v_layer = values.select(0, layer);  // [rows, hk, max_len, d]
   const int64_t d = x.size(2), g = hq / hk;
   rope_write_kv_(x, hq, hk, cos, sin, k_layer.view({-1, d}), v_layer.view({-1, d}), idx);
+  if (q <= row_q_max && (d == 64 || d == 128)) return attend_rows(x, hq, hk, k_layer, v_layer, row0, starts, n, q, scale);
   auto k = k_layer.narrow(0, row0, n).narrow(2, 0, kv_len), v = v_layer.narrow(0, row0, n).narrow(2, 0, kv_len);
   auto qf = x.narrow(1, 0, hq).view({n, q, hk, g, d}).permute({0, 2, 1, 3, 4}).reshape({n, hk, q * g, d});
   auto out = at::scaled_dot_product_attention(qf, k, v, mask, 0.0, false, scale);  // [n, hk, q g, d]
@@ -166,6 +321,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("add_rms_norm", &add_rms_norm, "(h + y, RMSNorm(h + y))");
   mod.def("rope_", &rope_, "RoPE in place on the first heads of x [c, heads, d]");
   mod.def("rope_write_kv_", &rope_write_kv_, "rope_ on q and k, then k and v into the KV cache rows");
-  mod.def("rope_kv_attend", &rope_kv_attend, "rope_write_kv_, then SDPA over the cache (folded GQA)");
+  mod.def("attend_rows", &attend_rows, "causal attention of a short step over each row's own cache positions");
+  mod.def("rope_kv_attend", &rope_kv_attend, "rope_write_kv_, then attention over the cache (folded GQA)");
   mod.def("silu_mul", &silu_mul, "silu(gate) * up of gu [c, 2m]");
 }

@@ -84,3 +84,56 @@ def test_a_glue_that_cannot_be_built_leaves_the_pytorch_ops(monkeypatch, tmp_pat
     assert "PyTorch ops" in caplog.text
     model = tiny_llama(vocab_size=96, num_heads=6, num_kv_heads=2, hidden_size=48)
     assert LeanForward(model).glue is None
+
+
+def _masked_sdpa(x, keys, values, row0, starts, q, hq, hk):
+    """The reference: SDPA over the padded cache view with an additive causal mask, GQA by repeated kv heads."""
+    n, d, g = len(starts), x.shape[-1], hq // hk
+    kv_len = max(starts) + q
+    qs = x[:, :hq].reshape(n, q, hq, d).transpose(1, 2)  # [n, hq, q, d]
+    k = keys[row0 : row0 + n, :, :kv_len].repeat_interleave(g, 1)  # [n, hq, kv, d]
+    v = values[row0 : row0 + n, :, :kv_len].repeat_interleave(g, 1)
+    qpos = torch.tensor(starts)[:, None] + torch.arange(q)[None, :]  # [n, q]
+    see = torch.arange(kv_len)[None, None, :] <= qpos[:, :, None]  # [n, q, kv]
+    mask = torch.zeros(n, 1, q, kv_len).masked_fill_(~see[:, None], -torch.inf)
+    out = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=0.3)  # [n, hq, q, d]
+    return out.transpose(1, 2).reshape(n * q, hq * d)
+
+
+@needs_glue
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize(("hq", "hk"), [(2, 2), (9, 3), (14, 2)])  # groups of 1, 3 and 7 query heads per kv head
+@pytest.mark.parametrize("q", [1, 2, 5])
+def test_row_attention_equals_masked_sdpa(d, hq, hk, q):
+    """Ragged rows (lengths off the kernel's 8-key tiles), a cache window starting at row 1, every group size."""
+    g = torch.Generator().manual_seed(d + hq + q)
+    keys, values = torch.randn(2, 5, hk, 48, d, generator=g).unbind(0)  # [rows, hk, max_len, d] each
+    starts = [0, 13, 29, 8]
+    x = torch.randn(len(starts) * q, hq + 2 * hk, d, generator=g)
+    got = GLUE.attend_rows(x, hq, hk, keys, values, 1, torch.tensor(starts), len(starts), q, 0.3)
+    want = _masked_sdpa(x, keys, values, 1, starts, q, hq, hk)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_glue
+@pytest.mark.parametrize("q", [1, 3])
+def test_forward_with_row_attention_equals_hf_float32(q):
+    """A head size the row-wise attention is compiled for (64): the whole lean forward against HF's logits."""
+    model = tiny_llama(vocab_size=96, num_heads=3, num_kv_heads=1, hidden_size=192)
+    lean = LeanForward(model)
+    assert lean.head_dim == 64 and lean.glue is not None and q <= cpu_glue.ROW_ATTENTION_MAX_Q
+    g = torch.Generator().manual_seed(q)
+    starts = [5, 17, 11]
+    seqs = [torch.randint(0, 96, (s + q,), generator=g).tolist() for s in starts]
+    cache = SlotKVCache(2, 3, max(starts) + q, 1, 64, torch.float32, "cpu")
+    with torch.inference_mode():
+        for r, (s, st) in enumerate(zip(seqs, starts)):  # each row's prefix, one row per prefill
+            cache_rows = SlotKVCache(2, 1, st, 1, 64, torch.float32, "cpu")
+            lean(torch.tensor([s[:st]]), torch.zeros(1, dtype=torch.long), cache_rows, False)
+            cache.keys[:, r, :, :st] = cache_rows.keys[:, 0]
+            cache.values[:, r, :, :st] = cache_rows.values[:, 0]
+        new = torch.tensor([s[st:] for s, st in zip(seqs, starts)])  # [3, q]
+        last, _ = lean(new, torch.tensor(starts), cache, False)
+        for r, (s, st) in enumerate(zip(seqs, starts)):
+            ref = model(input_ids=torch.tensor([s])).logits[0, st:]
+            torch.testing.assert_close(model.lm_head(last[r]), ref, rtol=0, atol=1e-4)
