@@ -153,6 +153,13 @@ class StaticSpeculatorConfig:
         metadata={"help": "Stop training after this many minutes even if epochs are left (None: no cap)."},
     )
     log_every: int = field(default=20, metadata={"help": "Record the training curve every this many steps."})
+    bf16_autocast: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Run the head's forward and backward under bfloat16 autocast (float32 weights, optimizer and "
+            "loss). None: where matmuls in bfloat16 are native (CUDA; CPUs with AMX / AVX512-BF16 per oneDNN)."
+        },
+    )
     # ---- evaluation
     eval_k: int = field(default=4, metadata={"help": "Draft length of the held-out evaluation (FixedController)."})
     eval_temperatures: tuple[float, ...] = field(

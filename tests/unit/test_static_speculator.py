@@ -125,6 +125,21 @@ def test_generated_samples_match_engine_output_and_label_completions(tiny):
         assert top == c
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_training_under_bf16_autocast_runs_its_matmuls_in_bf16_and_keeps_float32_weights(tiny, tmp_path, bf16):
+    samples, _ = static_mod.generate_samples(tiny, _prompts(8, 5), 0.0, 12, (1, 2), label_top_k=4, progress=False)
+    cfg = _tiny_config(tmp_path, bf16_autocast=bf16, epochs=6.0)
+    head = static_mod._new_head(tiny, samples, cfg)
+    seen: list[torch.dtype] = []
+    hook = head.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    res = static_mod.train_head(head, samples, cfg, progress=False)
+    hook.remove()
+    assert res["bf16_autocast"] is bf16
+    assert set(seen) == {torch.bfloat16 if bf16 else torch.float32}
+    assert all(p.dtype == torch.float32 for p in head.parameters())
+    assert res["curve"][-1]["loss"] < 0.8 * res["curve"][0]["loss"]  # it learns in either precision
+
+
 def test_samples_round_trip_through_safetensors(tmp_path):
     g = torch.Generator().manual_seed(0)
     samples = []
