@@ -95,9 +95,15 @@ inline __m256 sum8x8(const __m256* x) {
 // s[p] = scale * q.k_p for p < lim (keys [lim, D]): eight keys at a time, their products summed across lanes
 // together (no per-key horizontal sum); the last lim % 8 keys through dot16
 template <int64_t D>
-void scores(const float* q, const float* k, int64_t lim, float scale, float* s) {
+void scores(const float* q, const float* k, const float* v, int64_t lim, float scale, float* s, bool prefetch) {
   int64_t p = 0;
   for (; p + 8 <= lim; p += 8) {
+    if (prefetch) {  // keys two tiles ahead and this tile's values (read after the softmax) into L2: cold caches
+      for (int64_t off = 0; off < 8 * D; off += 16) {
+        _mm_prefetch(reinterpret_cast<const char*>(k + (p + 16) * D + off), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(v + p * D + off), _MM_HINT_T1);
+      }
+    }
     __m256 acc[8];
     for (int64_t u = 0; u < 8; ++u) acc[u] = _mm256_setzero_ps();
     for (int64_t i = 0; i < D; i += 8) {
@@ -110,7 +116,7 @@ void scores(const float* q, const float* k, int64_t lim, float scale, float* s) 
 }
 #else
 template <int64_t D>
-void scores(const float* q, const float* k, int64_t lim, float scale, float* s) {
+void scores(const float* q, const float* k, const float*, int64_t lim, float scale, float* s, bool) {
   for (int64_t p = 0; p < lim; ++p) s[p] = dot16<D>(q, k + p * D) * scale;
 }
 #endif
@@ -121,7 +127,7 @@ void scores(const float* q, const float* k, int64_t lim, float scale, float* s) 
 template <int64_t D, int64_t A>
 void attend_group(const float* q, const float* k, const float* v, int64_t lim, float scale, float* s, float* out,
                   int64_t stride) {
-  for (int64_t a = 0; a < A; ++a) scores<D>(q + a * stride, k, lim, scale, s + a * lim);
+  for (int64_t a = 0; a < A; ++a) scores<D>(q + a * stride, k, v, lim, scale, s + a * lim, a == 0);
   float inv[A];
   for (int64_t a = 0; a < A; ++a) inv[a] = 1.0f / exp_shift_sum(s + a * lim, lim);
   float acc[A][D] = {};  // local accumulators the compiler can keep in registers
