@@ -62,8 +62,10 @@ from atlas_rl.types import CALIBRATION_BINS, Draft, SpecStats, SpeculatorStats, 
 logger = logging.getLogger(__name__)
 
 
-# batches from which planning prices asking a speculator at n x the mean of its recent drafts (no random batches)
-_LARGE_BATCH = 16
+# batches from which planning prices asking a speculator at n x the mean of its recent drafts (no random batches),
+# greedy / sampled: at T > 0 the static head's soft drafts verified at 8 rows realised tau 1.04-1.10 where the
+# optimistic bound asked for them (the tail, 0.88-0.93x k=0; docs/results/tail.md)
+_LARGE_BATCH = {True: 16, False: 8}
 
 
 def _row_bucket(n: int) -> int:
@@ -378,7 +380,7 @@ class AutoController(Controller):
         totals = self._sampled_totals(name, greedy, n)  # [M, K+1]
         # a large batch is a near-certain expectation (no selection to credit, no optimism): asking must beat plain
         # decoding by the margin that choose() demands, or its drafting is spent for nothing
-        best_L, best_rate = 0, base_rate * (1.0 + self.config.margin if n >= _LARGE_BATCH else 1.0)
+        best_L, best_rate = 0, base_rate * (1.0 + self.config.margin if n >= _LARGE_BATCH[greedy] else 1.0)
         for L in range(1, K + 1):
             rate = float((totals[:, : L + 1] / (step_s[: L + 1] + draft_s[L - 1])).max(1).mean())
             if rate > best_rate:
@@ -389,7 +391,7 @@ class AutoController(Controller):
         """``[M, max_k+1]`` optimistic expected tokens of a batch of ``n`` rows asking ``name``, cut to q tokens,
         over M random batches of its recent drafts (at large batches one line: ``n x`` the calibrated mean)."""
         est = self.acceptance.estimates(name, greedy)
-        large = n >= _LARGE_BATCH  # the calibrated mean: optimism explores at small batches, where a row is cheap
+        large = n >= _LARGE_BATCH[greedy]  # the calibrated mean: optimism explores at small batches (a row is cheap)
         per_bin = est.mean if large else est.optimistic  # [K, B]
         marginal = est.marginal if large else est.marginal_optimistic  # [K]
         res = self._reservoirs.get((name, greedy))
