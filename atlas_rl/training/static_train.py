@@ -121,9 +121,8 @@ def train_head(
     head.train()
     bar = tqdm(total=total, desc="train static head", unit="step", disable=not progress)
     log = _CurveLog(config, total, n_tf, bar, on_log)
-    device = head.fc.weight.device
-    bf16 = _use_bf16(config, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    bf16 = _use_bf16(config, head.fc.weight.device)
+    autocast = torch.autocast(head.fc.weight.device.type, dtype=torch.bfloat16, enabled=bf16)
     step, stopped_by = 0, "epochs"
     while step < total:
         tf = step < n_tf
