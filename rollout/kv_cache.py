@@ -115,7 +115,7 @@ class SlotKVCache(Cache):
         the key positions to attend over, and :meth:`write_targets`' row index (for the compiled decode glue)."""
         return self._row0, self._kv_len, self._step_index()
 
-    def step_starts(self) -> torch.Tensor:  # [n] long
+    def step_starts(self) -> torch.Tensor | None:  # [n] long
         """Each row's first write position in the step set by :meth:`set_step` (its ``starts``)."""
         return self._starts
 
@@ -129,6 +129,7 @@ class SlotKVCache(Cache):
         if row0 + nrows > self.max_rows or start + q_len > self.max_len:
             raise RuntimeError("KV cache too small for this prefill")
         self._row0, self._nrows, self._kv_len = row0, nrows, start + q_len
+        self._starts = None  # a uniform step has no per-row starts (the row attention of the glue is not used)
         self._uniform_start = start
         self._q_len = q_len
 

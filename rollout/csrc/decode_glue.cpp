@@ -273,6 +273,7 @@ torch::Tensor attend_rows(const torch::Tensor& x, int64_t hq, int64_t hk, const 
   TORCH_CHECK(starts.scalar_type() == torch::kLong && starts.numel() == n, "starts must be int64 [n]");
   TORCH_CHECK(x.is_contiguous() && k_layer.is_contiguous() && v_layer.is_contiguous(), "attend_rows: not contiguous");
   const int64_t d = x.size(2);
+  if (n == 0) return torch::empty({0, hq * d}, x.options());
   auto st = starts.contiguous();
   const int64_t* sp = st.data_ptr<int64_t>();
   auto out = torch::empty({n * q, hq * d}, x.options());

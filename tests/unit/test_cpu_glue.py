@@ -137,3 +137,10 @@ def test_forward_with_row_attention_equals_hf_float32(q):
         for r, (s, st) in enumerate(zip(seqs, starts)):
             ref = model(input_ids=torch.tensor([s])).logits[0, st:]
             torch.testing.assert_close(model.lm_head(last[r]), ref, rtol=0, atol=1e-4)
+
+
+@needs_glue
+def test_row_attention_of_no_rows_is_empty():
+    keys = torch.zeros(2, 3, 8, 64)
+    out = GLUE.attend_rows(torch.zeros(0, 9 + 6, 64), 9, 3, keys, keys, 0, torch.zeros(0, dtype=torch.long), 0, 1, 0.1)
+    assert out.shape == (0, 9 * 64)
