@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "decode_glue.cpp"
 FLAG_SETS = (("-O3", "-march=native"), ("-O3",))
 ROW_ATTENTION_MAX_Q = 16  # steps of up to this many tokens per row attend row by row (attend_rows), longer by SDPA
+ROW_ATTENTION_HEAD_DIMS = (64, 128)  # the head sizes attend_rows is compiled for (csrc/decode_glue.cpp)
 _state: dict[str, ModuleType | None | bool] = {"tried": False, "module": None}
 
 
@@ -115,6 +116,11 @@ def rope_kv_attend(
     row0, kv_len, index = cache.step_layout()
     kv = (cache.keys, cache.values, layer, row0, kv_len, index)
     return glue.rope_kv_attend(x, hq, hk, cos, sin, *kv, mask, n, q, scale, cache.step_starts(), ROW_ATTENTION_MAX_Q)
+
+
+def attends_by_row(q: int, head_dim: int) -> bool:
+    """Whether :func:`rope_kv_attend` attends a step of ``q`` tokens per row row by row (no mask needed)."""
+    return q <= ROW_ATTENTION_MAX_Q and head_dim in ROW_ATTENTION_HEAD_DIMS
 
 
 def silu_mul(glue: ModuleType, gu: torch.Tensor) -> torch.Tensor:  # gu: [c, 2m] gate | up -> [c, m]

@@ -26,9 +26,10 @@ file changes what a forward costs: it is part of the verification cost model's c
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -231,20 +232,21 @@ class LeanForward:
             qs, ks = self._rotate(qs, cos, sin), self._rotate(ks, cos, sin)
         return qs, *cache.write_step(li, ks, vs)
 
-    def _attention(self, layer: nn.Module, li: int, x, cos, sin, mask, cache: SlotKVCache, n: int, q: int):
+    def _attention(self, layer: nn.Module, li: int, x, cos, sin, mask: Callable, cache: SlotKVCache, n: int, q: int):
         att = layer.self_attn
         hk, g, d = self.num_kv_heads, self.groups, self.head_dim
         fused = None if self.fused is None else self.fused.get(li, "qkv", (att.q_proj, att.k_proj, att.v_proj))
         if fused is not None and self.glue is not None and x.dtype == torch.float32 and not hasattr(att, "q_norm"):
             qkv = self._linear(x, *fused).contiguous().view(n * q, -1, d)  # ("mm" returns a transpose)
             c = n * q  # RoPE, the KV write and SDPA in one compiled call
+            m = None if cpu_glue.attends_by_row(q, d) else mask()  # the row attention needs no mask
             out = cpu_glue.rope_kv_attend(
-                self.glue, qkv, self.num_heads, hk, cos.view(c, d), sin.view(c, d), cache, li, mask, n, q, self.scaling
+                self.glue, qkv, self.num_heads, hk, cos.view(c, d), sin.view(c, d), cache, li, m, n, q, self.scaling
             )
             return self._linear(out, att.o_proj.weight, att.o_proj.bias)
         qs, keys, values = self._qkv(att, li, x, fused, cos, sin, cache, n, q)  # keys, values: [n, hk, kv, d]
         qf = qs.reshape(n, q, hk, g, d).permute(0, 2, 1, 3, 4).reshape(n, hk, q * g, d)  # folded GQA
-        out = F.scaled_dot_product_attention(qf, keys, values, attn_mask=mask, scale=self.scaling)
+        out = F.scaled_dot_product_attention(qf, keys, values, attn_mask=mask(), scale=self.scaling)
         out = out.view(n, hk, q, g, d).permute(0, 2, 1, 3, 4).reshape(n * q, hk * g * d)  # [c, heads * d]
         return self._linear(out, att.o_proj.weight, att.o_proj.bias)
 
@@ -274,7 +276,8 @@ class LeanForward:
         cos_t, sin_t = self._rope_tables(kv_len, h.dtype, h.device)
         pos = starts[:, None] + torch.arange(q, device=starts.device)[None, :]  # [n, q]
         cos, sin = cos_t[pos][:, :, None], sin_t[pos][:, :, None]  # [n, q, 1, d]
-        mask = self._mask(starts, q, kv_len, h.dtype)
+        # built on first use: steps the glue attends row by row in every layer (decoding, verification) need none
+        mask = functools.cache(lambda: self._mask(starts, q, kv_len, h.dtype))
         cache.set_step(0, starts, q, kv_len)
         hidden = [h] if want_hidden else None
         x = self._norm(h, self.layers[0].input_layernorm)  # the next block's normed input
