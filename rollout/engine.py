@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -83,6 +84,9 @@ from .step import (
 logger = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# what one more prefill forward costs, in padded prompt tokens (SmolLM2-135M, one core: ~45 ms a forward beside
+# ~2.1 ms a token; docs/results/verification_cost.md, "Prefill"): the chunking trades padding against forwards
+PREFILL_CHUNK_OVERHEAD_TOKENS = 24
 
 CaptureHook = Callable[[CaptureRecord], None]
 
@@ -641,14 +645,19 @@ class RolloutEngine:
             hook(rec)
 
     def _run_wave(self, ctx: WaveContext, wave: list[Row], prompts: list[list[int]], g_offset: int) -> None:
-        """Prefill a wave of whole groups, sample their first tokens, then decode until every row stops."""
-        active = self._start_wave(ctx, wave, prompts, g_offset)
+        """Prefill a wave of whole groups, sample their first tokens, then decode until every row stops. The groups
+        go into the cache by prompt length (rows keep their ids: the batch's order is unchanged), so prompts of
+        similar length share a prefill forward and little of it is padding."""
+        n = ctx.n_gen
+        order = sorted(range(len(prompts)), key=lambda g: len(prompts[g]))
+        wave = [r for g in order for r in wave[g * n : (g + 1) * n]]
+        active = self._start_wave(ctx, wave, [prompts[g] for g in order], [g_offset + g for g in order])
         step = 0
         while active:
             active = self._decode_step(ctx, active, step)
             step += 1
 
-    def _start_wave(self, ctx: WaveContext, wave: list[Row], prompts: list[list[int]], g_offset: int) -> list[Row]:
+    def _start_wave(self, ctx: WaveContext, wave: list[Row], prompts: list[list[int]], groups: list[int]) -> list[Row]:
         """Prefill, first token of every row (a K=0 verification of its group's last prompt position), speculators
         started and shown the first tokens (and the prompt features); returns the rows still generating."""
         n_gen = ctx.n_gen
@@ -661,7 +670,7 @@ class RolloutEngine:
         for g in range(len(prompts)):
             rows = [r.row_id for r in wave[g * n_gen : (g + 1) * n_gen]]
             for s in self.speculators.values():
-                s.start(g_offset + g, list(prompts[g]), rows)
+                s.start(groups[g], list(prompts[g]), rows)
         for i, r in enumerate(wave):
             emit(r, first.output_ids[i][:1], first.logprobs[i][:1], ctx.stops)
         ctx.stats.num_prefill_tokens += n
@@ -673,7 +682,7 @@ class RolloutEngine:
             # hidden-state speculators see the prompt features of every row (the group's, shared by its samples)
             feats = {layer: h.repeat_interleave(n_gen, dim=0) for layer, h in prompt_hidden.items()}
             self._observe_hidden([r.row_id for r in wave], feats, [r.prompt_len for r in wave])
-        ctx.group_left.update({g_offset + g: n_gen for g in range(len(prompts))})
+        ctx.group_left.update({g: n_gen for g in groups})
         return self._shrink(ctx, wave)
 
     def _decode_step(self, ctx: WaveContext, active: list[Row], step: int) -> list[Row]:
@@ -830,18 +839,30 @@ class RolloutEngine:
             hook(rec)
 
 
-def _prefill_chunks(prompts: list[list[int]], budget: int) -> list[tuple[int, int]]:
-    """``[(g, g_end), ...]``: consecutive prompt groups, each chunk grown while rows x padded length <= budget."""
+def _prefill_chunks(
+    prompts: list[list[int]], budget: int, overhead_tokens: int = PREFILL_CHUNK_OVERHEAD_TOKENS
+) -> list[tuple[int, int]]:
+    """``[(g, g_end), ...]``: consecutive prompt groups cut into chunks (rows x padded length <= ``budget``, or one
+    row) that minimise the prefill's cost, padded tokens plus ``overhead_tokens`` per forward (dynamic
+    programming over the cut points; prompts sorted by length make the padding small)."""
+    G = len(prompts)
+    best = [0.0] + [math.inf] * G  # best[j]: cost of prefilling prompts[:j]
+    cut = [0] * (G + 1)
+    for j in range(1, G + 1):
+        plen = 0
+        for i in range(j - 1, -1, -1):  # chunk prompts[i:j]
+            plen = max(plen, len(prompts[i]))
+            if (j - i) * plen > budget and i < j - 1:
+                break
+            cost = best[i] + (j - i) * plen + overhead_tokens
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
     chunks: list[tuple[int, int]] = []
-    g, G = 0, len(prompts)
-    while g < G:
-        g_end, plen = g + 1, len(prompts[g])
-        while g_end < G and (g_end + 1 - g) * max(plen, len(prompts[g_end])) <= budget:
-            plen = max(plen, len(prompts[g_end]))
-            g_end += 1
-        chunks.append((g, g_end))
-        g = g_end
-    return chunks
+    j = G
+    while j > 0:
+        chunks.append((cut[j], j))
+        j = cut[j]
+    return chunks[::-1]
 
 
 def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:

@@ -38,8 +38,8 @@ def test_greedy_speculation_is_token_identical_float64(model64):
         out = eng.generate(PROMPTS, sp, num_generations=3)
         assert out.completion_ids == base.completion_ids, spec.name
         assert out.stats.num_draft_tokens > 0
-    # the oracle run really exercised ragged acceptance: accepted counts vary across rows and steps
-    assert 1.0 < out.stats.mean_acceptance_length < k + 1
+        if spec.name == "oracle":  # the oracle run really exercised ragged acceptance (rows and steps vary)
+            assert 1.0 < out.stats.mean_acceptance_length < k + 1
 
 
 def test_engine_k0_matches_hf_generate_greedy(model64):
@@ -417,3 +417,43 @@ def test_best_of_controller_picks_the_more_confident_draft_and_stays_lossless(mo
     base = RolloutEngine(model64).generate(PROMPTS, _greedy(12), num_generations=2)
     assert out.completion_ids == base.completion_ids
     assert out.stats.per_speculator["oracle"].num_drafts > 0 and out.stats.per_speculator["bigram"].num_drafts == 0
+
+
+def _chunk_cost(lengths: list[int], chunks: list[tuple[int, int]], overhead: int) -> int:
+    return sum((b - a) * max(lengths[a:b]) + overhead for a, b in chunks)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_prefill_chunks_are_the_cheapest_cut_within_the_budget(seed):
+    """Against brute force over every cut of up to 9 prompts: consecutive, complete, within the budget (a lone
+    prompt may exceed it), and no cut pays less padding plus per-forward overhead."""
+    import itertools
+
+    from atlas_rl.rollout.engine import _prefill_chunks
+
+    g = torch.Generator().manual_seed(seed)
+    lengths = sorted(torch.randint(1, 40, (int(torch.randint(1, 10, (1,), generator=g)),), generator=g).tolist())
+    budget, overhead = 60, 7
+    chunks = _prefill_chunks([[0] * n for n in lengths], budget, overhead)
+    assert [a for a, _ in chunks][0] == 0 and chunks[-1][1] == len(lengths)
+    assert all(b0 == a1 for (_, b0), (a1, _) in zip(chunks, chunks[1:]))
+    assert all(b - a == 1 or (b - a) * max(lengths[a:b]) <= budget for a, b in chunks)
+    best = min(
+        _chunk_cost(lengths, cut, overhead)
+        for r in range(len(lengths))
+        for inner in itertools.combinations(range(1, len(lengths)), r)
+        for cut in [list(zip((0, *inner), (*inner, len(lengths))))]
+        if all(b - a == 1 or (b - a) * max(lengths[a:b]) <= budget for a, b in cut)
+    )
+    assert _chunk_cost(lengths, chunks, overhead) == best
+
+
+def test_prompts_of_mixed_lengths_in_any_order_give_the_same_rows(model64):
+    """The wave prefills its groups by prompt length; each prompt's completions do not depend on where it stands."""
+    prompts = [[1, 5, 7], [2, 9, 11, 13, 4, 8, 3, 17, 21], [6], [3, 3, 8, 1, 9]]
+    sp = _greedy(12)
+    out = RolloutEngine(model64).generate(prompts, sp, num_generations=2)
+    rev = RolloutEngine(model64).generate(prompts[::-1], sp, num_generations=2)
+    assert out.prompt_ids == [p for p in prompts for _ in range(2)]
+    pairs = [out.completion_ids[i : i + 2] for i in range(0, 8, 2)]
+    assert pairs == [rev.completion_ids[i : i + 2] for i in range(0, 8, 2)][::-1]
