@@ -2,14 +2,16 @@
 
 Per row the speculator keeps the sequence (prompt + emitted tokens) and ``committed``: how many positions of
 it have passed through the draft layer with *target* features (always the positions the target has verified,
-once caught up, ``committed == len(tokens) - 1``: every token but the pending one). ``observe_hidden``
-runs the prompt positions through the draft layer at once, batched over rows (computed once per group and
-copied to the group's samples), but only *queues* the features of decode steps: the draft layer catches up
-on a row's queued positions in one batched call when the row is next asked for a draft (or when the queue
-reaches ``max_pending`` positions). While the controller keeps speculation off (large batches) the head then
-costs nothing per step, and a catch-up over many positions reads the head's weights once instead of once per
-step. ``propose`` drafts a chain from the last committed position, writing the keys/values of its own draft
-positions past ``committed``, where the next verified features overwrite them.
+once caught up, ``committed == len(tokens) - 1``: every token but the pending one). ``observe_hidden`` only
+*queues* features: a group's prompt features once (its samples share them; all but the last position, whose
+draft-layer input is the row's own first token), each row's other features as they come. The draft layer
+catches up on a row's queue in one batched call when the row is next asked for a draft (or when its queue
+reaches ``max_pending`` positions): the shared prompt first, run once per group by the first of its rows asked
+and copied to the others, then the row's own positions. While the controller keeps speculation off (large
+batches) the head then costs nothing, not even the prompt pass (a draft layer over every prompt position: ~1 s
+of a 64-row call), and a catch-up over many positions reads the head's weights once instead of once per step.
+``propose`` drafts a chain from the last committed position, writing the keys/values of its own draft positions
+past ``committed``, where the next verified features overwrite them.
 """
 
 from __future__ import annotations
@@ -35,6 +37,22 @@ class _RowState:
     h_last: torch.Tensor | None = None  # [hidden] draft-layer output at position committed-1
     pending: list[torch.Tensor] = field(default_factory=list)  # queued target features, each [m_i, F]
     num_pending: int = 0  # positions queued in ``pending``
+    prompt: int = 0  # prompt positions queued (the group's, see _GroupPrompt); 0 once through the draft layer
+
+    @property
+    def queued_upto(self) -> int:
+        """Positions with target features: through the draft layer or queued."""
+        return self.committed + self.prompt + self.num_pending
+
+
+@dataclass
+class _GroupPrompt:
+    """A group's prompt features, run through the draft layer by the first of its rows asked, then copied."""
+
+    feats: torch.Tensor  # [P - 1, F] target features of the prompt positions but the last
+    slot: int | None = None  # the slot whose cache holds the prompt's keys/values once computed (rows of a group
+    # are freed together, so it stays valid while the group lives)
+    h_last: torch.Tensor | None = None  # [hidden] draft-layer output at position P - 2
 
 
 class DraftHeadSpeculator:
@@ -71,6 +89,7 @@ class DraftHeadSpeculator:
         self._gen = torch.Generator().manual_seed(seed)
         self._rows: dict[int, _RowState] = {}
         self._groups: dict[int, list[int]] = {}
+        self._prompts: dict[int, _GroupPrompt] = {}
         self._free: list[int] = []
         self.max_pending = max_pending
         self._k: torch.Tensor | None = None  # [layers, slots, kv_heads, max_len, head_dim]
@@ -123,6 +142,7 @@ class DraftHeadSpeculator:
             st.tokens.extend(emitted_ids)
 
     def stop(self, group_id: int) -> None:
+        self._prompts.pop(group_id, None)
         for r in self._groups.pop(group_id, []):
             st = self._rows.pop(r, None)
             if st is not None:
@@ -131,6 +151,7 @@ class DraftHeadSpeculator:
     def reset(self) -> None:
         self._rows.clear()
         self._groups.clear()
+        self._prompts.clear()
         self._free.clear()
 
     def on_policy_update(self, version: int) -> None:
@@ -140,45 +161,33 @@ class DraftHeadSpeculator:
     @torch.inference_mode()
     def observe_hidden(self, row_ids: list[int], hidden_states: dict[int, torch.Tensor], num_new: list[int]) -> None:
         feats = torch.cat([hidden_states[la] for la in self.hidden_layers], -1)  # [n, m, n_layers*hidden]
-        todo: list[int] = []  # indices into row_ids to compute now (prompt positions)
-        copies: list[tuple[int, int]] = []  # (row index, leader row index) for identical prompt prefixes
-        leader_of_group: dict[int, int] = {}
         overflow = False
         for i, r in enumerate(row_ids):
             st = self._rows.get(r)
-            if st is None or num_new[i] <= 0 or len(st.tokens) < st.committed + st.num_pending + num_new[i] + 1:
+            if st is None or num_new[i] <= 0 or len(st.tokens) < st.queued_upto + num_new[i] + 1:
                 continue  # unknown row, or a row that stopped in this step (fewer tokens than features)
-            if st.committed == 0 and st.num_pending == 0:
-                lead = leader_of_group.get(st.group_id)
-                if lead is not None and num_new[lead] == num_new[i]:
-                    copies.append((i, lead))
-                    continue
-                leader_of_group[st.group_id] = i
-                todo.append(i)
-            else:  # a decode step: queue (the features are a fresh tensor per target forward; keep a view)
-                st.pending.append(feats[i, : num_new[i]])
-                st.num_pending += num_new[i]
-                overflow = overflow or st.num_pending >= self.max_pending
-        if todo:
-            self._extend(row_ids, todo, feats, num_new)
-        if copies:
-            L = max(num_new[i] for i, _ in copies)
-            self._ensure_storage(max(self._rows[row_ids[i]].slot for i, _ in copies) + 1, L + 1)
-            dst = torch.tensor([self._rows[row_ids[i]].slot for i, _ in copies], device=self.device)
-            src = torch.tensor([self._rows[row_ids[j]].slot for _, j in copies], device=self.device)
-            self._k[:, dst, :, :L] = self._k[:, src, :, :L]
-            self._v[:, dst, :, :L] = self._v[:, src, :, :L]
-            for i, j in copies:
-                st, lead = self._rows[row_ids[i]], self._rows[row_ids[j]]
-                st.committed = lead.committed
-                st.h_last = lead.h_last
+            # (the features are a fresh tensor per target forward: queue views)
+            first = 0
+            if st.queued_upto == 0 and num_new[i] > 1:  # the prompt: all but its last position kept once per group
+                first = num_new[i] - 1
+                gp = self._prompts.get(st.group_id)
+                if gp is None or gp.feats.shape[0] != first:
+                    self._prompts[st.group_id] = _GroupPrompt(feats[i, :first])
+                st.prompt = first
+            # the rest is the row's own: the last prompt position reads the row's first token (samples differ)
+            st.pending.append(feats[i, first : num_new[i]])
+            st.num_pending += num_new[i] - first
+            overflow = overflow or st.num_pending >= self.max_pending
         if overflow:
             self.catch_up([r for r in row_ids if r in self._rows and self._rows[r].num_pending >= self.max_pending])
 
     @torch.inference_mode()
     def catch_up(self, row_ids: list[int]) -> None:
-        """Run the draft layer over the queued decode positions of ``row_ids`` (one batched call)."""
-        rows = [r for r in row_ids if r in self._rows and self._rows[r].num_pending > 0]
+        """Run the draft layer over the queued positions of ``row_ids``: their prompts (once per group), then their
+        decode positions (one batched call)."""
+        rows = [r for r in row_ids if r in self._rows]
+        self._catch_up_prompts([r for r in rows if self._rows[r].prompt > 0])
+        rows = [r for r in rows if self._rows[r].num_pending > 0]
         if not rows:
             return
         states = [self._rows[r] for r in rows]
@@ -191,6 +200,42 @@ class DraftHeadSpeculator:
         for st in states:
             st.pending, st.num_pending = [], 0
         self._extend(rows, list(range(len(rows))), feats, num_new)
+
+    def _catch_up_prompts(self, rows: list[int]) -> None:
+        """The queued prompts of ``rows``: through the draft layer for the first row asked of each group (batched),
+        copied (keys/values, last output) to the group's other rows."""
+        leaders: dict[int, int] = {}
+        for r in rows:
+            st = self._rows[r]
+            if self._prompts[st.group_id].slot is None:
+                leaders.setdefault(st.group_id, r)
+        if leaders:
+            prompts = [self._prompts[g].feats for g in leaders]
+            feats = torch.zeros(
+                (len(prompts), max(f.shape[0] for f in prompts), prompts[0].shape[-1]),
+                dtype=prompts[0].dtype,
+                device=prompts[0].device,
+            )
+            for a, f in enumerate(prompts):
+                feats[a, : f.shape[0]] = f
+            lead_rows = list(leaders.values())
+            self._extend(lead_rows, list(range(len(lead_rows))), feats, [f.shape[0] for f in prompts])
+            for g, r in leaders.items():
+                st = self._rows[r]
+                st.prompt = 0
+                self._prompts[g].slot, self._prompts[g].h_last = st.slot, st.h_last
+        for r in rows:
+            st = self._rows[r]
+            if st.prompt > 0:
+                self._copy_prompt(st, self._prompts[st.group_id])
+
+    def _copy_prompt(self, st: _RowState, gp: _GroupPrompt) -> None:
+        """Row ``st`` takes the prompt keys/values and last output its group's first row computed."""
+        P = st.prompt
+        self._ensure_storage(st.slot + 1, P + 1)
+        self._k[:, st.slot, :, :P] = self._k[:, gp.slot, :, :P]
+        self._v[:, st.slot, :, :P] = self._v[:, gp.slot, :, :P]
+        st.committed, st.h_last, st.prompt = P, gp.h_last, 0
 
     def _extend(self, row_ids: list[int], todo: list[int], feats: torch.Tensor, num_new: list[int]) -> None:
         """Run the draft layer over the new verified positions of rows ``todo`` (with target features)."""

@@ -105,7 +105,7 @@ def test_queued_decode_features_catch_up_to_the_eager_result(model, max_pending)
     lazy = DraftHeadSpeculator(head, seed=3, max_pending=max_pending)
     lazy.start(0, prompt, [0])
     lazy.observe(0, seq[P : P + 1])
-    lazy.observe_hidden([0], {la: h[:, :P] for la, h in feats.items()}, [P])  # prompt positions: computed now
+    lazy.observe_hidden([0], {la: h[:, :P] for la, h in feats.items()}, [P])  # prompt positions: queued too
     pos = P
     for c in (1, 2, 1, 1):  # decode steps emitting 1, 2, 1, 1 tokens
         lazy.observe(0, seq[pos + 1 : pos + 1 + c])
@@ -119,6 +119,32 @@ def test_queued_decode_features_catch_up_to_the_eager_result(model, max_pending)
     assert lazy._rows[0].num_pending == 0 and lazy._rows[0].committed == len(seq) - 1
     assert a.token_ids == b.token_ids
     assert b.confidence == pytest.approx(a.confidence, abs=1e-9)
+
+
+def test_a_groups_prompt_runs_once_for_the_first_row_asked_and_is_copied_to_the_others(model):
+    """Two samples of one prompt, asked at different steps: the later one takes the prompt's keys/values from the
+    first (no second prompt pass) and both draft what speculators that saw their whole sequences at once draft."""
+    head = _head(model, fuse=(1, 2))
+    prompt = PROMPTS[1]
+    P = len(prompt)
+    seqs = [prompt + [3, 4, 5, 6], prompt + [9, 8, 7]]
+    feats = [_features(model, s, head.config.fuse_layers) for s in seqs]
+    spec = DraftHeadSpeculator(head, seed=3)
+    spec.start(0, prompt, [0, 1])
+    for r, s in enumerate(seqs):
+        spec.observe(r, s[P : P + 1])
+    both = {la: torch.cat([f[la][:, :P] for f in feats]) for la in head.config.fuse_layers}  # [2, P, hidden]
+    spec.observe_hidden([0, 1], both, [P, P])
+    for r, s in enumerate(seqs):  # each row's decode positions, one step each
+        spec.observe(r, s[P + 1 :])
+        spec.observe_hidden([r], {la: h[:, P : len(s) - 1] for la, h in feats[r].items()}, [len(s) - 1 - P])
+    greedy = SamplingParams(temperature=0)
+    for r in (1, 0):  # the second row first: it runs the prompt
+        (got,) = spec.propose(ProposeInput([r], [0], [seqs[r]], sampling=greedy), [4])
+        assert spec._prompts[0].slot == spec._rows[1].slot
+        (want,) = _primed(model, head, seqs[r], P).propose(ProposeInput([0], [0], [seqs[r]], sampling=greedy), [4])
+        assert got.token_ids == want.token_ids
+        assert got.confidence == pytest.approx(want.confidence, abs=1e-9)
 
 
 @pytest.mark.parametrize("fuse", [(1, 2), (-1,)])
