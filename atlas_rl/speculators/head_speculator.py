@@ -49,7 +49,8 @@ class _RowState:
 class _GroupPrompt:
     """A group's prompt features, run through the draft layer by the first of its rows asked, then copied."""
 
-    feats: torch.Tensor  # [P - 1, F] target features of the prompt positions but the last
+    feats: tuple[torch.Tensor, ...]  # per fused layer [P - 1, hidden]: the prompt positions but the last (views:
+    # concatenated when first run, not for every row of a wave the head may never be asked for)
     slot: int | None = None  # the slot whose cache holds the prompt's keys/values once computed (rows of a group
     # are freed together, so it stays valid while the group lives)
     h_last: torch.Tensor | None = None  # [hidden] draft-layer output at position P - 2
@@ -160,26 +161,35 @@ class DraftHeadSpeculator:
     # ------------------------------------------------------------------------------------------ features
     @torch.inference_mode()
     def observe_hidden(self, row_ids: list[int], hidden_states: dict[int, torch.Tensor], num_new: list[int]) -> None:
-        feats = torch.cat([hidden_states[la] for la in self.hidden_layers], -1)  # [n, m, n_layers*hidden]
+        layers = [hidden_states[la] for la in self.hidden_layers]  # each [n, m, hidden]
+        batch: torch.Tensor | None = None  # [n, m, n_layers*hidden], made when a decode step needs it
         overflow = False
         for i, r in enumerate(row_ids):
             st = self._rows.get(r)
             if st is None or num_new[i] <= 0 or len(st.tokens) < st.queued_upto + num_new[i] + 1:
                 continue  # unknown row, or a row that stopped in this step (fewer tokens than features)
             # (the features are a fresh tensor per target forward: queue views)
-            first = 0
-            if st.queued_upto == 0 and num_new[i] > 1:  # the prompt: all but its last position kept once per group
-                first = num_new[i] - 1
-                gp = self._prompts.get(st.group_id)
-                if gp is None or gp.feats.shape[0] != first:
-                    self._prompts[st.group_id] = _GroupPrompt(feats[i, :first])
-                st.prompt = first
-            # the rest is the row's own: the last prompt position reads the row's first token (samples differ)
-            st.pending.append(feats[i, first : num_new[i]])
-            st.num_pending += num_new[i] - first
+            if st.queued_upto == 0 and num_new[i] > 1:
+                own = self._queue_prompt(st, [h[i, : num_new[i]] for h in layers])
+            else:
+                batch = torch.cat(layers, -1) if batch is None else batch
+                own = batch[i, : num_new[i]]
+            st.pending.append(own)
+            st.num_pending += own.shape[0]
             overflow = overflow or st.num_pending >= self.max_pending
         if overflow:
             self.catch_up([r for r in row_ids if r in self._rows and self._rows[r].num_pending >= self.max_pending])
+
+    def _queue_prompt(self, st: _RowState, layers: list[torch.Tensor]) -> torch.Tensor:
+        """A row's prompt features (per fused layer ``[P, hidden]``): all but the last position kept once per group;
+        returns the row's own part (``[1, n_layers*hidden]``): the last position reads the row's first token, which
+        differs between samples."""
+        first = layers[0].shape[0] - 1
+        gp = self._prompts.get(st.group_id)
+        if gp is None or gp.feats[0].shape[0] != first:
+            self._prompts[st.group_id] = _GroupPrompt(tuple(h[:first] for h in layers))
+        st.prompt = first
+        return torch.cat([h[first:] for h in layers], -1)
 
     @torch.inference_mode()
     def catch_up(self, row_ids: list[int]) -> None:
@@ -210,7 +220,7 @@ class DraftHeadSpeculator:
             if self._prompts[st.group_id].slot is None:
                 leaders.setdefault(st.group_id, r)
         if leaders:
-            prompts = [self._prompts[g].feats for g in leaders]
+            prompts = [torch.cat(self._prompts[g].feats, -1) for g in leaders]
             feats = torch.zeros(
                 (len(prompts), max(f.shape[0] for f in prompts), prompts[0].shape[-1]),
                 dtype=prompts[0].dtype,
