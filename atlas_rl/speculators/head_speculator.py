@@ -49,7 +49,7 @@ class _RowState:
 class _GroupPrompt:
     """A group's prompt features, run through the draft layer by the first of its rows asked, then copied."""
 
-    feats: tuple[torch.Tensor, ...]  # per fused layer [P - 1, hidden]: the prompt positions but the last (views:
+    feats: tuple[torch.Tensor, ...]  # per fused layer [P - 1, hidden]: the prompt positions but the last (copies,
     # concatenated when first run, not for every row of a wave the head may never be asked for)
     slot: int | None = None  # the slot whose cache holds the prompt's keys/values once computed (rows of a group
     # are freed together, so it stays valid while the group lives)
@@ -187,7 +187,9 @@ class DraftHeadSpeculator:
         first = layers[0].shape[0] - 1
         gp = self._prompts.get(st.group_id)
         if gp is None or gp.feats[0].shape[0] != first:
-            self._prompts[st.group_id] = _GroupPrompt(tuple(h[:first] for h in layers))
+            # copies: views would keep the engine's whole prompt-feature tensors (every sample of every group, e.g.
+            # 512 rows x 512 positions x 3 layers = 1.8 GB) alive for the wave
+            self._prompts[st.group_id] = _GroupPrompt(tuple(h[:first].clone() for h in layers))
         st.prompt = first
         return torch.cat([h[first:] for h in layers], -1)
 
