@@ -49,6 +49,10 @@ class TailOptions:
     max_new_tokens: int = field(default=128, metadata={"help": "New tokens per row (EOS ignored)."})
     repeats: int = field(default=3, metadata={"help": "Interleaved repetitions of every configuration."})
     seed: int = field(default=0, metadata={"help": "Sampling seed (T > 0) and prompt choice."})
+    fixed: bool = field(
+        default=True,
+        metadata={"help": "Also run each speculator alone at every k of ks (false: k=0 and the default only)."},
+    )
 
     def __post_init__(self) -> None:
         if not self.rows or any(r < 1 for r in self.rows):
@@ -96,7 +100,7 @@ def _workload(tokenizer, rows: int, temperature: float, opts: TailOptions) -> Wo
 def _configs(model, eos: list[int], opts: TailOptions, cost) -> tuple[dict[str, Runner], list[str]]:
     factories = speculator_factories(model, ("auto",))
     configs: dict[str, Runner] = {"k0": engine_runner(lambda: RolloutEngine(model, eos_token_ids=eos))}
-    for sp, make in factories.items():
+    for sp, make in factories.items() if opts.fixed else ():
         for k in opts.ks:
             configs[f"{sp}_k{k}"] = engine_runner(
                 lambda make=make, sp=sp, k=k: RolloutEngine(

@@ -6,7 +6,7 @@ import pytest
 
 from atlas_rl.bench.harness import ConfigSummary, RunResult
 from atlas_rl.bench.roofline import render_roofline_markdown, roofline_table, weight_chain_ms
-from atlas_rl.bench.tail import _cell_summary, render_tail_markdown
+from atlas_rl.bench.tail import TailOptions, _cell_summary, _configs, render_tail_markdown
 from atlas_rl.models import tiny_llama
 from atlas_rl.rollout import RolloutEngine
 from atlas_rl.types import SpecStats
@@ -48,3 +48,14 @@ def test_roofline_table_on_a_tiny_model_interleaves_engines_and_chain():
     assert set(table["ms"]["lean"]) == {(1, 1), (1, 3), (2, 1)}  # 2 x 3 = 6 columns > max_columns
     assert sorted(table["chain"]) == [1, 2, 3]
     assert "| 2 |" in render_roofline_markdown(table)
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_tail_runs_the_fixed_configurations_unless_told_not_to(fixed):
+    model = tiny_llama(vocab_size=64)  # no shipped head: the default speculators are the suffix index alone
+    configs, speculators = _configs(model, [63], TailOptions(ks=[2, 4], fixed=fixed), cost=None)
+    assert speculators == ["suffix"]
+    assert sorted(configs) == (["default", "k0", "suffix_k2", "suffix_k4"] if fixed else ["default", "k0"])
+    cell = _cell_summary({n: _summary(n, [10.0], 5.0, 100) for n in configs}, speculators, [2, 4])
+    md = render_tail_markdown({"cells": {"rows1_T0": {"rows": 1, "temperature": 0.0, **cell}}})
+    assert ("suffix best fixed" in md) == fixed
