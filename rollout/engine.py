@@ -85,7 +85,7 @@ logger = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # what one more prefill forward costs, in padded prompt tokens (SmolLM2-135M, one core: ~45 ms a forward beside
-# ~2.1 ms a token; docs/results/verification_cost.md, "Prefill"): the chunking trades padding against forwards
+# ~2.1 ms a token; docs/results/verification_cost.md §10): the chunking trades padding against forwards
 PREFILL_CHUNK_OVERHEAD_TOKENS = 24
 
 CaptureHook = Callable[[CaptureRecord], None]
