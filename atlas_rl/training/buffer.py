@@ -252,7 +252,7 @@ class CaptureBuffer:
     def flush(self) -> int:
         """Finalize every open row (call after ``generate`` returns). Returns the number of samples added."""
         with self._lock:
-            rows = sorted(self._open.items(), key=lambda kv: kv[1].order)
+            rows = sorted(self._open.items())  # the batch's order (row ids), not the engine's prefill order
             self._open.clear()
             added = sum(self._finalize(r) for _, r in rows)
             self._enforce_bound()
@@ -311,7 +311,7 @@ class CaptureBuffer:
             self.num_records += 1
             if not self._last_was_prefill and self._open:
                 # a prefill after verification steps: the previous call (or wave) has ended
-                for r in sorted(self._open.values(), key=lambda r: r.order):
+                for _, r in sorted(self._open.items()):  # the batch's order (row ids)
                     self._finalize(r)
                 self._open.clear()
             self._last_was_prefill = True

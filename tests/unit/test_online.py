@@ -135,9 +135,7 @@ def test_training_on_captured_data_lowers_heldout_loss_and_raises_acceptance(tar
     assert after.completion_ids == base.completion_ids  # lossless, whatever the head
     tau0, tau1 = before.stats.mean_acceptance_length, after.stats.mean_acceptance_length
     assert loss1 < 0.5 * loss0, (loss0, loss1)
-    # tau1 moves by ~0.05 with the order of the captured records (2.05 before the engine prefilled groups by
-    # prompt length, 1.99 after): the bar is the relative gain with an absolute floor below that spread
-    assert tau0 < 1.2 and tau1 > 1.85 and tau1 > 1.7 * tau0, (tau0, tau1)
+    assert tau0 < 1.2 and tau1 > 2.0 and tau1 > 1.7 * tau0, (tau0, tau1)
     assert m["staleness"] == 0 and m["trained_version"] == 0 and m["top1"] > 0.5
 
 
