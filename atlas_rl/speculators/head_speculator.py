@@ -20,6 +20,7 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from atlas_rl.speculators.draft_head import DraftHead, head_cost_macs
 from atlas_rl.types import Draft, ProposeInput, SamplingParams
@@ -203,11 +204,7 @@ class DraftHeadSpeculator:
         if not rows:
             return
         states = [self._rows[r] for r in rows]
-        m = max(st.num_pending for st in states)
-        F = states[0].pending[0].shape[-1]
-        feats = torch.zeros((len(rows), m, F), dtype=states[0].pending[0].dtype, device=states[0].pending[0].device)
-        for a, st in enumerate(states):
-            feats[a, : st.num_pending] = torch.cat(st.pending, 0)
+        feats = pad_sequence([torch.cat(st.pending, 0) for st in states], batch_first=True)  # [n, m, F]
         num_new = [st.num_pending for st in states]
         for st in states:
             st.pending, st.num_pending = [], 0
@@ -223,14 +220,8 @@ class DraftHeadSpeculator:
                 leaders.setdefault(st.group_id, r)
         if leaders:
             prompts = [torch.cat(self._prompts[g].feats, -1) for g in leaders]
-            feats = torch.zeros(
-                (len(prompts), max(f.shape[0] for f in prompts), prompts[0].shape[-1]),
-                dtype=prompts[0].dtype,
-                device=prompts[0].device,
-            )
-            for a, f in enumerate(prompts):
-                feats[a, : f.shape[0]] = f
             lead_rows = list(leaders.values())
+            feats = pad_sequence(prompts, batch_first=True)  # [n, P_max - 1, F]
             self._extend(lead_rows, list(range(len(lead_rows))), feats, [f.shape[0] for f in prompts])
             for g, r in leaders.items():
                 st = self._rows[r]
