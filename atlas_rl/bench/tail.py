@@ -2,11 +2,13 @@
 
 For each number of active rows (default 1, 2, 4, 8) and temperature (0 and 1): that many prompts of the held-out
 split of the broad prompt set (the split the shipped static head was not trained on), one sample each, 128 new
-tokens, ``ignore_eos`` so every row stays active. Configurations, interleaved and repeated (default 3): the engine
-without speculation (k=0), each default speculator alone at every fixed k of ``ks`` (its best k is picked
-afterwards, from the same run), and the default engine (auto controller over all default speculators: the suffix
-index and the shipped static head). Reported: tokens/s, the ratio to k=0 (median of the per-repeat ratios, with
-their min-max spread), the mean acceptance length tau, and per-phase milliseconds per decode step.
+tokens, ``ignore_eos`` so every row stays active; a cell with fewer rows than ``min_prompts`` runs several
+disjoint prompt sets in turn (one prompt is a noisy sample of the one-row regime). Configurations, interleaved and
+repeated (default 3): the engine without speculation (k=0), each default speculator alone at every fixed k of ``ks``
+(its best k is picked afterwards, from the same run), and the default engine (auto controller over all default
+speculators: the suffix index and the shipped static head). Reported: tokens/s, the ratio to k=0 (median of the
+per-repeat ratios, with their min-max spread), the mean acceptance length tau, and per-phase milliseconds per
+decode step.
 
 Run: ``atlas-rl bench --scenario tail --out_dir runs/tail`` (writes ``tail.json`` and ``tail.md``; also
 ``python -m atlas_rl.bench.tail``).
@@ -14,16 +16,19 @@ Run: ``atlas-rl bench --scenario tail --out_dir runs/tail`` (writes ``tail.json`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import statistics
 import sys
+import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 from atlas_rl.config import DEFAULT_MAX_K, EngineConfig
 from atlas_rl.controller import FixedController
 from atlas_rl.rollout.engine import RolloutEngine
-from atlas_rl.types import SamplingParams
+from atlas_rl.types import SamplingParams, SpecStats
 
 from .common import start_run
 from .grid import auto_controller, calibrate, speculator_factories
@@ -53,6 +58,13 @@ class TailOptions:
         default=True,
         metadata={"help": "Also run each speculator alone at every k of ks (false: k=0 and the default only)."},
     )
+    min_prompts: int = field(
+        default=4,
+        metadata={
+            "help": "Distinct prompts per cell at least: a cell of r rows runs ceil(min_prompts / r) disjoint sets of "
+            "r prompts, one call each, in every repeat (one prompt is a noisy sample of the one-row regime)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if not self.rows or any(r < 1 for r in self.rows):
@@ -61,11 +73,15 @@ class TailOptions:
             raise ValueError(f"ks must be integers >= 1 (k=0 is always included), got {self.ks}")
         if any(t < 0 for t in self.temperatures) or not self.temperatures:
             raise ValueError(f"temperatures must be >= 0, got {self.temperatures}")
-        if self.repeats < 1 or self.max_new_tokens < 1:
-            raise ValueError("repeats and max_new_tokens must be >= 1")
+        if self.repeats < 1 or self.max_new_tokens < 1 or self.min_prompts < 1:
+            raise ValueError("repeats, max_new_tokens and min_prompts must be >= 1")
+
+    def prompt_sets(self, rows: int) -> int:
+        """Disjoint prompt sets a cell of ``rows`` active rows runs in every repeat."""
+        return -(-self.min_prompts // rows)
 
 
-QUICK = dict(rows=[1, 2], temperatures=[0.0], ks=[2], max_new_tokens=16, repeats=1)  # --quick
+QUICK = dict(rows=[1, 2], temperatures=[0.0], ks=[2], max_new_tokens=16, repeats=1, min_prompts=1)  # --quick
 
 
 def held_out_prompt_ids(tokenizer, count: int, seed: int = 0) -> list[list[int]]:
@@ -85,16 +101,56 @@ def held_out_prompt_ids(tokenizer, count: int, seed: int = 0) -> list[list[int]]
     return out
 
 
-def _workload(tokenizer, rows: int, temperature: float, opts: TailOptions) -> Workload:
-    return Workload(
-        name=f"rows{rows}_T{temperature:g}",
-        description=f"{rows} held-out prompts x 1, T={temperature:g}, {opts.max_new_tokens} tokens, no EOS",
-        prompt_ids=held_out_prompt_ids(tokenizer, rows, opts.seed + rows),
-        num_generations=1,
-        sampling=SamplingParams(
-            temperature=temperature, max_new_tokens=opts.max_new_tokens, seed=opts.seed, ignore_eos=True
-        ),
+def _workloads(tokenizer, rows: int, temperature: float, opts: TailOptions) -> list[Workload]:
+    """The cell's prompt sets: ``opts.prompt_sets(rows)`` disjoint sets of ``rows`` held-out prompts (the first set
+    is the same whatever the number of sets)."""
+    sets = opts.prompt_sets(rows)
+    prompts = held_out_prompt_ids(tokenizer, rows * sets, opts.seed + rows)
+    sampling = SamplingParams(
+        temperature=temperature, max_new_tokens=opts.max_new_tokens, seed=opts.seed, ignore_eos=True
     )
+    return [
+        Workload(
+            name=f"rows{rows}_T{temperature:g}" + (f"_set{i}" if sets > 1 else ""),
+            description=f"{rows} held-out prompts x 1, T={temperature:g}, {opts.max_new_tokens} tokens, no EOS"
+            + (f", set {i + 1} of {sets}" if sets > 1 else ""),
+            prompt_ids=prompts[i * rows : (i + 1) * rows],
+            num_generations=1,
+            sampling=sampling,
+        )
+        for i in range(sets)
+    ]
+
+
+def over_prompt_sets(runner: Runner, workloads: list[Workload]) -> Runner:
+    """A runner that runs ``runner`` on every workload in turn (whatever workload it is given) and returns their
+    sums: one batch-like object whose ``stats`` merge every call's, the completion tokens and the seconds."""
+
+    def run(_: Workload) -> tuple[SimpleNamespace, int, float]:
+        stats, tokens, secs = SpecStats(), 0, 0.0
+        for w in workloads:
+            t0 = time.perf_counter()
+            res = runner(w)
+            secs += res[2] if len(res) > 2 else time.perf_counter() - t0
+            tokens += res[1]
+            if res[0] is not None and res[0].stats is not None:
+                stats.merge(res[0].stats)
+        return SimpleNamespace(stats=stats), tokens, secs
+
+    return run
+
+
+def _cell(sets: list[Workload], configs: dict[str, Runner]) -> tuple[Workload, dict[str, Runner]]:
+    """The cell's workload and runners: the one set as is, or several sets run in turn by every runner."""
+    if len(sets) == 1:
+        return sets[0], configs
+    w = dataclasses.replace(
+        sets[0],
+        name=sets[0].name.rsplit("_set", 1)[0],
+        description=f"{len(sets)} sets of " + sets[0].description.rsplit(", set ", 1)[0],
+        prompt_ids=[p for s in sets for p in s.prompt_ids],
+    )
+    return w, {name: over_prompt_sets(r, sets) for name, r in configs.items()}
 
 
 def _configs(model, eos: list[int], opts: TailOptions, cost) -> tuple[dict[str, Runner], list[str]]:
@@ -167,12 +223,14 @@ def run_tail(opts: TailOptions, command: str = "atlas-rl bench --scenario tail")
     configs, speculators = _configs(run.model, run.eos, opts, cost)
     for temperature in opts.temperatures:
         for rows in opts.rows:
-            w = _workload(run.tokenizer, rows, temperature, opts)
+            sets = _workloads(run.tokenizer, rows, temperature, opts)
+            w, cell_configs = _cell(sets, configs)
             logger.info("tail cell %s: %s", w.name, w.description)
-            results = run_interleaved(w, configs, repeats=opts.repeats)
+            results = run_interleaved(w, cell_configs, repeats=opts.repeats)
             run.report["cells"][w.name] = {
                 "rows": rows,
                 "temperature": temperature,
+                "prompt_sets": len(sets),
                 "description": w.description,
                 **_cell_summary(results, speculators, opts.ks),
             }

@@ -59,3 +59,31 @@ def test_tail_runs_the_fixed_configurations_unless_told_not_to(fixed):
     cell = _cell_summary({n: _summary(n, [10.0], 5.0, 100) for n in configs}, speculators, [2, 4])
     md = render_tail_markdown({"cells": {"rows1_T0": {"rows": 1, "temperature": 0.0, **cell}}})
     assert ("suffix best fixed" in md) == fixed
+
+
+def test_a_cell_with_fewer_rows_than_min_prompts_runs_disjoint_prompt_sets_and_sums_them():
+    from atlas_rl.bench.harness import run_interleaved
+    from atlas_rl.bench.tail import _cell, _workloads
+    from atlas_rl.models import tiny_tokenizer
+
+    tok = tiny_tokenizer()  # the held-out prompts, chat-templated byte by byte
+    opts = TailOptions(rows=[1], max_new_tokens=4, min_prompts=3)
+    assert [opts.prompt_sets(r) for r in (1, 2, 3, 4)] == [3, 2, 1, 1]
+    sets = _workloads(tok, 1, 0.0, opts)
+    assert len(sets) == 3 and len({tuple(w.prompt_ids[0]) for w in sets}) == 3  # disjoint prompts
+    one = _workloads(tok, 1, 0.0, TailOptions(rows=[1], max_new_tokens=4, min_prompts=1))
+    assert one[0].prompt_ids == sets[0].prompt_ids and one[0].name == "rows1_T0"  # the first set does not move
+    seen: list[list[list[int]]] = []
+
+    def runner(w):
+        seen.append(w.prompt_ids)
+        st = SpecStats(num_steps=2, num_row_forwards=2, num_emitted_tokens=3, total_s=0.5)
+        return type("B", (), {"stats": st})(), 4, 0.5
+
+    w, configs = _cell(sets, {"k0": runner})
+    assert w.name == "rows1_T0" and w.description.startswith("3 sets of 1 held-out prompts")
+    res = run_interleaved(w, configs, repeats=2)["k0"]
+    assert seen == [s.prompt_ids for s in sets] * 2
+    run = res.runs[0]
+    assert (run.completion_tokens, run.seconds, run.stats.num_emitted_tokens) == (12, 1.5, 9)
+    assert res.tokens_per_s == pytest.approx(8.0) and res.mean_acceptance_length == pytest.approx(1.5)
