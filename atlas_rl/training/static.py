@@ -11,7 +11,8 @@ the prompt set and chat templating around it), one module per stage:
    labelled tokens of teacher-forced corpora (:mod:`~atlas_rl.training.static_corpus`: code, docs and chats built
    from files on this machine; one target forward per batch, no generation), cached in resumable shards.
 2. **Draft vocabulary** (:mod:`~atlas_rl.training.static_vocab`). The ``draft_vocab_size`` target tokens with the
-   largest expected frequency in the target's own answers (``vocab_from_answers``; else in all the data).
+   largest expected frequency in the target's own answers (``vocab_from_answers``; else in all the data). With
+   ``init_from`` the head then starts from a trained head's weights (:func:`warm_start`), e.g. to continue training.
 3. **Training-time test** (:mod:`~atlas_rl.training.static_train`). AdamW on the unrolled soft cross-entropy,
    length-bucketed batches, warmup then cosine decay; ``epochs`` over the data or until ``max_train_minutes``.
 4. **Held-out evaluation through the real engine** (:mod:`~atlas_rl.training.static_eval`). Mean acceptance
@@ -114,8 +115,9 @@ def train_static_speculator(
     t0 = time.perf_counter()
     n_answers = sum(int(st.get("responses", 0)) for st in gen_stats if st.get("source") != "corpus")
     head = _new_head(model, samples[:n_answers] if cfg.vocab_from_answers and n_answers else samples, cfg)
+    warm = warm_start(head, cfg.init_from, model) if cfg.init_from else {}
     timings["vocab_s"] = round(time.perf_counter() - t0, 1)
-    train = _train_logged(head, samples, cfg, out_dir / "train_log.jsonl", progress)
+    train = {**_train_logged(head, samples, cfg, out_dir / "train_log.jsonl", progress), **warm}
     timings["train_s"] = train["wall_s"]
     t0 = time.perf_counter()
     ev = _evaluate(model, head, held_out_prompts, cfg, progress)
@@ -192,6 +194,42 @@ def _new_head(model: torch.nn.Module, samples: Sequence[SequenceSample], cfg: St
     if cfg.init_norm_from_target:
         _init_norm_from_target(head, model)
     return head
+
+
+def warm_start(head: DraftHead, directory: str, model: torch.nn.Module) -> dict[str, Any]:
+    """Start ``head`` (fresh, bound to ``model``) from the trained head in ``directory``: every weight but the output
+    rows copied as is, the output rows of draft tokens both vocabularies hold copied, the rest left as they are (the
+    target's). Returns ``{"warm_start": {...}}`` for the card (where from, that head's command and steps).
+
+    Raises ``ValueError`` naming ``directory`` when its head is not the configured architecture or target.
+    """
+    src = DraftHead.from_pretrained(directory, target=model).to(head.fc.weight.device)
+    mine, theirs = head.state_dict(), src.state_dict()
+    rows_keys = ("lm_head.weight", "draft_to_target")
+    bad = sorted(k for k in set(mine) | set(theirs) if k not in rows_keys and _shape(mine, k) != _shape(theirs, k))
+    if bad:
+        detail = ", ".join(f"{k} {_shape(theirs, k)} vs {_shape(mine, k)}" for k in bad[:4])
+        raise ValueError(
+            f"init_from={directory!r}: its head does not have the configured architecture ({detail}); set "
+            "fuse_layers / intermediate_size / num_hidden_layers as in its config.json"
+        )
+    where = {int(t): i for i, t in enumerate(src.draft_to_target.tolist())}
+    pairs = [(j, where[int(t)]) for j, t in enumerate(head.draft_to_target.tolist()) if int(t) in where]
+    new_rows, old_rows = (torch.tensor(ix, dtype=torch.long) for ix in zip(*pairs)) if pairs else ([], [])
+    state = {k: v for k, v in theirs.items() if k not in rows_keys}
+    state["draft_to_target"] = mine["draft_to_target"]
+    state["lm_head.weight"] = mine["lm_head.weight"].clone()
+    state["lm_head.weight"][new_rows] = theirs["lm_head.weight"][old_rows].to(mine["lm_head.weight"])
+    head.load_state_dict(state)
+    card = DraftHead.read_card(directory) if (Path(directory) / "atlas_card.json").is_file() else {}
+    steps = card.get("training", {}).get("steps")
+    logger.info("warm start from %s: %d of %d output rows kept", directory, len(pairs), head.config.draft_vocab_size)
+    info = {"from": str(directory), "command": card.get("command"), "steps": steps, "output_rows_kept": len(pairs)}
+    return {"warm_start": info}
+
+
+def _shape(state: dict[str, torch.Tensor], key: str) -> tuple[int, ...] | None:
+    return tuple(state[key].shape) if key in state else None
 
 
 def _train_logged(

@@ -137,6 +137,14 @@ class StaticSpeculatorConfig:
             "measured slower early on, as a random start gives sharper wrong logits)."
         },
     )
+    init_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "Warm start: a trained head directory (e.g. the shipped one) whose weights the new head starts "
+            "from; output rows of draft tokens both vocabularies hold are kept, the others start from the target's. "
+            "With teacher_forced_fraction=0 the run continues the training-time test."
+        },
+    )
     epochs: float = field(default=3.0, metadata={"help": "Passes over the training data (fractions allowed)."})
     batch_tokens: int = field(
         default=4096, metadata={"help": "Positions per batch (sequences x padded length), length-bucketed."}
@@ -239,6 +247,11 @@ class StaticSpeculatorConfig:
             raise ValueError("warmup_steps, weight_decay and grad_clip must be >= 0")
         if self.max_train_minutes is not None and not self.max_train_minutes > 0:
             raise ValueError(f"max_train_minutes must be > 0 or None (no cap), got {self.max_train_minutes}")
+        if self.init_from is not None and not (Path(self.init_from) / "config.json").is_file():
+            raise ValueError(
+                f"init_from must be a draft head directory (config.json + weights, as save_pretrained writes), "
+                f"got {self.init_from!r}: no config.json there"
+            )
 
     def _check_evaluation(self) -> None:
         unknown = [b for b in self.eval_baselines if b not in BASELINES]

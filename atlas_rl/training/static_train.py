@@ -61,12 +61,17 @@ class _PreconditionedLinear(nn.Module):
     ``nn.Linear`` with ``W = W' / scale``, the same function. With ``scale`` the inputs' per-dimension RMS, every
     input dimension reaches the output at a comparable size and AdamW's (scale-free) steps move them alike."""
 
-    def __init__(self, linear: nn.Linear, scale: torch.Tensor, init_std: float = 0.02) -> None:
+    def __init__(
+        self, linear: nn.Linear, scale: torch.Tensor, init_std: float = 0.02, keep_weights: bool = False
+    ) -> None:
         super().__init__()
         if linear.bias is not None:
             raise ValueError("_PreconditionedLinear expects a linear layer without bias")
         self.register_buffer("scale", scale.to(linear.weight), persistent=False)
-        w = torch.randn_like(linear.weight) * init_std  # balanced start: every (rescaled) input dimension alike
+        if keep_weights:  # a warm start: the same function as ``linear`` (W' = W * scale)
+            w = linear.weight.detach() * self.scale
+        else:  # balanced start: every (rescaled) input dimension alike
+            w = torch.randn_like(linear.weight) * init_std
         self.weight = nn.Parameter(w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
@@ -168,7 +173,8 @@ def _precondition_fuse(
     """Swap the head's fuse layer for its preconditioned form (``config.precondition_features``); None if not."""
     if not config.precondition_features:
         return None
-    pre = _PreconditionedLinear(head.fc, feature_scale(samples, seed=config.seed).to(head.fc.weight.device))
+    scale = feature_scale(samples, seed=config.seed).to(head.fc.weight.device)
+    pre = _PreconditionedLinear(head.fc, scale, keep_weights=config.init_from is not None)
     head.fc = pre
     return pre
 

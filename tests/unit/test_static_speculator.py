@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -140,6 +141,36 @@ def test_training_under_bf16_autocast_runs_its_matmuls_in_bf16_and_keeps_float32
     assert res["curve"][-1]["loss"] < 0.8 * res["curve"][0]["loss"]  # it learns in either precision
 
 
+def test_warm_start_copies_a_trained_head_keeps_shared_output_rows_and_continues_from_its_function(tiny, tmp_path):
+    samples, _ = static_mod.generate_samples(tiny, _prompts(8, 5), 0.0, 12, (1, 2), label_top_k=4, progress=False)
+    cfg = _tiny_config(tmp_path, epochs=3.0)
+    first = static_mod._new_head(tiny, samples, cfg)
+    res = static_mod.train_head(first, samples, cfg, progress=False)
+    first.save_pretrained(tmp_path / "a", card={"command": "first run", "training": {"steps": res["steps"]}})
+    saved = DraftHead.from_pretrained(tmp_path / "a", target=tiny).state_dict()
+    # a larger vocabulary: the ranking's first 96 tokens are the saved head's, 16 more start from the target's rows
+    warm_cfg = _tiny_config(tmp_path, draft_vocab_size=112, init_from=str(tmp_path / "a"), teacher_forced_fraction=0.0)
+    head = static_mod._new_head(tiny, samples, warm_cfg)
+    fresh_rows = head.lm_head.weight.detach().clone()
+    info = static_mod.warm_start(head, warm_cfg.init_from, tiny)["warm_start"]
+    assert info == {"from": str(tmp_path / "a"), "command": "first run", "steps": res["steps"], "output_rows_kept": 96}
+    state = head.state_dict()
+    for key, value in saved.items():
+        if key not in ("lm_head.weight", "draft_to_target"):
+            assert torch.equal(state[key], value), key
+    assert torch.equal(state["lm_head.weight"][:96], saved["lm_head.weight"])
+    assert torch.equal(state["lm_head.weight"][96:], fresh_rows[96:])
+    # continuing (preconditioned fuse layer) starts from the same function: with a vanishing step nothing moves
+    before = {k: v.clone() for k, v in state.items()}
+    static_mod.train_head(head, samples, replace(warm_cfg, lr=1e-12, epochs=0.2), progress=False)
+    for key, value in head.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=1e-5, atol=1e-6, msg=key)
+    # another architecture is named, not half-loaded
+    other = static_mod._new_head(tiny, samples, _tiny_config(tmp_path, intermediate_size=48))
+    with pytest.raises(ValueError, match=r"init_from=.*architecture.*mlp"):
+        static_mod.warm_start(other, str(tmp_path / "a"), tiny)
+
+
 def test_samples_round_trip_through_safetensors(tmp_path):
     g = torch.Generator().manual_seed(0)
     samples = []
@@ -196,6 +227,7 @@ def test_draft_vocab_ranks_by_expected_frequency_and_reports_coverage():
         ({"max_train_minutes": 0}, "max_train_minutes"),
         ({"checkpoint_name": "head.safetensors"}, "checkpoint_name"),
         ({"fuse_layers": ()}, "fuse_layers"),
+        ({"init_from": "/nonexistent/head"}, "init_from"),
     ],
 )
 def test_config_errors_name_the_field(kw, match):
