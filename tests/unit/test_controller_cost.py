@@ -101,10 +101,10 @@ def test_cost_cache_is_reused_and_keyed(tmp_path):
     c3 = load_or_calibrate(key, sleeping_timer(law, calls), max_tokens=17, budget_s=2.0, root=tmp_path)
     assert not c3.from_cache and len(calls) > n  # a longer max_k than the cache covers: measured again
     n = len(calls)
-    short = load_or_calibrate("other", sleeping_timer(law, calls), max_tokens=17, budget_s=0.05, root=tmp_path)
+    short = load_or_calibrate("other", sleeping_timer(law, calls), max_tokens=17, budget_s=0.15, root=tmp_path)
     assert (64, 17) not in short.measured and len(calls) > n  # the budget stopped it short of the grid
     n = len(calls)
-    again = load_or_calibrate("other", sleeping_timer(law, calls), max_tokens=17, budget_s=0.05, root=tmp_path)
+    again = load_or_calibrate("other", sleeping_timer(law, calls), max_tokens=17, budget_s=0.15, root=tmp_path)
     assert again.from_cache and len(calls) == n + 9  # ... and it is reused all the same (after its spot check)
     cost_cache_path(key, tmp_path).write_text("{not json")
     c4 = load_or_calibrate(key, sleeping_timer(law), max_tokens=9, budget_s=1.0, root=tmp_path)
