@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if recipe.ship_to:
         _ship(result, recipe.ship_to)
-    print(f"checkpoint: {result.checkpoint} ({result.checkpoint.stat().st_size / 1e6:.2f} MB)")
+    size = sum(f.stat().st_size for f in result.checkpoint.iterdir())  # the head is a directory
+    print(f"checkpoint: {result.checkpoint} ({size / 1e6:.2f} MB)")
     print(f"timings (s): {json.dumps(result.card['timings_s'])}, wall incl. loading {time.perf_counter() - t0:.0f} s")
     _print_card(result.card)
     return 0

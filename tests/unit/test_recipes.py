@@ -185,7 +185,15 @@ def test_static_speculator_overrides_key_value_and_flags(monkeypatch, capsys):
     assert command.endswith("epochs=1 'fuse_layers=[3,15,28]' ship_to=null --data-only")
     rc, cfg, _ = recipe.parse_args([*base, "--fuse_layers", "1,2,3", "--max_train_prompts", "64"])
     assert cfg.fuse_layers == (1, 2, 3) and rc.max_train_prompts == 64
-    for bad, message in ((["epochz=1"], "unknown option(s) ['epochz']"), (["betas=[0.9]"], "betas must hold 2")):
+    shipped = "atlas_rl/data/speculators/smollm2-135m-instruct-eagle3"  # continue the shipped head
+    _, cfg, _ = recipe.parse_args([*base, f"init_from={shipped}", "teacher_forced_fraction=0"])
+    assert cfg.init_from == shipped and cfg.teacher_forced_fraction == 0.0
+    bad_args = (
+        (["epochz=1"], "unknown option(s) ['epochz']"),
+        (["betas=[0.9]"], "betas must hold 2"),
+        (["init_from=/nonexistent"], "init_from must be a draft head directory"),
+    )
+    for bad, message in bad_args:
         with pytest.raises(SystemExit) as e:
             recipe.parse_args([*base, *bad])
         assert e.value.code == 2 and message in capsys.readouterr().err
