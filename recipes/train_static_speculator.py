@@ -16,7 +16,9 @@ Options (``--help`` lists them): ``--config FILE`` (YAML), then typed flags for 
 --fuse_layers 3,15,28``) or ``key=value`` overrides as YAML lines (e.g. ``epochs=1 fuse_layers=[3,15,28]
 ship_to=null``); ``--data-only`` stops after step 3 (and the corpus), ``--corpus-only`` only builds the
 teacher-forced corpus cache (``corpus_tokens``; resumable). Keys: :class:`RecipeConfig` (target, prompts, shipping) and
-:class:`atlas_rl.training.static.StaticSpeculatorConfig` (data, head, training, evaluation).
+:class:`atlas_rl.training.static.StaticSpeculatorConfig` (data, head, training, evaluation). To continue a trained
+head (a run cut by ``max_train_minutes``, or the shipped head on your own data) instead of starting afresh:
+``init_from=HEAD_DIR teacher_forced_fraction=0 epochs=0.5 lr=3e-4 min_lr_ratio=0.2``.
 """
 
 import json
