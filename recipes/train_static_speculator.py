@@ -106,8 +106,12 @@ def _ship(result: StaticSpeculatorResult, ship_to: str) -> None:
     if dst.exists():
         shutil.rmtree(dst)
     shutil.copytree(result.checkpoint, dst)
-    size = sum(f.stat().st_size for f in dst.iterdir())
-    print(f"shipped {dst}/ ({size / 1e6:.2f} MB: config.json, model.safetensors, atlas_card.json)")
+    print(f"shipped {dst}/ ({_megabytes(dst):.2f} MB: config.json, model.safetensors, atlas_card.json)")
+
+
+def _megabytes(head_dir: Path) -> float:
+    """Size of a head directory's files in MB."""
+    return sum(f.stat().st_size for f in head_dir.iterdir()) / 1e6
 
 
 def _print_card(card: dict) -> None:
@@ -155,8 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if recipe.ship_to:
         _ship(result, recipe.ship_to)
-    size = sum(f.stat().st_size for f in result.checkpoint.iterdir())  # the head is a directory
-    print(f"checkpoint: {result.checkpoint} ({size / 1e6:.2f} MB)")
+    print(f"checkpoint: {result.checkpoint} ({_megabytes(result.checkpoint):.2f} MB)")
     print(f"timings (s): {json.dumps(result.card['timings_s'])}, wall incl. loading {time.perf_counter() - t0:.0f} s")
     _print_card(result.card)
     return 0

@@ -283,7 +283,7 @@ def _warm_start(head: DraftHead, static: DraftHead) -> None:
             sliced.append(name)
         else:
             skipped.append(name)
-    rows = _copy_static_rows(head, static) if static.config.train_lm_head else 0
+    rows = copy_output_rows(head, static) if static.config.train_lm_head else 0
     logger.info(
         "adaptive warm start: copied %d tensors, sliced %s, kept random %s, %d output rows from the static head",
         len(copied),
@@ -303,9 +303,10 @@ def _mlp_units_to_keep(src: dict[str, torch.Tensor], n_new: int, n_old: int) -> 
     return torch.argsort(g * u * d, descending=True, stable=True)[:n_new].sort().values
 
 
-def _copy_static_rows(head: DraftHead, static: DraftHead) -> int:
-    """The static head's trained output rows for the adaptive vocabulary's tokens it holds (the rest stay the
-    target's); the rows no longer follow the target (see :func:`refresh_frozen_rows`)."""
+def copy_output_rows(head: DraftHead, static: DraftHead) -> int:
+    """The trained output rows of ``static`` for the tokens of ``head``'s vocabulary it holds (the rest stay as they
+    are, e.g. the target's); the rows no longer follow the target (see :func:`refresh_frozen_rows`). Returns how many
+    rows were copied."""
     idx = static.target_to_draft.to(head.draft_to_target.device)[head.draft_to_target]  # [n] static rows or -1
     have = idx >= 0
     w = head.lm_head.weight

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from atlas_rl.speculators.adaptive import copy_output_rows
 from atlas_rl.speculators.draft_head import DraftHead, DraftHeadConfig
 from atlas_rl.training.samples import SequenceSample
 from atlas_rl.training.static_card import (
@@ -213,18 +214,15 @@ def warm_start(head: DraftHead, directory: str, model: torch.nn.Module) -> dict[
             f"init_from={directory!r}: its head does not have the configured architecture ({detail}); set "
             "fuse_layers / intermediate_size / num_hidden_layers as in its config.json"
         )
-    where = {int(t): i for i, t in enumerate(src.draft_to_target.tolist())}
-    pairs = [(j, where[int(t)]) for j, t in enumerate(head.draft_to_target.tolist()) if int(t) in where]
-    new_rows, old_rows = (torch.tensor(ix, dtype=torch.long) for ix in zip(*pairs)) if pairs else ([], [])
-    state = {k: v for k, v in theirs.items() if k not in rows_keys}
-    state["draft_to_target"] = mine["draft_to_target"]
-    state["lm_head.weight"] = mine["lm_head.weight"].clone()
-    state["lm_head.weight"][new_rows] = theirs["lm_head.weight"][old_rows].to(mine["lm_head.weight"])
-    head.load_state_dict(state)
-    card = DraftHead.read_card(directory) if (Path(directory) / "atlas_card.json").is_file() else {}
+    with torch.no_grad():
+        for key, tensor in mine.items():
+            if key not in rows_keys:
+                tensor.copy_(theirs[key])  # state_dict tensors share the parameters' storage
+        kept = copy_output_rows(head, src)
+    card = DraftHead.read_card(directory)  # {} when the head has none
     steps = card.get("training", {}).get("steps")
-    logger.info("warm start from %s: %d of %d output rows kept", directory, len(pairs), head.config.draft_vocab_size)
-    info = {"from": str(directory), "command": card.get("command"), "steps": steps, "output_rows_kept": len(pairs)}
+    logger.info("warm start from %s: %d of %d output rows kept", directory, kept, head.config.draft_vocab_size)
+    info = {"from": str(directory), "command": card.get("command"), "steps": steps, "output_rows_kept": kept}
     return {"warm_start": info}
 
 
