@@ -47,6 +47,7 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -243,6 +244,8 @@ class AutoController(Controller):
         config: :class:`AutoControllerConfig`.
         cost: the verification cost model; ``RolloutEngine`` provides its calibrated one when None.
         draft_cost: drafting cost per speculator (learned online; a fresh one when None).
+        clock: the clock the controller times its own ``update`` with (part of a step's overhead); a simulation
+            whose steps carry synthetic timings passes a constant one, so its decisions do not follow the host's load.
     """
 
     def __init__(
@@ -250,8 +253,10 @@ class AutoController(Controller):
         config: AutoControllerConfig | None = None,
         cost: VerificationCost | None = None,
         draft_cost: DraftCost | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.config = config or AutoControllerConfig()
+        self.clock = clock
         c = self.config
         self.num_speculative_tokens = c.num_speculative_tokens
         self.cost = cost
@@ -544,7 +549,7 @@ class AutoController(Controller):
         """Learn from one step. Acceptance evidence (a function of the emitted tokens) is used at once; the step's
         timings too, unless the call is seeded (``PlanState.reproducible``): then they wait for :meth:`finish`, so
         no decision within the call depends on wall-clock time (``docs/decisions/reproducibility.md``)."""
-        t0 = time.perf_counter()
+        t0 = self.clock()
         self._cost()
         used = {o.draft.speculator for o in per_row if o.draft is not None}
         self._timings.append((record, used, self._last_update_s))
@@ -566,7 +571,7 @@ class AutoController(Controller):
                     out.add(j, bins[j], pred[j], j < o.accepted)
         self._observe(outcomes)
         self._soft = {}
-        self._last_update_s = time.perf_counter() - t0
+        self._last_update_s = self.clock() - t0
 
     def _observe(self, outcomes: dict[tuple[str, bool], Outcomes]) -> None:
         for (name, greedy), obs in outcomes.items():
