@@ -73,7 +73,7 @@ def _build() -> ModuleType | None:
 
 
 def rms_norm(glue: ModuleType, x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:  # x: [..., d] float32
-    return glue.rms_norm(x, norm.weight, norm.variance_epsilon)
+    return glue.rms_norm(x, norm._parameters["weight"], norm.variance_epsilon)  # the dict: no Module.__getattr__
 
 
 def add_rms_norm(
@@ -82,7 +82,7 @@ def add_rms_norm(
     y: torch.Tensor,  # [c, d] what a block adds to it
     norm: torch.nn.Module,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (h + y, RMSNorm(h + y)), each [c, d]
-    return glue.add_rms_norm(h, y, norm.weight, norm.variance_epsilon)
+    return glue.add_rms_norm(h, y, norm._parameters["weight"], norm.variance_epsilon)
 
 
 def rope_(

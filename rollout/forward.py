@@ -4,8 +4,9 @@ Same math as the Hugging Face decoder (``model.get_decoder()``), op for op where
 (RMSNorm in float32, RoPE ``q * cos + rotate_half(q) * sin`` from the same float32 tables), but without the
 module stack, the per-call mask and RoPE construction, and with attention kept on SDPA's fused CPU kernel:
 
-* it reads the model's OWN parameter tensors (module attributes looked up at every call: no copies, so
-  in-place policy updates and ``update_weights`` are seen at once);
+* it reads the model's OWN parameter tensors (from the layers' parameter dicts at every call, the submodules
+  resolved once: no copies, so in-place policy updates, replaced parameters and ``update_weights`` are seen at
+  once);
 * RoPE cos/sin come from a table (float32 products ``position * inv_freq`` as HF computes them, cast once)
   grown on demand; rebuilt when ``inv_freq`` changes;
 * grouped-query attention is *folded*: the ``g`` query heads that share a key/value head become ``g`` extra
@@ -30,6 +31,7 @@ import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +43,7 @@ from .kv_cache import SlotKVCache
 
 logger = logging.getLogger(__name__)
 
-FORWARD_VERSION = 4
+FORWARD_VERSION = 5
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -77,10 +79,11 @@ class FusedProjections:
     def get(
         self, li: int, part: str, mods: Sequence[nn.Linear]
     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:  # ([sum of out, in], [sum of out] | None)
-        biases = [m.bias for m in mods]
+        weights = [m._parameters["weight"] for m in mods]  # the dicts: no nn.Module.__getattr__ per call
+        biases = [m._parameters.get("bias") for m in mods]
         if any(b is None for b in biases) and any(b is not None for b in biases):
             return None
-        parts = [m.weight for m in mods] + [b for b in biases if b is not None]
+        parts = weights + [b for b in biases if b is not None]
         try:
             key = tuple((t.data_ptr(), t._version) for t in parts)
         except RuntimeError:  # an inference tensor tracks no version: a copy of it could go stale unseen
@@ -89,10 +92,45 @@ class FusedProjections:
         if hit is not None and hit[0] == key:
             return hit[1], hit[2]
         with torch.inference_mode(False), torch.no_grad():  # a normal tensor: oneDNN caches its packed copy
-            weight = torch.cat([m.weight for m in mods])
+            weight = torch.cat(weights)
             bias = None if biases[0] is None else torch.cat(biases)
         self._cache[(li, part)] = (key, weight, bias)
         return weight, bias
+
+
+class _Block(NamedTuple):
+    """One decoder layer's submodules, looked up once (``nn.Module.__getattr__`` costs ~0.5 us a call, ~900 calls a
+    forward); their parameters are still read at every call, from the modules' parameter dicts."""
+
+    att: nn.Module
+    qkv: tuple[nn.Module, ...]  # q_proj, k_proj, v_proj
+    o: nn.Module
+    mlp: nn.Module
+    gate_up: tuple[nn.Module, ...]  # gate_proj, up_proj
+    down: nn.Module
+    post_norm: nn.Module  # post_attention_layernorm
+    next_norm: nn.Module  # the next layer's input_layernorm, the decoder's final norm after the last layer
+    qk_norm: bool  # qwen3: RMSNorm of q and k over the head dim
+
+    @classmethod
+    def of(cls, layer: nn.Module, next_norm: nn.Module) -> _Block:
+        att, mlp = layer.self_attn, layer.mlp
+        return cls(
+            att,
+            (att.q_proj, att.k_proj, att.v_proj),
+            att.o_proj,
+            mlp,
+            (mlp.gate_proj, mlp.up_proj),
+            mlp.down_proj,
+            layer.post_attention_layernorm,
+            next_norm,
+            hasattr(att, "q_norm"),
+        )
+
+
+def _wb(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A linear module's (weight [out, in], bias [out] | None), read from its parameter dict."""
+    return mod._parameters["weight"], mod._parameters.get("bias")
 
 
 class LeanForward:
@@ -113,6 +151,8 @@ class LeanForward:
         mc = model.config
         self.decoder = model.get_decoder()
         self.layers = list(self.decoder.layers)
+        nxt = [layer.input_layernorm for layer in self.layers[1:]] + [self.decoder.norm]
+        self._blocks = [_Block.of(layer, norm) for layer, norm in zip(self.layers, nxt)]
         self.num_heads = int(mc.num_attention_heads)
         self.num_kv_heads = int(getattr(mc, "num_key_value_heads", None) or self.num_heads)
         self.groups = self.num_heads // self.num_kv_heads
@@ -209,18 +249,18 @@ class LeanForward:
         return mask.masked_fill_((kpos[None, None, :] > qpos[:, :, None])[:, None], -math.inf)
 
     # ------------------------------------------------------------------------------------------ forward
-    def _qkv(self, att: nn.Module, li: int, x: torch.Tensor, fused, cos, sin, cache: SlotKVCache, n: int, q: int):
+    def _qkv(self, blk: _Block, li: int, x: torch.Tensor, fused, cos, sin, cache: SlotKVCache, n: int, q: int):
         """Rotated queries ``[n, q, heads, d]``; the step's keys and values written into ``cache``, and the keys and
         values to attend over returned, ``[n, kv_heads, kv_len, d]`` each. ``fused``: the q/k/v weights as one
         (:class:`FusedProjections`) or None."""
         hq, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
-        mods = (att.q_proj, att.k_proj, att.v_proj)
+        att = blk.att
         if fused is None:
-            qs, ks, vs = (self._linear(x, m.weight, m.bias).view(n, q, -1, d) for m in mods)
+            qs, ks, vs = (self._linear(x, *_wb(m)).view(n, q, -1, d) for m in blk.qkv)
         else:
             qkv = self._linear(x, *fused).contiguous().view(n, q, hq + 2 * hk, d)  # ("mm" returns a transpose)
             qs, ks, vs = qkv[:, :, :hq], qkv[:, :, hq : hq + hk], qkv[:, :, hq + hk :]
-        if hasattr(att, "q_norm"):  # qwen3: RMSNorm over the head dim before RoPE
+        if blk.qk_norm:  # qwen3: RMSNorm over the head dim before RoPE
             qs, ks = (
                 self._rotate(self._rms(qs, att.q_norm), cos, sin),
                 self._rotate(self._rms(ks, att.k_norm), cos, sin),
@@ -232,36 +272,35 @@ class LeanForward:
             qs, ks = self._rotate(qs, cos, sin), self._rotate(ks, cos, sin)
         return qs, *cache.write_step(li, ks, vs)
 
-    def _attention(self, layer: nn.Module, li: int, x, cos, sin, mask: Callable, cache: SlotKVCache, n: int, q: int):
-        att = layer.self_attn
+    def _attention(self, blk: _Block, li: int, x, cos, sin, mask: Callable, cache: SlotKVCache, n: int, q: int):
         hk, g, d = self.num_kv_heads, self.groups, self.head_dim
-        fused = None if self.fused is None else self.fused.get(li, "qkv", (att.q_proj, att.k_proj, att.v_proj))
-        if fused is not None and self.glue is not None and x.dtype == torch.float32 and not hasattr(att, "q_norm"):
+        fused = None if self.fused is None else self.fused.get(li, "qkv", blk.qkv)
+        if fused is not None and self.glue is not None and x.dtype == torch.float32 and not blk.qk_norm:
             qkv = self._linear(x, *fused).contiguous().view(n * q, -1, d)  # ("mm" returns a transpose)
             c = n * q  # RoPE, the KV write and SDPA in one compiled call
             m = None if cpu_glue.attends_by_row(q, d) else mask()  # the row attention needs no mask
             out = cpu_glue.rope_kv_attend(
                 self.glue, qkv, self.num_heads, hk, cos.view(c, d), sin.view(c, d), cache, li, m, n, q, self.scaling
             )
-            return self._linear(out, att.o_proj.weight, att.o_proj.bias)
-        qs, keys, values = self._qkv(att, li, x, fused, cos, sin, cache, n, q)  # keys, values: [n, hk, kv, d]
+            return self._linear(out, *_wb(blk.o))
+        qs, keys, values = self._qkv(blk, li, x, fused, cos, sin, cache, n, q)  # keys, values: [n, hk, kv, d]
         qf = qs.reshape(n, q, hk, g, d).permute(0, 2, 1, 3, 4).reshape(n, hk, q * g, d)  # folded GQA
         out = F.scaled_dot_product_attention(qf, keys, values, attn_mask=mask(), scale=self.scaling)
         out = out.view(n, hk, q, g, d).permute(0, 2, 1, 3, 4).reshape(n * q, hk * g * d)  # [c, heads * d]
-        return self._linear(out, att.o_proj.weight, att.o_proj.bias)
+        return self._linear(out, *_wb(blk.o))
 
-    def _mlp(self, li: int, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:  # x: [c, H]
-        fused = None if self.fused is None else self.fused.get(li, "gate_up", (mlp.gate_proj, mlp.up_proj))
+    def _mlp(self, li: int, blk: _Block, x: torch.Tensor) -> torch.Tensor:  # x: [c, H]
+        fused = None if self.fused is None else self.fused.get(li, "gate_up", blk.gate_up)
         if fused is not None:
             gu = self._linear(x, *fused)  # [c, 2 * intermediate]
             if self.glue is not None and gu.dtype == torch.float32:
-                return self._linear(cpu_glue.silu_mul(self.glue, gu), mlp.down_proj.weight, mlp.down_proj.bias)
+                return self._linear(cpu_glue.silu_mul(self.glue, gu), *_wb(blk.down))
             inter = gu.shape[-1] // 2
             act = F.silu(gu[:, :inter]).mul_(gu[:, inter:])
         else:
-            gate, up = mlp.gate_proj, mlp.up_proj
-            act = F.silu(self._linear(x, gate.weight, gate.bias)).mul_(self._linear(x, up.weight, up.bias))
-        return self._linear(act, mlp.down_proj.weight, mlp.down_proj.bias)
+            gate, up = blk.gate_up
+            act = F.silu(self._linear(x, *_wb(gate))).mul_(self._linear(x, *_wb(up)))
+        return self._linear(act, *_wb(blk.down))
 
     def __call__(
         self,
@@ -281,13 +320,12 @@ class LeanForward:
         cache.set_step(0, starts, q, kv_len)
         hidden = [h] if want_hidden else None
         x = self._norm(h, self.layers[0].input_layernorm)  # the next block's normed input
-        for li, layer in enumerate(self.layers):
-            y = self._attention(layer, li, x, cos, sin, mask, cache, n, q)
-            h, x = self._add_norm(h, y, layer.post_attention_layernorm)
-            last = li == len(self.layers) - 1
-            nxt = self.decoder.norm if last else self.layers[li + 1].input_layernorm
-            h, x = self._add_norm(h, self._mlp(li, layer.mlp, x), nxt)
-            if hidden is not None and not last:
+        last = len(self._blocks) - 1
+        for li, blk in enumerate(self._blocks):
+            y = self._attention(blk, li, x, cos, sin, mask, cache, n, q)
+            h, x = self._add_norm(h, y, blk.post_norm)
+            h, x = self._add_norm(h, self._mlp(li, blk, x), blk.next_norm)
+            if hidden is not None and li != last:
                 hidden.append(h)
         x = x.view(n, q, -1)  # the final norm's output
         if hidden is None:

@@ -86,6 +86,33 @@ def test_lean_forward_sees_in_place_weight_updates():
     torch.testing.assert_close(after[0], ref, rtol=0, atol=1e-10)
 
 
+def test_one_lean_forward_sees_parameters_replaced_on_their_modules():
+    """The forward resolves submodules once but reads their parameters at every call: a parameter object replaced
+    on its module (``module.weight = nn.Parameter(...)``, e.g. ``load_state_dict(assign=True)``) is used by the next
+    forward of the same instance, for the fused (gate/up) and the plain (o, down) projections and the norms."""
+    model = _model("llama", torch.float64)
+    lean = LeanForward(model)
+    mc = model.config
+    seqs = [[1, 2, 3, 4, 5, 6]]
+    ids = torch.tensor(seqs)
+
+    def step() -> torch.Tensor:  # [1, 6, hidden]: a fresh cache each time, the same forward instance
+        cache = SlotKVCache(mc.num_hidden_layers, 1, 6, lean.num_kv_heads, lean.head_dim, model.dtype, "cpu")
+        return lean(ids, torch.zeros(1, dtype=torch.long), cache, False)[0]
+
+    layer = model.model.layers[0]
+    with torch.inference_mode():
+        before = step()
+    with torch.no_grad():
+        for mod in (layer.mlp.gate_proj, layer.mlp.down_proj, layer.self_attn.o_proj, layer.post_attention_layernorm):
+            mod.weight = torch.nn.Parameter(mod.weight.detach() * 1.5)
+    with torch.inference_mode():
+        after = step()
+        ref = model.get_decoder()(input_ids=ids).last_hidden_state
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, ref, rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_greedy_generate_lean_equals_hf_decoder_path(model_type):
     model = _model(model_type, torch.float64)
