@@ -135,7 +135,9 @@ def test_training_on_captured_data_lowers_heldout_loss_and_raises_acceptance(tar
     assert after.completion_ids == base.completion_ids  # lossless, whatever the head
     tau0, tau1 = before.stats.mean_acceptance_length, after.stats.mean_acceptance_length
     assert loss1 < 0.5 * loss0, (loss0, loss1)
-    assert tau0 < 1.2 and tau1 > 2.0 and tau1 > 1.7 * tau0, (tau0, tau1)
+    # tau1 is the trained head's plateau on this task, ~2.0 (lr 2e-3 to 5e-3, 120-160 steps): >= 2.0 on the Xeon
+    # hosts, 1.98-1.99 on an AMD EPYC host (the same code; the BLAS rounds differently), so the bar leaves that margin
+    assert tau0 < 1.2 and tau1 > 1.9 and tau1 > 1.7 * tau0, (tau0, tau1)
     assert m["staleness"] == 0 and m["trained_version"] == 0 and m["top1"] > 0.5
 
 
@@ -211,12 +213,18 @@ def test_newest_policy_version_is_preferred(target):
     _captured(target, head, random_prompts(4, 2), version=1, buf=buf)
     labels = buf.labels_by_version()
     assert set(labels) == {0, 1}
-    only_new = OnlineSpeculatorTrainer(head, buf, OnlineTrainerConfig(batch_size=8, newest_min_labels=labels[1]))
+    # no publish guard: its held-out share (a hash of each sample's tokens) would leave some labels out of the pool
+    # these counts describe, and which samples those are depends on the host's rounding of the greedy completions
+    only_new = OnlineSpeculatorTrainer(
+        head, buf, OnlineTrainerConfig(batch_size=8, newest_min_labels=labels[1], publish_guard=False)
+    )
     for _ in range(5):
         batch, version = only_new._pick()
         assert version == 1 and all(s.policy_version == 1 for s in batch)
     mixed = OnlineSpeculatorTrainer(
-        head, buf, OnlineTrainerConfig(batch_size=8, newest_min_labels=labels[1] + 1, recency_decay=0.5)
+        head,
+        buf,
+        OnlineTrainerConfig(batch_size=8, newest_min_labels=labels[1] + 1, recency_decay=0.5, publish_guard=False),
     )
     picked = [s.policy_version for _ in range(50) for s in mixed._pick()[0]]
     share_new = picked.count(1) / len(picked)
