@@ -79,8 +79,8 @@ class FusedProjections:
     def get(
         self, li: int, part: str, mods: Sequence[nn.Linear]
     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:  # ([sum of out, in], [sum of out] | None)
-        weights = [m._parameters["weight"] for m in mods]  # the dicts: no nn.Module.__getattr__ per call
-        biases = [m._parameters.get("bias") for m in mods]
+        pairs = [_wb(m) for m in mods]
+        weights, biases = [w for w, _ in pairs], [b for _, b in pairs]
         if any(b is None for b in biases) and any(b is not None for b in biases):
             return None
         parts = weights + [b for b in biases if b is not None]
