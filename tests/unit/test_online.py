@@ -101,9 +101,14 @@ def _captured(model, head, prompts, sampling=GREEDY, version: int = 0, buf: Capt
 
 @pytest.fixture(scope="module")
 def captured(target):
-    """Training data (64 prompts) and held-out data (16 other prompts), captured from real generate calls."""
+    """Training data (128 prompts) and held-out data (16 other prompts), captured from real generate calls.
+
+    With 64 training prompts the head's held-out tau plateaus near 2.0 whatever the lr or step count (1.99-2.01 on
+    the AMD host, just above on the Xeon: the phrase model itself differs in its last bits between hosts); twice the
+    data lifts it to ~2.2 on both: the head is data-limited here, not step-limited.
+    """
     head = _head(target)
-    return _captured(target, head, random_prompts(64, 0)), _captured(target, head, random_prompts(16, 99))
+    return _captured(target, head, random_prompts(128, 0)), _captured(target, head, random_prompts(16, 99))
 
 
 def _heldout_loss(head, buf: CaptureBuffer) -> float:
