@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from trl import GRPOConfig, RLOOConfig
+
+from atlas_rl.rollout.cpu_linear import bf16_matmul_available
+
+logger = logging.getLogger(__name__)
 
 BACKENDS = ("atlas", "transformers", "vllm")
 
@@ -149,6 +155,22 @@ class AtlasArgs:
         if getattr(self, "activation_checkpointing", None) is None and self.gradient_checkpointing == default:
             self.activation_checkpointing = self.gradient_checkpointing
 
+    def _resolve_cpu_precision(self) -> None:
+        """TRL's configs default ``bf16`` to True (mixed precision). On a CPU without native bfloat16 matmuls (no
+        AVX512-BF16/AMX, e.g. many AMD EPYCs) every bf16 matmul of the loss and backward is emulated, ~50x slower than
+        float32 (measured: `docs/decisions/cpu_bf16_default.md`): an unset ``bf16`` means float32 there."""
+        on_cpu = bool(self.use_cpu) or not torch.accelerator.is_available()
+        if not on_cpu or bf16_matmul_available():
+            return
+        if self.bf16 is None:
+            self.bf16 = False
+            logger.info("bf16 left off: this CPU has no native bfloat16 matmul (training in float32 is much faster).")
+        elif self.bf16:
+            logger.warning(
+                "bf16=True on a CPU without native bfloat16 matmul: every matmul is emulated, ~50x slower than "
+                "float32 here; leave bf16 unset (or False) to train in float32"
+            )
+
     def _check_backend(self) -> None:
         """Before TRL's own checks: map the backend onto TRL's switch."""
         if self.generation_backend not in BACKENDS:
@@ -286,6 +308,7 @@ class AtlasGRPOConfig(GRPOConfig, AtlasArgs):
     def __post_init__(self) -> None:
         self._check_backend()
         self._resolve_checkpointing_alias()
+        self._resolve_cpu_precision()
         super().__post_init__()
         self._check_atlas()
 
@@ -297,5 +320,6 @@ class AtlasRLOOConfig(RLOOConfig, AtlasArgs):
     def __post_init__(self) -> None:
         self._check_backend()
         self._resolve_checkpointing_alias()
+        self._resolve_cpu_precision()
         super().__post_init__()
         self._check_atlas()

@@ -9,6 +9,7 @@ import pytest
 import torch
 from trainer_helpers import TOK, prompt_dataset, tiny_model, trainer_kwargs
 
+from atlas_rl.rollout.cpu_linear import bf16_matmul_available
 from atlas_rl.trainers import AtlasGRPOConfig, AtlasGRPOTrainer, AtlasRLOOConfig, AtlasRLOOTrainer
 
 _model = tiny_model
@@ -187,6 +188,19 @@ def test_resume_restores_speculator_weights_bit_exactly(tmp_path):
         if k == "lm_head.weight":
             continue
         assert torch.equal(seen["weights"][k], v), k
+
+
+@pytest.mark.parametrize("config_cls", [AtlasGRPOConfig, AtlasRLOOConfig])
+def test_unset_bf16_on_a_cpu_is_float32_where_bfloat16_matmuls_are_emulated(tmp_path, caplog, config_cls):
+    """TRL defaults bf16 to True; on a CPU without native bfloat16 matmuls that emulates every training matmul
+    (~50x slower than float32 on the AMD host). Unset means float32 there; what the user sets is kept."""
+    kw = {k: v for k, v in _common(tmp_path, "atlas").items() if k != "bf16"}
+    assert config_cls(**kw).bf16 is bf16_matmul_available()
+    assert config_cls(**kw, bf16=False).bf16 is False
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="atlas_rl.trainers.config"):
+        assert config_cls(**kw, bf16=True).bf16 is True
+    assert any("native bfloat16" in r.getMessage() for r in caplog.records) is not bf16_matmul_available()
 
 
 def test_bad_configs_fail_clearly(tmp_path):
