@@ -80,10 +80,11 @@ class EngineConfig:
     draft_bf16: bool = field(
         default=True,
         metadata={
-            "help": "Float32 draft heads on a CPU with native bfloat16 (oneDNN; AMX or AVX512-BF16) compute their "
-            "matmuls in bfloat16: ~30% less drafting time, held-out acceptance unchanged (docs/results/"
-            "verification_cost.md, section 7). Lossless either way: the verifier is handed the distribution the "
-            "head computed. Never applied to the target."
+            "help": "Float32 draft heads multiply by bfloat16 copies of their weights: on a CPU with native "
+            "bfloat16 (oneDNN; AMX or AVX512-BF16) in bfloat16, ~30% less drafting time (docs/results/"
+            "verification_cost.md, section 7); elsewhere in float32 over the bfloat16 weights widened in registers "
+            "(up to 16 rows; half the bytes to stream, section 13). Held-out acceptance unchanged; lossless either "
+            "way: the verifier is handed the distribution the head computed. Never applied to the target."
         },
     )
     reuse_cache: bool = field(

@@ -17,9 +17,12 @@ Installed only for float32 CPU models, and only used under ``torch.no_grad``/``i
 :data:`~.kernel_tune.MAX_PLAN_ROWS` rows: training forwards (grad enabled) and prefills keep ``F.linear``.
 
 Draft heads may take ``low_precision=True`` (:func:`draft_linear`): their matmuls in bfloat16 through oneDNN over a
-bfloat16 copy of the weight where the CPU has native bfloat16 (AMX / AVX512-BF16), about twice as fast at 1-4 rows.
-Never for the target: its logprobs are the policy's own, in the policy's precision. A draft head's distribution is
-whatever it computes; the verifier is handed exactly that, so the output stays lossless.
+bfloat16 copy of the weight where the CPU has native bfloat16 (AMX / AVX512-BF16), about twice as fast at 1-4 rows;
+elsewhere, up to :data:`BF16_WEIGHT_MAX_ROWS` rows, float32 arithmetic over a bfloat16 copy of the weight widened in
+registers (``linear_bf16w`` of the decode glue: half the bytes to stream, 0.3-0.7x ``F.linear``'s time on the AMD
+host; ``docs/results/verification_cost.md`` section 13). Never for the target: its logprobs are the policy's own,
+in the policy's precision. A draft head's distribution is whatever it computes; the verifier is handed exactly
+that, so the output stays lossless.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpu_glue import glue_kernels
 from .kernel_tune import (
     MAX_PLAN_ROWS,
     KernelPlan,
@@ -42,6 +46,8 @@ from .kernel_tune import (
 )
 
 _MARK = "_atlas_cpu_linear"
+_BF16_COPY = "_atlas_bf16_weight"  # (weight._version, bfloat16 copy) for linear_bf16w
+BF16_WEIGHT_MAX_ROWS = 16  # linear_bf16w beat F.linear at 1-16 rows on every draft-head shape (AMD host, cold caches)
 _bf16 = {"ok": None}
 _active = {"plan": KernelPlan.reference()}  # the process's plan: one machine, one best kernel per row count
 
@@ -59,8 +65,24 @@ def set_kernel_plan(plan: KernelPlan) -> None:
 
 
 def drop_packed_weights(model: nn.Module) -> None:
-    """Free the oneDNN weight copies cached on ``model``'s parameters."""
-    drop_onednn_copies(list(model.parameters()))
+    """Free the oneDNN and bfloat16 weight copies cached on ``model``'s parameters."""
+    params = list(model.parameters())
+    drop_onednn_copies(params)
+    for p in params:
+        p.__dict__.pop(_BF16_COPY, None)
+
+
+def bf16_weight(weight: torch.Tensor) -> torch.Tensor | None:  # [out, in] -> contiguous bfloat16 copy, or None
+    """A bfloat16 copy of ``weight``, made once per version of it (None for an inference tensor: no version)."""
+    try:
+        version = weight._version
+    except RuntimeError:
+        return None
+    cached = weight.__dict__.get(_BF16_COPY)
+    if cached is None or cached[0] != version:
+        cached = (version, weight.detach().to(torch.bfloat16).contiguous())
+        weight.__dict__[_BF16_COPY] = cached
+    return cached[1]
 
 
 def prepack_weights(weights: Sequence[torch.Tensor]) -> None:
@@ -79,9 +101,13 @@ def prepack_draft_weights(model: nn.Module) -> None:
     """Make now the bfloat16 oneDNN copies a draft head's matmuls use (:func:`draft_linear`), instead of inside its
     first ``propose``: there they took 40-150 ms (12 ms is a whole 4-token draft at one row), charged to the head's
     drafting cost, so the controller priced a fresh head 3-13x too dear and a test of its drafting share failed."""
+    native = bf16_matmul_available()
     for w in linear_weights(model):
         if w.device.type == "cpu" and w.dtype == torch.float32:
-            onednn_weight(w, torch.bfloat16)
+            if native:
+                onednn_weight(w, torch.bfloat16)
+            else:
+                bf16_weight(w)
 
 
 def small_linear(
@@ -125,9 +151,29 @@ def draft_linear(
     bias: torch.Tensor | None,  # [out_features] or None
 ) -> torch.Tensor:  # [..., out_features] float32
     """A draft head's matmul in bfloat16 (float32 result, oneDNN kernel ``onednn_bf16``) where
-    :func:`bf16_matmul_available`, for few rows of a float32 CPU input without autograd; :func:`small_linear` by
-    the plan otherwise."""
-    return small_linear(x, weight, bias, "onednn_bf16" if bf16_matmul_available() else None)
+    :func:`bf16_matmul_available`; else, for up to :data:`BF16_WEIGHT_MAX_ROWS` rows, float32 arithmetic over a
+    bfloat16 copy of the weight (the glue's ``linear_bf16w``); :func:`small_linear` by the plan otherwise (autograd,
+    more rows, no compiled glue)."""
+    if bf16_matmul_available():
+        return small_linear(x, weight, bias, "onednn_bf16")
+    out = _bf16_weight_linear(x, weight)
+    if out is None:
+        return small_linear(x, weight, bias)
+    return out if bias is None else out + bias
+
+
+def _bf16_weight_linear(
+    x: torch.Tensor,  # [..., in_features]
+    weight: torch.Tensor,  # [out_features, in_features]
+) -> torch.Tensor | None:  # [..., out_features] float32; None: not for this call
+    if torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu" or weight.dtype != torch.float32:
+        return None
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    glue = glue_kernels() if 0 < rows <= BF16_WEIGHT_MAX_ROWS else None
+    wb = bf16_weight(weight) if glue is not None else None
+    if wb is None:
+        return None
+    return glue.linear_bf16w(x.reshape(rows, x.shape[-1]), wb).reshape(*x.shape[:-1], weight.shape[0])
 
 
 def _draft_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:  # x: [..., in_features]
@@ -157,7 +203,7 @@ def install_cpu_linear(
             prepack_weights(linear_weights(model) if weights is None else weights)
         else:
             drop_onednn_copies(linear_weights(model))
-    if low_precision and bf16_matmul_available():  # a draft head's bfloat16 copies, made now (see below)
+    if low_precision:  # a draft head's bfloat16 copies, made now (see below)
         prepack_draft_weights(model)
     patched = []
     for mod in model.modules():

@@ -151,3 +151,23 @@ def test_row_attention_of_no_rows_is_empty():
     keys = torch.zeros(2, 3, 8, 64)
     out = GLUE.attend_rows(torch.zeros(0, 9 + 6, 64), 9, 3, keys, keys, 0, torch.zeros(0, dtype=torch.long), 0, 1, 0.1)
     assert out.shape == (0, 9 * 64)
+
+
+@needs_glue
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bfloat16_weight_linear_equals_float32_math_over_the_rounded_weight(threads):
+    """``linear_bf16w`` (a draft head's matmul on CPUs without native bfloat16): float32 arithmetic over the bfloat16
+    weight; any row count (tiles of 4), an odd number of outputs (the unpaired last one), ``in`` not a multiple of 8
+    (the scalar tail), outputs split over threads."""
+    g = torch.Generator().manual_seed(0)
+    n = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows, out, d in [(1, 7, 16), (3, 301, 37), (4, 64, 576), (9, 513, 100), (16, 1000, 64)]:
+            x, w = torch.randn(rows, d, generator=g), torch.randn(out, d, generator=g).to(torch.bfloat16)
+            ref = x.double() @ w.double().T
+            torch.testing.assert_close(GLUE.linear_bf16w(x, w).double(), ref, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(n)
+    with pytest.raises(RuntimeError, match="linear_bf16w"):
+        GLUE.linear_bf16w(torch.randn(2, 8), torch.randn(4, 8))  # a float32 weight: a clear error, not garbage

@@ -198,10 +198,10 @@ def test_small_and_non_float32_models_are_not_tuned(monkeypatch):
     assert kernel_tune.load_or_tune(tiny_llama(seed=0, dtype=torch.float64)) == KernelPlan.reference()
 
 
-@pytest.mark.skipif(not cpu_linear.bf16_matmul_available(), reason="no native bfloat16 matmul on this CPU")
 def test_engine_prepares_the_draft_heads_bfloat16_copies_at_start_not_in_their_first_draft():
     """A draft head's first propose made its bfloat16 oneDNN copies (40-150 ms for SmolLM2's head against 12 ms for a
-    whole 4-token draft): the controller learned a drafting cost 3-13x too dear from it. The engine makes them."""
+    whole 4-token draft): the controller learned a drafting cost 3-13x too dear from it. The engine makes them (the
+    oneDNN copies on a CPU with native bfloat16, the plain bfloat16 copies of ``linear_bf16w`` elsewhere)."""
     from atlas_rl.rollout import RolloutEngine
     from atlas_rl.speculators.draft_head import DraftHead, DraftHeadConfig
     from atlas_rl.speculators.head_speculator import DraftHeadSpeculator
@@ -210,6 +210,30 @@ def test_engine_prepares_the_draft_heads_bfloat16_copies_at_start_not_in_their_f
     cfg = DraftHeadConfig.from_target(model, draft_vocab_size=48, fuse_layers=(1, 2), intermediate_size=64)
     head = DraftHead(cfg).bind_target(model, init_lm_head=True)
     weights = kernel_tune.linear_weights(head)
-    assert weights and not any(hasattr(w, "_atlas_onednn_weight_bfloat16") for w in weights)
+    attr = "_atlas_onednn_weight_bfloat16" if cpu_linear.bf16_matmul_available() else "_atlas_bf16_weight"
+    assert weights and not any(hasattr(w, attr) for w in weights)
     RolloutEngine(model, speculators=[DraftHeadSpeculator(head)])
-    assert all(hasattr(w, "_atlas_onednn_weight_bfloat16") for w in weights)
+    assert all(hasattr(w, attr) for w in weights)
+
+
+@pytest.mark.skipif(cpu_linear.glue_kernels() is None, reason="no C++ compiler: the decode glue could not be built")
+def test_draft_matmul_over_a_bfloat16_weight_copy_follows_in_place_updates():
+    """A draft head on a CPU without native bfloat16 multiplies by a bfloat16 copy of its weight (half the bytes to
+    stream): the copy is made once per version of the weight, so a published (in-place) update is seen at once;
+    autograd and many rows keep float32 ``F.linear``; ``drop_packed_weights`` frees the copies."""
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(40, 70, bias=True)
+    x = torch.randn(2, 3, 40, generator=g)  # 6 rows
+    with torch.no_grad():
+        y = cpu_linear._bf16_weight_linear(x, lin.weight) + lin.bias
+        torch.testing.assert_close(y, F.linear(x, lin.weight.to(torch.bfloat16).float(), lin.bias))
+        assert not torch.equal(y, F.linear(x, lin.weight, lin.bias))  # the rounding is real: the copy was used
+        lin.weight.mul_(2.0)
+        torch.testing.assert_close(
+            cpu_linear._bf16_weight_linear(x, lin.weight), F.linear(x, lin.weight.to(torch.bfloat16).float())
+        )
+        many = torch.randn(cpu_linear.BF16_WEIGHT_MAX_ROWS + 1, 40, generator=g)
+        assert cpu_linear._bf16_weight_linear(many, lin.weight) is None
+    assert cpu_linear._bf16_weight_linear(x, lin.weight) is None  # grad enabled: training keeps float32
+    cpu_linear.drop_packed_weights(lin)
+    assert "_atlas_bf16_weight" not in lin.weight.__dict__
