@@ -25,7 +25,7 @@ class EngineConfig:
         reuse_cache: keep the preallocated KV cache between ``generate`` calls when it is large enough.
         lean_forward: decode/verification forwards through :mod:`atlas_rl.rollout.forward` (default True).
         fuse_projections: on a CPU, q/k/v and gate/up as one matmul each (default True; a weight copy).
-        draft_bf16: draft heads' matmuls in bfloat16 on CPUs with native bfloat16 (default True).
+        draft_bf16: draft heads multiply by bfloat16 copies of their weights (default True).
     """
 
     num_speculative_tokens: int | None = field(
