@@ -286,9 +286,23 @@ class DraftHeadSpeculator:
             q, k, v = head.qkv(i, x, pos)
             self._k[i, slots[:, None], :, pos] = k.transpose(1, 2)
             self._v[i, slots[:, None], :, pos] = v.transpose(1, 2)
-            attn = head.attend(q, self._k[i, slots, :, :kv_len], self._v[i, slots, :, :kv_len], mask)
+            attn = head.attend(q, *self._cached_kv(i, slots, kv_len), mask)
             h = layer.finish(res, attn)
         return h
+
+    def _cached_kv(
+        self,
+        layer: int,
+        slots: torch.Tensor,  # [n] cache slots
+        kv_len: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # keys, values [n, kv_heads, kv_len, d]
+        """The first ``kv_len`` cached positions of ``slots``: views when the slots are consecutive (a wave's rows
+        usually are), gathered copies otherwise."""
+        n = slots.shape[0]
+        first = int(slots[0])
+        if bool((slots == torch.arange(first, first + n, device=slots.device)).all()):
+            return self._k[layer, first : first + n, :, :kv_len], self._v[layer, first : first + n, :, :kv_len]
+        return self._k[layer, slots, :, :kv_len], self._v[layer, slots, :, :kv_len]
 
     # ------------------------------------------------------------------------------------------ drafting
     @torch.inference_mode()

@@ -375,3 +375,31 @@ def test_the_engine_puts_a_float32_draft_head_on_the_tuned_kernels_and_training_
     loss = head.fuse_features(torch.randn(2, len(head.config.fuse_layers) * model.config.hidden_size)).sum()
     loss.backward()  # the training path (grad enabled) stays on F.linear, in float32
     assert head.fc.weight.grad is not None
+
+
+def test_folded_grouped_query_attention_equals_repeated_kv_heads(model):
+    """``DraftHead.attend`` folds each kv head's query heads into its query rows instead of copying the keys and
+    values per query head; same result as the reference with ``repeat_interleave`` (float64, ragged masks)."""
+    head = _head(model)
+    c = head.config
+    assert c.num_attention_heads > c.num_key_value_heads  # the tiny model groups its query heads
+    g = torch.Generator().manual_seed(0)
+    b, t, s, d = 3, 2, 7, c.head_dim
+    q = torch.randn(b, c.num_attention_heads, t, d, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(b, c.num_key_value_heads, s, d, generator=g, dtype=torch.float64) for _ in range(2))
+    pos = torch.tensor([[3, 4], [5, 6], [0, 1]])  # [b, t] each row's own length
+    mask = (torch.arange(s)[None, None, :] <= pos[:, :, None])[:, None]  # [b, 1, t, s]
+    rep = c.num_attention_heads // c.num_key_value_heads
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask)
+    torch.testing.assert_close(head.attend(q, k, v, mask), ref.transpose(1, 2).reshape(b, t, -1), rtol=0, atol=1e-12)
+
+
+def test_draft_cache_is_read_as_a_view_for_consecutive_slots_and_gathered_otherwise(model):
+    spec = DraftHeadSpeculator(_head(model))
+    spec._ensure_storage(6, 9)
+    spec._k.copy_(torch.randn_like(spec._k))
+    spec._v.copy_(torch.randn_like(spec._v))
+    for slots in ([2, 3, 4], [4, 1, 5], [0]):
+        k, v = spec._cached_kv(0, torch.tensor(slots), 5)
+        assert torch.equal(k, spec._k[0, slots, :, :5]) and torch.equal(v, spec._v[0, slots, :, :5])
+        assert (k.data_ptr() == spec._k[0, slots[0]].data_ptr()) == (slots != [4, 1, 5])  # a view, no copy
