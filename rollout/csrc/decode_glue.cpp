@@ -338,6 +338,8 @@ inline void dot2_bf16w(const float* x, int64_t in, int64_t in8, const uint16_t* 
   __m256 a0[RN], a1[RN];
   for (int r = 0; r < RN; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
   for (int64_t k = 0; k < in8; k += 8) {
+    _mm_prefetch(reinterpret_cast<const char*>(w0 + 4 * in + k), _MM_HINT_T0);  // two pairs ahead
+    _mm_prefetch(reinterpret_cast<const char*>(w1 + 4 * in + k), _MM_HINT_T0);
     const __m256 u = load_bf16x8(w0 + k), v = load_bf16x8(w1 + k);
     for (int r = 0; r < RN; ++r) {
       const __m256 xr = _mm256_loadu_ps(x + r * in + k);
@@ -355,12 +357,43 @@ inline void dot2_bf16w(const float* x, int64_t in, int64_t in8, const uint16_t* 
     r1[r] = s1;
   }
 }
+
+// one activation row, outputs o .. o + 3: four weight streams and two partial sums each, so eight independent FMA
+// chains (a single row has no other rows to hide the FMA latency behind)
+inline void dot4_bf16w_row(const float* x, int64_t in, int64_t in8, const uint16_t* w, float* r) {
+  __m256 a[4][2];
+  for (int j = 0; j < 4; ++j) a[j][0] = a[j][1] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= in8; k += 16) {
+    const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+    for (int j = 0; j < 4; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + (8 + j) * in + k), _MM_HINT_T0);  // two groups ahead
+      a[j][0] = _mm256_fmadd_ps(load_bf16x8(w + j * in + k), x0, a[j][0]);
+      a[j][1] = _mm256_fmadd_ps(load_bf16x8(w + j * in + k + 8), x1, a[j][1]);
+    }
+  }
+  for (; k < in8; k += 8) {
+    const __m256 x0 = _mm256_loadu_ps(x + k);
+    for (int j = 0; j < 4; ++j) a[j][0] = _mm256_fmadd_ps(load_bf16x8(w + j * in + k), x0, a[j][0]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    float s = hsum8(_mm256_add_ps(a[j][0], a[j][1]));
+    for (int64_t t = in8; t < in; ++t) s += bf16_to_float(w[j * in + t]) * x[t];
+    r[j] = s;
+  }
+}
 #endif
 
 // outputs [o0, o1) of y (row stride out) for the rows [r0, r0 + rn)
 void linear_bf16w_block(const float* x, const uint16_t* w, float* y, int64_t rows, int64_t in, int64_t out,
                         int64_t o0, int64_t o1) {
   float t0[4], t1[4];
+#if defined(__AVX2__) && defined(__FMA__)
+  if (rows == 1) {  // four outputs at a time; the last one to three by the pairs below
+    const int64_t in8 = in - in % 8;
+    for (; o0 + 4 <= o1; o0 += 4) dot4_bf16w_row(x, in, in8, w + o0 * in, y + o0);
+  }
+#endif
   for (int64_t o = o0; o < o1; o += 2) {
     const bool pair = o + 1 < o1;
     const uint16_t* w0 = w + o * in;
