@@ -53,7 +53,8 @@ __all__ = [
     "tune",
 ]
 
-KERNELS = ("linear", "mm", "mm_pad", "onednn")
+KERNELS = ("linear", "mm", "mm_pad", "onednn", "glue")
+GLUE_MAX_ROWS = 16  # the decode glue's few-row loops (linear_f32w) are timed up to this many rows; GEMMs beyond
 MAX_PLAN_ROWS = 64  # above it F.linear (a GEMM of that size is compute-bound: no kernel streams better)
 GRID = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64)  # row counts timed; the others take the nearest below
 MIN_TUNE_BYTES = 16 << 20  # smaller models are not tuned (their weights stay in cache)
@@ -86,6 +87,17 @@ def onednn_weight(
     return cached[1]
 
 
+_GLUE: dict[str, object] = {}
+
+
+def _glue_module():  # the compiled decode glue (built once; None without a compiler), imported on first use
+    if "module" not in _GLUE:
+        from .cpu_glue import glue_kernels  # cpu_glue imports this module: not at import time
+
+        _GLUE["module"] = glue_kernels()
+    return _GLUE["module"]
+
+
 def run_kernel(
     name: str,
     x2: torch.Tensor,  # [rows, in] row-major
@@ -101,6 +113,11 @@ def run_kernel(
     if name == "onednn":
         packed = onednn_weight(weight)
         return None if packed is None else torch.ops.mkldnn._linear_pointwise(x2, packed, None, "none", [], "")
+    if name == "glue":  # the decode glue's few-row loops: one pass over the weight, prefetched (cpu_glue)
+        glue = _glue_module()
+        if glue is None or weight.dtype != torch.float32 or not weight.is_contiguous() or x2.dtype != torch.float32:
+            return None
+        return glue.linear_f32w(x2, weight)
     if name == "onednn_bf16":  # draft heads only (cpu_linear.draft_linear), never tuned for the target
         packed = onednn_weight(weight, torch.bfloat16)
         if packed is None:
@@ -229,8 +246,11 @@ def time_kernels(
     chain in order, so every weight is read with the caches it meets in a forward)."""
     xs = {int(w.shape[1]): torch.randn(rows, int(w.shape[1]), dtype=w.dtype) for w in weights}  # [rows, in]
     names = [k for k in kernels if k != "mm_pad" or rows == 1]  # mm_pad is mm above one row
-    if "onednn" in names and run_kernel("onednn", xs[int(weights[0].shape[1])], weights[0]) is None:
-        names.remove("onednn")
+    if rows > GLUE_MAX_ROWS and "glue" in names:
+        names.remove("glue")
+    for k in ("onednn", "glue"):  # kernels that cannot run here (no oneDNN, no compiler, a non-contiguous weight)
+        if k in names and run_kernel(k, xs[int(weights[0].shape[1])], weights[0]) is None:
+            names.remove(k)
     shapes = [(int(w.shape[0]), int(w.shape[1])) for w in weights]
     best = {s: {k: float("inf") for k in names} for s in shapes}
     for _ in range(repeats):
@@ -287,7 +307,9 @@ def cpu_identity() -> str:
 def plan_cache_key(model: nn.Module, weights: Sequence[torch.Tensor] | None = None) -> str:
     """What the best kernel depends on: the kernels' code, CPU, PyTorch build, threads, the weight shapes."""
     shapes = [tuple(w.shape) for w in (linear_weights(model) if weights is None else weights)]
-    code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]  # the kernels themselves
+    glue_source = Path(__file__).parent / "csrc" / "decode_glue.cpp"  # the "glue" kernel's loops
+    blob = Path(__file__).read_bytes() + (glue_source.read_bytes() if glue_source.exists() else b"")
+    code = hashlib.sha256(blob).hexdigest()[:12]  # the kernels themselves
     raw = json.dumps([PLAN_FORMAT, code, cpu_identity(), torch.__version__, torch.get_num_threads(), shapes, GRID])
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 

@@ -312,18 +312,20 @@ torch::Tensor rope_kv_attend(torch::Tensor x, int64_t hq, int64_t hk, torch::Ten
 // (a draft head's weights on a CPU without native bfloat16 matmuls: half the bytes to stream, float32 arithmetic).
 // One pass over the weights whatever the number of rows: each weight row is used for every activation row while it
 // sits in L1; two outputs at a time, so a few rows still keep enough independent FMA chains in flight.
-inline float bf16_to_float(uint16_t b) {
+inline float w_to_float(uint16_t b) {  // bfloat16 bits
   const uint32_t bits = static_cast<uint32_t>(b) << 16;
   float f;
   std::memcpy(&f, &bits, sizeof(f));
   return f;
 }
+inline float w_to_float(float f) { return f; }
 
 #if defined(__AVX2__) && defined(__FMA__)
-inline __m256 load_bf16x8(const uint16_t* p) {
+inline __m256 load_w8(const uint16_t* p) {  // eight bfloat16 weights widened to float32
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
+inline __m256 load_w8(const float* p) { return _mm256_loadu_ps(p); }
 
 inline float hsum8(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -332,15 +334,14 @@ inline float hsum8(__m256 v) {
 }
 
 // outputs o and o + 1 (w0, w1) for the rn <= 4 rows x[0..rn) (stride in); the first in8 columns vectorised
-template <int RN>
-inline void dot2_bf16w(const float* x, int64_t in, int64_t in8, const uint16_t* w0, const uint16_t* w1, float* r0,
-                       float* r1) {
+template <int RN, typename W>
+inline void dot2_w(const float* x, int64_t in, int64_t in8, const W* w0, const W* w1, float* r0, float* r1) {
   __m256 a0[RN], a1[RN];
   for (int r = 0; r < RN; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
   for (int64_t k = 0; k < in8; k += 8) {
     _mm_prefetch(reinterpret_cast<const char*>(w0 + 4 * in + k), _MM_HINT_T0);  // two pairs ahead
     _mm_prefetch(reinterpret_cast<const char*>(w1 + 4 * in + k), _MM_HINT_T0);
-    const __m256 u = load_bf16x8(w0 + k), v = load_bf16x8(w1 + k);
+    const __m256 u = load_w8(w0 + k), v = load_w8(w1 + k);
     for (int r = 0; r < RN; ++r) {
       const __m256 xr = _mm256_loadu_ps(x + r * in + k);
       a0[r] = _mm256_fmadd_ps(u, xr, a0[r]);
@@ -350,8 +351,8 @@ inline void dot2_bf16w(const float* x, int64_t in, int64_t in8, const uint16_t* 
   for (int r = 0; r < RN; ++r) {
     float s0 = hsum8(a0[r]), s1 = hsum8(a1[r]);
     for (int64_t k = in8; k < in; ++k) {
-      s0 += bf16_to_float(w0[k]) * x[r * in + k];
-      s1 += bf16_to_float(w1[k]) * x[r * in + k];
+      s0 += w_to_float(w0[k]) * x[r * in + k];
+      s1 += w_to_float(w1[k]) * x[r * in + k];
     }
     r0[r] = s0;
     r1[r] = s1;
@@ -360,7 +361,8 @@ inline void dot2_bf16w(const float* x, int64_t in, int64_t in8, const uint16_t* 
 
 // one activation row, outputs o .. o + 3: four weight streams and two partial sums each, so eight independent FMA
 // chains (a single row has no other rows to hide the FMA latency behind)
-inline void dot4_bf16w_row(const float* x, int64_t in, int64_t in8, const uint16_t* w, float* r) {
+template <typename W>
+inline void dot4_w_row(const float* x, int64_t in, int64_t in8, const W* w, float* r) {
   __m256 a[4][2];
   for (int j = 0; j < 4; ++j) a[j][0] = a[j][1] = _mm256_setzero_ps();
   int64_t k = 0;
@@ -368,53 +370,54 @@ inline void dot4_bf16w_row(const float* x, int64_t in, int64_t in8, const uint16
     const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
     for (int j = 0; j < 4; ++j) {
       _mm_prefetch(reinterpret_cast<const char*>(w + (8 + j) * in + k), _MM_HINT_T0);  // two groups ahead
-      a[j][0] = _mm256_fmadd_ps(load_bf16x8(w + j * in + k), x0, a[j][0]);
-      a[j][1] = _mm256_fmadd_ps(load_bf16x8(w + j * in + k + 8), x1, a[j][1]);
+      a[j][0] = _mm256_fmadd_ps(load_w8(w + j * in + k), x0, a[j][0]);
+      a[j][1] = _mm256_fmadd_ps(load_w8(w + j * in + k + 8), x1, a[j][1]);
     }
   }
   for (; k < in8; k += 8) {
     const __m256 x0 = _mm256_loadu_ps(x + k);
-    for (int j = 0; j < 4; ++j) a[j][0] = _mm256_fmadd_ps(load_bf16x8(w + j * in + k), x0, a[j][0]);
+    for (int j = 0; j < 4; ++j) a[j][0] = _mm256_fmadd_ps(load_w8(w + j * in + k), x0, a[j][0]);
   }
   for (int j = 0; j < 4; ++j) {
     float s = hsum8(_mm256_add_ps(a[j][0], a[j][1]));
-    for (int64_t t = in8; t < in; ++t) s += bf16_to_float(w[j * in + t]) * x[t];
+    for (int64_t t = in8; t < in; ++t) s += w_to_float(w[j * in + t]) * x[t];
     r[j] = s;
   }
 }
 #endif
 
 // outputs [o0, o1) of y (row stride out) for the rows [r0, r0 + rn)
-void linear_bf16w_block(const float* x, const uint16_t* w, float* y, int64_t rows, int64_t in, int64_t out,
-                        int64_t o0, int64_t o1) {
+template <typename W>
+void linear_w_block(const float* x, const W* w, float* y, int64_t rows, int64_t in, int64_t out, int64_t o0,
+                    int64_t o1) {
   float t0[4], t1[4];
 #if defined(__AVX2__) && defined(__FMA__)
   if (rows == 1) {  // four outputs at a time; the last one to three by the pairs below
     const int64_t in8 = in - in % 8;
-    for (; o0 + 4 <= o1; o0 += 4) dot4_bf16w_row(x, in, in8, w + o0 * in, y + o0);
+    for (; o0 + 4 <= o1; o0 += 4) dot4_w_row(x, in, in8, w + o0 * in, y + o0);
   }
 #endif
   for (int64_t o = o0; o < o1; o += 2) {
     const bool pair = o + 1 < o1;
-    const uint16_t* w0 = w + o * in;
-    const uint16_t* w1 = pair ? w0 + in : w0;
+    const W* w0 = w + o * in;
+    const W* w1 = pair ? w0 + in : w0;
     for (int64_t r = 0; r < rows; r += 4) {
       const int64_t rn = std::min<int64_t>(4, rows - r);
       const float* xr = x + r * in;
 #if defined(__AVX2__) && defined(__FMA__)
       const int64_t in8 = in - in % 8;
       switch (rn) {
-        case 1: dot2_bf16w<1>(xr, in, in8, w0, w1, t0, t1); break;
-        case 2: dot2_bf16w<2>(xr, in, in8, w0, w1, t0, t1); break;
-        case 3: dot2_bf16w<3>(xr, in, in8, w0, w1, t0, t1); break;
-        default: dot2_bf16w<4>(xr, in, in8, w0, w1, t0, t1); break;
+        case 1: dot2_w<1>(xr, in, in8, w0, w1, t0, t1); break;
+        case 2: dot2_w<2>(xr, in, in8, w0, w1, t0, t1); break;
+        case 3: dot2_w<3>(xr, in, in8, w0, w1, t0, t1); break;
+        default: dot2_w<4>(xr, in, in8, w0, w1, t0, t1); break;
       }
 #else
       for (int64_t i = 0; i < rn; ++i) {
         float s0 = 0.0f, s1 = 0.0f;
         for (int64_t k = 0; k < in; ++k) {
-          s0 += bf16_to_float(w0[k]) * xr[i * in + k];
-          s1 += bf16_to_float(w1[k]) * xr[i * in + k];
+          s0 += w_to_float(w0[k]) * xr[i * in + k];
+          s1 += w_to_float(w1[k]) * xr[i * in + k];
         }
         t0[i] = s0;
         t1[i] = s1;
@@ -428,22 +431,34 @@ void linear_bf16w_block(const float* x, const uint16_t* w, float* y, int64_t row
   }
 }
 
+template <typename W>
+torch::Tensor linear_w(torch::Tensor x, const W* wp, int64_t out) {
+  x = x.contiguous();
+  const int64_t rows = x.size(0), in = x.size(1);
+  auto y = torch::empty({rows, out}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  // chunks of an even number of outputs, so that pairs never straddle two threads' chunks
+  at::parallel_for(0, (out + 1) / 2, 128, [&](int64_t p0, int64_t p1) {
+    linear_w_block(xp, wp, yp, rows, in, out, 2 * p0, std::min(out, 2 * p1));
+  });
+  return y;
+}
+
 // x: [rows, in] float32, w: [out, in] bfloat16 (contiguous) -> [rows, out] float32
 torch::Tensor linear_bf16w(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "linear_bf16w: x [rows, in], w [out, in]");
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && w.scalar_type() == torch::kBFloat16 && w.is_contiguous(),
               "linear_bf16w: float32 x, contiguous bfloat16 w");
-  x = x.contiguous();
-  const int64_t rows = x.size(0), in = x.size(1), out = w.size(0);
-  auto y = torch::empty({rows, out}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  float* yp = y.data_ptr<float>();
-  // chunks of an even number of outputs, so that pairs never straddle two threads' chunks
-  at::parallel_for(0, (out + 1) / 2, 128, [&](int64_t p0, int64_t p1) {
-    linear_bf16w_block(xp, wp, yp, rows, in, out, 2 * p0, std::min(out, 2 * p1));
-  });
-  return y;
+  return linear_w(x, reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), w.size(0));
+}
+
+// x: [rows, in] float32, w: [out, in] float32 (contiguous) -> [rows, out] float32 (the same loops, float32 weights)
+torch::Tensor linear_f32w(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "linear_f32w: x [rows, in], w [out, in]");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && w.scalar_type() == torch::kFloat32 && w.is_contiguous(),
+              "linear_f32w: float32 x, contiguous float32 w");
+  return linear_w(x, w.data_ptr<float>(), w.size(0));
 }
 
 // gu: [c, 2 * m] (gate | up) -> [c, m] silu(gate) * up
@@ -470,4 +485,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("rope_kv_attend", &rope_kv_attend, "rope_write_kv_, then attention over the cache (folded GQA)");
   mod.def("silu_mul", &silu_mul, "silu(gate) * up of gu [c, 2m]");
   mod.def("linear_bf16w", &linear_bf16w, "x [rows, in] float32 @ w.T for bfloat16 w [out, in], float32 result");
+  mod.def("linear_f32w", &linear_f32w, "x [rows, in] float32 @ w.T for float32 w [out, in] (few rows)");
 }
