@@ -2,8 +2,8 @@
 
 ``weight_chain_ms(model, columns)`` multiplies a ``[columns, hidden]`` activation through every layer's own weight
 matrices (q, k, v, o, gate, up, down: distinct tensors, so nothing stays in cache) and the LM head, with every
-kernel the engine can choose (``F.linear``, ``torch.mm(W, x.T)``, on a float32 CPU also one column as two and
-oneDNN) and keeps the fastest: the floor a forward over ``columns`` tokens (rows x tokens per row) cannot beat on
+kernel the engine can choose (``F.linear``, ``torch.mm(W, x.T)``, on a float32 CPU also one column as two,
+oneDNN and the decode glue's few-row loops) and keeps the fastest: the floor a forward over ``columns`` tokens (rows x tokens per row) cannot beat on
 this machine. ``roofline_table`` interleaves engine forwards
 (``rollout.cost_probe.forward_cost_ms``) with chains of the same column counts, repeat after repeat, so a busy
 machine slows both alike and the ratio stays meaningful.
@@ -44,15 +44,18 @@ def weight_chain_ms(model: torch.nn.Module, columns: int, repeats: int = 1) -> d
     """``{kernel: ms, ..., "best": ms}``: median time of one pass over all weights for ``columns`` columns, per
     kernel (``linear``, ``mm``; on a float32 CPU also the engine's others: one column as two, oneDNN), interleaved;
     ``best`` is the fastest kernel, so the roofline is the fastest weight stream this machine offers."""
-    from atlas_rl.rollout.kernel_tune import KERNELS, run_kernel
+    from atlas_rl.rollout.kernel_tune import GLUE_MAX_ROWS, KERNELS, run_kernel
 
     ws = _chain_weights(model)
     dev, dtype = ws[0].device, ws[0].dtype
     xs = {w.shape[1]: torch.randn(columns, w.shape[1], device=dev, dtype=dtype) for w in ws}  # [columns, in]
     cpu32 = dev.type == "cpu" and dtype == torch.float32
     names = [k for k in KERNELS if k != "mm_pad" or columns == 1] if cpu32 else ["linear", "mm"]
-    if "onednn" in names and run_kernel("onednn", xs[ws[0].shape[1]], ws[0]) is None:
-        names.remove("onednn")  # no oneDNN in this build
+    if columns > GLUE_MAX_ROWS and "glue" in names:
+        names.remove("glue")  # the few-row loops are not a candidate there (kernel_tune)
+    for k in ("onednn", "glue"):  # no oneDNN in this build, no compiler for the glue
+        if k in names and run_kernel(k, xs[ws[0].shape[1]], ws[0]) is None:
+            names.remove(k)
     times: dict[str, list[float]] = {k: [] for k in names}
     for _ in range(repeats):
         for name in names:
