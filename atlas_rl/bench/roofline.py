@@ -3,8 +3,8 @@
 ``weight_chain_ms(model, columns)`` multiplies a ``[columns, hidden]`` activation through every layer's own weight
 matrices (q, k, v, o, gate, up, down: distinct tensors, so nothing stays in cache) and the LM head, with every
 kernel the engine can choose (``F.linear``, ``torch.mm(W, x.T)``, on a float32 CPU also one column as two,
-oneDNN and the decode glue's few-row loops) and keeps the fastest: the floor a forward over ``columns`` tokens (rows x tokens per row) cannot beat on
-this machine. ``roofline_table`` interleaves engine forwards
+oneDNN and the decode glue's few-row loops) and keeps the fastest: the floor a forward over ``columns`` tokens
+(rows x tokens per row) cannot beat on this machine. ``roofline_table`` interleaves engine forwards
 (``rollout.cost_probe.forward_cost_ms``) with chains of the same column counts, repeat after repeat, so a busy
 machine slows both alike and the ratio stays meaningful.
 
