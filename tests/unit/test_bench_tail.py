@@ -9,6 +9,8 @@ from atlas_rl.bench.roofline import render_roofline_markdown, roofline_table, we
 from atlas_rl.bench.tail import TailOptions, _cell_summary, _configs, render_tail_markdown
 from atlas_rl.models import tiny_llama
 from atlas_rl.rollout import RolloutEngine
+from atlas_rl.rollout.cpu_glue import glue_kernels
+from atlas_rl.rollout.kernel_tune import GLUE_MAX_ROWS
 from atlas_rl.types import SpecStats
 
 
@@ -42,7 +44,10 @@ def test_tail_summary_pairs_repeats_and_picks_the_best_fixed_k():
 def test_roofline_table_on_a_tiny_model_interleaves_engines_and_chain():
     model = tiny_llama(vocab_size=64)
     chain = weight_chain_ms(model, 3)
-    assert chain["best"] == min(chain["linear"], chain["mm"]) > 0
+    kernels = {k: v for k, v in chain.items() if k != "best"}
+    assert {"linear", "mm"} <= set(kernels) and chain["best"] == min(kernels.values()) > 0  # the fastest stream
+    assert ("glue" in kernels) == (glue_kernels() is not None)  # the engine's few-row loops are a candidate too
+    assert "glue" not in weight_chain_ms(model, GLUE_MAX_ROWS + 1)  # above their rows they are not
     engines = {"lean": RolloutEngine(model)}
     table = roofline_table(engines, rows=(1, 2), tokens=(1, 3), context=8, repeats=2, max_columns=4)
     assert set(table["ms"]["lean"]) == {(1, 1), (1, 3), (2, 1)}  # 2 x 3 = 6 columns > max_columns
