@@ -98,7 +98,8 @@ def prepack_weights(weights: Sequence[torch.Tensor]) -> None:
 
 
 def prepack_draft_weights(model: nn.Module) -> None:
-    """Make now the bfloat16 oneDNN copies a draft head's matmuls use (:func:`draft_linear`), instead of inside its
+    """Make now the bfloat16 copies a draft head's matmuls use (:func:`draft_linear`: oneDNN's blocked ones where the
+    CPU has native bfloat16, plain ones for ``linear_bf16w`` elsewhere), instead of inside its
     first ``propose``: there they took 40-150 ms (12 ms is a whole 4-token draft at one row), charged to the head's
     drafting cost, so the controller priced a fresh head 3-13x too dear and a test of its drafting share failed."""
     native = bf16_matmul_available()

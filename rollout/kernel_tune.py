@@ -47,6 +47,7 @@ __all__ = [
     "MAX_PLAN_ROWS",
     "MIN_TUNE_BYTES",
     "KernelPlan",
+    "candidate_kernels",
     "load_or_tune",
     "run_kernel",
     "time_kernels",
@@ -237,6 +238,19 @@ def linear_weights(model: nn.Module) -> list[torch.Tensor]:
     return out
 
 
+def candidate_kernels(
+    x2: torch.Tensor,  # [rows, in] a sample activation
+    weight: torch.Tensor,  # [out, in] a sample weight
+    kernels: Sequence[str] = KERNELS,
+) -> list[str]:
+    """The ``kernels`` worth timing for ``x2``'s row count: ``mm_pad`` only at one row (it is ``mm`` above),
+    ``glue`` up to :data:`GLUE_MAX_ROWS`, and neither ``onednn`` nor ``glue`` where they cannot run (no oneDNN in
+    the build, no compiler for the glue)."""
+    rows = int(x2.shape[0])
+    names = [k for k in kernels if (k != "mm_pad" or rows == 1) and (k != "glue" or rows <= GLUE_MAX_ROWS)]
+    return [k for k in names if k not in ("onednn", "glue") or run_kernel(k, x2, weight) is not None]
+
+
 @torch.inference_mode()
 def time_kernels(
     weights: Sequence[torch.Tensor], rows: int, repeats: int = 3, kernels: Sequence[str] = KERNELS
@@ -245,12 +259,7 @@ def time_kernels(
     ``repeats`` interleaved passes over the whole chain ``weights`` with ``rows`` rows (each kernel streams the
     chain in order, so every weight is read with the caches it meets in a forward)."""
     xs = {int(w.shape[1]): torch.randn(rows, int(w.shape[1]), dtype=w.dtype) for w in weights}  # [rows, in]
-    names = [k for k in kernels if k != "mm_pad" or rows == 1]  # mm_pad is mm above one row
-    if rows > GLUE_MAX_ROWS and "glue" in names:
-        names.remove("glue")
-    for k in ("onednn", "glue"):  # kernels that cannot run here (no oneDNN, no compiler, a non-contiguous weight)
-        if k in names and run_kernel(k, xs[int(weights[0].shape[1])], weights[0]) is None:
-            names.remove(k)
+    names = candidate_kernels(xs[int(weights[0].shape[1])], weights[0], kernels)
     shapes = [(int(w.shape[0]), int(w.shape[1])) for w in weights]
     best = {s: {k: float("inf") for k in names} for s in shapes}
     for _ in range(repeats):

@@ -44,18 +44,13 @@ def weight_chain_ms(model: torch.nn.Module, columns: int, repeats: int = 1) -> d
     """``{kernel: ms, ..., "best": ms}``: median time of one pass over all weights for ``columns`` columns, per
     kernel (``linear``, ``mm``; on a float32 CPU also the engine's others: one column as two, oneDNN), interleaved;
     ``best`` is the fastest kernel, so the roofline is the fastest weight stream this machine offers."""
-    from atlas_rl.rollout.kernel_tune import GLUE_MAX_ROWS, KERNELS, run_kernel
+    from atlas_rl.rollout.kernel_tune import candidate_kernels, run_kernel
 
     ws = _chain_weights(model)
     dev, dtype = ws[0].device, ws[0].dtype
     xs = {w.shape[1]: torch.randn(columns, w.shape[1], device=dev, dtype=dtype) for w in ws}  # [columns, in]
     cpu32 = dev.type == "cpu" and dtype == torch.float32
-    names = [k for k in KERNELS if k != "mm_pad" or columns == 1] if cpu32 else ["linear", "mm"]
-    if columns > GLUE_MAX_ROWS and "glue" in names:
-        names.remove("glue")  # the few-row loops are not a candidate there (kernel_tune)
-    for k in ("onednn", "glue"):  # no oneDNN in this build, no compiler for the glue
-        if k in names and run_kernel(k, xs[ws[0].shape[1]], ws[0]) is None:
-            names.remove(k)
+    names = candidate_kernels(xs[ws[0].shape[1]], ws[0]) if cpu32 else ["linear", "mm"]
     times: dict[str, list[float]] = {k: [] for k in names}
     for _ in range(repeats):
         for name in names:

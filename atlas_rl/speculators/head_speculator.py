@@ -281,28 +281,25 @@ class DraftHeadSpeculator:
         kpos = torch.arange(kv_len, device=self.device)
         mask = (kpos[None, None, :] <= pos[:, :, None])[:, None]  # [n, 1, m, kv]
         h = g
+        rows = self._cache_rows(slots)  # decided once for every layer
         for i, layer in enumerate(head.layers):
             x, res = layer.layer_input(e if i == 0 else None, h)
             q, k, v = head.qkv(i, x, pos)
             self._k[i, slots[:, None], :, pos] = k.transpose(1, 2)
             self._v[i, slots[:, None], :, pos] = v.transpose(1, 2)
-            attn = head.attend(q, *self._cached_kv(i, slots, kv_len), mask)
+            attn = head.attend(q, self._k[i, rows, :, :kv_len], self._v[i, rows, :, :kv_len], mask)
             h = layer.finish(res, attn)
         return h
 
-    def _cached_kv(
-        self,
-        layer: int,
-        slots: torch.Tensor,  # [n] cache slots
-        kv_len: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # keys, values [n, kv_heads, kv_len, d]
-        """The first ``kv_len`` cached positions of ``slots``: views when the slots are consecutive (a wave's rows
-        usually are), gathered copies otherwise."""
+    @staticmethod
+    def _cache_rows(slots: torch.Tensor) -> slice | torch.Tensor:  # slots: [n] cache slots
+        """How to read the cache rows of ``slots``: a slice (a view, no copy) when they are consecutive (a wave's
+        rows usually are), the slots themselves (a gathered copy) otherwise."""
         n = slots.shape[0]
         first = int(slots[0])
         if bool((slots == torch.arange(first, first + n, device=slots.device)).all()):
-            return self._k[layer, first : first + n, :, :kv_len], self._v[layer, first : first + n, :, :kv_len]
-        return self._k[layer, slots, :, :kv_len], self._v[layer, slots, :, :kv_len]
+            return slice(first, first + n)
+        return slots
 
     # ------------------------------------------------------------------------------------------ drafting
     @torch.inference_mode()

@@ -400,6 +400,7 @@ def test_draft_cache_is_read_as_a_view_for_consecutive_slots_and_gathered_otherw
     spec._k.copy_(torch.randn_like(spec._k))
     spec._v.copy_(torch.randn_like(spec._v))
     for slots in ([2, 3, 4], [4, 1, 5], [0]):
-        k, v = spec._cached_kv(0, torch.tensor(slots), 5)
+        rows = spec._cache_rows(torch.tensor(slots))
+        k, v = spec._k[0, rows, :, :5], spec._v[0, rows, :, :5]
         assert torch.equal(k, spec._k[0, slots, :, :5]) and torch.equal(v, spec._v[0, slots, :, :5])
         assert (k.data_ptr() == spec._k[0, slots[0]].data_ptr()) == (slots != [4, 1, 5])  # a view, no copy
