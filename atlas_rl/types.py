@@ -196,6 +196,9 @@ class CaptureRecord:
     is_prefill: bool = False
     last_logits: torch.Tensor | None = None  # [n, vocab] prefill only
     prompt_rows: list[list[int]] | None = None  # prefill only: the rows sampling each prompt
+    # [n, q, vocab] log_softmax(target_logits), the T = 1 distribution, when the verifier computed it anyway (greedy
+    # or T = 1 unfiltered sampling); None otherwise. Like every tensor here, valid during the hook only
+    target_logprobs: torch.Tensor | None = None
 
 
 def _add_into(dst: list[int], src: list[int]) -> None:

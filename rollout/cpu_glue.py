@@ -125,3 +125,17 @@ def attends_by_row(q: int, head_dim: int) -> bool:
 
 def silu_mul(glue: ModuleType, gu: torch.Tensor) -> torch.Tensor:  # gu: [c, 2m] gate | up -> [c, m]
     return glue.silu_mul(gu)
+
+
+def topk_rows(
+    x: torch.Tensor,  # [r, v]
+    rows: torch.Tensor,  # [m] long row indices
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # values [m, k] descending, indices [m, k] long
+    """``x[rows].topk(k)``: for float32 CPU rows one pass of a compiled loop per row without copying them
+    (~8x faster than ``topk`` over a 49k vocabulary), else PyTorch's. Ties: the compiled loop keeps lower indices."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.stride(-1) == 1:
+        glue = glue_kernels()
+        if glue is not None:
+            return glue.topk_rows(x, rows.to(torch.long), k)
+    return x[rows].topk(k, dim=-1)

@@ -834,9 +834,16 @@ class RolloutEngine:
             hidden_states={i: h for i, h in enumerate(all_hidden or ())} | {-1: last_hidden},
             target_logits=logits,
             sampling=sampling,
+            target_logprobs=self._raw_logprobs(logits),
         )
         for hook in self._capture_hooks:
             hook(rec)
+
+    def _raw_logprobs(self, logits: torch.Tensor) -> torch.Tensor | None:  # logits [n, q, vocab]
+        """The verifier's ``log_softmax`` of this step's ``logits`` when it made one (no second pass for a capture
+        hook's labels), else None."""
+        lp = getattr(self.verifier, "last_raw_logprobs", None)
+        return lp if lp is not None and lp.shape == logits.shape else None
 
 
 def _prefill_chunks(

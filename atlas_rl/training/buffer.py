@@ -105,7 +105,8 @@ class CaptureBufferConfig:
 
 @dataclass
 class _Chunk:
-    """Consecutive positions of one row, from one record (tensors are the buffer's own copies)."""
+    """Consecutive positions of one row, from one record (tensors are the buffer's own: copies, or views of tensors
+    the buffer made for the whole record)."""
 
     tokens: torch.Tensor  # [m] long
     feats: torch.Tensor  # [m, F] feat_dtype
@@ -297,6 +298,23 @@ class CaptureBuffer:
         lse = torch.logsumexp(logits.float(), -1, keepdim=True)
         return ids.to("cpu", torch.long), (vals.float() - lse).exp().to("cpu")
 
+    def _step_labels(
+        self,
+        rec: CaptureRecord,
+        valid: torch.Tensor,  # [n, q] bool, positions on the sequences
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # ids [M, K] long, probs [M, K] float32
+        """Top-K labels of a verification step: from the verifier's log-softmax when the record carries it (no
+        second pass over the vocabulary), picked by a compiled top-k on CPU; else :meth:`_labels` of the logits."""
+        lp = rec.target_logprobs
+        if lp is None:
+            return self._labels(rec.target_logits[valid])
+        from atlas_rl.rollout.cpu_glue import topk_rows  # the compiled loops live with the engine's
+
+        vocab = lp.shape[-1]
+        flat = valid.reshape(-1).nonzero().squeeze(1)  # [M] positions in n * q order (= boolean indexing's)
+        vals, ids = topk_rows(lp.reshape(-1, vocab), flat, min(self.config.top_k, vocab))
+        return ids.to("cpu", torch.long), vals.float().exp().to("cpu")
+
     def _on_prefill(self, rec: CaptureRecord) -> None:
         cfg = self.config
         n = int(rec.input_ids.shape[0])
@@ -342,8 +360,9 @@ class CaptureBuffer:
         valid = torch.arange(q)[None, :] < nv[:, None]  # [n, q]
         valid_dev = valid.to(rec.input_ids.device)
         feats = self._features(rec.hidden_states)[valid_dev].to("cpu", cfg.feat_dtype)  # [M, F]
-        lids, lprobs = self._labels(rec.target_logits[valid_dev])  # [M, K]
+        lids, lprobs = self._step_labels(rec, valid_dev)  # [M, K]
         toks = rec.input_ids[valid_dev].to("cpu")  # [M]
+        ones = torch.ones(toks.shape[0], dtype=torch.bool)  # [M] label masks
         counts = nv.tolist()
         next_ids = rec.next_ids.to("cpu")
         pos0 = rec.positions[:, 0].tolist()
@@ -377,15 +396,8 @@ class CaptureBuffer:
                         m = j + 1
                         row.stopped = True
                         break
-                row.add(
-                    _Chunk(
-                        toks[a : a + m].clone(),
-                        feats[a : a + m].clone(),
-                        lids[a : a + m].clone(),
-                        lprobs[a : a + m].clone(),
-                        torch.ones(m, dtype=torch.bool),
-                    )
-                )
+                # views: the step's tensors were made here (indexing copies), its rows' slices share them
+                row.add(_Chunk(toks[a : a + m], feats[a : a + m], lids[a : a + m], lprobs[a : a + m], ones[a : a + m]))
                 row.last_token = int(emitted[m - 1])
             self._enforce_bound()
 

@@ -23,12 +23,21 @@ import torch
 
 from atlas_rl.types import SamplingParams
 
-__all__ = ["processed_logprobs", "processed_probs", "sample_inverse_cdf"]
+__all__ = ["is_unprocessed", "processed_logprobs", "processed_probs", "sample_inverse_cdf"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The logits' dtype, but at least float32 (float64 stays float64)."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def is_unprocessed(sampling: SamplingParams, vocab: int) -> bool:
+    """Whether :func:`processed_logprobs` under ``sampling`` is the plain ``log_softmax`` of the logits (the T = 1
+    distribution): greedy decoding, or T = 1 without top-k / top-p filtering."""
+    if sampling.greedy:
+        return True
+    top_k = sampling.top_k if 0 < sampling.top_k < vocab else 0
+    return sampling.temperature == 1.0 and top_k == 0 and sampling.top_p >= 1.0
 
 
 def processed_logprobs(

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from atlas_rl.types import SamplingParams, VerifyResult
-from atlas_rl.verification.processing import processed_logprobs, sample_inverse_cdf
+from atlas_rl.verification.processing import is_unprocessed, processed_logprobs, sample_inverse_cdf
 
 __all__ = ["PAD_ID", "RejectionSampler", "draw_uniforms"]
 
@@ -61,6 +61,9 @@ class RejectionSampler:
         never escapes into a result, but an instance must then not verify from two threads at once."""
         self.reuse_cpu_buffer = reuse_cpu_buffer
         self._cpu_buffer: torch.Tensor | None = None  # flat, grown on demand
+        # [n, K+1, vocab] log_softmax(target_logits) of the last call when its processing was none (greedy, or T = 1
+        # unfiltered: the T = 1 distribution), else None; valid until the next call (it may live in the buffer)
+        self.last_raw_logprobs: torch.Tensor | None = None
 
     def _workspace(self, logits: torch.Tensor) -> torch.Tensor | None:  # logits [n, K+1, vocab]
         """A reusable [n, K+1, vocab] buffer of the compute dtype for CPU logits, else None (allocate per call)."""
@@ -72,6 +75,14 @@ class RejectionSampler:
             self._cpu_buffer = torch.empty(logits.numel(), dtype=dtype)
         return self._cpu_buffer[: logits.numel()].view(logits.shape)
 
+    def _logprobs(self, target_logits: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
+        """``processed_logprobs`` of ``target_logits [n, K+1, vocab]`` (into the reused buffer on CPU), remembered
+        as :attr:`last_raw_logprobs` when it is the plain ``log_softmax`` (a capture hook's T = 1 labels need it)."""
+        out = processed_logprobs(target_logits, sampling, out=self._workspace(target_logits))
+        if is_unprocessed(sampling, target_logits.shape[-1]):
+            self.last_raw_logprobs = out
+        return out
+
     def verify(
         self,
         draft_ids: torch.Tensor,  # [n, K] long, row i valid up to draft_lens[i]
@@ -82,6 +93,7 @@ class RejectionSampler:
         uniforms: torch.Tensor | None,  # [n, K+1] in [0, 1): row i uses [:d_i] for accept tests, [d_i] to sample
     ) -> VerifyResult:
         _check_inputs(draft_ids, draft_lens, draft_probs, target_logits, sampling, uniforms)
+        self.last_raw_logprobs = None
         device = target_logits.device
         num_draft = draft_ids.shape[1]  # K
         draft_ids = draft_ids.to(device=device, dtype=torch.long)
@@ -116,7 +128,7 @@ class RejectionSampler:
         column-major logits of the engine's CPU LM head (``docs/results/step_overhead.md``)."""
         target_argmax = target_logits.argmax(dim=-1)  # [n, K+1]
         accepted = (safe_draft_ids == target_argmax[:, : safe_draft_ids.shape[1]]) & valid  # [n, K]
-        target_logprobs = processed_logprobs(target_logits, sampling, out=self._workspace(target_logits))
+        target_logprobs = self._logprobs(target_logits, sampling)
         logprobs = target_logprobs.gather(-1, target_argmax.unsqueeze(-1)).squeeze(-1)  # [n, K+1]
         return _num_leading_true(accepted), target_argmax, logprobs
 
@@ -132,8 +144,7 @@ class RejectionSampler:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # [n], [n, K+1], [n, K+1]
         n, num_draft = safe_draft_ids.shape
         rows = torch.arange(n, device=target_logits.device)  # [n]
-        # [n, K+1, vocab], the one full pass
-        target_logprobs = processed_logprobs(target_logits, sampling, out=self._workspace(target_logits))
+        target_logprobs = self._logprobs(target_logits, sampling)  # [n, K+1, vocab], the one full pass
         target_logprobs_at_draft = (
             target_logprobs[:, :num_draft].gather(-1, safe_draft_ids.unsqueeze(-1)).squeeze(-1)
         )  # [n, K]

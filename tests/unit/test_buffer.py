@@ -15,6 +15,7 @@ from atlas_rl.rollout import RolloutEngine
 from atlas_rl.training.buffer import CaptureBuffer, CaptureBufferConfig
 from atlas_rl.training.offline import samples_from_sequences
 from atlas_rl.training.samples import SequenceSample
+from atlas_rl.verification.rejection import RejectionSampler
 
 V = 64
 PROMPTS = [[1, 5, 7], [2, 9, 11, 13, 4, 8, 3, 17, 21], [6], [30, 31, 32, 33, 34]]
@@ -67,6 +68,8 @@ def _check_against_teacher_forced(model, batch, samples: list[SequenceSample], v
         (SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True), 1, None),
         (SamplingParams(temperature=1.0, max_new_tokens=10, seed=3, ignore_eos=True), 3, None),
         (SamplingParams(temperature=1.0, max_new_tokens=10, seed=4, ignore_eos=True), 2, 4),  # waves of 2 groups
+        # labels stay the T = 1 distribution when the verifier's logprobs are processed ones (not reused then)
+        (SamplingParams(temperature=0.7, top_k=20, max_new_tokens=10, seed=5, ignore_eos=True), 2, None),
     ],
 )
 def test_samples_equal_teacher_forced_sequences(model, sampling, n_gen, max_rows):
@@ -174,3 +177,35 @@ def test_config_errors_say_what_to_change():
     buf.attach(eng)
     with pytest.raises(ValueError, match="no hidden states for layers"):
         eng.generate(PROMPTS[:1], SamplingParams(temperature=0, max_new_tokens=2))
+
+
+class _NoRawLogprobs(RejectionSampler):
+    """A verifier that hands out no log-softmax: the buffer computes its labels from the logits."""
+
+    @property
+    def last_raw_logprobs(self):
+        return None
+
+    @last_raw_logprobs.setter
+    def last_raw_logprobs(self, value) -> None:
+        pass
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_labels_from_the_verifiers_logprobs_equal_labels_from_the_logits(model, temperature):
+    """The step labels taken from the verifier's log-softmax (compiled top-k) equal the logits path's top-k and
+    logsumexp: same ids in the same order, probabilities within float32 rounding."""
+    sampling = SamplingParams(temperature=temperature, max_new_tokens=12, seed=7, ignore_eos=True)
+    out = []
+    for verifier in (None, _NoRawLogprobs()):
+        eng = _engine(model, oracle=sampling.greedy, verifier=verifier)
+        buf = CaptureBuffer(CaptureBufferConfig(fuse_layers=FUSE, top_k=8, feat_dtype=torch.float32))
+        buf.attach(eng)
+        eng.generate(PROMPTS, sampling, num_generations=2)
+        buf.flush()
+        out.append(buf.samples())
+    assert len(out[0]) == len(out[1]) > 0
+    for a, b in zip(*out):
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.label_mask, b.label_mask)
+        assert torch.equal(a.label_ids, b.label_ids)
+        assert torch.allclose(a.label_probs, b.label_probs, rtol=1e-5, atol=1e-7)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -171,3 +172,32 @@ def test_bfloat16_weight_linear_equals_float32_math_over_the_rounded_weight(thre
         torch.set_num_threads(n)
     with pytest.raises(RuntimeError, match="linear_bf16w"):
         GLUE.linear_bf16w(torch.randn(2, 8), torch.randn(4, 8))  # a float32 weight: a clear error, not garbage
+
+
+@needs_glue
+@pytest.mark.parametrize("v,k", [(49152, 32), (101, 1), (37, 37), (8, 3)])
+def test_topk_rows_equals_torch_topk(v, k):
+    """Values equal torch.topk's exactly, indices too (distinct finite values), on picked rows of a strided tensor
+    whose rows hold -inf (filtered tokens) and whose length is no multiple of the vector width."""
+    g = torch.Generator().manual_seed(v + k)
+    x = torch.randn(6, v + 5, generator=g)[:, 2 : v + 2]  # [6, v] rows of stride v + 5
+    x[1, : v // 2] = -math.inf
+    rows = torch.tensor([5, 1, 1, 0])
+    vals, ids = cpu_glue.topk_rows(x, rows, k)
+    ref_vals, ref_ids = x[rows].topk(k, dim=-1)
+    assert torch.equal(vals, ref_vals)
+    finite = vals > -math.inf  # the -inf entries tie: torch orders them its own way, compare them as sets
+    assert torch.equal(ids[finite], ref_ids[finite])
+    for i in range(len(rows)):
+        assert sorted(ids[i][~finite[i]].tolist()) == sorted(ref_ids[i][~finite[i]].tolist())
+
+
+@needs_glue
+def test_topk_rows_keeps_the_lower_index_of_ties_and_checks_its_arguments():
+    x = torch.tensor([[1.0, 3.0, 2.0, 3.0, 3.0, 0.0, 2.0, 2.0, 2.0, 1.0]])
+    vals, ids = cpu_glue.topk_rows(x, torch.tensor([0]), 4)
+    assert vals.tolist() == [[3.0, 3.0, 3.0, 2.0]] and ids.tolist() == [[1, 3, 4, 2]]
+    with pytest.raises(RuntimeError, match="k must lie in"):
+        GLUE.topk_rows(x, torch.tensor([0]), 11)
+    with pytest.raises(RuntimeError, match="row index out of range"):
+        GLUE.topk_rows(x, torch.tensor([1]), 2)
