@@ -3,15 +3,17 @@
 Every decode step maximises *expected emitted tokens per second of wall time*:
 
 * **plan** (before drafting) decides which speculators to ask and for how many tokens. A speculator whose
-  predicted drafting cost is negligible (``cheap_fraction`` of a step) is always asked for ``max_k`` tokens:
-  asking is how the controller keeps learning its quality (see :mod:`.tracker`). A costly one (a draft head) is
-  asked for the length ``L`` that maximises the expected rate *including its drafting cost*, or not at all when
-  no length beats plain decoding. The expected rate is estimated from a reservoir of the speculator's recent
-  drafts (their confidence bins per position) re-scored with the current, optimistic calibration, summed over
-  random batches of the current size: at small batches it credits the selection ``choose`` will make; from 16 rows
-  it is ``rows x`` the calibrated *mean* (no selection to credit, a near-certain expectation) and must beat plain
-  decoding by ``margin``, as ``choose`` demands. Nothing is asked when even perfect drafts could not pay (large
-  batches on a compute-bound device).
+  predicted drafting cost is negligible (``cheap_fraction`` of a step) is asked for ``max_k`` tokens: asking is how
+  the controller keeps learning its quality — every step while free drafts of it could pay, else every
+  ``probe_every``-th step (its drafting, and the choice over its drafts, are no longer free at that rate: a few
+  percent of a plain step at 8 sampled rows on a CPU). A costly one (a draft head) is asked for the length ``L``
+  that maximises the expected rate *including its drafting cost*, or not at all when no length beats plain
+  decoding (and then not planned again for ``probe_every`` steps at that batch size). The expected rate is
+  estimated from a reservoir of the speculator's recent drafts (their confidence bins per position) re-scored with
+  the current, optimistic calibration, summed over random batches of the current size: at small batches it
+  credits the selection ``choose`` will make; from 16 rows it is ``rows x`` the calibrated *mean* (no selection to
+  credit, a near-certain expectation) and must beat plain decoding by ``margin``, as ``choose`` demands. Nothing is
+  asked when even perfect drafts could not pay (large batches on a compute-bound device).
 * **choose** (after drafting) turns each draft's confidences into calibrated per-token acceptance
   (:class:`.calibration.AcceptanceModel`; a cautious lower bound for drafts that are evaluated whether verified
   or not; for soft drafts under sampling, which only verification can evaluate, an optimistic one while the
@@ -79,7 +81,7 @@ class AutoControllerConfig:
     """Settings of :class:`AutoController` (defaults need no tuning; the product turns no knobs).
 
     Decisions: ``num_speculative_tokens`` (``max_k`` is its deprecated name), ``margin``, ``tail_min_prob``,
-    ``cheap_fraction``.
+    ``cheap_fraction``, ``probe_every``.
     Calibration: ``prior_mean``, ``prior_strength``, ``half_life_steps``, ``exploration_beta``.
     Planning estimate: ``reservoir_size``, ``plan_batches``, ``seed``. Cost table: ``calibration_budget_s``.
     """
@@ -103,6 +105,15 @@ class AutoControllerConfig:
         metadata={
             "help": "A speculator whose predicted drafting cost is below this fraction of a plain step is always "
             "asked for max_k tokens (keeps its calibration fresh at no real cost)."
+        },
+    )
+    probe_every: int = field(
+        default=4,
+        metadata={
+            "help": "Steps between two looks at a speculator that planning declined (>= 1; 1: every step): a "
+            "cheap speculator whose drafts could not pay even if free and optimistic is asked every this many "
+            "steps (enough to keep its calibration fresh), and a declined costly one is planned again after as "
+            "many steps at the same batch size (without new evidence its value barely moves in between)."
         },
     )
     prior_mean: float = field(
@@ -192,6 +203,9 @@ class AutoControllerConfig:
             _check_range(name, getattr(self, name), lo, hi, lo_open, hi_open)
         if self.reservoir_size < 1 or self.plan_batches < 1:
             raise ValueError("reservoir_size and plan_batches must be >= 1")
+        p = self.probe_every
+        if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+            raise ValueError(f"probe_every must be an int >= 1 (1: plan every speculator at every step), got {p!r}")
 
 
 # (field, lower, upper, lower excluded, upper excluded) of AutoControllerConfig's float settings
@@ -276,6 +290,8 @@ class AutoController(Controller):
         self._asked: dict[str, int] = {}
         self._cheap: set[str] = set()  # speculators asked this step because drafting is (predicted) negligible
         self._step_rows: list[int] = []
+        self._plans = 0  # plan() calls so far (the cheap speculators' probing schedule)
+        self._declined: dict[tuple[str, bool, int], int] = {}  # (speculator, greedy, rows) -> plan that declined it
         self._soft: dict[int, tuple[str, list[int], list[float]]] = {}
         self._greedy = False
         self._reproducible = False  # this call's timings wait for finish()
@@ -329,6 +345,10 @@ class AutoController(Controller):
             return self._draft_cost_prior[name] * L * float(step_s[0])
         return self.draft_cost.predict(name, n, L)
 
+    def _draft_curve(self, name: str, n: int, step_s: np.ndarray) -> np.ndarray:  # step_s: [K+1]
+        """``[K]`` predicted seconds for ``name`` to draft L = 1 .. K tokens for ``n`` rows."""
+        return np.array([self._draft_s(name, n, L, step_s) for L in range(1, self.num_speculative_tokens + 1)])
+
     def _cost(self) -> VerificationCost:
         if self.cost is None:
             raise ValueError(
@@ -358,6 +378,7 @@ class AutoController(Controller):
         base_rate = n / step_s[0]
         self._asked = {}
         self._cheap = set()
+        self._plans += 1
         # even perfect drafts (every token accepted) cannot pay: do not even ask
         perfect = n * np.arange(1, K + 2) / step_s
         if perfect[1:].max() > base_rate:
@@ -374,23 +395,54 @@ class AutoController(Controller):
     def _plan_length(self, name: str, greedy: bool, n: int, step_s: np.ndarray, base_rate: float) -> int:
         """Tokens to ask ``name`` for (0: do not ask)."""
         K = self.num_speculative_tokens
-        if self._draft_s(name, n, K, step_s) <= self.config.cheap_fraction * step_s[0]:
+        cheap = self._draft_s(name, n, K, step_s) <= self.config.cheap_fraction * step_s[0]
+        if cheap and self._plans % self.config.probe_every == 0:
             self._cheap.add(name)
-            return K
+            return K  # a probing step: asked whatever it is worth
+        key = (name, greedy, n)
+        if self._plans - self._declined.get(key, -self.config.probe_every) < self.config.probe_every:
+            return 0  # declined a few steps ago at this batch size: nothing new to plan on
+        L = (
+            self._cheap_length(name, greedy, n, step_s, base_rate)
+            if cheap
+            else self._costly_length(name, greedy, n, step_s, base_rate)
+        )
+        if L == 0:
+            self._declined[key] = self._plans
+        return L
+
+    def _cheap_length(self, name: str, greedy: bool, n: int, step_s: np.ndarray, base_rate: float) -> int:
+        """A cheap speculator is asked for ``max_k`` tokens while free drafts of it could pay, else not (0)."""
+        if not self._could_pay(name, greedy, n, step_s, base_rate):
+            return 0
+        self._cheap.add(name)
+        return self.num_speculative_tokens
+
+    def _costly_length(self, name: str, greedy: bool, n: int, step_s: np.ndarray, base_rate: float) -> int:
+        """The length that maximises the expected rate of a costly speculator, drafting included (0: none pays)."""
+        K = self.num_speculative_tokens
         if self._over_budget(name, greedy, n):
             return 0  # its recent drafts in this regime cost more than the exploration budget (unused or a loss): wait
-        draft_s = np.array([self._draft_s(name, n, L, step_s) for L in range(1, K + 1)])  # [K]
+        draft_s = self._draft_curve(name, n, step_s)  # [K]
         # optimistic on purpose below 16 rows (it decides whether to *ask*): rows assumed alike, so the batch's
         # expected tokens are its effective tokens; choose() decides on the actual drafts, where the slowest row counts
         totals = self._sampled_totals(name, greedy, n)  # [M, K+1]
         # a large batch is a near-certain expectation (no selection to credit, no optimism): asking must beat plain
         # decoding by the margin that choose() demands, or its drafting is spent for nothing
-        best_L, best_rate = 0, base_rate * (1.0 + self.config.margin if n >= _LARGE_BATCH[greedy] else 1.0)
-        for L in range(1, K + 1):
-            rate = float((totals[:, : L + 1] / (step_s[: L + 1] + draft_s[L - 1])).max(1).mean())
-            if rate > best_rate:
-                best_L, best_rate = L, rate
-        return best_L
+        floor = base_rate * (1.0 + self.config.margin if n >= _LARGE_BATCH[greedy] else 1.0)
+        # rate[L] = mean over batches of the best cut q <= L once L tokens were drafted: [M, q, L] -> [L]
+        q = np.arange(K + 1)
+        per = totals[:, :, None] / (step_s[:, None] + draft_s[None, :])  # [M, K+1, K]
+        per = np.where(q[:, None] <= q[None, 1:], per, -np.inf)
+        rates = per.max(1).mean(0)  # [K]
+        best = int(rates.argmax())
+        return best + 1 if rates[best] > floor else 0
+
+    def _could_pay(self, name: str, greedy: bool, n: int, step_s: np.ndarray, base_rate: float) -> bool:
+        """Whether free drafts of ``name`` (``step_s [K+1]``: a step's seconds by draft length) would beat plain
+        decoding on the acceptance planning credits it with (optimistic below large batches)."""
+        totals = self._sampled_totals(name, greedy, n)  # [M, K+1]
+        return float((totals[:, 1:] / step_s[1:]).max(1).mean()) > base_rate
 
     def _sampled_totals(self, name: str, greedy: bool, n: int) -> np.ndarray:
         """``[M, max_k+1]`` optimistic expected tokens of a batch of ``n`` rows asking ``name``, cut to q tokens,
@@ -652,6 +704,8 @@ class AutoController(Controller):
             self._apply_timings()
         self._call_wasted_s, self._call_recent_s = {}, 0.0  # the measured timings replace the call's estimates
         self._rng = np.random.default_rng(self.config.seed)  # every call plans from the same random stream
+        self._plans = 0  # and probes its cheap speculators on the same schedule
+        self._declined = {}
         for name, cal in self._call_calibration.items():
             stats.speculator(name).merge(SpeculatorStats(calibration=cal.tolist()))
         self._call_calibration = {}

@@ -22,7 +22,7 @@ import pytest
 
 from atlas_rl.controller import AutoController, AutoControllerConfig, PlanState, VerificationCost
 from atlas_rl.controller.planning import best_length, expected_tokens
-from atlas_rl.types import Draft
+from atlas_rl.types import Draft, SpecStats
 
 K = 8  # longest draft
 ALPHAS = (0.2, 0.5, 0.7, 0.85, 0.95)
@@ -186,10 +186,35 @@ def test_plan_asks_a_costly_speculator_for_the_oracle_length(alpha, slope, per_t
     assert asked in oracle_plan(alpha, slope, 1, draft_s), (asked, oracle_plan(alpha, slope, 1, draft_s))
 
 
-def test_plan_asks_a_free_speculator_for_the_longest_draft():
-    """Drafting that costs nothing is always asked for K tokens: asking is how its quality is learned."""
-    ctl = controller(0.2, 0.2)
-    assert dict(ctl.plan(state(4))[0]) == {"synth": K}
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("slope", SLOPES)
+@pytest.mark.parametrize("rows", [1, 4, 16])
+def test_plan_asks_a_free_speculator_for_the_longest_draft_every_step_where_it_pays(alpha, slope, rows):
+    """Free drafting is asked for K tokens at every step where free drafts pay (the oracle's best length > 0),
+    and every ``probe_every``-th step where they cannot (asking is how its quality is learned, but its
+    drafting and the choice over its drafts are not free at every step)."""
+    ctl = controller(alpha, slope)
+    every = ctl.config.probe_every
+    assert every > 1
+    pays = oracle_choose(alpha, slope, rows) != {0}
+    asked = [dict(ctl.plan(state(rows))[0]).get("synth", 0) for _ in range(3 * every)]
+    assert set(asked) <= {0, K}
+    want = [K] * (3 * every) if pays else [K if (i + 1) % every == 0 else 0 for i in range(3 * every)]
+    assert asked == want, (pays, asked)
+    ctl.finish(SpecStats())  # a new call probes on the same schedule
+    assert [dict(ctl.plan(state(rows))[0]).get("synth", 0) for _ in range(every)] == want[:every]
+
+
+def test_a_declined_costly_speculator_is_planned_again_after_probe_every_steps_at_that_batch_size():
+    """Declined at one row (it cannot pay), it is not re-planned for probe_every - 1 steps at one row even once it
+    would pay; at another batch size it is planned at once."""
+    ctl = controller(0.2, 0.2, draft_cost=LinearDraftCost(5e-5, 1e-4))
+    every = ctl.config.probe_every
+    assert dict(ctl.plan(state(1))[0]).get("synth", 0) == 0
+    ctl.set_speculator_priors({"synth": 0.99})  # now it pays
+    assert dict(ctl.plan(state(4))[0]).get("synth", 0) > 0
+    asked = [dict(ctl.plan(state(1))[0]).get("synth", 0) for _ in range(every)]
+    assert asked[: every - 2] == [0] * (every - 2) and asked[every - 2] > 0, asked
 
 
 def _plan_oracle(acc: np.ndarray, slope: float, rows: int, draft_s: list[float], margin: float) -> set[int]:
