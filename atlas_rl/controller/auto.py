@@ -292,6 +292,7 @@ class AutoController(Controller):
         self._step_rows: list[int] = []
         self._plans = 0  # plan() calls so far (the cheap speculators' probing schedule)
         self._declined: dict[tuple[str, bool, int], int] = {}  # (speculator, greedy, rows) -> plan that declined it
+        self._plan_rates: dict[str, float] = {}  # costly speculator -> expected rows/s of its planned length
         self._soft: dict[int, tuple[str, list[int], list[float]]] = {}
         self._greedy = False
         self._reproducible = False  # this call's timings wait for finish()
@@ -386,11 +387,24 @@ class AutoController(Controller):
                 L = self._plan_length(name, state.greedy, n, step_s, base_rate)
                 if L > 0:
                     self._asked[name] = L
+            self._keep_best_costly()
         out: Plan = []
         for rem in state.remaining:
             cap = rem - 1
             out.append([(name, min(L, cap)) for name, L in self._asked.items()] if cap > 0 else [])
         return out
+
+    def _keep_best_costly(self) -> None:
+        """Of the costly speculators planning would ask, keep only the one of the best expected rate: each draws
+        a draft for every row and one per row is verified, so a second head's drafting (a few ms per step on a CPU)
+        buys only the rows where its draft beats the first's, which its planned rate never priced. A head left out
+        gets no new evidence, so its optimistic value grows until it is tried again."""
+        costly = [s for s in self._asked if s not in self._cheap]
+        if len(costly) > 1:
+            best = max(costly, key=lambda s: self._plan_rates[s])
+            for s in costly:
+                if s != best:
+                    del self._asked[s]
 
     def _plan_length(self, name: str, greedy: bool, n: int, step_s: np.ndarray, base_rate: float) -> int:
         """Tokens to ask ``name`` for (0: do not ask)."""
@@ -436,6 +450,7 @@ class AutoController(Controller):
         per = np.where(q[:, None] <= q[None, 1:], per, -np.inf)
         rates = per.max(1).mean(0)  # [K]
         best = int(rates.argmax())
+        self._plan_rates[name] = float(rates[best])
         return best + 1 if rates[best] > floor else 0
 
     def _could_pay(self, name: str, greedy: bool, n: int, step_s: np.ndarray, base_rate: float) -> bool:

@@ -217,6 +217,17 @@ def test_a_declined_costly_speculator_is_planned_again_after_probe_every_steps_a
     assert asked[: every - 2] == [0] * (every - 2) and asked[every - 2] > 0, asked
 
 
+def test_of_two_costly_speculators_that_would_pay_only_the_better_one_drafts():
+    """Each head alone pays at one row; asked together both would draft for the same rows, one draft each verified:
+    the plan asks the one of the better expected rate only (the other's drafting would be priced nowhere)."""
+    ctl = controller(0.5, 0.02, draft_cost=LinearDraftCost(5e-5, 1e-5))
+    ctl.set_speculator_priors({"good": 0.9, "fair": 0.7})
+    two = dataclasses.replace(state(1), speculators=["fair", "good"])
+    for name in ("fair", "good"):
+        assert dict(ctl.plan(dataclasses.replace(two, speculators=[name]))[0]).get(name, 0) > 0  # pays alone
+    assert set(dict(ctl.plan(two)[0])) == {"good"}
+
+
 def _plan_oracle(acc: np.ndarray, slope: float, rows: int, draft_s: list[float], margin: float) -> set[int]:
     """``oracle_plan`` for per-position acceptance ``acc [K]`` and a margin over plain decoding."""
     e = expected_tokens(acc)  # [K+1]
