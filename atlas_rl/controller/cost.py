@@ -37,11 +37,14 @@ logger = logging.getLogger(__name__)
 # (rows, tokens per row, repeats) -> median seconds of one verification forward
 ForwardTimer = Callable[[int, int, int], float]
 
-CALIBRATION_ROWS: tuple[int, ...] = (1, 4, 16, 64)
+# every power of two up to 16: on a CPU the cost of a forward follows its columns (rows x tokens) in steps of the
+# matmul kernels' row tiles, which interpolating in rows between 4 and 16 cannot see (the AMD host: 8 rows x 2 tokens
+# priced 104 ms from rows 4 and 16, measured 131 ms inside generate; 1.9x one token, not 1.4x)
+CALIBRATION_ROWS: tuple[int, ...] = (1, 2, 4, 8, 16, 64)
 CALIBRATION_TOKENS: tuple[int, ...] = (1, 2, 3, 5, 9)
 CALIBRATION_ROUNDS = 3  # interleaved passes over the calibration points (each point keeps its fastest)
 CACHE_FORMAT = "atlas-rl/verification-cost"
-CACHE_VERSION = 2  # 2: interleaved passes (a table from single timings is measured again)
+CACHE_VERSION = 3  # 2: interleaved passes (a table from single timings is measured again); 3: rows 2 and 8 timed
 # a cached table is checked at load on a few one-row points (timed SPOT_CHECK_ROUNDS times, fastest kept) and
 # measured again when one of them is off by more than this factor either way: the machine's state changed since
 # it was calibrated (seen here: 1 row x 3 tokens priced 1.04x a plain step by a table from a faster evening, 1.2x)

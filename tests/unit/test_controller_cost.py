@@ -11,7 +11,15 @@ import pytest
 
 from atlas_rl.controller import DraftCost, VerificationCost
 from atlas_rl.controller.calibration import AcceptanceModel, confidence_bins, position_groups
-from atlas_rl.controller.cost import CALIBRATION_ROUNDS, calibrate, cost_cache_key, cost_cache_path, load_or_calibrate
+from atlas_rl.controller.cost import (
+    CALIBRATION_ROUNDS,
+    CALIBRATION_ROWS,
+    CALIBRATION_TOKENS,
+    calibrate,
+    cost_cache_key,
+    cost_cache_path,
+    load_or_calibrate,
+)
 from atlas_rl.controller.planning import best_length, expected_tokens
 from atlas_rl.controller.tracker import DraftTracker, Outcomes, PendingDraft
 from atlas_rl.types import ProposeRecord, SpecStats, SpeculatorStats, StepRecord
@@ -42,7 +50,7 @@ def test_calibration_stays_within_its_time_budget():
         assert cost.forward_s(r, t) == pytest.approx(s)
     assert cost.forward_s(64, 9) > cost.forward_s(64, 1) > cost.forward_s(1, 1)
     big = calibrate(sleeping_timer(law), max_tokens=9, budget_s=10.0)
-    assert len(big.measured) == 20  # a generous budget measures the whole grid (and stops early)
+    assert len(big.measured) == len(CALIBRATION_ROWS) * len(CALIBRATION_TOKENS)  # the whole grid (and stops early)
 
 
 def test_interpolation_between_measurements_and_pessimism_beyond():
