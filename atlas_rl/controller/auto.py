@@ -8,7 +8,8 @@ Every decode step maximises *expected emitted tokens per second of wall time*:
   ``probe_every``-th step (its drafting, and the choice over its drafts, are no longer free at that rate: a few
   percent of a plain step at 8 sampled rows on a CPU). A costly one (a draft head) is asked for the length ``L``
   that maximises the expected rate *including its drafting cost*, or not at all when no length beats plain
-  decoding (and then not planned again for ``probe_every`` steps at that batch size). The expected rate is
+  decoding (and then not planned again for ``probe_every`` steps at that batch size); of several that would pay,
+  only the best-rated one drafts (one draft per row is verified). The expected rate is
   estimated from a reservoir of the speculator's recent drafts (their confidence bins per position) re-scored with
   the current, optimistic calibration, summed over random batches of the current size: at small batches it
   credits the selection ``choose`` will make; from 16 rows it is ``rows x`` the calibrated *mean* (no selection to
@@ -69,6 +70,12 @@ logger = logging.getLogger(__name__)
 # greedy / sampled: at T > 0 the static head's soft drafts verified at 8 rows realised tau 1.04-1.10 where the
 # optimistic bound asked for them (the tail, 0.88-0.93x k=0; docs/results/tail.md)
 _LARGE_BATCH = {True: 16, False: 8}
+
+
+# a costly speculator whose best planned rate is under this share of plain decoding's is declined for probe_every
+# steps; a nearer miss is planned again at the next step (at one greedy row the static head's value sits near the
+# break-even on some hosts' cost tables, and a 4-step refusal there cost up to 15% of its acceptance length)
+CLEAR_DECLINE = 0.9
 
 
 def _row_bucket(n: int) -> int:
@@ -292,7 +299,6 @@ class AutoController(Controller):
         self._step_rows: list[int] = []
         self._plans = 0  # plan() calls so far (the cheap speculators' probing schedule)
         self._declined: dict[tuple[str, bool, int], int] = {}  # (speculator, greedy, rows) -> plan that declined it
-        self._plan_rates: dict[str, float] = {}  # costly speculator -> expected rows/s of its planned length
         self._soft: dict[int, tuple[str, list[int], list[float]]] = {}
         self._greedy = False
         self._reproducible = False  # this call's timings wait for finish()
@@ -387,24 +393,42 @@ class AutoController(Controller):
                 L = self._plan_length(name, state.greedy, n, step_s, base_rate)
                 if L > 0:
                     self._asked[name] = L
-            self._keep_best_costly()
+            self._keep_best_costly(n, step_s)
         out: Plan = []
         for rem in state.remaining:
             cap = rem - 1
             out.append([(name, min(L, cap)) for name, L in self._asked.items()] if cap > 0 else [])
         return out
 
-    def _keep_best_costly(self) -> None:
-        """Of the costly speculators planning would ask, keep only the one of the best expected rate: each draws
+    def _keep_best_costly(self, n: int, step_s: np.ndarray) -> None:  # step_s: [K+1]
+        """Of the costly speculators planning would ask, keep only the one of the best mean rate: each draws
         a draft for every row and one per row is verified, so a second head's drafting (a few ms per step on a CPU)
-        buys only the rows where its draft beats the first's, which its planned rate never priced. A head left out
-        gets no new evidence, so its optimistic value grows until it is tried again."""
-        costly = [s for s in self._asked if s not in self._cheap]
+        buys only the rows where its draft beats the first's, which its planned rate never priced. A head whose drafts
+        are only evaluated this step (:meth:`_evaluation_only`) is not in the contest. A head left out gets no new
+        evidence: its mean decays back toward its prior (on the generic prior, to being evaluated again)."""
+        costly = [s for s in self._asked if s not in self._cheap and not self._evaluation_only(s)]
         if len(costly) > 1:
-            best = max(costly, key=lambda s: self._plan_rates[s])
+            best = max(costly, key=lambda s: self._mean_rate(s, n, step_s))
             for s in costly:
                 if s != best:
                     del self._asked[s]
+
+    def _mean_rate(self, name: str, n: int, step_s: np.ndarray) -> float:  # step_s: [K+1]
+        """Rows per second of ``n`` rows asking ``name`` for its planned length, at its calibrated *mean* acceptance
+        (what the contest between heads ranks by: a head with little evidence has a wide optimistic bound, and
+        ranking by it dropped the established head for a few steps of every fresh call)."""
+        L = self._asked[name]
+        totals = n * expected_tokens(self.acceptance.estimates(name, self._greedy).marginal[None])[0]  # [K+1]
+        return float((totals[: L + 1] / (step_s[: L + 1] + self._draft_s(name, n, L, step_s))).max())
+
+    def _evaluation_only(self, name: str) -> bool:
+        """Whether ``name``'s drafts this step are evaluated (from the emitted tokens) but not verified: a costly
+        speculator's one-hot greedy drafts while its evidence does not outweigh the generic prior (see
+        :meth:`_candidate_arrays`). It takes no verified row from another head, and its drafting is charged as
+        unused (the exploration budget bounds it), so it is asked beside the best-rated one."""
+        if not self._greedy or self.acceptance.has_prior(name):
+            return False
+        return self.acceptance.observed_tokens(name, True) < self.config.prior_strength
 
     def _plan_length(self, name: str, greedy: bool, n: int, step_s: np.ndarray, base_rate: float) -> int:
         """Tokens to ask ``name`` for (0: do not ask)."""
@@ -416,27 +440,32 @@ class AutoController(Controller):
         key = (name, greedy, n)
         if self._plans - self._declined.get(key, -self.config.probe_every) < self.config.probe_every:
             return 0  # declined a few steps ago at this batch size: nothing new to plan on
-        L = (
+        L, clear = (
             self._cheap_length(name, greedy, n, step_s, base_rate)
             if cheap
             else self._costly_length(name, greedy, n, step_s, base_rate)
         )
-        if L == 0:
+        if L == 0 and clear:
             self._declined[key] = self._plans
         return L
 
-    def _cheap_length(self, name: str, greedy: bool, n: int, step_s: np.ndarray, base_rate: float) -> int:
-        """A cheap speculator is asked for ``max_k`` tokens while free drafts of it could pay, else not (0)."""
+    def _cheap_length(self, name: str, greedy: bool, n: int, step_s: np.ndarray, base_rate: float) -> tuple[int, bool]:
+        """A cheap speculator is asked for ``max_k`` tokens while free drafts of it could pay, else not (0); the
+        flag: a refusal may stand for ``probe_every`` steps."""
         if not self._could_pay(name, greedy, n, step_s, base_rate):
-            return 0
+            return 0, True
         self._cheap.add(name)
-        return self.num_speculative_tokens
+        return self.num_speculative_tokens, False
 
-    def _costly_length(self, name: str, greedy: bool, n: int, step_s: np.ndarray, base_rate: float) -> int:
-        """The length that maximises the expected rate of a costly speculator, drafting included (0: none pays)."""
+    def _costly_length(
+        self, name: str, greedy: bool, n: int, step_s: np.ndarray, base_rate: float
+    ) -> tuple[int, bool]:
+        """The length that maximises the expected rate of a costly speculator, drafting included (0: none pays);
+        the flag: a refusal is clear (its best rate under ``CLEAR_DECLINE`` of what it must beat) and may stand for
+        ``probe_every`` steps. A near miss, or a wait on the exploration budget, is planned again at the next step."""
         K = self.num_speculative_tokens
         if self._over_budget(name, greedy, n):
-            return 0  # its recent drafts in this regime cost more than the exploration budget (unused or a loss): wait
+            return 0, False  # its recent drafts in this regime cost more than the exploration budget: wait
         draft_s = self._draft_curve(name, n, step_s)  # [K]
         # optimistic on purpose below 16 rows (it decides whether to *ask*): rows assumed alike, so the batch's
         # expected tokens are its effective tokens; choose() decides on the actual drafts, where the slowest row counts
@@ -450,8 +479,7 @@ class AutoController(Controller):
         per = np.where(q[:, None] <= q[None, 1:], per, -np.inf)
         rates = per.max(1).mean(0)  # [K]
         best = int(rates.argmax())
-        self._plan_rates[name] = float(rates[best])
-        return best + 1 if rates[best] > floor else 0
+        return (best + 1, False) if rates[best] > floor else (0, rates[best] < CLEAR_DECLINE * floor)
 
     def _could_pay(self, name: str, greedy: bool, n: int, step_s: np.ndarray, base_rate: float) -> bool:
         """Whether free drafts of ``name`` (``step_s [K+1]``: a step's seconds by draft length) would beat plain

@@ -228,6 +228,15 @@ def test_of_two_costly_speculators_that_would_pay_only_the_better_one_drafts():
     assert set(dict(ctl.plan(two)[0])) == {"good"}
 
 
+def test_a_costly_speculator_on_the_generic_prior_is_asked_beside_the_best_rated_one():
+    """Greedy drafts of a costly speculator whose evidence does not outweigh the generic prior are evaluated, not
+    verified: they take no row from the best-rated head, so both are asked (its drafting is charged as unused)."""
+    ctl = controller(0.5, 0.02, draft_cost=LinearDraftCost(5e-5, 1e-5))
+    ctl.set_speculator_priors({"good": 0.9})  # "new" states no acceptance of its own
+    both = dataclasses.replace(state(1), speculators=["good", "new"])
+    assert set(dict(ctl.plan(both)[0])) == {"good", "new"}
+
+
 def _plan_oracle(acc: np.ndarray, slope: float, rows: int, draft_s: list[float], margin: float) -> set[int]:
     """``oracle_plan`` for per-position acceptance ``acc [K]`` and a margin over plain decoding."""
     e = expected_tokens(acc)  # [K+1]
