@@ -702,6 +702,8 @@ class RolloutEngine:
             self._capture_step(
                 active, packed, res.accepted, res.output_ids, all_hidden, last_hidden, logits, ctx.sampling
             )
+        if getattr(self.verifier, "last_raw_logprobs", None) is not None:
+            self.verifier.last_raw_logprobs = None  # type: ignore[attr-defined]  # no [n, q, vocab] held between steps
         if self._hidden_specs:
             # features of the positions that now lie on the sequences (pending token + accepted drafts)
             m = max(res.accepted) + 1
