@@ -698,12 +698,11 @@ class RolloutEngine:
         ctx.stats.forward_s += t_fwd
         res = self._verify(ctx, active, packed.input_ids[:, 1:], packed.draft_lens, drafts, logits)
         per_row, emitted = self._record(ctx, active, packed, res)
+        raw = self._take_raw_logprobs(logits)
         if self._capture_hooks:
             self._capture_step(
-                active, packed, res.accepted, res.output_ids, all_hidden, last_hidden, logits, ctx.sampling
+                active, packed, res.accepted, res.output_ids, all_hidden, last_hidden, logits, raw, ctx.sampling
             )
-        if getattr(self.verifier, "last_raw_logprobs", None) is not None:
-            self.verifier.last_raw_logprobs = None  # type: ignore[attr-defined]  # no [n, q, vocab] held between steps
         if self._hidden_specs:
             # features of the positions that now lie on the sequences (pending token + accepted drafts)
             m = max(res.accepted) + 1
@@ -820,6 +819,7 @@ class RolloutEngine:
         all_hidden: tuple[torch.Tensor, ...] | None,
         last_hidden: torch.Tensor,  # [n, q, hidden]
         logits: torch.Tensor,  # [n, q, vocab]
+        raw_logprobs: torch.Tensor | None,  # [n, q, vocab] log_softmax(logits) when the verifier made it
         sampling: SamplingParams,
     ) -> None:
         input_ids = packed.input_ids  # [n, q]
@@ -836,16 +836,19 @@ class RolloutEngine:
             hidden_states={i: h for i, h in enumerate(all_hidden or ())} | {-1: last_hidden},
             target_logits=logits,
             sampling=sampling,
-            target_logprobs=self._raw_logprobs(logits),
+            target_logprobs=raw_logprobs,
         )
         for hook in self._capture_hooks:
             hook(rec)
 
-    def _raw_logprobs(self, logits: torch.Tensor) -> torch.Tensor | None:  # logits [n, q, vocab]
+    def _take_raw_logprobs(self, logits: torch.Tensor) -> torch.Tensor | None:  # logits [n, q, vocab]
         """The verifier's ``log_softmax`` of this step's ``logits`` when it made one (no second pass for a capture
-        hook's labels), else None."""
+        hook's labels), else None; the verifier's reference is dropped (no [n, q, vocab] held between steps)."""
         lp = getattr(self.verifier, "last_raw_logprobs", None)
-        return lp if lp is not None and lp.shape == logits.shape else None
+        if lp is None:
+            return None
+        self.verifier.last_raw_logprobs = None  # type: ignore[attr-defined]
+        return lp if lp.shape == logits.shape else None
 
 
 def _prefill_chunks(

@@ -68,7 +68,7 @@ def processed_logprobs(
     top_p = sampling.top_p
     scale = not sampling.greedy and sampling.temperature != 1.0
     filtered = not sampling.greedy and (top_k > 0 or top_p < 1.0)
-    if not scale and not filtered and logits.dtype == dtype:
+    if logits.dtype == dtype and is_unprocessed(sampling, vocab):
         return _log_softmax(logits, out)  # greedy, and the hot path at T = 1: no copy, no sort
     # x: the scaled, filtered logits [..., vocab], in `out` when given, else in one fresh tensor; edited in place
     if out is None:
