@@ -7,7 +7,10 @@ of SmolLM2-135M spent ~16 ms per step (a third of the weight stream at one row) 
 (``docs/results/verification_cost.md``, section 7). The loops (``csrc/decode_glue.cpp``) are compiled once per
 machine with the system compiler through :func:`torch.utils.cpp_extension.load` (~30 s, cached under
 ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``; the module name carries a hash of the source
-and of the PyTorch version, the flags and the CPU; built with ``-march=native`` first, portable flags if that fails).
+and of the PyTorch version, the flags and the CPU; built with ``-march=native`` first, portable flags if that fails;
+``-fno-trapping-math`` lets GCC vectorise the loops over ``exp_approx`` (softmax, SiLU): with trapping math it keeps
+them scalar, and the attention of 16 rows x 3 tokens cost 26.5 instead of 14.5 ms per forward on the AMD host —
+it changes no value, only lets the compiler assume that no floating-point trap is being watched for).
 Without a working compiler the forward keeps its PyTorch ops (a warning, once).
 
 float32 CPU tensors only; the loops make their inputs contiguous (no extra op from Python on the hot path).
@@ -32,7 +35,7 @@ from .kv_cache import SlotKVCache
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "decode_glue.cpp"
-FLAG_SETS = (("-O3", "-march=native"), ("-O3",))
+FLAG_SETS = (("-O3", "-march=native", "-fno-trapping-math"), ("-O3", "-fno-trapping-math"))
 ROW_ATTENTION_MAX_Q = 16  # steps of up to this many tokens per row attend row by row (attend_rows), longer by SDPA
 ROW_ATTENTION_HEAD_DIMS = (64, 128)  # the head sizes attend_rows is compiled for (csrc/decode_glue.cpp)
 _state: dict[str, ModuleType | None | bool] = {"tried": False, "module": None}
