@@ -6,6 +6,11 @@ per op, grouped into matmul, attention, elementwise (norms, RoPE, activation), K
 view/stride bookkeeping; what the profiler does not see (wall minus profiled op time) is Python and dispatch
 overhead. Shares, not absolute times, are what survives a busy machine.
 
+The profiler does not see the compiled decode glue's calls (RoPE + KV write + attention in one call per layer);
+``--attention_split true`` measures them in place instead (:func:`attention_split_cell`): the lean forward with and
+without that call (interleaved), so the difference is what attention over the KV cache costs inside a real forward,
+next to the KV bytes it reads and the rate that implies.
+
 Run: ``python -m atlas_rl.bench.forward_profile --cells 1x1x128,1x5x128,4x1x128,16x1x128,16x1x512``.
 """
 
@@ -90,6 +95,62 @@ def profile_cell(engine, rows: int, tokens: int, context: int, repeats: int = 3)
     }
 
 
+def _no_attention(
+    glue, x: torch.Tensor, hq: int, hk: int, cos, sin, cache, layer: int, mask, n: int, q: int, scale: float
+) -> torch.Tensor:  # x: [n * q, hq + 2 * hk, d] -> [n * q, hq * d]
+    """``cpu_glue.rope_kv_attend``'s output shape without its work: the queries as they came (no RoPE, KV write,
+    attention)."""
+    return x[:, :hq].reshape(n * q, -1)
+
+
+def kv_bytes(engine, rows: int, tokens: int, context: int) -> int:
+    """Bytes of keys and values one forward of ``rows`` x ``tokens`` over ``context`` cached positions attends over."""
+    per_position = 2 * engine.num_kv_heads * engine.head_dim * engine.dtype.itemsize * engine.num_layers
+    return rows * (context + tokens) * per_position
+
+
+@torch.inference_mode()
+def attention_split_cell(engine, rows: int, tokens: int, context: int, repeats: int = 5) -> dict:
+    """``{"wall_ms", "no_attention_ms", "attention_ms", "kv_mb", "kv_gb_s"}``: medians of ``repeats`` interleaved
+    pairs of one lean forward + LM head with and without the glue's RoPE + KV write + attention call."""
+    from atlas_rl.rollout import cpu_glue
+    from atlas_rl.rollout.cost_probe import forward_cost_ms
+
+    lean = getattr(engine, "_lean", None)
+    if lean is None or lean.glue is None or not cpu_glue.attends_by_row(tokens, engine.head_dim):
+        raise ValueError(
+            "attention split: needs the lean forward with the compiled decode glue, a head size of 64 or 128 and at "
+            f"most {cpu_glue.ROW_ATTENTION_MAX_Q} tokens per row (float32 CPU)"
+        )
+    real = cpu_glue.rope_kv_attend
+    walls: list[float] = []
+    stubbed: list[float] = []
+    try:
+        for _ in range(repeats):
+            cpu_glue.rope_kv_attend = real
+            walls.append(forward_cost_ms(engine.model, rows, tokens, context, repeats=1, engine=engine))
+            cpu_glue.rope_kv_attend = _no_attention
+            stubbed.append(forward_cost_ms(engine.model, rows, tokens, context, repeats=1, engine=engine))
+    finally:
+        cpu_glue.rope_kv_attend = real
+    wall, bare = statistics.median(walls), statistics.median(stubbed)
+    mb = kv_bytes(engine, rows, tokens, context) / 1e6
+    att = max(wall - bare, 1e-6)
+    return {"wall_ms": wall, "no_attention_ms": bare, "attention_ms": att, "kv_mb": mb, "kv_gb_s": mb / att}
+
+
+def render_attention_split_markdown(results: dict[str, dict]) -> str:
+    """One row per cell: forward ms with and without the attention call, its cost, the KV bytes and their rate."""
+    lines = ["| cell (rows x tokens, context) | forward ms | without attention ms | attention ms | KV MB | KV GB/s |"]
+    lines.append("|---|---|---|---|---|---|")
+    for cell, r in results.items():
+        lines.append(
+            f"| {cell} | {r['wall_ms']:.1f} | {r['no_attention_ms']:.1f} | {r['attention_ms']:.1f} | "
+            f"{r['kv_mb']:.0f} | {r['kv_gb_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def render_profile_markdown(results: dict[str, dict[str, dict]]) -> str:
     """One table: per path and cell, wall ms and the share of each op group (+ Python/dispatch overhead)."""
     cols = [*GROUPS, "views / other ops", "Python / dispatch"]
@@ -114,6 +175,14 @@ class ProfileOptions:
     )
     repeats: int = field(default=3, metadata={"help": "Forwards timed (and profiled) per cell."})
     model: str | None = field(default=None, metadata={"help": "Model path or hub id; default the embedded one."})
+    attention_split: bool = field(
+        default=False,
+        metadata={"help": "Instead of the profile: the lean forward with and without its attention call, per cell."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1:
+            raise ValueError(f"--repeats must be >= 1, got {self.repeats}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
         "HF decoder": RolloutEngine(model, config=EngineConfig(lean_forward=False)),
     }
     cells = [tuple(int(x) for x in c.split("x")) for c in opts.cells.split(",")]
+    if opts.attention_split:
+        lean = paths["lean"]
+        split = {f"{r}x{t}, {ctx}": attention_split_cell(lean, r, t, ctx, opts.repeats) for r, t, ctx in cells}
+        sys.stdout.write(render_attention_split_markdown(split) + "\n")
+        return 0
     results: dict[str, dict[str, dict]] = {p: {} for p in paths}
     for r, t, ctx in cells:
         for p, eng in paths.items():  # interleaved: both paths per cell
