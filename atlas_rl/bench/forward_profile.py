@@ -111,8 +111,9 @@ def kv_bytes(engine, rows: int, tokens: int, context: int) -> int:
 
 @torch.inference_mode()
 def attention_split_cell(engine, rows: int, tokens: int, context: int, repeats: int = 5) -> dict:
-    """``{"wall_ms", "no_attention_ms", "attention_ms", "kv_mb", "kv_gb_s"}``: medians of ``repeats`` interleaved
-    pairs of one lean forward + LM head with and without the glue's RoPE + KV write + attention call."""
+    """``{"wall_ms", "no_attention_ms", "attention_ms", "kv_mb", "kv_gb_s"}``: medians over ``repeats`` interleaved
+    rounds of the lean forward + LM head with and without the glue's RoPE + KV write + attention call (each round
+    the median of three forwards after a warm-up one: single forwards scatter by more than the attention costs)."""
     from atlas_rl.rollout import cpu_glue
     from atlas_rl.rollout.cost_probe import forward_cost_ms
 
@@ -128,9 +129,9 @@ def attention_split_cell(engine, rows: int, tokens: int, context: int, repeats: 
     try:
         for _ in range(repeats):
             cpu_glue.rope_kv_attend = real
-            walls.append(forward_cost_ms(engine.model, rows, tokens, context, repeats=1, engine=engine))
+            walls.append(forward_cost_ms(engine.model, rows, tokens, context, repeats=3, engine=engine))
             cpu_glue.rope_kv_attend = _no_attention
-            stubbed.append(forward_cost_ms(engine.model, rows, tokens, context, repeats=1, engine=engine))
+            stubbed.append(forward_cost_ms(engine.model, rows, tokens, context, repeats=3, engine=engine))
     finally:
         cpu_glue.rope_kv_attend = real
     wall, bare = statistics.median(walls), statistics.median(stubbed)
