@@ -219,11 +219,14 @@ def run_interleaved(
     repeats: int = 1,
     on_result: Callable[[RunResult], None] | None = None,
 ) -> dict[str, ConfigSummary]:
-    """Run every configuration ``repeats`` times, interleaved, on the same workload."""
+    """Run every configuration ``repeats`` times, interleaved, on the same workload; the order within a repeat
+    alternates (A B, B A, ...), so a machine that drifts within a repeat does not always favour the configuration
+    that runs first (a ratio to k=0 pairs the runs of the same repeat)."""
     out = {name: ConfigSummary(name, workload.name) for name in configs}
     failed: set[str] = set()
     for rep in range(repeats):
-        for name, runner in configs.items():
+        order = list(configs.items())
+        for name, runner in order if rep % 2 == 0 else order[::-1]:
             if name in failed:
                 continue
             t0 = time.perf_counter()

@@ -92,3 +92,28 @@ def test_a_cell_with_fewer_rows_than_min_prompts_runs_disjoint_prompt_sets_and_s
     run = res.runs[0]
     assert (run.completion_tokens, run.seconds, run.stats.num_emitted_tokens) == (12, 1.5, 9)
     assert res.tokens_per_s == pytest.approx(8.0) and res.mean_acceptance_length == pytest.approx(1.5)
+
+
+def test_interleaved_repeats_alternate_their_order_and_keep_runs_paired_by_repeat():
+    """A B, B A, A B: a machine drifting within a repeat does not always favour the configuration that runs first,
+    and each configuration's runs stay in repeat order (the ratios to k=0 pair runs of the same repeat)."""
+    from atlas_rl.bench.harness import run_interleaved
+    from atlas_rl.bench.workloads import Workload
+    from atlas_rl.types import SamplingParams
+
+    calls: list[tuple[str, int]] = []
+
+    def runner(name: str):
+        def run(w):
+            rep = sum(1 for n, _ in calls if n == name)
+            calls.append((name, rep))
+            st = SpecStats(num_steps=1, num_row_forwards=1, num_emitted_tokens=1, total_s=0.1)
+            return type("B", (), {"stats": st})(), 10 * (rep + 1), 1.0
+
+        return run
+
+    w = Workload("w", "one prompt", [[1, 2]], 1, SamplingParams(max_new_tokens=2))
+    out = run_interleaved(w, {"k0": runner("k0"), "default": runner("default")}, repeats=3)
+    assert calls == [("k0", 0), ("default", 0), ("default", 1), ("k0", 1), ("k0", 2), ("default", 2)]
+    assert [r.completion_tokens for r in out["k0"].runs] == [10, 20, 30]
+    assert [r.completion_tokens for r in out["default"].runs] == [10, 20, 30]
