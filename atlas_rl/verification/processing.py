@@ -158,20 +158,31 @@ def processed_probs(
 def sample_inverse_cdf(
     probs: torch.Tensor,  # [..., vocab] non-negative weights (need not be normalised)
     uniforms: torch.Tensor,  # [...] in [0, 1)
+    *,
+    cdf_out: torch.Tensor | None = None,  # [..., vocab] float64 on the probs' device: where the cumsum goes
 ) -> torch.Tensor:  # [...] long token ids
     """Sample one token per distribution by inverse CDF: the first index i with ``cumsum[i] > u * cumsum[-1]``.
 
     Deterministic given ``uniforms``, so a batched sampler and the reference agree token for token. The cumsum
     is taken in float64. A token of weight 0 is never returned: the threshold is kept strictly below the total,
     and the first cumsum entry exceeding it is one where the cumsum grew, i.e. a token of positive weight.
-    (An all-zero row has no valid answer; it returns the last index.)
+    (An all-zero row has no valid answer; it returns the last index.) ``cdf_out``: a buffer reused between calls
+    (a fresh ``[n, vocab]`` float64 tensor per call costs page faults on CPU); the same values either way.
     """
     if probs.shape[:-1] != uniforms.shape:
         raise ValueError(
             f"sample_inverse_cdf: probs {tuple(probs.shape)} needs uniforms of shape {tuple(probs.shape[:-1])}, "
             f"got {tuple(uniforms.shape)}"
         )
-    cdf = torch.cumsum(probs.to(torch.float64), dim=-1)  # [..., vocab]
+    if cdf_out is None:
+        cdf = torch.cumsum(probs.to(torch.float64), dim=-1)  # [..., vocab]
+    elif cdf_out.shape != probs.shape or cdf_out.dtype != torch.float64 or cdf_out.device != probs.device:
+        raise ValueError(
+            f"sample_inverse_cdf: cdf_out must be a float64 tensor of shape {tuple(probs.shape)} on {probs.device}, "
+            f"got {cdf_out.dtype} {tuple(cdf_out.shape)} on {cdf_out.device}"
+        )
+    else:
+        cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64, out=cdf_out)  # [..., vocab], cast on the fly
     total = cdf[..., -1:]  # [..., 1]
     threshold = uniforms.to(torch.float64).unsqueeze(-1) * total  # [..., 1]
     # u < 1 in exact arithmetic, but u * total may round up to total: keep the threshold strictly below it

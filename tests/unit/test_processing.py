@@ -273,3 +273,18 @@ def test_in_place_log_softmax_is_bitwise_the_out_of_place_one(temperature: float
     out = torch.empty_like(logits)
     assert torch.equal(processed_logprobs(logits, SamplingParams(temperature=temperature), out=out), want)
     assert torch.equal(processed_logprobs(logits, SamplingParams(temperature=temperature)), want)
+
+
+def test_sample_inverse_cdf_into_a_buffer_is_the_same_draw() -> None:
+    """The float64 cumsum written into ``cdf_out`` (cast on the fly) equals the cumsum of a float64 copy bit for bit,
+    so the ids are the same; a buffer of the wrong dtype or shape is refused with an actionable error."""
+    gen = torch.Generator().manual_seed(4)
+    probs = torch.softmax(torch.randn(5, 3000, generator=gen) * 4, dim=-1)  # float32, [5, 3000]
+    uniforms = torch.rand(5, generator=gen, dtype=torch.float64)
+    buf = torch.empty(5, 3000, dtype=torch.float64)
+    assert torch.equal(sample_inverse_cdf(probs, uniforms, cdf_out=buf), sample_inverse_cdf(probs, uniforms))
+    assert torch.equal(buf, torch.cumsum(probs.to(torch.float64), dim=-1))
+    with pytest.raises(ValueError, match="cdf_out must be a float64 tensor of shape"):
+        sample_inverse_cdf(probs, uniforms, cdf_out=buf.float())
+    with pytest.raises(ValueError, match="cdf_out must be a float64 tensor of shape"):
+        sample_inverse_cdf(probs, uniforms, cdf_out=buf[:4])

@@ -571,14 +571,18 @@ def test_bad_shapes_raise_value_error() -> None:
 
 
 def test_reused_cpu_buffer_changes_nothing() -> None:
-    """One sampler over calls of different shapes and dtypes == a sampler that allocates every time; earlier
-    results are not overwritten by later calls (nothing returned aliases the reused buffer)."""
+    """One sampler over calls of different shapes and dtypes (soft and one-hot drafts, plain decoding, T = 1 and
+    filtered sampling) == a sampler that allocates every time; earlier results are not overwritten by later calls
+    (nothing returned aliases the reused buffers)."""
     gen = torch.Generator().manual_seed(26)
     reused, fresh = RejectionSampler(), RejectionSampler(reuse_cpu_buffer=False)
     kept: list[tuple[VerifyResult, VerifyResult]] = []
-    for n, k, vocab, dtype in [(6, 4, 30, torch.float32), (9, 8, 40, torch.float32), (3, 2, 20, torch.float64)]:
-        for sampling in (SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, top_k=5, top_p=0.9)):
-            case = random_case(gen, n, k, vocab, True, sampling)
+    cells = [(6, 4, 30, torch.float32), (9, 8, 40, torch.float32), (3, 2, 20, torch.float64)]
+    cells.append((7, 0, 30, torch.float32))
+    samplings = (SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, top_k=5, top_p=0.9))
+    for n, k, vocab, dtype in cells:  # k = 0: plain decoding, the sampled rows' distributions and cumsums reused
+        for sampling, soft in [(s, True) for s in samplings] + [(SamplingParams(temperature=1.0), False)]:
+            case = random_case(gen, n, k, vocab, soft, sampling)
             case.target_logits = case.target_logits.to(dtype)
             args = (case.draft_ids, case.draft_lens, case.draft_probs, case.target_logits, sampling, case.uniforms)
             kept.append((reused.verify(*args), fresh.verify(*args)))
