@@ -195,16 +195,13 @@ def main(argv: list[str] | None = None) -> int:
 
     (opts,) = HfArgumentParser(ProfileOptions).parse_args_into_dataclasses(args=argv)
     model, _ = load_target(opts.model)
-    paths = {
-        "lean": RolloutEngine(model),
-        "HF decoder": RolloutEngine(model, config=EngineConfig(lean_forward=False)),
-    }
+    lean = RolloutEngine(model)
     cells = [tuple(int(x) for x in c.split("x")) for c in opts.cells.split(",")]
-    if opts.attention_split:
-        lean = paths["lean"]
+    if opts.attention_split:  # the lean forward only: no HF-decoder engine to build
         split = {f"{r}x{t}, {ctx}": attention_split_cell(lean, r, t, ctx, opts.repeats) for r, t, ctx in cells}
         sys.stdout.write(render_attention_split_markdown(split) + "\n")
         return 0
+    paths = {"lean": lean, "HF decoder": RolloutEngine(model, config=EngineConfig(lean_forward=False))}
     results: dict[str, dict[str, dict]] = {p: {} for p in paths}
     for r, t, ctx in cells:
         for p, eng in paths.items():  # interleaved: both paths per cell

@@ -7,6 +7,7 @@ it runs unchanged on CUDA tensors.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -77,9 +78,7 @@ class RejectionSampler:
         """The reusable buffer of ``role`` viewed as ``shape`` on a CPU call, else None (allocate per call)."""
         if not self.reuse_cpu_buffer or device.type != "cpu":
             return None
-        numel = 1
-        for size in shape:
-            numel *= int(size)
+        numel = math.prod(shape)
         buf = self._cpu_buffers.get(role)
         if buf is None or buf.dtype != dtype or buf.numel() < numel:
             self._cpu_buffers.pop(role, None)  # free the old one first
