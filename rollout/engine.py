@@ -47,7 +47,7 @@ from atlas_rl.controller import (
     VerificationCost,
 )
 from atlas_rl.controller.cost import cost_cache_key, load_or_calibrate
-from atlas_rl.speculators.base import Speculator, speculator_extras
+from atlas_rl.speculators.base import ResolvedExtras, Speculator, speculator_extras
 from atlas_rl.types import (
     CaptureRecord,
     Draft,
@@ -64,6 +64,7 @@ from atlas_rl.verification.base import Verifier
 
 from .cost_probe import engine_code_version
 from .cpu_linear import drop_packed_weights, install_cpu_linear, kernel_plan
+from .draft_probe import probe_drafting
 from .forward import LeanForward, lean_forward_unsupported
 from .kv_cache import SlotKVCache
 from .step import (
@@ -165,6 +166,7 @@ class RolloutEngine:
         self.verifier: Verifier = verifier or RejectionSampler()
         self.policy_version = 0
         self._macs_of: tuple[int, int] | None = None  # (id of the model, its MACs per token): _target_macs
+        self._draft_timings: dict[str, list[ProposeRecord]] = {}  # speculator -> its probe (_time_drafting)
         self._capture_hooks: list[CaptureHook] = []
         self._cache: SlotKVCache | None = None
         self._verification_cost: VerificationCost | None = None
@@ -194,6 +196,8 @@ class RolloutEngine:
         params = inspect.signature(model.get_decoder().forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.controller: Controller = controller or self._default_controller()
+        # drafting timed now, not inside the first generate call (a one-off cost of building the engine)
+        self._hand_draft_timings(self.controller, {name: speculator_extras(s) for name, s in self.speculators.items()})
 
     def _install_forward_path(self, model: torch.nn.Module) -> Callable[[], None]:
         """The CPU kernel plan on the target's and the draft heads' linears, and the lean forward where the model
@@ -387,8 +391,9 @@ class RolloutEngine:
                 self.model.train()
 
     def _prepare_controller(self, controller: Controller) -> None:
-        """Hand the controller the cost model (when it needs one), the speculators' stated acceptance priors and
-        their drafting-cost priors (MACs per drafted token over the target's)."""
+        """Hand the controller the cost model (when it needs one), the speculators' stated acceptance priors, their
+        drafting-cost priors (MACs per drafted token over the target's) and, where it wants them, the costly ones'
+        drafting timed on synthetic rows (once per engine: usually when it was built)."""
         if not self.speculators:
             return
         if controller.needs_cost_model:
@@ -401,6 +406,32 @@ class RolloutEngine:
         if macs:
             target = self._target_macs()
             controller.set_draft_cost_priors({name: m / max(1, target) for name, m in macs.items()})
+            self._hand_draft_timings(controller, extras)
+
+    def _hand_draft_timings(self, controller: Controller, extras: Mapping[str, ResolvedExtras]) -> None:
+        """Time the costly speculators (those that state ``draft_macs_per_token``) whose drafting ``controller``
+        wants timed, and hand it the timings (members looked up by name: see :class:`Controller`)."""
+        costly = sorted(name for name, e in extras.items() if e.draft_macs_per_token is not None)
+        wants = getattr(controller, "wants_draft_timings", None)
+        names = wants(costly) if wants is not None and costly else []
+        if names:
+            controller.set_draft_timings({name: self._time_drafting(name, extras[name]) for name in names})
+
+    def _time_drafting(self, name: str, extras: ResolvedExtras) -> list[ProposeRecord]:
+        """The costly speculator ``name``'s ``propose`` timed on synthetic rows (:mod:`.draft_probe`), once per
+        engine (its cost does not change with its weights)."""
+        if name not in self._draft_timings:
+            t0 = time.perf_counter()
+            hidden = int(self.model.get_input_embeddings().weight.shape[1])
+            recs = probe_drafting(self.speculators[name], extras, hidden, self.vocab_size, self.device)
+            self._draft_timings[name] = recs
+            logger.info(
+                "timed %s's drafting in %.2f s: %s",
+                name,
+                time.perf_counter() - t0,
+                ", ".join(f"{r.rows}x{r.tokens // r.rows} {r.seconds * 1e3:.1f} ms" for r in recs),
+            )
+        return self._draft_timings[name]
 
     def _target_macs(self) -> int:
         """Multiply-accumulates of one target token (its ``nn.Linear`` weights), counted once per model object:

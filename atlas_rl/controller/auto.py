@@ -61,7 +61,7 @@ from atlas_rl.controller.cost import VerificationCost
 from atlas_rl.controller.draft_cost import DraftCost
 from atlas_rl.controller.planning import best_length, effective_tokens, expected_tokens, step_cost_split
 from atlas_rl.controller.tracker import DraftTracker, Outcomes, PendingDraft
-from atlas_rl.types import CALIBRATION_BINS, Draft, SpecStats, SpeculatorStats, StepRecord
+from atlas_rl.types import CALIBRATION_BINS, Draft, ProposeRecord, SpecStats, SpeculatorStats, StepRecord
 
 logger = logging.getLogger(__name__)
 
@@ -344,6 +344,23 @@ class AutoController(Controller):
             if not (r >= 0 and math.isfinite(r)):
                 raise ValueError(f"draft cost prior of {name!r} must be a finite share >= 0, got {r!r}")
         self._draft_cost_prior.update(relative)
+
+    def wants_draft_timings(self, names: list[str]) -> list[str]:
+        """The named speculators the drafting-cost model has never timed, while it learns from timings at all: a
+        probe on synthetic rows prices them from the first step of a seeded call (their prior, a share of the
+        target's MACs, missed the head's drafting by 1.6-1.8x on the AMD host); ``learn_timings=False`` keeps the
+        prior, so such calls reproduce whatever the host's speed."""
+        seen = getattr(self.draft_cost, "observations", None)
+        if not self.config.learn_timings or seen is None:
+            return []
+        return [name for name in names if seen(name) == 0]
+
+    def set_draft_timings(self, timings: dict[str, list[ProposeRecord]]) -> None:
+        """Observations of the drafting-cost model for the speculators it has never timed (the engine's probe);
+        refined, then outweighed, by the speculators' real proposals like any other observation."""
+        for name in self.wants_draft_timings(list(timings)):
+            for rec in timings[name]:
+                self.draft_cost.observe(name, rec)
 
     def _draft_s(self, name: str, n: int, L: int, step_s: np.ndarray) -> float:
         """Predicted seconds for ``name`` to draft ``L`` tokens for ``n`` rows (its prior until first timed)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
-from atlas_rl.types import Draft, SpecStats, StepRecord
+from atlas_rl.types import Draft, ProposeRecord, SpecStats, StepRecord
 
 if TYPE_CHECKING:
     from atlas_rl.controller.cost import VerificationCost
@@ -47,8 +47,10 @@ class Controller(Protocol):
 
     Members with a body here are optional: a controller class that subclasses this Protocol explicitly inherits
     those defaults; the engine calls every member directly. Before a call with speculators, the engine hands the
-    controller its cost model when ``needs_cost_model`` (``set_cost_model``) and the speculators' stated priors
-    (``set_speculator_priors``, ``set_draft_cost_priors``).
+    controller its cost model when ``needs_cost_model`` (``set_cost_model``), the speculators' stated priors
+    (``set_speculator_priors``, ``set_draft_cost_priors``) and, where ``wants_draft_timings`` names them, timings of
+    the costly speculators' drafting (``set_draft_timings``; looked up by name, so a controller written before these
+    two members existed keeps working).
     """
 
     num_speculative_tokens: int
@@ -83,4 +85,13 @@ class Controller(Protocol):
     def set_draft_cost_priors(self, relative: dict[str, float]) -> None:
         """Each named speculator's cost to draft one token, as a share of a one-token target forward over the same
         rows, before it was ever timed (default: ignored)."""
+        return None
+
+    def wants_draft_timings(self, names: list[str]) -> list[str]:
+        """Of the named (costly) speculators, those whose drafting the engine should time on synthetic rows and
+        hand over (``set_draft_timings``) before this call (default: none)."""
+        return []
+
+    def set_draft_timings(self, timings: dict[str, list[ProposeRecord]]) -> None:
+        """``propose`` timings of each named speculator on synthetic rows (default: ignored)."""
         return None
