@@ -62,3 +62,10 @@ def test_render_attention_split_has_one_line_per_cell():
     cell = {"wall_ms": 10.0, "no_attention_ms": 8.0, "attention_ms": 2.0, "kv_mb": 24.0, "kv_gb_s": 12.0}
     text = forward_profile.render_attention_split_markdown({"4x1, 128": cell, "16x1, 128": cell})
     assert text.count("\n") == 3 and "| 4x1, 128 | 10.0 | 8.0 | 2.0 | 24 | 12.0 |" in text
+
+
+def test_render_attention_split_reports_no_rate_where_the_attention_is_within_noise():
+    # a one-row cell at a short context: the forward without the attention call measured slower than with it
+    cell = {"wall_ms": 38.0, "no_attention_ms": 38.4, "attention_ms": -0.4, "kv_mb": 3.0, "kv_gb_s": None}
+    text = forward_profile.render_attention_split_markdown({"1x1, 128": cell})
+    assert "| 1x1, 128 | 38.0 | 38.4 | -0.4 | 3 | within noise |" in text
