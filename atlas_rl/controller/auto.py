@@ -11,7 +11,8 @@ Every decode step maximises *expected emitted tokens per second of wall time*:
   decoding (and then not planned again for ``probe_every`` steps at that batch size); of several that would pay,
   only the best-rated one drafts (one draft per row is verified). The expected rate is
   estimated from a reservoir of the speculator's recent drafts (their confidence bins per position) re-scored with
-  the current, optimistic calibration, summed over random batches of the current size: at small batches it
+  the current calibration (optimistic while its evidence is thin, or at one row; for a costly speculator with an
+  informed prior or enough evidence its mean from two rows on), summed over random batches of the current size: at small batches it
   credits the selection ``choose`` will make; from 16 rows it is ``rows x`` the calibrated *mean* (no selection to
   credit, a near-certain expectation) and must beat plain decoding by ``margin``, as ``choose`` demands. Nothing is
   asked when even perfect drafts could not pay (large batches on a compute-bound device).
@@ -486,7 +487,7 @@ class AutoController(Controller):
         draft_s = self._draft_curve(name, n, step_s)  # [K]
         # optimistic on purpose below 16 rows (it decides whether to *ask*): rows assumed alike, so the batch's
         # expected tokens are its effective tokens; choose() decides on the actual drafts, where the slowest row counts
-        totals = self._sampled_totals(name, greedy, n)  # [M, K+1]
+        totals = self._sampled_totals(name, greedy, n, explore=n == 1 or not self._settled(name, greedy))  # [M, K+1]
         # a large batch is a near-certain expectation (no selection to credit, no optimism): asking must beat plain
         # decoding by the margin that choose() demands, or its drafting is spent for nothing
         floor = base_rate * (1.0 + self.config.margin if n >= _LARGE_BATCH[greedy] else 1.0)
@@ -504,13 +505,26 @@ class AutoController(Controller):
         totals = self._sampled_totals(name, greedy, n)  # [M, K+1]
         return float((totals[:, 1:] / step_s[1:]).max(1).mean()) > base_rate
 
-    def _sampled_totals(self, name: str, greedy: bool, n: int) -> np.ndarray:
-        """``[M, max_k+1]`` optimistic expected tokens of a batch of ``n`` rows asking ``name``, cut to q tokens,
-        over M random batches of its recent drafts (at large batches one line: ``n x`` the calibrated mean)."""
+    def _settled(self, name: str, greedy: bool) -> bool:
+        """Whether ``name``'s evidence is settled: an informed prior (its own stated acceptance) or
+        ``soft_explore_tokens`` observed draft tokens. From two rows on, planning then prices a costly speculator at
+        its calibrated mean, not its optimistic bound: asking it costs real drafting time at every step (at 4-7
+        sampled rows on two threads 11-20 ms of a ~55 ms step; an optimistic static head was asked there at a ~15%
+        loss, the demo). One row keeps the optimism: one row's drafting is the cheapest look, and where speculation
+        pays most."""
+        return self.acceptance.has_prior(name) or self.acceptance.observed_tokens(name, greedy) >= (
+            self.config.soft_explore_tokens
+        )
+
+    def _sampled_totals(self, name: str, greedy: bool, n: int, explore: bool = True) -> np.ndarray:
+        """``[M, max_k+1]`` expected tokens of a batch of ``n`` rows asking ``name``, cut to q tokens, over M random
+        batches of its recent drafts (at large batches one line: ``n x`` the calibrated mean); per draft token the
+        optimistic bound below large batches while ``explore``, else the calibrated mean."""
         est = self.acceptance.estimates(name, greedy)
         large = n >= _LARGE_BATCH[greedy]  # the calibrated mean: optimism explores at small batches (a row is cheap)
-        per_bin = est.mean if large else est.optimistic  # [K, B]
-        marginal = est.marginal if large else est.marginal_optimistic  # [K]
+        optimistic = explore and not large
+        per_bin = est.optimistic if optimistic else est.mean  # [K, B]
+        marginal = est.marginal_optimistic if optimistic else est.marginal  # [K]
         res = self._reservoirs.get((name, greedy))
         if res is None or res.count == 0:
             return n * expected_tokens(marginal[None])
