@@ -12,10 +12,11 @@ Every decode step maximises *expected emitted tokens per second of wall time*:
   only the best-rated one drafts (one draft per row is verified). The expected rate is
   estimated from a reservoir of the speculator's recent drafts (their confidence bins per position) re-scored with
   the current calibration (optimistic while its evidence is thin, or at one row; for a costly speculator with an
-  informed prior or enough evidence its mean from two rows on), summed over random batches of the current size: at small batches it
-  credits the selection ``choose`` will make; from 16 rows it is ``rows x`` the calibrated *mean* (no selection to
-  credit, a near-certain expectation) and must beat plain decoding by ``margin``, as ``choose`` demands. Nothing is
-  asked when even perfect drafts could not pay (large batches on a compute-bound device).
+  informed prior or enough evidence its mean from two rows on), summed over random batches of the current size:
+  at small batches it credits the selection ``choose`` will make; from 16 rows it is ``rows x`` the calibrated
+  *mean* (no selection to credit, a near-certain expectation) and must beat plain decoding by ``margin``, as
+  ``choose`` demands. Nothing is asked when even perfect drafts could not pay (large batches on a compute-bound
+  device).
 * **choose** (after drafting) turns each draft's confidences into calibrated per-token acceptance
   (:class:`.calibration.AcceptanceModel`; a cautious lower bound for drafts that are evaluated whether verified
   or not; for soft drafts under sampling, which only verification can evaluate, an optimistic one while the
