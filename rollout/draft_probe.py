@@ -64,13 +64,14 @@ class _Batch:
         n = len(self.row_ids)
         return {la: torch.randn(n, m, self.hidden, generator=self.gen) for la in self.spec.hidden_layers}
 
-    def emit(self) -> None:
-        """Every row emits one random token; the speculator sees it and its position's features."""
+    def emit(self, positions: int = 1) -> None:
+        """Every row emits one random token; the speculator sees it and the features of the ``positions`` positions
+        that now lie on the sequence (the whole prompt after the first token, else the one before it)."""
         toks = torch.randint(0, self.vocab, (len(self.row_ids),), generator=self.gen).tolist()
         for r, s, t in zip(self.row_ids, self.seqs, toks):
             s.append(t)
             self.spec.observe(r, [t])
-        self.observe_hidden(self.row_ids, self.features(1), [1] * len(self.row_ids))
+        self.observe_hidden(self.row_ids, self.features(positions), [positions] * len(self.row_ids))
 
     def propose(self, depth: int) -> float:
         rows = ProposeInput(self.row_ids, [self.group] * len(self.row_ids), self.seqs, SamplingParams(temperature=0.0))
@@ -87,11 +88,7 @@ def _start(
     prompt = torch.randint(0, vocab, (cfg.prompt_len,), generator=gen).tolist()
     spec.start(group, list(prompt), rows)
     b = _Batch(spec, extras.observe_hidden, group, rows, [list(prompt) for _ in rows], hidden, vocab, gen)
-    first = torch.randint(0, vocab, (n,), generator=gen).tolist()
-    for r, s, t in zip(rows, b.seqs, first):
-        s.append(t)
-        spec.observe(r, [t])
-    extras.observe_hidden(rows, b.features(cfg.prompt_len), [cfg.prompt_len] * n)
+    b.emit(cfg.prompt_len)  # the first token, and the prompt's features
     b.propose(max(cfg.depths))  # untimed: the prompt's pass through the draft layers, first-call allocations
     return b
 

@@ -513,9 +513,12 @@ class AutoController(Controller):
         sampled rows on two threads 11-20 ms of a ~55 ms step; an optimistic static head was asked there at a ~15%
         loss, the demo). One row keeps the optimism: one row's drafting is the cheapest look, and where speculation
         pays most."""
-        return self.acceptance.has_prior(name) or self.acceptance.observed_tokens(name, greedy) >= (
-            self.config.soft_explore_tokens
-        )
+        return self._evidence(name, greedy) >= self.config.soft_explore_tokens
+
+    def _evidence(self, name: str, greedy: bool) -> float:
+        """``name``'s observed draft tokens (decayed), unbounded when it states its own prior (a measured prior is
+        evidence)."""
+        return math.inf if self.acceptance.has_prior(name) else self.acceptance.observed_tokens(name, greedy)
 
     def _sampled_totals(self, name: str, greedy: bool, n: int, explore: bool = True) -> np.ndarray:
         """``[M, max_k+1]`` expected tokens of a batch of ``n`` rows asking ``name``, cut to q tokens, over M random
@@ -627,9 +630,7 @@ class AutoController(Controller):
         soft = np.repeat([d.draft_probs is not None and not greedy for _, _, d in flat], m)
         # evidence per speculator: its observed draft tokens (decayed), unbounded when it states its own prior (a
         # measured prior is evidence: no optimistic phase, no wait below)
-        seen = np.array(
-            [math.inf if self.acceptance.has_prior(s) else self.acceptance.observed_tokens(s, greedy) for s in names]
-        )
+        seen = np.array([self._evidence(s, greedy) for s in names])
         thin = (seen < self.config.soft_explore_tokens)[ci]
         optimistic = np.stack([e.optimistic for e in est])[ci, pj, b]
         pessimistic = np.stack([e.pessimistic for e in est])[ci, pj, b]
