@@ -21,7 +21,7 @@ Every decode step maximises *expected emitted tokens per second of wall time*:
   (:class:`.calibration.AcceptanceModel`; a cautious lower bound for drafts that are evaluated whether verified
   or not; for soft drafts under sampling, which only verification can evaluate, an optimistic one while the
   evidence is thin, then the mean), and picks the longest draft ``q`` of the batch that maximises
-  ``effective(q) / (forward(rows, q + 1) + overhead(rows))`` (the drafting time is already spent), where
+  ``effective(q) / (forward(rows, q + 1) + overhead(rows, q + 1))`` (the drafting time is already spent), where
   ``effective`` credits the rows' expected tokens ``E_row(q)`` with what they save of the batch's wall time (the
   slowest row sets the number of steps; see :mod:`.planning`); every row takes its best speculator's draft cut
   to ``q`` (and cut earlier where the chance that all its tokens so far are accepted falls below
@@ -386,7 +386,7 @@ class AutoController(Controller):
     def _step_cost(self, n: int) -> np.ndarray:
         """``[max_k+1]`` seconds of a step of ``n`` rows whose longest draft has q = 0 .. max_k tokens."""
         cost = self._cost()
-        return cost.forward_curve(n, self.num_speculative_tokens + 1) + cost.overhead_s(n)
+        return cost.step_curve(n, self.num_speculative_tokens + 1)
 
     def _split(self, n: int, step_s: np.ndarray) -> tuple[float, float]:
         """``(fixed, per_row)`` seconds of a plain step of ``n`` rows (:func:`.planning.step_cost_split`)."""
@@ -766,7 +766,7 @@ class AutoController(Controller):
         if not used or record.query_len <= 1 or record.num_rows <= 0:
             return
         cost = self._cost()
-        plain_s = cost.forward_s(record.num_rows, 1) + cost.overhead_s(record.num_rows)  # [s] a plain step
+        plain_s = float(cost.step_curve(record.num_rows, 1)[0])  # [s] a plain step
         loss = record.step_s + update_s - unused_s - plain_s * record.num_emitted / record.num_rows
         floor = -self.config.exploration_budget * self._recent_s
         for name in used:

@@ -60,8 +60,10 @@ SPOT_CHECK_JITTER_S = 2e-4  # added to both sides of the comparison: sub-millise
 class VerificationCost:
     """Seconds of a decode step as a function of active rows ``n`` and tokens per row ``t`` (= draft length + 1).
 
-    ``forward_s(n, t)`` is the target forward (the part that grows with the draft); ``overhead_s(n)`` the rest of
-    the step, which does not depend on the draft length (learned online; 0 until observed).
+    ``forward_s(n, t)`` is the target forward (the part that grows with the draft); ``overhead_s(n, t)`` the rest of
+    the step besides drafting (sampling and verification, bookkeeping, planning; learned online, 0 until observed),
+    which a step that verifies drafts pays more of than a plain one: kept per tokens per row like the forward, so a
+    speculating step's extras are priced where they are paid, not averaged into every plain step.
 
     Args:
         measured: ``{(rows, tokens): seconds}`` calibration points; must hold ``(1, 1)``.
@@ -97,7 +99,7 @@ class VerificationCost:
         self.rows: list[int] = [1 << i for i in range(max(7, math.ceil(math.log2(max_rows)) + 1))]
         self.max_tokens = max(t for _, t in measured)
         self._log = np.log(_fill_table(measured, self.rows, self.max_tokens))  # [R, T] log seconds
-        self._overhead = np.zeros(len(self.rows))  # [R] seconds
+        self._overhead = np.zeros(self._log.shape)  # [R, T] seconds, never decreasing in tokens
 
     # ------------------------------------------------------------------------------------------ queries
     def forward_s(self, rows: int, tokens: int) -> float:
@@ -113,12 +115,21 @@ class VerificationCost:
             sec = (1 - w) * sec + w * np.exp(self._log[i + 1, :max_tokens])
         return sec
 
-    def overhead_s(self, rows: int) -> float:
-        """Predicted seconds of a step besides the forward and drafting (verification, bookkeeping, planning)."""
-        self._ensure(rows, 1)
+    def overhead_s(self, rows: int, tokens: int = 1) -> float:
+        """Predicted seconds of a step of ``tokens`` tokens per row besides the forward and drafting (verification,
+        bookkeeping, planning)."""
+        return float(self.overhead_curve(rows, tokens)[-1])
+
+    def overhead_curve(self, rows: int, max_tokens: int) -> np.ndarray:
+        """``[max_tokens]`` predicted :meth:`overhead_s` for tokens per row = 1 .. max_tokens at ``rows`` rows."""
+        self._ensure(rows, max_tokens)
         i, w = self._bracket(rows)
-        o = self._overhead[i] if w == 0 else (1 - w) * self._overhead[i] + w * self._overhead[i + 1]
-        return float(o)
+        o = self._overhead[i, :max_tokens]
+        return o.copy() if w == 0 else (1 - w) * o + w * self._overhead[i + 1, :max_tokens]
+
+    def step_curve(self, rows: int, max_tokens: int) -> np.ndarray:
+        """``[max_tokens]`` predicted seconds of a whole step but its drafting (forward + overhead)."""
+        return self.forward_curve(rows, max_tokens) + self.overhead_curve(rows, max_tokens)
 
     # ------------------------------------------------------------------------------------------ online
     def observe(self, rows: int, tokens: int, forward_s: float, overhead_s: float | None = None) -> None:
@@ -137,10 +148,19 @@ class VerificationCost:
             self._log[idx, tokens - 1] += self.refine_rate * (1 - self.shared_rate) * wt * err
             self._log[idx] = np.maximum.accumulate(self._log[idx])  # more tokens never cost less
         if overhead_s is not None and math.isfinite(overhead_s):
-            d = max(0.0, overhead_s) - self.overhead_s(rows)
-            for idx, wt in ((i, 1 - w), (i + 1, w)):
-                if wt > 0:
-                    self._overhead[idx] = max(0.0, self._overhead[idx] + self.refine_rate * wt * d)
+            self._observe_overhead(rows, tokens, max(0.0, overhead_s))
+
+    def _observe_overhead(self, rows: int, tokens: int, overhead_s: float) -> None:
+        """As the forward: the observed cell moves, its row follows by ``shared_rate`` (a common drift), and more
+        tokens per row never cost less overhead than fewer."""
+        i, w = self._bracket(rows)
+        d = overhead_s - self.overhead_s(rows, tokens)
+        for idx, wt in ((i, 1 - w), (i + 1, w)):
+            if wt <= 0:
+                continue
+            self._overhead[idx] += self.refine_rate * self.shared_rate * wt * d
+            self._overhead[idx, tokens - 1] += self.refine_rate * (1 - self.shared_rate) * wt * d
+            self._overhead[idx] = np.maximum.accumulate(np.maximum(self._overhead[idx], 0.0))
 
     # ------------------------------------------------------------------------------------------ grid
     def _bracket(self, rows: int) -> tuple[int, float]:
@@ -161,12 +181,13 @@ class VerificationCost:
             nxt = c1 * (tok - (tok - b / b[0]) * 0.5)
             self.rows.append(self.rows[-1] * 2)
             self._log = np.vstack([self._log, np.log(nxt)[None]])
-            self._overhead = np.append(self._overhead, self._overhead[-1])
+            self._overhead = np.vstack([self._overhead, self._overhead[-1:]])
         while self._log.shape[1] < tokens:
             t = self._log.shape[1]
             b = np.exp(self._log[:, -1])
             step = b - np.exp(self._log[:, -2]) if t >= 2 else b  # one column only: linear in tokens
             self._log = np.hstack([self._log, np.log(np.minimum(b + np.maximum(step, 0.0), b * (t + 1) / t))[:, None]])
+            self._overhead = np.hstack([self._overhead, self._overhead[:, -1:]])
 
     # ------------------------------------------------------------------------------------------ persistence
     def to_json(self) -> dict[str, Any]:

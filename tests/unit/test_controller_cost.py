@@ -85,10 +85,31 @@ def test_online_refinement_moves_estimates_toward_observed_timings():
     assert cost.forward_s(4, 3) == pytest.approx(2 * before, rel=0.02)
     assert cost.forward_s(4, 1) > law(4, 1) * 1.1  # the same rows' other cells share part of the drift
     assert cost.forward_s(64, 9) == pytest.approx(far)  # far away nothing moved
-    assert cost.overhead_s(4) == pytest.approx(0.004, rel=0.05)
+    assert cost.overhead_s(4, 3) == pytest.approx(0.004, rel=0.05)  # the overhead of the cell it was observed in
     frozen = VerificationCost({(1, 1): 0.01, (1, 2): 0.012}, refine_rate=0.0)
     frozen.observe(1, 2, 1.0)
     assert frozen.forward_s(1, 2) == pytest.approx(0.012)
+
+
+def test_a_speculating_steps_extra_overhead_is_priced_there_not_in_plain_steps():
+    """Steps that verify drafts pay more besides the forward (rejection sampling over q positions, the drafts'
+    bookkeeping) than plain steps: learned per tokens per row, a plain step is not charged the speculating steps'
+    extras, and the speculating steps are charged them (averaged into one number per row count, the plain step
+    looked dearer and speculation cheaper than measured)."""
+    cost = VerificationCost({(1, 1): 0.010, (1, 3): 0.012, (4, 1): 0.020, (4, 3): 0.030}, refine_rate=0.2)
+    plain_o, spec_o = 0.002, 0.005  # [s] measured besides the forward: plain steps and 3-token steps at 4 rows
+    for _ in range(150):  # interleaved, as a call that speculates every other step
+        cost.observe(4, 1, 0.020, overhead_s=plain_o)
+        cost.observe(4, 3, 0.030, overhead_s=spec_o)
+    assert cost.overhead_s(4, 1) == pytest.approx(plain_o, rel=0.02)
+    assert cost.overhead_s(4, 3) == pytest.approx(spec_o, rel=0.02)
+    curve = cost.step_curve(4, 5)  # [5] forward + overhead for 1..5 tokens per row
+    assert curve[0] == pytest.approx(0.020 + plain_o, rel=0.02)
+    assert np.all(np.diff(cost.overhead_curve(4, 5)) >= 0)  # more tokens per row never cost less overhead
+    assert curve[4] >= curve[2] >= curve[0]
+    cost.observe(4, 2, 0.025, overhead_s=-1.0)  # a clock that stepped backwards: clamped, never negative
+    assert cost.overhead_s(4, 2) >= 0.0
+    assert cost.overhead_s(256, 7) >= 0.0 and cost.step_curve(256, 7).shape == (7,)  # the grid grows for both
 
 
 def test_cost_cache_is_reused_and_keyed(tmp_path):
