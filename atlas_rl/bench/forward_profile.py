@@ -195,13 +195,13 @@ class ProfileOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from transformers import HfArgumentParser
+    from atlas_rl.argparsing import ConfigParser
 
     from atlas_rl.config import EngineConfig
     from atlas_rl.models import load_target
     from atlas_rl.rollout import RolloutEngine
 
-    (opts,) = HfArgumentParser(ProfileOptions).parse_args_into_dataclasses(args=argv)
+    opts = ConfigParser([ProfileOptions], prog="python -m atlas_rl.bench.forward_profile").parse(argv)
     model, _ = load_target(opts.model)
     lean = RolloutEngine(model)
     cells = [tuple(int(x) for x in c.split("x")) for c in opts.cells.split(",")]

@@ -207,13 +207,13 @@ class RooflineOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from transformers import HfArgumentParser
+    from atlas_rl.argparsing import ConfigParser
 
     from atlas_rl.config import EngineConfig
     from atlas_rl.models import load_target
     from atlas_rl.rollout import RolloutEngine
 
-    (opts,) = HfArgumentParser(RooflineOptions).parse_args_into_dataclasses(args=argv)
+    opts = ConfigParser([RooflineOptions], prog="python -m atlas_rl.bench.roofline").parse(argv)
     model, tokenizer = load_target(opts.model)
     engines = {"lean forward": RolloutEngine(model)}
     if opts.compare_hf:

@@ -117,3 +117,16 @@ def test_interleaved_repeats_alternate_their_order_and_keep_runs_paired_by_repea
     assert calls == [("k0", 0), ("default", 0), ("default", 1), ("k0", 1), ("k0", 2), ("default", 2)]
     assert [r.completion_tokens for r in out["k0"].runs] == [10, 20, 30]
     assert [r.completion_tokens for r in out["default"].runs] == [10, 20, 30]
+
+
+@pytest.mark.parametrize("module", ["atlas_rl.bench.roofline", "atlas_rl.bench.forward_profile"])
+def test_bench_commands_reject_a_wrong_flag_with_one_line(module, capsys):
+    """A mistyped flag ends the command with exit status 2 and a one-line message naming it, before any model
+    loads (it was a transformers traceback)."""
+    import importlib
+
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as e:
+        main(["--out_dir", "x"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "out_dir" in err and "\n" not in err
