@@ -196,7 +196,6 @@ class ProfileOptions:
 
 def main(argv: list[str] | None = None) -> int:
     from atlas_rl.argparsing import ConfigParser
-
     from atlas_rl.config import EngineConfig
     from atlas_rl.models import load_target
     from atlas_rl.rollout import RolloutEngine

@@ -208,7 +208,6 @@ class RooflineOptions:
 
 def main(argv: list[str] | None = None) -> int:
     from atlas_rl.argparsing import ConfigParser
-
     from atlas_rl.config import EngineConfig
     from atlas_rl.models import load_target
     from atlas_rl.rollout import RolloutEngine
