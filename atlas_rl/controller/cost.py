@@ -141,26 +141,24 @@ class VerificationCost:
         i, w = self._bracket(rows)
         pred = self.forward_s(rows, tokens)
         err = float(np.clip(math.log(forward_s / pred), -0.5, 0.5))
-        for idx, wt in ((i, 1 - w), (i + 1, w)):
-            if wt <= 0:
-                continue
-            self._log[idx] += self.refine_rate * self.shared_rate * wt * err
-            self._log[idx, tokens - 1] += self.refine_rate * (1 - self.shared_rate) * wt * err
-            self._log[idx] = np.maximum.accumulate(self._log[idx])  # more tokens never cost less
+        d = None
         if overhead_s is not None and math.isfinite(overhead_s):
-            self._observe_overhead(rows, tokens, max(0.0, overhead_s))
-
-    def _observe_overhead(self, rows: int, tokens: int, overhead_s: float) -> None:
-        """As the forward: the observed cell moves, its row follows by ``shared_rate`` (a common drift), and more
-        tokens per row never cost less overhead than fewer."""
-        i, w = self._bracket(rows)
-        d = overhead_s - self.overhead_s(rows, tokens)
+            d = max(0.0, overhead_s) - self.overhead_s(rows, tokens)
         for idx, wt in ((i, 1 - w), (i + 1, w)):
             if wt <= 0:
                 continue
-            self._overhead[idx] += self.refine_rate * self.shared_rate * wt * d
-            self._overhead[idx, tokens - 1] += self.refine_rate * (1 - self.shared_rate) * wt * d
-            self._overhead[idx] = np.maximum.accumulate(np.maximum(self._overhead[idx], 0.0))
+            self._refine(self._log, idx, tokens, wt * err)
+            if d is not None:
+                self._refine(self._overhead, idx, tokens, wt * d)
+                np.maximum(self._overhead[idx], 0.0, out=self._overhead[idx])
+
+    def _refine(self, table: np.ndarray, idx: int, tokens: int, delta: float) -> None:  # table: [R, T]
+        """Move row ``idx`` of ``table`` (log forward seconds, or overhead seconds) toward one observation at
+        ``tokens``: the observed cell by ``refine_rate x delta``, the rest of the row by ``shared_rate`` of it (a
+        common drift, e.g. a longer context); then more tokens per row never cost less than fewer."""
+        table[idx] += self.refine_rate * self.shared_rate * delta
+        table[idx, tokens - 1] += self.refine_rate * (1 - self.shared_rate) * delta
+        table[idx] = np.maximum.accumulate(table[idx])
 
     # ------------------------------------------------------------------------------------------ grid
     def _bracket(self, rows: int) -> tuple[int, float]:
