@@ -65,7 +65,8 @@ class HiddenStateObserver(Protocol):
     ) -> None:
         """Target features of positions that now lie on the sequences, for every active row.
 
-        Called once after the prefill (``num_new[i]`` = prompt length: every prompt position) and after every
+        Called after the prefill (``num_new[i]`` = prompt length: every prompt position; each row once, possibly
+        over several calls of disjoint rows: one per prefill chunk and sample of a group) and after every
         verification forward (``num_new[i]`` = accepted drafts + 1). Position j < ``num_new[i]`` of row i
         produced the token ``tokens[len(tokens) - num_new[i] + j]`` of that row (``tokens`` = prompt + emitted,
         the pending token last); a row that stopped in this step may have emitted fewer tokens. Tensors

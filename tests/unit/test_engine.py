@@ -397,6 +397,38 @@ def test_hidden_state_speculators_get_every_committed_position(model64):
             assert torch.allclose(got, ref[layer][0, : got.shape[0]], atol=1e-9)
 
 
+def test_a_prefill_keeps_only_the_asked_layers_and_they_equal_hfs_hidden_states(model64):
+    """The prefill reads the hidden states speculators ask for through hooks on those layers only (no
+    ``output_hidden_states``: it keeps every layer's); each equals HF's entry of the same index: the embeddings
+    (0), a layer's output (1 .. L-1), the final normed output (L or -1)."""
+    eng = RolloutEngine(model64)
+    L = len(model64.model.layers)
+    layers = [0, 1, L // 2, L - 1, L, -1, -2]
+    ids = torch.tensor([[3, 9, 4, 7, 1], [5, 2, 8, 8, 6]])
+    n, q = ids.shape
+    pos = torch.arange(q)[None].expand(n, q)
+
+    def hooks():
+        return [len(b._forward_hooks) + len(b._forward_pre_hooks) for b in model64.model.layers]
+
+    outs = []
+    for tapped in (False, True):  # transformers adds hooks of its own on its first output_hidden_states call
+        cache = eng._ensure_cache(n, q)
+        cache.set_uniform_step(0, n, 0, q)
+        mask = eng._mask(torch.zeros(n, dtype=torch.long), q, q)
+        before = hooks()
+        if tapped:
+            outs.append(eng._forward_tapped(ids, pos, mask, cache, layers))
+        else:
+            outs.append(eng._forward(ids, pos, mask, cache, True))
+    (last_f, full), (last_t, taps) = outs
+    assert torch.equal(last_t, last_f)
+    assert sorted(taps) == sorted(set(layers))
+    for layer in layers:
+        assert torch.equal(taps[layer], full[layer]), layer
+    assert hooks() == before  # the taps are removed (transformers keeps hooks of its own on the layers)
+
+
 def test_best_of_controller_picks_the_more_confident_draft_and_stays_lossless(model64):
     from atlas_rl.controller import BestOfController
 
