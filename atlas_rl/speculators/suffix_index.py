@@ -112,7 +112,36 @@ class GroupIndex:
         seq = self.seqs[slot]
         start = len(seq)
         seq.extend([int(t) for t in tokens])
-        self._index(slot, start, 0)
+        if len(seq) == start + 1:
+            self._index_one(slot, start)  # a decode step's usual token (a third of the general path's time)
+        else:
+            self._index(slot, start, 0)
+
+    def _index_one(self, slot: int, p: int) -> None:
+        """:meth:`_index` of the single new offset ``p`` of ``slot`` (chained from offset 0 on): the same keys
+        and links, without the general path's per-key-length lists."""
+        seq = self.seqs[slot]
+        keys = self.keys[slot]
+        prevs = self.prevs[slot]
+        pos = (slot << _OFF_BITS) | p
+        lens = self.lens
+        n0 = lens[0]
+        if n0 == 1:
+            key = seq[p] + 1
+        else:
+            key = (sum((seq[p - j] + 1) * _POW[j] for j in range(n0)) & _M64) if p + 1 >= n0 else 0
+        for ri, n in enumerate(lens):
+            if ri:
+                h = lens[ri - 1]
+                kh = keys[ri - 1]
+                key = (kh[p] + kh[p - h] * _POW[h]) & _M64 if p >= n - 1 else 0
+            keys[ri].append(key)
+            if p >= n - 1:
+                head = self.heads[ri]
+                prevs[ri].append(head.get(key, -1))
+                head[key] = pos
+            else:
+                prevs[ri].append(-1)
 
     def _index(self, slot: int, start: int, index_from: int) -> None:
         """Compute keys for offsets ``start..`` of ``slot`` and chain those ``>= index_from``."""
@@ -139,7 +168,7 @@ class GroupIndex:
                 h = lens[ri - 1]
                 kh = keys[ri - 1]
                 ph = _POW[h]
-                lo = max(start, n - 1)
+                lo = min(max(start, n - 1), end)  # a slot shorter than n - 1 has no n-gram keys yet
                 new = [0] * (lo - start) + [(kh[p] + kh[p - h] * ph) & _M64 for p in range(lo, end)]
             keys[ri].extend(new)
             head = self.heads[ri]

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from atlas_rl.speculators import SuffixSpeculator, build_speculator, registered_speculators
 from atlas_rl.speculators.base import Speculator
 from atlas_rl.speculators.suffix import _MIN_COMPACT, SuffixConfig
+from atlas_rl.speculators.suffix_index import GroupIndex, rolling_keys
 from atlas_rl.types import Draft, ProposeInput
 
 
@@ -293,6 +294,33 @@ def test_matches_brute_force_reference(data: st.DataObject) -> None:
     assert draft.confidence[:n] == pytest.approx(conf[:n])
     if tie == k or len(ids) < tie:  # no tie decided the draft: it must be exactly the reference
         assert draft.token_ids == ids
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    prompt=st.lists(st.integers(0, 3), min_size=1, max_size=30),
+    out=st.lists(st.integers(0, 3), min_size=1, max_size=60),
+    min_len=st.integers(1, 3),
+    max_len=st.integers(3, 17),
+)
+def test_token_at_a_time_indexing_equals_indexing_the_whole_output(
+    prompt: list[int], out: list[int], min_len: int, max_len: int
+) -> None:
+    # the one-token fast path of GroupIndex.extend (a decode step) against the general path over the same tokens
+    lens = SuffixConfig(min_match_len=min_len, max_match_len=max_len).match_lens
+    fast, ref = GroupIndex(prompt, lens, max_len - 1), GroupIndex(prompt, lens, max_len - 1)
+    s_fast, s_ref = fast.add_row(0), ref.add_row(0)
+    for t in out:
+        fast.extend(s_fast, [t])
+    ref.extend(s_ref, out)
+    assert fast.seqs == ref.seqs
+    assert fast.keys == ref.keys and fast.prevs == ref.prevs and fast.heads == ref.heads
+    # and both are the n-gram keys of the slot's own tokens, one per offset (a row whose prompt is shorter than
+    # the longest key once got surplus zero keys, which shifted every later key of that length)
+    seq = ref.seqs[s_ref]
+    for ri, n in enumerate(lens):
+        want = [rolling_keys(seq[: p + 1], (n,))[0] if p + 1 >= n else 0 for p in range(len(seq))]
+        assert list(ref.keys[s_ref][ri]) == want
 
 
 def test_history_lookup_matches_brute_force_with_bucket_collisions() -> None:
