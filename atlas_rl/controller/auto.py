@@ -481,24 +481,27 @@ class AutoController(Controller):
     ) -> tuple[int, bool]:
         """The length that maximises the expected rate of a costly speculator, drafting included (0: none pays);
         the flag: a refusal is clear (its best rate under ``CLEAR_DECLINE`` of what it must beat) and may stand for
-        ``probe_every`` steps. A near miss, or a wait on the exploration budget, is planned again at the next step."""
+        ``probe_every`` steps. A near miss, or a wait on the exploration budget, is planned again at the next step;
+        at a large batch every refusal stands (there a plan is an expectation over many rows that a few steps barely
+        move, and planning at every step was a fifth of the default's standing cost at 16 rows)."""
         K = self.num_speculative_tokens
+        large = n >= _LARGE_BATCH[greedy]
         if self._over_budget(name, greedy, n):
-            return 0, False  # its recent drafts in this regime cost more than the exploration budget: wait
+            return 0, large  # its recent drafts in this regime cost more than the exploration budget: wait
         draft_s = self._draft_curve(name, n, step_s)  # [K]
         # optimistic on purpose below 16 rows (it decides whether to *ask*): rows assumed alike, so the batch's
         # expected tokens are its effective tokens; choose() decides on the actual drafts, where the slowest row counts
         totals = self._sampled_totals(name, greedy, n, explore=n == 1 or not self._settled(name, greedy))  # [M, K+1]
         # a large batch is a near-certain expectation (no selection to credit, no optimism): asking must beat plain
         # decoding by the margin that choose() demands, or its drafting is spent for nothing
-        floor = base_rate * (1.0 + self.config.margin if n >= _LARGE_BATCH[greedy] else 1.0)
+        floor = base_rate * (1.0 + self.config.margin if large else 1.0)
         # rate[L] = mean over batches of the best cut q <= L once L tokens were drafted: [M, q, L] -> [L]
         q = np.arange(K + 1)
         per = totals[:, :, None] / (step_s[:, None] + draft_s[None, :])  # [M, K+1, K]
         per = np.where(q[:, None] <= q[None, 1:], per, -np.inf)
         rates = per.max(1).mean(0)  # [K]
         best = int(rates.argmax())
-        return (best + 1, False) if rates[best] > floor else (0, rates[best] < CLEAR_DECLINE * floor)
+        return (best + 1, False) if rates[best] > floor else (0, large or rates[best] < CLEAR_DECLINE * floor)
 
     def _could_pay(self, name: str, greedy: bool, n: int, step_s: np.ndarray, base_rate: float) -> bool:
         """Whether free drafts of ``name`` (``step_s [K+1]``: a step's seconds by draft length) would beat plain
