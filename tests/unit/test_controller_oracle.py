@@ -217,6 +217,25 @@ def test_a_declined_costly_speculator_is_planned_again_after_probe_every_steps_a
     assert asked[: every - 2] == [0] * (every - 2) and asked[every - 2] > 0, asked
 
 
+def test_at_a_large_batch_a_near_miss_also_stands_for_probe_every_steps():
+    """At 16 greedy rows a costly speculator that just misses (its best rate 0.9-1x plain decoding's: below one row's
+    re-plan-at-once threshold) is not planned again for probe_every - 1 steps even once it would pay."""
+    alpha, slope, rows, draft = 0.72, 0.2, 16, LinearDraftCost(5e-5, 1e-4)
+    base = rows / step_seconds(rows, 1, slope)
+    best = max(
+        rows * closed_form_tokens(alpha, q) / (step_seconds(rows, q + 1, slope) + draft.predict("synth", rows, L))
+        for L in range(1, K + 1)
+        for q in range(1, L + 1)
+    )
+    assert 0.9 < best / base < 1.0  # a near miss, not a clear refusal
+    ctl = controller(alpha, slope, draft_cost=draft)
+    every = ctl.config.probe_every
+    assert dict(ctl.plan(state(rows))[0]).get("synth", 0) == 0
+    ctl.set_speculator_priors({"synth": 0.99})  # now it pays
+    asked = [dict(ctl.plan(state(rows))[0]).get("synth", 0) for _ in range(every)]
+    assert asked[: every - 1] == [0] * (every - 1) and asked[every - 1] > 0, asked
+
+
 def test_of_two_costly_speculators_that_would_pay_only_the_better_one_drafts():
     """Each head alone pays at one row; asked together both would draft for the same rows, one draft each verified:
     the plan asks the one of the better expected rate only (the other's drafting would be priced nowhere)."""
