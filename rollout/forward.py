@@ -286,7 +286,7 @@ class LeanForward:
         qs, keys, values = self._qkv(blk, li, x, fused, cos, sin, cache, n, q)  # keys, values: [n, hk, kv, d]
         qf = qs.reshape(n, q, hk, g, d).permute(0, 2, 1, 3, 4).reshape(n, hk, q * g, d)  # folded GQA
         out = F.scaled_dot_product_attention(qf, keys, values, attn_mask=mask(), scale=self.scaling)
-        out = out.view(n, hk, q, g, d).permute(0, 2, 1, 3, 4).reshape(n * q, hk * g * d)  # [c, heads * d]
+        out = out.reshape(n, hk, q, g, d).permute(0, 2, 1, 3, 4).reshape(n * q, hk * g * d)  # [c, heads * d]
         return self._linear(out, *_wb(blk.o))
 
     def _mlp(self, li: int, blk: _Block, x: torch.Tensor) -> torch.Tensor:  # x: [c, H]

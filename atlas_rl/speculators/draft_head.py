@@ -336,7 +336,8 @@ class DraftHead(nn.Module):
         qf = q.reshape(b, kvh, rep * t, d)  # query head kv * rep + r, position i -> row r * t + i of kv head kv
         m = mask if rep == 1 else mask.repeat(1, 1, rep, 1)  # [b, 1, rep*t, s]
         out = F.scaled_dot_product_attention(qf, k, v, attn_mask=m)  # [b, kvh, rep*t, d]
-        return out.view(b, h, t, d).transpose(1, 2).reshape(b, t, h * d)
+        # reshape, not view: a GPU kernel may return the output strided as [b, rep*t, kvh, d] (a view on a CPU)
+        return out.reshape(b, h, t, d).transpose(1, 2).reshape(b, t, h * d)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:  # h: [..., hidden] -> [..., draft_vocab]
         if not self.lm_head_ready:

@@ -404,3 +404,21 @@ def test_draft_cache_is_read_as_a_view_for_consecutive_slots_and_gathered_otherw
         k, v = spec._k[0, rows, :, :5], spec._v[0, rows, :, :5]
         assert torch.equal(k, spec._k[0, slots, :, :5]) and torch.equal(v, spec._v[0, slots, :, :5])
         assert (k.data_ptr() == spec._k[0, slots[0]].data_ptr()) == (slots != [4, 1, 5])  # a view, no copy
+
+
+def test_attend_takes_attention_output_strided_as_gpu_kernels_return_it(model, monkeypatch):
+    """On an H200 the SDPA output came back laid out as [b, rep*t, kvh, d] and ``view`` refused it; the folded
+    attention must give the same result from such an output as from a contiguous one."""
+    head = _head(model)
+    c = head.config
+    g = torch.Generator().manual_seed(1)
+    b, t, s, d = 2, 3, 6, c.head_dim
+    q = torch.randn(b, c.num_attention_heads, t, d, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(b, c.num_key_value_heads, s, d, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = torch.ones(b, 1, t, s, dtype=torch.bool).tril(s - t)
+    ref = head.attend(q, k, v, mask)
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(
+        F, "scaled_dot_product_attention", lambda *a, **kw: sdpa(*a, **kw).transpose(1, 2).contiguous().transpose(1, 2)
+    )
+    torch.testing.assert_close(head.attend(q, k, v, mask), ref, rtol=0, atol=0)

@@ -181,3 +181,22 @@ def test_fused_projections_follow_every_kind_of_weight_update():
         want = RolloutEngine(model, config=ref_cfg).generate([[1, 2, 3]], sp)
         assert got.completion_ids == want.completion_ids
         torch.testing.assert_close(torch.tensor(got.logprobs[0]), torch.tensor(want.logprobs[0]), rtol=0, atol=1e-10)
+
+
+def test_lean_forward_takes_attention_output_strided_as_gpu_kernels_return_it(monkeypatch):
+    """GPU SDPA kernels return [n, heads, q, d] laid out as [n, q, heads, d] (not viewable as the folded query
+    rows); the forward must give the same hidden states as with a contiguous output (the draft head's folded
+    attention failed on exactly this on an H200; this path's split of q*g still views, and must keep working)."""
+    model = _model("llama", torch.float64)
+    starts, q = [7, 3, 11], 3
+    seqs = _seqs(starts, q, 5)
+    with torch.inference_mode():
+        ref, _ = _lean_step(model, starts, q, seqs, want_hidden=False)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        def gpu_strided(*args, **kwargs):
+            return sdpa(*args, **kwargs).transpose(1, 2).contiguous().transpose(1, 2)
+
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", gpu_strided)
+        out, _ = _lean_step(model, starts, q, seqs, want_hidden=False)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
