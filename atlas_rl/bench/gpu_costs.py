@@ -3,26 +3,33 @@
 For each shape (SmolLM2-135M, a ~1B Llama, a ~7B Qwen2; built from their configs with random weights, bf16 on a
 GPU): the verification cost table (one engine forward, rows x tokens per row, context 128) next to the weight-
 streaming chain of the same column count, the engine's k=0 decoding speed against HF ``generate`` (same random
-prompts, EOS ignored), and the engine's per-step time outside the target forward. Combined with the mean
-acceptance length measured on the CPU per regime, the table projects the speed-up of speculation on that device.
+prompts, EOS ignored), the engine's per-step time outside the target forward, and whole speculating steps (a draft
+head of the target's shape at fixed k, T=0 and T=1) with their parts. A random head's drafts are rejected, so those
+steps give what a step costs, not what it yields; :mod:`atlas_rl.bench.gpu_projection` combines them with the mean
+acceptance length measured on the CPU per regime into the projected speed-up on that device.
 
 Run (the image needs PyTorch and transformers only)::
 
     python -m atlas_rl.bench.gpu_costs --out runs/gpu           # on a GPU machine
     python -m atlas_rl.bench.gpu_costs --out runs/gpu_tiny --tiny   # a small CPU smoke run (seconds)
 
-From a source checkout that is not pip-installed, run it from the repository root: it maps ``atlas_rl.rollout``
-onto ``rollout/`` itself (see :func:`_source_layout`).
+Every section's result is written as soon as it is measured, and a section that fails is logged with its
+traceback and recorded as an error, so one failure (or ``--deadline-s``) costs only what it did not measure. From a
+source checkout that is not pip-installed, run it from the repository root: it maps ``atlas_rl.rollout`` onto
+``rollout/`` itself (see :func:`_source_layout`).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import statistics
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +46,11 @@ SHAPES: dict[str, tuple[str, int, int, int, int, int, int]] = {
 TINY_SHAPES = {"tiny": ("llama", 2, 64, 4, 2, 128, 256)}
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 TOKENS = tuple(range(1, 10))
+DECODE_ROWS = (1, 16, 64, 256)
+SPEC_ROWS = (1, 4, 16, 64, 256)
+SPEC_KS = (0, 2, 4)  # draft lengths of the speculating-step cells; k=0 is plain decoding
+TEMPERATURES = (0.0, 1.0)
+SECTIONS = ("costs", "decode", "spec")
 
 
 @dataclass
@@ -49,6 +61,20 @@ class GpuCostOptions:
     shapes: tuple[str, ...] = tuple(SHAPES)
     repeats: int = 5
     new_tokens: int = 64
+    spec_tokens: int = 32
+    deadline_s: float = float("inf")
+    sections: tuple[str, ...] = SECTIONS
+    spec_rows_override: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1 or self.new_tokens < 2 or self.spec_tokens < 2:
+            raise ValueError("repeats must be >= 1, new_tokens and spec_tokens >= 2")
+        if not self.deadline_s > 0:
+            raise ValueError(f"deadline_s must be > 0 seconds, got {self.deadline_s}")
+        if any(r < 1 for r in self.spec_rows_override):
+            raise ValueError(f"spec rows must be >= 1, got {self.spec_rows_override}")
+        if not self.sections or set(self.sections) - set(SECTIONS):
+            raise ValueError(f"sections must be among {SECTIONS}, got {self.sections}")
 
     @property
     def rows(self) -> tuple[int, ...]:
@@ -57,6 +83,14 @@ class GpuCostOptions:
     @property
     def tokens(self) -> tuple[int, ...]:
         return (1, 2, 3) if self.tiny else TOKENS
+
+    @property
+    def decode_rows(self) -> tuple[int, ...]:
+        return (1, 4) if self.tiny else DECODE_ROWS
+
+    @property
+    def spec_rows(self) -> tuple[int, ...]:
+        return self.spec_rows_override or ((1, 4) if self.tiny else SPEC_ROWS)
 
 
 def _source_layout() -> None:
@@ -72,7 +106,8 @@ def _source_layout() -> None:
 
 
 def build_model(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """A randomly initialised causal LM of ``shape`` (see :data:`SHAPES`) in ``dtype`` on ``device``."""
+    """A randomly initialised causal LM of ``shape`` (see :data:`SHAPES`) in ``dtype`` on ``device`` (built in
+    ``dtype``: a 7B model is never materialised in float32)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     mtype, layers, hidden, heads, kv, inter, vocab = shape
@@ -88,8 +123,13 @@ def build_model(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch
         tie_word_embeddings=False,
     )
     cfg._attn_implementation = "sdpa"
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg)  # the dtype keyword differs across transformers releases
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # the dtype keyword of from_config differs across transformers releases
+    try:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(cfg)
+    finally:
+        torch.set_default_dtype(before)
     return model.to(dtype).eval()
 
 
@@ -116,14 +156,30 @@ def cost_table(engine, opts: GpuCostOptions) -> dict:
     return {"forward_ms": ms, "chain_ms": {str(c): statistics.median(v) for c, v in chain.items()}}
 
 
+def _prompts(rows: int, vocab: int) -> torch.Tensor:  # [rows, 32] random token ids
+    return torch.randint(0, vocab, (rows, 32), generator=torch.Generator().manual_seed(rows))
+
+
+def _step_parts(stats, rows: int) -> dict:
+    """Per decode step (ms) of one call's stats: the whole step and its timed parts, and tau."""
+    steps = max(1, stats.num_steps)
+    decode_s = stats.total_s - stats.prefill_s
+    parts = {p: getattr(stats, f"{p}_s") * 1e3 / steps for p in ("forward", "propose", "verify", "plan")}
+    return {
+        "rows": rows,
+        "step_ms": decode_s * 1e3 / steps,
+        **{f"{p}_ms": v for p, v in parts.items()},
+        "other_ms": decode_s * 1e3 / steps - sum(parts.values()),
+        "tau": stats.mean_acceptance_length,
+    }
+
+
 def decode_speed(model, engine, rows: int, opts: GpuCostOptions) -> dict:
     """Engine k=0 vs HF ``generate`` (greedy, ``new_tokens`` each, EOS ignored) on ``rows`` random prompts."""
     from atlas_rl.types import SamplingParams
 
     dev = engine.device
-    vocab = engine.vocab_size
-    g = torch.Generator().manual_seed(rows)
-    prompts = torch.randint(0, vocab, (rows, 32), generator=g)
+    prompts = _prompts(rows, engine.vocab_size)
     sp = SamplingParams(temperature=0.0, max_new_tokens=opts.new_tokens, ignore_eos=True)
     engine.generate(prompts[:, :8].tolist(), SamplingParams(temperature=0.0, max_new_tokens=2, ignore_eos=True))
     _sync(dev)
@@ -151,51 +207,151 @@ def decode_speed(model, engine, rows: int, opts: GpuCostOptions) -> dict:
     }
 
 
-def run(opts: GpuCostOptions) -> dict:
-    _source_layout()
+def _spec_engine(model, k: int):
+    """An engine that drafts ``k`` tokens per row at every step with a (random) draft head of the target's shape
+    (``k=0``: plain decoding)."""
+    from atlas_rl.controller import FixedController
+    from atlas_rl.rollout import RolloutEngine
+    from atlas_rl.rollout.build import build_speculators
+
+    specs = build_speculators(model, ["adaptive"]).speculators if k else []
+    return RolloutEngine(model, speculators=specs, controller=FixedController(k), eos_token_ids=[])
+
+
+def spec_cell(model, rows: int, temperature: float, opts: GpuCostOptions) -> list[dict]:
+    """Plain and speculating engines (``SPEC_KS``) side by side on the same ``rows`` prompts, ``spec_tokens`` new
+    tokens each, ``repeats`` interleaved rounds: per k, the parts of the call with the median step time."""
+    from atlas_rl.types import SamplingParams
+
+    engines = {k: _spec_engine(model, k) for k in SPEC_KS}
+    prompts = _prompts(rows, model.get_output_embeddings().weight.shape[0]).tolist()
+    warm = SamplingParams(temperature=temperature, max_new_tokens=4, ignore_eos=True)
+    sp = SamplingParams(temperature=temperature, max_new_tokens=opts.spec_tokens, ignore_eos=True)
+    runs: dict[int, list[dict]] = {k: [] for k in SPEC_KS}
+    for eng in engines.values():
+        eng.generate([p[:8] for p in prompts], warm)
+    for _ in range(opts.repeats):
+        for k, eng in engines.items():
+            _sync(eng.device)
+            runs[k].append(_step_parts(eng.generate(prompts, sp).stats, rows))
+    out = []
+    for k, calls in runs.items():
+        mid = sorted(calls, key=lambda d: d["step_ms"])[(len(calls) - 1) // 2]
+        out.append({"k": k, "temperature": temperature, **mid, "step_ms_all": [d["step_ms"] for d in calls]})
+    return out
+
+
+class Recorder:
+    """Runs named sections, keeps their results (or their errors) and writes the report after each one."""
+
+    def __init__(self, opts: GpuCostOptions, report: dict) -> None:
+        self.opts, self.report, self.t0 = opts, report, time.perf_counter()
+        self.out = Path(opts.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def section(self, entry: dict, key: str, fn: Callable[[], object]) -> None:
+        if time.perf_counter() - self.t0 > self.opts.deadline_s:
+            entry.setdefault("skipped", []).append(key)
+            logger.warning("deadline passed: %s skipped", key)
+            return
+        t = time.perf_counter()
+        try:
+            entry[key] = fn()
+        except Exception as exc:  # noqa: BLE001 - recorded, and the other sections still run
+            logger.error("%s failed:\n%s", key, traceback.format_exc())
+            entry.setdefault("errors", {})[key] = f"{type(exc).__name__}: {exc}"
+        logger.info("%s: %.1f s", key, time.perf_counter() - t)
+        self.write()
+
+    def write(self) -> None:
+        (self.out / "gpu_costs.json").write_text(json.dumps(self.report, indent=1))
+        (self.out / "gpu_costs.md").write_text(render_markdown(self.report, self.opts))
+
+
+def _measure_shape(rec: Recorder, name: str, shape: tuple, dev: torch.device, dtype: torch.dtype) -> None:
     from atlas_rl.rollout import RolloutEngine
 
+    opts = rec.opts
+    logger.info("shape %s %s", name, shape)
+    entry: dict = {"shape": shape}
+    rec.report["shapes"][name] = entry
+    model = build_model(shape, dtype, dev)
+    engine = RolloutEngine(model, eos_token_ids=[])
+    if "costs" in opts.sections:
+        rec.section(entry, "costs", lambda: cost_table(engine, opts))
+    if "decode" in opts.sections:
+        rec.section(entry, "decode", lambda: [decode_speed(model, engine, r, opts) for r in opts.decode_rows])
+    for temp in TEMPERATURES if "spec" in opts.sections else ():
+        for r in opts.spec_rows:
+            rec.section(entry, f"spec_T{temp:g}_r{r}", lambda r=r, temp=temp: spec_cell(model, r, temp, opts))
+
+
+def run(opts: GpuCostOptions) -> dict:
+    _source_layout()
     dev = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     shapes = TINY_SHAPES if opts.tiny else {k: SHAPES[k] for k in opts.shapes}
     report: dict = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "dtype": str(dtype)}
     report["torch"], report["shapes"] = torch.__version__, {}
+    rec = Recorder(opts, report)
     for name, shape in shapes.items():
-        logger.info("shape %s %s", name, shape)
-        model = build_model(shape, dtype, dev)
-        engine = RolloutEngine(model, eos_token_ids=[])
-        entry = {"shape": shape, **cost_table(engine, opts)}
-        entry["decode"] = [decode_speed(model, engine, r, opts) for r in ((1, 4) if opts.tiny else (1, 16, 64, 256))]
-        report["shapes"][name] = entry
-        del engine, model
+        _measure_shape(rec, name, shape, dev, dtype)
+        gc.collect()  # the shape's model goes before the next one is built
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_costs.json").write_text(json.dumps(report, indent=1))
-    (out / "gpu_costs.md").write_text(render_markdown(report, opts))
+    rec.write()
     return report
+
+
+def _cost_lines(e: dict, opts: GpuCostOptions) -> list[str]:
+    fm, ch = e["costs"]["forward_ms"], e["costs"]["chain_ms"]
+    lines = ["forward ms (x chain of rows x tokens columns), context 128", ""]
+    lines += ["| rows \\ tokens | " + " | ".join(map(str, opts.tokens)) + " |", "|---" * (len(opts.tokens) + 1) + "|"]
+    for r in opts.rows:
+        cells = [f"{fm[f'{r}x{t}']:.2f} ({fm[f'{r}x{t}'] / ch[str(r * t)]:.2f}x)" for t in opts.tokens]
+        lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _decode_lines(e: dict) -> list[str]:
+    lines = ["| rows | engine k=0 tok/s | HF generate tok/s | step ms | forward ms | outside forward |"]
+    lines.append("|---|---|---|---|---|---|")
+    for d in e["decode"]:
+        lines.append(
+            f"| {d['rows']} | {d['engine_tok_s']:.1f} | {d['hf_generate_tok_s']:.1f} | {d['step_ms']:.2f} | "
+            f"{d['forward_ms_per_step']:.2f} | {d['outside_forward_share']:.0%} |"
+        )
+    return lines + [""]
+
+
+def spec_runs(entry: dict) -> list[dict]:
+    """Every speculating-step result of a shape's entry (all cells, all k)."""
+    return [d for key, v in entry.items() if key.startswith("spec_") and isinstance(v, list) for d in v]
+
+
+def _spec_lines(e: dict) -> list[str]:
+    runs = spec_runs(e)
+    if not runs:
+        return []
+    lines = ["per decode step, ms (random draft head of the target's shape, fixed k)", ""]
+    lines += ["| T | k | rows | step | forward | propose | verify | plan | other |", "|---" * 9 + "|"]
+    for d in sorted(runs, key=lambda d: (d["temperature"], d["k"], d["rows"])):
+        parts = " | ".join(f"{d[p]:.2f}" for p in ("step_ms", "forward_ms", "propose_ms", "verify_ms", "plan_ms"))
+        lines.append(f"| {d['temperature']:g} | {d['k']} | {d['rows']} | {parts} | {d['other_ms']:.2f} |")
+    return lines + [""]
 
 
 def render_markdown(report: dict, opts: GpuCostOptions) -> str:
     lines = [f"# engine costs on {report['device']} ({report['dtype']}, torch {report['torch']})", ""]
     for name, e in report["shapes"].items():
-        fm, ch = e["forward_ms"], e["chain_ms"]
-        lines += [f"## {name} {e['shape']}", "", "forward ms (x chain of rows x tokens columns), context 128", ""]
-        lines += [
-            "| rows \\ tokens | " + " | ".join(map(str, opts.tokens)) + " |",
-            "|---" * (len(opts.tokens) + 1) + "|",
-        ]
-        for r in opts.rows:
-            cells = [f"{fm[f'{r}x{t}']:.2f} ({fm[f'{r}x{t}'] / ch[str(r * t)]:.2f}x)" for t in opts.tokens]
-            lines.append(f"| {r} | " + " | ".join(cells) + " |")
-        lines += ["", "| rows | engine k=0 tok/s | HF generate tok/s | step ms | forward ms | outside forward |"]
-        lines.append("|---|---|---|---|---|---|")
-        for d in e["decode"]:
-            lines.append(
-                f"| {d['rows']} | {d['engine_tok_s']:.1f} | {d['hf_generate_tok_s']:.1f} | {d['step_ms']:.2f} | "
-                f"{d['forward_ms_per_step']:.2f} | {d['outside_forward_share']:.0%} |"
-            )
+        lines += [f"## {name} {e['shape']}", ""]
+        lines += _cost_lines(e, opts) if "costs" in e else []
+        lines += _decode_lines(e) if "decode" in e else []
+        lines += _spec_lines(e)
+        for key, err in e.get("errors", {}).items():
+            lines.append(f"- **{key} failed**: {err}")
+        if e.get("skipped"):
+            lines.append(f"- skipped at the deadline: {', '.join(e['skipped'])}")
         lines.append("")
     return "\n".join(lines)
 
@@ -208,16 +364,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"Comma-separated shapes of {list(SHAPES)}.")
     p.add_argument("--repeats", type=int, default=5, help="Interleaved repeats of the cost table (medians).")
     p.add_argument("--new-tokens", type=int, default=64, help="New tokens per row in the decode-speed runs.")
+    p.add_argument("--spec-tokens", type=int, default=32, help="New tokens per row in the speculating-step runs.")
+    p.add_argument("--deadline-s", type=float, default=float("inf"), help="Skip the sections left after this.")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"Comma-separated sections of {SECTIONS}.")
+    p.add_argument(
+        "--spec-rows", default="", help=f"Comma-separated row counts of the spec cells (default {SPEC_ROWS})."
+    )
     a = p.parse_args(argv)
     bad = [s for s in a.shapes.split(",") if s not in SHAPES]
     if bad:
         p.error(f"unknown shapes {bad}; choose from {list(SHAPES)}")
-    opts = GpuCostOptions(a.out, a.tiny, a.device, tuple(a.shapes.split(",")), a.repeats, a.new_tokens)
+    try:
+        opts = GpuCostOptions(
+            a.out,
+            a.tiny,
+            a.device,
+            tuple(a.shapes.split(",")),
+            a.repeats,
+            a.new_tokens,
+            a.spec_tokens,
+            a.deadline_s,
+            tuple(a.sections.split(",")),
+            tuple(int(r) for r in a.spec_rows.split(",") if r),
+        )
+    except ValueError as exc:  # a bad number in --spec-rows too
+        p.error(str(exc))
     report = run(opts)
     sys.stdout.write(render_markdown(report, opts) + "\n")
-    return 0
+    return 1 if any(e.get("errors") for e in report["shapes"].values()) else 0
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sys.exit(main(sys.argv[1:]))

@@ -4,15 +4,44 @@ from __future__ import annotations
 
 import json
 
-from atlas_rl.bench.gpu_costs import main
+import pytest
+
+from atlas_rl.bench.gpu_costs import SPEC_KS, TEMPERATURES, main
 
 
 def test_gpu_cost_script_runs_tiny_on_cpu(tmp_path):
-    assert main(["--out", str(tmp_path), "--tiny", "--device", "cpu", "--repeats", "1", "--new-tokens", "4"]) == 0
+    argv = ["--out", str(tmp_path), "--tiny", "--device", "cpu", "--repeats", "2", "--new-tokens", "4"]
+    assert main([*argv, "--spec-tokens", "6"]) == 0
     report = json.loads((tmp_path / "gpu_costs.json").read_text())
     tiny = report["shapes"]["tiny"]
-    assert set(tiny["forward_ms"]) == {f"{r}x{t}" for r in (1, 4) for t in (1, 2, 3)}
-    assert all(v > 0 for v in tiny["forward_ms"].values()) and all(v > 0 for v in tiny["chain_ms"].values())
+    assert "errors" not in tiny and "skipped" not in tiny
+    assert set(tiny["costs"]["forward_ms"]) == {f"{r}x{t}" for r in (1, 4) for t in (1, 2, 3)}
+    assert all(v > 0 for v in tiny["costs"]["forward_ms"].values())
+    assert all(v > 0 for v in tiny["costs"]["chain_ms"].values())
     assert [d["rows"] for d in tiny["decode"]] == [1, 4]
     assert all(d["engine_tok_s"] > 0 and d["hf_generate_tok_s"] > 0 for d in tiny["decode"])
-    assert "| rows |" in (tmp_path / "gpu_costs.md").read_text()
+    for temp in TEMPERATURES:
+        for r in (1, 4):
+            cell = tiny[f"spec_T{temp:g}_r{r}"]
+            assert [d["k"] for d in cell] == list(SPEC_KS)
+            for d in cell:
+                assert (d["temperature"], d["rows"]) == (temp, r) and d["step_ms"] in d["step_ms_all"]
+                assert d["step_ms"] >= d["forward_ms"] > 0
+                assert (d["propose_ms"] > 0) == (d["k"] > 0)  # a plain step proposes nothing
+                assert d["tau"] >= 1.0 if d["k"] else d["tau"] == 1.0
+    md = (tmp_path / "gpu_costs.md").read_text()
+    assert "| rows |" in md and "| T | k | rows | step |" in md
+
+
+def test_sections_past_the_deadline_are_skipped_and_said_so(tmp_path):
+    assert main(["--out", str(tmp_path), "--tiny", "--device", "cpu", "--deadline-s", "1e-9"]) == 0
+    tiny = json.loads((tmp_path / "gpu_costs.json").read_text())["shapes"]["tiny"]
+    assert tiny["skipped"][:2] == ["costs", "decode"] and len(tiny["skipped"]) == 2 + 2 * len(TEMPERATURES)
+    assert "skipped at the deadline: costs, decode" in (tmp_path / "gpu_costs.md").read_text()
+
+
+@pytest.mark.parametrize("bad", [["--repeats", "0"], ["--deadline-s", "0"], ["--shapes", "gpt-5"]])
+def test_bad_options_are_refused_with_a_usage_error(tmp_path, bad, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path), "--tiny", *bad])
+    assert exc.value.code == 2 and "error:" in capsys.readouterr().err
