@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from atlas_rl.attention_backends import decode_attention
+
 from . import cpu_glue
 from .cpu_linear import small_linear
 from .kv_cache import SlotKVCache
@@ -321,12 +323,13 @@ class LeanForward:
         hidden = [h] if want_hidden else None
         x = self._norm(h, self.layers[0].input_layernorm)  # the next block's normed input
         last = len(self._blocks) - 1
-        for li, blk in enumerate(self._blocks):
-            y = self._attention(blk, li, x, cos, sin, mask, cache, n, q)
-            h, x = self._add_norm(h, y, blk.post_norm)
-            h, x = self._add_norm(h, self._mlp(li, blk, x), blk.next_norm)
-            if hidden is not None and li != last:
-                hidden.append(h)
+        with decode_attention(h.device):
+            for li, blk in enumerate(self._blocks):
+                y = self._attention(blk, li, x, cos, sin, mask, cache, n, q)
+                h, x = self._add_norm(h, y, blk.post_norm)
+                h, x = self._add_norm(h, self._mlp(li, blk, x), blk.next_norm)
+                if hidden is not None and li != last:
+                    hidden.append(h)
         x = x.view(n, q, -1)  # the final norm's output
         if hidden is None:
             return x, None

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from atlas_rl.attention_backends import decode_attention
+
 logger = logging.getLogger(__name__)
 
 
@@ -335,7 +337,8 @@ class DraftHead(nn.Module):
         rep = h // kvh
         qf = q.reshape(b, kvh, rep * t, d)  # query head kv * rep + r, position i -> row r * t + i of kv head kv
         m = mask if rep == 1 else mask.repeat(1, 1, rep, 1)  # [b, 1, rep*t, s]
-        out = F.scaled_dot_product_attention(qf, k, v, attn_mask=m)  # [b, kvh, rep*t, d]
+        with decode_attention(q.device):
+            out = F.scaled_dot_product_attention(qf, k, v, attn_mask=m)  # [b, kvh, rep*t, d]
         # reshape, not view: a GPU kernel may return the output strided as [b, rep*t, kvh, d] (a view on a CPU)
         return out.reshape(b, h, t, d).transpose(1, 2).reshape(b, t, h * d)
 
