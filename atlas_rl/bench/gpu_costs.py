@@ -50,7 +50,8 @@ DECODE_ROWS = (1, 16, 64, 256)
 SPEC_ROWS = (1, 4, 16, 64, 256)
 SPEC_KS = (0, 2, 4)  # draft lengths of the speculating-step cells; k=0 is plain decoding
 TEMPERATURES = (0.0, 1.0)
-SECTIONS = ("costs", "decode", "spec")
+SECTIONS = ("first", "costs", "decode", "spec")
+FIRST_ROWS = (1, 16)  # row counts of the first-call section
 
 
 @dataclass
@@ -207,6 +208,33 @@ def decode_speed(model, engine, rows: int, opts: GpuCostOptions) -> dict:
     }
 
 
+def first_calls(model, opts: GpuCostOptions) -> list[dict]:
+    """A fresh k=0 engine's first and second greedy call on prompts of a length no other section uses (every
+    decode shape new in the first call), for each row count of :data:`FIRST_ROWS` (``(1,)`` with ``--tiny``),
+    with decode attention as this engine dispatches it (cuDNN left out) and as it did before (cuDNN allowed, run
+    second): the per-shape plan cost of ``docs/decisions/cuda_attention_backends.md``, ms a decode step."""
+    from atlas_rl import attention_backends as ab
+    from atlas_rl.rollout import RolloutEngine
+    from atlas_rl.types import SamplingParams
+
+    sp = SamplingParams(temperature=0.0, max_new_tokens=opts.spec_tokens, ignore_eos=True)
+    out = []
+    for cudnn in (False, True):
+        for rows in (1,) if opts.tiny else FIRST_ROWS:
+            before = ab.DECODE_BACKENDS
+            if cudnn:
+                ab.DECODE_BACKENDS = (*before, ab.SDPBackend.CUDNN_ATTENTION)
+            try:
+                engine = RolloutEngine(model, eos_token_ids=[])
+                g = torch.Generator().manual_seed(rows)
+                prompts = torch.randint(0, engine.vocab_size, (rows, 48 + 8 * cudnn), generator=g).tolist()
+                steps = [_step_parts(engine.generate(prompts, sp).stats, rows)["step_ms"] for _ in range(2)]
+            finally:
+                ab.DECODE_BACKENDS = before
+            out.append({"rows": rows, "cudnn": cudnn, "first_step_ms": steps[0], "second_step_ms": steps[1]})
+    return out
+
+
 def _spec_engine(model, k: int):
     """An engine that drafts ``k`` tokens per row at every step with a (random) draft head of the target's shape
     (``k=0``: plain decoding)."""
@@ -277,6 +305,8 @@ def _measure_shape(rec: Recorder, name: str, shape: tuple, dev: torch.device, dt
     rec.report["shapes"][name] = entry
     model = build_model(shape, dtype, dev)
     engine = RolloutEngine(model, eos_token_ids=[])
+    if "first" in opts.sections:  # before every other section: its decode shapes must be new
+        rec.section(entry, "first", lambda: first_calls(model, opts))
     if "costs" in opts.sections:
         rec.section(entry, "costs", lambda: cost_table(engine, opts))
     if "decode" in opts.sections:
@@ -329,6 +359,15 @@ def spec_runs(entry: dict) -> list[dict]:
     return [d for key, v in entry.items() if key.startswith("spec_") and isinstance(v, list) for d in v]
 
 
+def _first_lines(e: dict) -> list[str]:
+    lines = ["first and second call of a fresh k=0 engine, greedy, ms a decode step", ""]
+    lines += ["| rows | decode attention | first call | second call |", "|---|---|---|---|"]
+    for d in e["first"]:
+        which = "cuDNN allowed (before)" if d["cudnn"] else "cuDNN left out"
+        lines.append(f"| {d['rows']} | {which} | {d['first_step_ms']:.2f} | {d['second_step_ms']:.2f} |")
+    return lines + [""]
+
+
 def _spec_lines(e: dict) -> list[str]:
     runs = spec_runs(e)
     if not runs:
@@ -345,6 +384,7 @@ def render_markdown(report: dict, opts: GpuCostOptions) -> str:
     lines = [f"# engine costs on {report['device']} ({report['dtype']}, torch {report['torch']})", ""]
     for name, e in report["shapes"].items():
         lines += [f"## {name} {e['shape']}", ""]
+        lines += _first_lines(e) if "first" in e else []
         lines += _cost_lines(e, opts) if "costs" in e else []
         lines += _decode_lines(e) if "decode" in e else []
         lines += _spec_lines(e)

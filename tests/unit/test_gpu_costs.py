@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from atlas_rl import attention_backends as ab
+from atlas_rl.attention_backends import DECODE_BACKENDS
 from atlas_rl.bench.gpu_costs import SPEC_KS, TEMPERATURES, main
 
 
@@ -15,6 +17,9 @@ def test_gpu_cost_script_runs_tiny_on_cpu(tmp_path):
     report = json.loads((tmp_path / "gpu_costs.json").read_text())
     tiny = report["shapes"]["tiny"]
     assert "errors" not in tiny and "skipped" not in tiny
+    assert [(d["rows"], d["cudnn"]) for d in tiny["first"]] == [(1, False), (1, True)]
+    assert all(d["first_step_ms"] > 0 and d["second_step_ms"] > 0 for d in tiny["first"])
+    assert ab.DECODE_BACKENDS == DECODE_BACKENDS  # the section's swap of the dispatch is undone
     assert set(tiny["costs"]["forward_ms"]) == {f"{r}x{t}" for r in (1, 4) for t in (1, 2, 3)}
     assert all(v > 0 for v in tiny["costs"]["forward_ms"].values())
     assert all(v > 0 for v in tiny["costs"]["chain_ms"].values())
@@ -30,14 +35,14 @@ def test_gpu_cost_script_runs_tiny_on_cpu(tmp_path):
                 assert (d["propose_ms"] > 0) == (d["k"] > 0)  # a plain step proposes nothing
                 assert d["tau"] >= 1.0 if d["k"] else d["tau"] == 1.0
     md = (tmp_path / "gpu_costs.md").read_text()
-    assert "| rows |" in md and "| T | k | rows | step |" in md
+    assert "| rows |" in md and "| T | k | rows | step |" in md and "| 1 | cuDNN left out |" in md
 
 
 def test_sections_past_the_deadline_are_skipped_and_said_so(tmp_path):
     assert main(["--out", str(tmp_path), "--tiny", "--device", "cpu", "--deadline-s", "1e-9"]) == 0
     tiny = json.loads((tmp_path / "gpu_costs.json").read_text())["shapes"]["tiny"]
-    assert tiny["skipped"][:2] == ["costs", "decode"] and len(tiny["skipped"]) == 2 + 2 * len(TEMPERATURES)
-    assert "skipped at the deadline: costs, decode" in (tmp_path / "gpu_costs.md").read_text()
+    assert tiny["skipped"][:3] == ["first", "costs", "decode"] and len(tiny["skipped"]) == 3 + 2 * len(TEMPERATURES)
+    assert "skipped at the deadline: first, costs, decode" in (tmp_path / "gpu_costs.md").read_text()
 
 
 @pytest.mark.parametrize("bad", [["--repeats", "0"], ["--deadline-s", "0"], ["--shapes", "gpt-5"]])
