@@ -77,7 +77,7 @@ def load_static_head(
         return DraftHead.from_pretrained(static_head, target=model).to(device=p.device, dtype=dtype), None
     from atlas_rl.speculators.defaults import load_static_speculator
 
-    spec = load_static_speculator(model)
+    spec = load_static_speculator(model, dtype=dtype)  # loaded in the head's dtype: a bf16 target's would round it
     if spec is not None:
         return spec.head.to(device=p.device, dtype=dtype), spec.expected_acceptance
     if required:

@@ -176,7 +176,8 @@ def dense_draft_probs(
         if d.draft_probs is not None:
             out[i, : len(d)] = d.draft_probs.to(device=device, dtype=dtype)
         else:
-            out[i, torch.arange(len(d)), torch.tensor(d.token_ids)] = 1.0
+            pos = torch.arange(len(d), device=device)
+            out[i, pos, torch.tensor(d.token_ids, dtype=torch.long, device=device)] = 1.0
     return out
 
 
