@@ -352,6 +352,8 @@ class ProposeRecord:
     rows: int  # rows it drafted for
     tokens: int  # sum over those rows of the draft tokens asked for (max_tokens)
     seconds: float
+    # a probe's: the median seconds of a reference timed beside it (a rows x 1 target forward), else None
+    reference_s: float | None = None
 
 
 @dataclass

@@ -12,6 +12,11 @@ features, once per engine, and hands the controller those timings in place of th
 Each timed ``propose`` follows one emitted token and its features per row (what a decode step that accepted
 nothing hands the speculator: it catches up one position, then drafts), after the CPU's caches were overwritten
 with as many bytes as :data:`EVICT_BYTES` (a target forward streams hundreds of MB between two proposals).
+
+A ``reference`` (the engine's: a rows x 1 target forward) is timed beside the proposals of each row count, one per
+repeat, and its median rides on the records (``ProposeRecord.reference_s``): the controller rescales the timings
+to the moment its verification cost table was measured (a host that runs 30% slower while the engine is built
+must not price drafting 30% dearer against a table timed at full speed; seen on the AMD host, 2026-12-04).
 """
 
 from __future__ import annotations
@@ -106,9 +111,12 @@ def probe_drafting(
     vocab_size: int,
     device: torch.device,
     config: DraftProbeConfig | None = None,
+    reference: Callable[[int], float] | None = None,
 ) -> list[ProposeRecord]:
     """Time ``spec``'s ``propose`` on synthetic rows: one record per (rows, depth) of ``config``, the median of its
-    repeats. Leaves no synthetic row or group behind in ``spec`` (also when it raises)."""
+    repeats; with ``reference`` (seconds of a reference for ``rows`` rows), each record also carries the median of
+    that reference timed once per repeat between the proposals. Leaves no synthetic row or group behind in
+    ``spec`` (also when it raises)."""
     cfg = config or DraftProbeConfig()
     scratch = torch.zeros(EVICT_BYTES // 4, dtype=torch.float32) if device.type == "cpu" else None
     out: list[ProposeRecord] = []
@@ -116,20 +124,28 @@ def probe_drafting(
         group = _GROUP_ID - n
         try:
             b = _start(spec, extras, group, n, hidden_size, vocab_size, cfg)
-            out += _time_depths(b, cfg.depths, cfg.repeats, scratch)
+            out += _time_depths(b, cfg.depths, cfg.repeats, scratch, reference)
         finally:
             spec.stop(group)
     return out
 
 
-def _time_depths(b: _Batch, depths: Sequence[int], repeats: int, scratch: torch.Tensor | None) -> list[ProposeRecord]:
+def _time_depths(
+    b: _Batch,
+    depths: Sequence[int],
+    repeats: int,
+    scratch: torch.Tensor | None,
+    reference: Callable[[int], float] | None = None,
+) -> list[ProposeRecord]:
     n = len(b.row_ids)
-    out = []
-    for depth in depths:
-        times = []
-        for _ in range(repeats):
+    times: dict[int, list[float]] = {d: [] for d in depths}
+    refs: list[float] = []
+    for _ in range(repeats):  # depths and the reference interleaved: one moment of the host for all of them
+        for depth in depths:
             b.emit()
             _evict(scratch)
-            times.append(b.propose(depth))
-        out.append(ProposeRecord(rows=n, tokens=n * depth, seconds=statistics.median(times)))
-    return out
+            times[depth].append(b.propose(depth))
+        if reference is not None:
+            refs.append(reference(n))
+    ref = statistics.median(refs) if refs else None
+    return [ProposeRecord(n, n * d, statistics.median(times[d]), ref) for d in depths]

@@ -434,7 +434,9 @@ class RolloutEngine:
         if name not in self._draft_timings:
             t0 = time.perf_counter()
             hidden = int(self.model.get_input_embeddings().weight.shape[1])
-            recs = probe_drafting(self.speculators[name], extras, hidden, self.vocab_size, self.device)
+            recs = probe_drafting(
+                self.speculators[name], extras, hidden, self.vocab_size, self.device, reference=self._reference_forward
+            )
             self._draft_timings[name] = recs
             logger.info(
                 "timed %s's drafting in %.2f s: %s",
@@ -443,6 +445,13 @@ class RolloutEngine:
                 ", ".join(f"{r.rows}x{r.tokens // r.rows} {r.seconds * 1e3:.1f} ms" for r in recs),
             )
         return self._draft_timings[name]
+
+    def _reference_forward(self, rows: int) -> float:
+        """Seconds of one ``rows`` x 1 target forward, as the cost table times its cells (the drafting probe's
+        reference)."""
+        from .cost_probe import forward_cost_ms
+
+        return forward_cost_ms(self.model, rows, 1, repeats=1, warmup=0, engine=self) / 1000.0
 
     def _target_macs(self) -> int:
         """Multiply-accumulates of one target token (its ``nn.Linear`` weights), counted once per model object:

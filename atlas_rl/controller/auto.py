@@ -72,6 +72,9 @@ logger = logging.getLogger(__name__)
 # greedy / sampled: at T > 0 the static head's soft drafts verified at 8 rows realised tau 1.04-1.10 where the
 # optimistic bound asked for them (the tail, 0.88-0.93x k=0; docs/results/tail.md)
 _LARGE_BATCH = {True: 16, False: 8}
+# bounds of the factor that brings a drafting probe's timings to its cost table's moment (a factor outside them
+# means the table or the probe measured something else, e.g. a table from another machine: trusted only so far)
+REFERENCE_SCALE = (1 / 3, 3.0)
 
 
 # a costly speculator whose best planned rate is under this share of plain decoding's is declined for probe_every
@@ -362,7 +365,16 @@ class AutoController(Controller):
         refined, then outweighed, by the speculators' real proposals like any other observation."""
         for name in self.wants_draft_timings(list(timings)):
             for rec in timings[name]:
-                self.draft_cost.observe(name, rec)
+                self.draft_cost.observe(name, self._at_table_speed(rec))
+
+    def _at_table_speed(self, rec: ProposeRecord) -> ProposeRecord:
+        """A probe's timing in the units of the verification cost table: scaled by the table's rows x 1 forward
+        over the reference forward timed beside the proposals (within ``REFERENCE_SCALE``); as it is without one."""
+        if rec.reference_s is None or not rec.reference_s > 0 or self.cost is None:
+            return rec
+        lo, hi = REFERENCE_SCALE
+        scale = min(hi, max(lo, self.cost.forward_s(rec.rows, 1) / rec.reference_s))
+        return ProposeRecord(rec.rows, rec.tokens, rec.seconds * scale)
 
     def _draft_s(self, name: str, n: int, L: int, step_s: np.ndarray) -> float:
         """Predicted seconds for ``name`` to draft ``L`` tokens for ``n`` rows (its prior until first timed)."""

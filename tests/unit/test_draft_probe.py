@@ -111,6 +111,7 @@ def test_engine_times_costly_speculators_once_when_built_for_a_controller_that_w
     eng = RolloutEngine(model, speculators=[head, suffix], controller=ctl)
     n = ctl.draft_cost.observations("static")
     assert n == len(DraftProbeConfig().rows) * len(DraftProbeConfig().depths)
+    assert all(r.reference_s > 0 for r in eng._draft_timings["static"])  # a rows x 1 forward timed beside them
     assert ctl.draft_cost.observations(suffix.name) == 0  # model-free: learned from its first real call
     eng.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=6, seed=0))
     assert list(eng._draft_timings) == ["static"]
@@ -120,3 +121,43 @@ def test_engine_times_costly_speculators_once_when_built_for_a_controller_that_w
     eng.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=6, seed=0), controller=other)
     assert eng._draft_timings["static"] is timings
     assert other.draft_cost.observations("static") >= len(timings)
+
+
+def test_probe_times_its_reference_once_per_repeat_beside_each_row_count(model):
+    spec = _spec(model)
+    calls: list[int] = []
+
+    def reference(n: int) -> float:
+        calls.append(n)
+        return {1: 0.02, 3: 0.05}[n] + 0.001 * len(calls)  # a drifting host: the median is kept
+
+    cfg = DraftProbeConfig(rows=(1, 3), depths=(1, 2), prompt_len=5, repeats=3)
+    recs = probe_drafting(
+        spec, speculator_extras(spec), model.config.hidden_size, V, torch.device("cpu"), cfg, reference
+    )
+    assert calls == [1, 1, 1, 3, 3, 3]  # one reference per repeat, after that repeat's proposals
+    assert [(r.rows, r.tokens, r.reference_s) for r in recs] == [
+        (1, 1, pytest.approx(0.022)),
+        (1, 2, pytest.approx(0.022)),
+        (3, 3, pytest.approx(0.055)),
+        (3, 6, pytest.approx(0.055)),
+    ]
+    no_ref = probe_drafting(spec, speculator_extras(spec), model.config.hidden_size, V, torch.device("cpu"), cfg)
+    assert all(r.reference_s is None for r in no_ref)
+
+
+def test_controller_prices_probe_timings_at_the_speed_its_cost_table_was_measured():
+    """A probe run while the host is twice as slow as when the table was timed (its reference forward takes twice
+    the table's) prices drafting as the same probe at full speed would; the factor is bounded."""
+    cost = _cost()
+    table = {n: cost.forward_s(n, 1) for n in (1, 4, 16)}
+    shapes = [(n, d) for n in (1, 4, 16) for d in (1, 3)]
+    slow = {"head": [ProposeRecord(n, n * d, 0.004 * d * (1 + 0.1 * n), 2 * table[n]) for n, d in shapes]}
+    fast = {"head": [ProposeRecord(n, n * d, 0.002 * d * (1 + 0.1 * n)) for n, d in shapes]}
+    ctls = [AutoController(AutoControllerConfig(num_speculative_tokens=3), cost=_cost()) for _ in range(2)]
+    for ctl, timings in zip(ctls, (slow, fast)):
+        ctl.set_draft_timings(timings)
+    for n, L in [(1, 1), (4, 2), (16, 3)]:
+        assert ctls[0].draft_cost.predict("head", n, L) == pytest.approx(ctls[1].draft_cost.predict("head", n, L))
+    far = ctls[0]._at_table_speed(ProposeRecord(1, 1, 0.009, 100 * table[1]))
+    assert far.seconds == pytest.approx(0.009 / 3) and far.reference_s is None
