@@ -197,14 +197,15 @@ def decode_speed(model, engine, rows: int, opts: GpuCostOptions) -> dict:
         model.generate(input_ids=prompts.to(dev), **kwargs)
         _sync(dev)
     hf_s = time.perf_counter() - t0
-    decode_s = st.total_s - st.prefill_s
+    parts = _step_parts(st, rows)
+    step, fwd = parts["step_ms"], parts["forward_ms"]
     return {
         "rows": rows,
         "engine_tok_s": rows * opts.new_tokens / eng_s,
         "hf_generate_tok_s": rows * opts.new_tokens / hf_s,
-        "step_ms": decode_s * 1e3 / max(1, st.num_steps),
-        "forward_ms_per_step": st.forward_s * 1e3 / max(1, st.num_steps),
-        "outside_forward_share": (decode_s - st.forward_s) / decode_s if decode_s > 0 else float("nan"),
+        "step_ms": step,
+        "forward_ms_per_step": fwd,
+        "outside_forward_share": (step - fwd) / step if step > 0 else float("nan"),
     }
 
 
