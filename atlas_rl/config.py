@@ -22,6 +22,7 @@ class EngineConfig:
         max_rows: rows decoded at once; None decodes every row of a ``generate`` call together.
         prefill_chunk_tokens: upper bound of (rows x padded prompt length) per prefill forward.
         progress: show a progress bar over completion tokens.
+        cuda_graphs: on CUDA, replay the lean forward from CUDA graphs (default True).
         reuse_cache: keep the preallocated KV cache between ``generate`` calls when it is large enough.
         lean_forward: decode/verification forwards through :mod:`atlas_rl.rollout.forward` (default True).
         fuse_projections: on a CPU, q/k/v and gate/up as one matmul each (default True; a weight copy).
@@ -85,6 +86,14 @@ class EngineConfig:
             "verification_cost.md, section 7); elsewhere in float32 over the bfloat16 weights widened in registers "
             "(up to 16 rows; half the bytes to stream, section 13). Held-out acceptance unchanged; lossless either "
             "way: the verifier is handed the distribution the head computed. Never applied to the target."
+        },
+    )
+    cuda_graphs: bool = field(
+        default=True,
+        metadata={
+            "help": "On a CUDA device, replay the lean decode/verification forward from CUDA graphs captured per "
+            "shape bucket (one launch a step instead of ~40 a layer; docs/decisions/cuda_graphs.md). Ignored on "
+            "other devices and without the lean forward."
         },
     )
     reuse_cache: bool = field(

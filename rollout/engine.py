@@ -65,6 +65,7 @@ from atlas_rl.verification.base import Verifier
 
 from .cost_probe import engine_code_version
 from .cpu_linear import drop_packed_weights, install_cpu_linear, kernel_plan
+from .cuda_graphs import GraphedForward, row_bucket
 from .draft_probe import probe_drafting
 from .forward import LeanForward, lean_forward_unsupported
 from .kv_cache import SlotKVCache
@@ -182,6 +183,7 @@ class RolloutEngine:
         self._cache: SlotKVCache | None = None
         self._verification_cost: VerificationCost | None = None
         self._lean: LeanForward | None = None
+        self._graphs: GraphedForward | None = None
         self._uninstall_linear = self._install_forward_path(model)
 
         mc = model.config
@@ -218,6 +220,8 @@ class RolloutEngine:
             if why is None:
                 fuse = None if self.config.fuse_projections else False  # None: LeanForward's default (on a CPU)
                 self._lean = LeanForward(model, cpu_linear=self.config.cpu_linear_kernel, fuse=fuse)
+                if self.config.cuda_graphs and next(model.parameters()).device.type == "cuda":
+                    self._graphs = GraphedForward(self._lean, model)
             else:
                 logger.info("lean forward off for this model (%s): using the Hugging Face decoder", why)
         if not self.config.cpu_linear_kernel:
@@ -236,6 +240,12 @@ class RolloutEngine:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def captures_graphs(self) -> bool:
+        """Whether decode/verification forwards replay CUDA graphs (:mod:`.cuda_graphs`; a CUDA model, the lean
+        forward, ``EngineConfig.cuda_graphs``, and no capture has failed)."""
+        return self._graphs is not None and self._graphs.failed is None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -315,6 +325,8 @@ class RolloutEngine:
         drop_packed_weights(self.model)  # an update through `.data` keeps `_version`: never serve a stale copy
         if self._lean is not None and self._lean.fused is not None:
             self._lean.fused.clear()
+        if self._graphs is not None:
+            self._graphs.validate()
         for s in self.speculators.values():
             speculator_extras(s).on_policy_update(new_version)
         return new_version
@@ -570,13 +582,18 @@ class RolloutEngine:
         starts: torch.Tensor,  # [n] tokens of each row already in the KV cache (= position of input_ids[:, 0])
         cache: SlotKVCache,
         want_hidden: bool,
+        kv_len: int | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """One decode/verification forward of slots 0..n-1: writes the q new keys/values of every row at its own
-        offset and returns ``(last_hidden [n, q, hidden], hidden_states or None)``. The step loop, the cost probe
-        and the benches call only this."""
-        if self._lean is not None:
-            return self._lean(input_ids, starts, cache, want_hidden)
+        offset and returns ``(last_hidden [n, q, hidden], hidden_states or None)``. ``kv_len``: ``max(starts) +
+        q`` where the caller knows it (else read from ``starts``: a device sync on a GPU). The step loop, the cost
+        probe and the benches call only this."""
         q = input_ids.shape[1]
+        if self._graphs is not None:
+            kv = int(starts.max()) + q if kv_len is None else kv_len
+            return self._graphs(input_ids, starts, cache, want_hidden, kv)
+        if self._lean is not None:
+            return self._lean(input_ids, starts, cache, want_hidden, kv_len)
         kv_len = int(starts.max()) + q
         position_ids = starts[:, None] + torch.arange(q, device=starts.device)[None, :]
         mask = self._mask(starts, q, kv_len)
@@ -592,6 +609,8 @@ class RolloutEngine:
         self, prompts: list[list[int]], sampling: SamplingParams, n_gen: int, controller: Controller
     ) -> RolloutBatch:
         t_start = time.perf_counter()
+        if self._graphs is not None:
+            self._graphs.validate()  # a parameter replaced since the last call: its graphs read a stale tensor
         stats = SpecStats(policy_version=self.policy_version)
         R = len(prompts) * n_gen
         stops = set(sampling.stop_token_ids)
@@ -599,9 +618,8 @@ class RolloutEngine:
             stops.update(self.eos_token_ids)
         k_cap = self._max_draft_len(controller)
         max_rows = min(R, self.config.max_rows or R)
-        cache = self._ensure_cache(
-            max(max_rows, 1), max(len(p) for p in prompts) + sampling.max_new_tokens + k_cap + 1
-        )
+        slots = max(max_rows, 1) if self._graphs is None else row_bucket(max(max_rows, 1))  # graphs pad rows
+        cache = self._ensure_cache(slots, max(len(p) for p in prompts) + sampling.max_new_tokens + k_cap + 1)
         rows_all = self._make_rows(prompts, sampling, n_gen)
         hidden_layers = sorted({layer for s in self.speculators.values() for layer in s.hidden_layers})
         pbar = tqdm(
@@ -780,7 +798,8 @@ class RolloutEngine:
         packed = pack(active, drafts, ctx.device)
         t0 = time.perf_counter()
         want_hidden = bool(ctx.hidden_layers) or bool(self._capture_hooks)
-        last_hidden, all_hidden = self._target_forward(packed.input_ids, packed.starts, ctx.cache, want_hidden)
+        kv_len = max(r.cache_len for r in active) + packed.input_ids.shape[1]
+        last_hidden, all_hidden = self._target_forward(packed.input_ids, packed.starts, ctx.cache, want_hidden, kv_len)
         logits = self._logits(last_hidden)  # [n, q, vocab]
         t_fwd = time.perf_counter() - t0
         ctx.stats.forward_s += t_fwd

@@ -217,6 +217,10 @@ class LeanForward:
         h = h + y
         return h, self._rms(h, norm)
 
+    def rope_tables(self, length: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The RoPE tables grown to at least ``length`` positions (before a ``static`` forward: it grows none)."""
+        return self._rope_tables(length, dtype, device)
+
     def _rope_tables(self, length: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sign-folded sin ``[P >= length, head_dim]`` from HF's rotary embedding's per-position products."""
         rotary = self.decoder.rotary_emb
@@ -239,10 +243,13 @@ class LeanForward:
         """``x * cos + rotate_half(x) * sin`` (HF's RoPE) with the sign of ``rotate_half`` folded into ``sin``."""
         return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
-    def _mask(self, starts: torch.Tensor, q: int, kv_len: int, dtype: torch.dtype) -> torch.Tensor | None:
+    def _mask(
+        self, starts: torch.Tensor, q: int, kv_len: int, dtype: torch.dtype, static: bool = False
+    ) -> torch.Tensor | None:
         """Additive mask ``[n, 1, q * groups, kv]`` (0 where query position >= key position, else -inf); None when
-        every query sees every key (one token per row, all rows at the same position)."""
-        if q == 1 and bool((starts == starts[0]).all()) and int(starts[0]) + 1 == kv_len:
+        every query sees every key (one token per row, all rows at the same position) unless ``static`` (always a
+        mask, built without reading ``starts`` on the host: what a CUDA graph can replay)."""
+        if not static and q == 1 and bool((starts == starts[0]).all()) and int(starts[0]) + 1 == kv_len:
             return None
         qpos = starts[:, None] + torch.arange(q, device=starts.device)[None, :]  # [n, q]
         qpos = qpos.repeat_interleave(self.groups, dim=1)  # [n, q * groups]: folded query rows t * g + j
@@ -310,15 +317,21 @@ class LeanForward:
         starts: torch.Tensor,  # [n] cache length of each row (position of input_ids[:, 0])
         cache: SlotKVCache,
         want_hidden: bool,
+        kv_len: int | None = None,
+        static: bool = False,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """``kv_len``: key positions to attend over, at least ``max(starts) + q`` (None: read from ``starts``, a
+        device sync on a GPU); keys past a row's own positions are masked. ``static``: no op reads a tensor on the
+        host and the RoPE table is not grown (:mod:`.cuda_graphs` captures the forward in this mode)."""
         n, q = input_ids.shape
-        kv_len = int(starts.max()) + q
+        if kv_len is None:
+            kv_len = int(starts.max()) + q
         h = F.embedding(input_ids.reshape(-1), self.decoder.embed_tokens.weight)  # [c, H]
-        cos_t, sin_t = self._rope_tables(kv_len, h.dtype, h.device)
+        cos_t, sin_t = (self._cos, self._sin) if static else self._rope_tables(kv_len, h.dtype, h.device)
         pos = starts[:, None] + torch.arange(q, device=starts.device)[None, :]  # [n, q]
         cos, sin = cos_t[pos][:, :, None], sin_t[pos][:, :, None]  # [n, q, 1, d]
         # built on first use: steps the glue attends row by row in every layer (decoding, verification) need none
-        mask = functools.cache(lambda: self._mask(starts, q, kv_len, h.dtype))
+        mask = functools.cache(lambda: self._mask(starts, q, kv_len, h.dtype, static))
         cache.set_step(0, starts, q, kv_len)
         hidden = [h] if want_hidden else None
         x = self._norm(h, self.layers[0].input_layernorm)  # the next block's normed input

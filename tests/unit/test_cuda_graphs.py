@@ -1,0 +1,189 @@
+"""CUDA-graph replay of the lean forward: the static forward equals the eager one, and the graph runner's buffers,
+padding, buckets, invalidation and fallback keep every output equal to the eager forward's.
+
+No CUDA here: :class:`RerunGraph` stands in for ``torch.cuda.CUDAGraph`` by re-running the captured function over the
+same static buffers at each replay (what a replay computes); the model, the cache and the forward are the real ones.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_helpers import NoisyOracleSpeculator
+
+from atlas_rl import SamplingParams
+from atlas_rl.config import EngineConfig
+from atlas_rl.models import tiny_llama
+from atlas_rl.rollout import RolloutEngine, SlotKVCache
+from atlas_rl.rollout import cuda_graphs as cg
+from atlas_rl.rollout.forward import LeanForward
+
+VOCAB = 96
+
+
+class RerunGraph:
+    """A :class:`~atlas_rl.rollout.cuda_graphs.Graph` that replays by re-running the captured function into the
+    outputs it returned at capture (the static-buffer contract of a CUDA graph, on any device)."""
+
+    def __init__(self) -> None:
+        self.fn = None
+        self.out = None
+
+    def capture(self, fn):
+        self.fn, self.out = fn, fn()
+        return self.out
+
+    def replay(self) -> None:
+        last, stacked = self.fn()
+        self.out[0].copy_(last)
+        if stacked is not None:
+            self.out[1].copy_(stacked)
+
+
+class FailingGraph(RerunGraph):
+    def capture(self, fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(vocab_size=VOCAB, num_heads=6, num_kv_heads=2, hidden_size=48, dtype=torch.float64, seed=3)
+
+
+def _cache(model, rows: int, length: int) -> SlotKVCache:
+    mc = model.config
+    return SlotKVCache(mc.num_hidden_layers, rows, length, 2, 8, model.dtype, "cpu")
+
+
+def _prefilled(lean: LeanForward, model, rows: int, starts: list[int], length: int, seed: int) -> SlotKVCache:
+    """A cache of ``rows`` slots whose first ``len(starts)`` hold random prefixes of those lengths."""
+    cache = _cache(model, rows, length)
+    g = torch.Generator().manual_seed(seed)
+    width = max(starts)
+    pre = torch.randint(0, VOCAB, (len(starts), width), generator=g)  # [n, width]
+    lean(pre, torch.zeros(len(starts), dtype=torch.long), cache, False)
+    return cache
+
+
+def _step(n: int, q: int, seed: int) -> torch.Tensor:  # [n, q]
+    return torch.randint(0, VOCAB, (n, q), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("q", [1, 2, 5])
+@pytest.mark.parametrize("fuse", [False, True])
+def test_static_forward_equals_eager_with_keys_past_every_row(model, q, fuse):
+    lean = LeanForward(model, fuse=fuse)
+    starts = [7, 3, 11]
+    with torch.inference_mode():
+        a = _prefilled(lean, model, 3, starts, 64, seed=q)
+        b = _prefilled(lean, model, 3, starts, 64, seed=q)
+        lean.rope_tables(64, model.dtype, torch.device("cpu"))
+        ids, st = _step(3, q, 10 + q), torch.tensor(starts)
+        ref_last, ref_hidden = lean(ids, st, a, True)
+        last, hidden = lean(ids, st, b, True, kv_len=40, static=True)  # 40 > 11 + q: masked keys
+    torch.testing.assert_close(last, ref_last, rtol=0, atol=1e-12)
+    for mine, theirs in zip(hidden, ref_hidden):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-12)
+    torch.testing.assert_close(b.keys[:, :, :, :20], a.keys[:, :, :, :20], rtol=0, atol=0)
+
+
+def _graphed(model, factory=RerunGraph) -> cg.GraphedForward:
+    return cg.GraphedForward(LeanForward(model, fuse=False), model, graph_factory=factory)
+
+
+@pytest.mark.parametrize("want_hidden", [False, True])
+def test_replayed_forward_equals_eager_and_leaves_live_slots_alone(model, want_hidden):
+    graphed, lean = _graphed(model), LeanForward(model, fuse=False)
+    starts = [5, 9, 2]  # 3 rows: padded to the 4-row bucket, the dummy row writes slot 3 only
+    with torch.inference_mode():
+        ref_cache = _prefilled(lean, model, 4, starts, 48, seed=1)
+        cache = _prefilled(lean, model, 4, starts, 48, seed=1)
+        ids, st = _step(3, 2, 4), torch.tensor(starts)
+        ref_last, ref_hidden = lean(ids, st, ref_cache, want_hidden)
+        last, hidden = graphed(ids, st, cache, want_hidden, kv_len=11)
+    assert graphed.num_captures == 1 and graphed.num_replays == 1
+    torch.testing.assert_close(last, ref_last, rtol=0, atol=1e-12)
+    assert (hidden is None) == (not want_hidden)
+    for mine, theirs in zip(hidden or (), ref_hidden or ()):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-12)
+    # the live slots hold what the eager step wrote (up to the rounding of a 4-row matmul against a 3-row one)
+    torch.testing.assert_close(cache.keys[:, :3], ref_cache.keys[:, :3], rtol=0, atol=1e-12)
+    torch.testing.assert_close(cache.values[:, :3], ref_cache.values[:, :3], rtol=0, atol=1e-12)
+
+
+def test_outputs_survive_the_next_replay_and_buckets_share_a_graph(model):
+    graphed, lean = _graphed(model), LeanForward(model, fuse=False)
+    with torch.inference_mode():
+        cache = _prefilled(lean, model, 4, [6, 6, 6, 6], 48, seed=2)
+        first, _ = graphed(_step(3, 1, 5), torch.tensor([6, 6, 6]), cache, False, kv_len=7)
+        kept = first.clone()
+        graphed(_step(4, 1, 6), torch.tensor([7, 7, 7, 7]), cache, False, kv_len=8)  # 3 and 4 rows: one bucket
+        assert graphed.num_graphs == 1 and graphed.num_captures == 1 and graphed.num_replays == 2
+        torch.testing.assert_close(first, kept, rtol=0, atol=0)
+        graphed(_step(4, 3, 7), torch.tensor([8, 8, 8, 8]), cache, False, kv_len=11)  # another q: another graph
+        assert graphed.num_graphs == 2
+        graphed(_step(4, 1, 8), torch.tensor([11, 11, 11, 11]), _prefilled(lean, model, 4, [11] * 4, 48, 3), False, 12)
+        assert graphed.num_graphs == 1, "another KV cache: the graphs over the old one are dropped"
+
+
+def test_a_replaced_parameter_drops_the_graphs(model):
+    m = tiny_llama(vocab_size=VOCAB, num_heads=6, num_kv_heads=2, hidden_size=48, dtype=torch.float64, seed=4)
+    graphed = _graphed(m)
+    with torch.inference_mode():
+        cache = _prefilled(graphed.lean, m, 2, [4, 4], 32, seed=5)
+        graphed(_step(2, 1, 9), torch.tensor([4, 4]), cache, False, kv_len=5)
+        graphed.validate()
+        assert graphed.num_graphs == 1, "nothing moved: the graphs stay"
+    with torch.no_grad():
+        m.model.layers[0].mlp.down_proj.weight = torch.nn.Parameter(m.model.layers[0].mlp.down_proj.weight * 2)
+    graphed.validate()
+    assert graphed.num_graphs == 0
+
+
+def test_a_failed_capture_leaves_the_eager_forward(model, caplog):
+    graphed, lean = _graphed(model, FailingGraph), LeanForward(model, fuse=False)
+    with torch.inference_mode():
+        ref_cache = _prefilled(lean, model, 2, [3, 8], 32, seed=6)
+        cache = _prefilled(lean, model, 2, [3, 8], 32, seed=6)
+        ids, st = _step(2, 3, 11), torch.tensor([3, 8])
+        with caplog.at_level("WARNING", logger="atlas_rl.rollout.cuda_graphs"):
+            last, _ = graphed(ids, st, cache, False, kv_len=11)
+        ref, _ = lean(ids, st, ref_cache, False)
+        graphed(ids, st, cache, False, kv_len=11)
+    torch.testing.assert_close(last, ref, rtol=0, atol=1e-12)
+    assert graphed.failed and "stream is capturing" in graphed.failed
+    assert graphed.num_graphs == 0 and graphed.num_replays == 0
+    assert sum("capture failed" in r.message for r in caplog.records) == 1
+
+
+def test_shapes_without_a_bucket_run_eagerly(model):
+    graphed = _graphed(model)
+    with torch.inference_mode():
+        cache = _prefilled(graphed.lean, model, 3, [4, 4, 4], 32, seed=7)  # 3 slots: the 4-row bucket does not fit
+        graphed(_step(3, 1, 12), torch.tensor([4, 4, 4]), cache, False, kv_len=5)
+    assert graphed.num_graphs == 0 and graphed.num_replays == 0
+    assert [cg.row_bucket(n) for n in (1, 3, 5, 9, 17, 33, 65, 257, 300)] == [1, 4, 8, 16, 24, 48, 96, 257, 300]
+
+
+def test_engine_output_is_identical_with_graphs(model):
+    """Greedy decoding with ragged speculation and rows finishing at different steps (stop tokens), so the row
+    buckets pad and shrink: the same tokens and logprobs as the eager engine."""
+    prompts = [[1, 5, 7], [2, 9, 11, 13, 4, 8, 3, 17, 21], [6], [30, 31, 32, 33, 34]]  # 8 rows: 8/4/2-row buckets
+    sp = SamplingParams(temperature=0.0, max_new_tokens=20, stop_token_ids=[40, 58], ignore_eos=True)
+    config = EngineConfig(num_speculative_tokens=3)
+    base = RolloutEngine(model, speculators=[NoisyOracleSpeculator(model, noise=0.3)], config=config)
+    graphed = RolloutEngine(model, speculators=[NoisyOracleSpeculator(model, noise=0.3)], config=config)
+    assert graphed._graphs is None, "a CPU engine never captures"
+    graphed._graphs = cg.GraphedForward(graphed._lean, model, graph_factory=RerunGraph)
+    want = base.generate(prompts, sp, num_generations=2)
+    got = graphed.generate(prompts, sp, num_generations=2)
+    assert got.completion_ids == want.completion_ids
+    flat = [x for row in got.logprobs for x in row]
+    assert flat == pytest.approx([x for row in want.logprobs for x in row], abs=1e-9)
+    assert len({len(c) for c in want.completion_ids}) > 2, "rows finished at different steps"
+    assert graphed._graphs.num_replays == got.stats.num_steps > 0
+    assert 1.0 < got.stats.mean_acceptance_length
+    # 3 rows: the cache gets the 4-row bucket's slots, so every step still replays
+    few = graphed.generate(prompts[:3], sp)
+    assert few.completion_ids == base.generate(prompts[:3], sp).completion_ids
+    assert graphed._graphs.num_replays == got.stats.num_steps + few.stats.num_steps
