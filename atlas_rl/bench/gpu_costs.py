@@ -49,6 +49,8 @@ TOKENS = tuple(range(1, 10))
 DECODE_ROWS = (1, 16, 64, 256)
 SPEC_ROWS = (1, 4, 16, 64, 256)
 SPEC_KS = (0, 2, 4)  # draft lengths of the speculating-step cells; k=0 is plain decoding
+# (k, CUDA graphs) of the speculating-step cells: every k with graphs, and k=0 and k=2 eager beside them
+SPEC_CONFIGS = tuple((k, True) for k in SPEC_KS) + ((0, False), (2, False))
 TEMPERATURES = (0.0, 1.0)
 SECTIONS = ("first", "costs", "decode", "spec")
 FIRST_ROWS = (1, 16)  # row counts of the first-call section
@@ -175,20 +177,30 @@ def _step_parts(stats, rows: int) -> dict:
     }
 
 
-def decode_speed(model, engine, rows: int, opts: GpuCostOptions) -> dict:
-    """Engine k=0 vs HF ``generate`` (greedy, ``new_tokens`` each, EOS ignored) on ``rows`` random prompts."""
+def _timed_generate(engine, prompts: list[list[int]], sp) -> tuple[float, object]:
+    """(seconds, stats) of one ``generate`` call, synchronised on both ends."""
+    _sync(engine.device)
+    t0 = time.perf_counter()
+    batch = engine.generate(prompts, sp)
+    _sync(engine.device)
+    return time.perf_counter() - t0, batch.stats
+
+
+def decode_speed(model, engine, rows: int, opts: GpuCostOptions, eager=None) -> dict:
+    """Engine k=0 vs HF ``generate`` (greedy, ``new_tokens`` each, EOS ignored) on ``rows`` random prompts; with
+    ``eager`` (the same engine without CUDA graphs) beside it."""
     from atlas_rl.types import SamplingParams
 
     dev = engine.device
     prompts = _prompts(rows, engine.vocab_size)
     sp = SamplingParams(temperature=0.0, max_new_tokens=opts.new_tokens, ignore_eos=True)
-    engine.generate(prompts[:, :8].tolist(), SamplingParams(temperature=0.0, max_new_tokens=2, ignore_eos=True))
-    _sync(dev)
-    t0 = time.perf_counter()
-    batch = engine.generate(prompts.tolist(), sp)
-    _sync(dev)
-    eng_s = time.perf_counter() - t0
-    st = batch.stats
+    warm = SamplingParams(temperature=0.0, max_new_tokens=2, ignore_eos=True)
+    engines = {"engine": engine} if eager is None else {"engine": engine, "eager": eager}
+    timed = {}
+    for name, eng in engines.items():
+        eng.generate(prompts[:, :8].tolist(), warm)
+        eng.generate(prompts.tolist(), warm)  # every decode shape of the timed call seen (graphs captured) once
+        timed[name] = _timed_generate(eng, prompts.tolist(), sp)
     kwargs = dict(max_new_tokens=opts.new_tokens, min_new_tokens=opts.new_tokens, do_sample=False, pad_token_id=0)
     with torch.inference_mode():
         model.generate(input_ids=prompts[:, :8].to(dev), max_new_tokens=2, do_sample=False, pad_token_id=0)
@@ -197,16 +209,21 @@ def decode_speed(model, engine, rows: int, opts: GpuCostOptions) -> dict:
         model.generate(input_ids=prompts.to(dev), **kwargs)
         _sync(dev)
     hf_s = time.perf_counter() - t0
-    parts = _step_parts(st, rows)
+    parts = _step_parts(timed["engine"][1], rows)
     step, fwd = parts["step_ms"], parts["forward_ms"]
-    return {
+    out = {
         "rows": rows,
-        "engine_tok_s": rows * opts.new_tokens / eng_s,
+        "engine_tok_s": rows * opts.new_tokens / timed["engine"][0],
         "hf_generate_tok_s": rows * opts.new_tokens / hf_s,
         "step_ms": step,
         "forward_ms_per_step": fwd,
         "outside_forward_share": (step - fwd) / step if step > 0 else float("nan"),
+        "graphs": engine.captures_graphs,
     }
+    if eager is not None:
+        out["eager_tok_s"] = rows * opts.new_tokens / timed["eager"][0]
+        out["eager_step_ms"] = _step_parts(timed["eager"][1], rows)["step_ms"]
+    return out
 
 
 def first_calls(model, opts: GpuCostOptions) -> list[dict]:
@@ -236,37 +253,43 @@ def first_calls(model, opts: GpuCostOptions) -> list[dict]:
     return out
 
 
-def _spec_engine(model, k: int):
+def _spec_engine(model, k: int, graphs: bool = True):
     """An engine that drafts ``k`` tokens per row at every step with a (random) draft head of the target's shape
-    (``k=0``: plain decoding)."""
+    (``k=0``: plain decoding), its forwards replayed from CUDA graphs or not."""
+    from atlas_rl.config import EngineConfig
     from atlas_rl.controller import FixedController
     from atlas_rl.rollout import RolloutEngine
     from atlas_rl.rollout.build import build_speculators
 
     specs = build_speculators(model, ["adaptive"]).speculators if k else []
-    return RolloutEngine(model, speculators=specs, controller=FixedController(k), eos_token_ids=[])
+    config = EngineConfig(cuda_graphs=graphs)
+    return RolloutEngine(model, speculators=specs, controller=FixedController(k), eos_token_ids=[], config=config)
 
 
 def spec_cell(model, rows: int, temperature: float, opts: GpuCostOptions) -> list[dict]:
-    """Plain and speculating engines (``SPEC_KS``) side by side on the same ``rows`` prompts, ``spec_tokens`` new
-    tokens each, ``repeats`` interleaved rounds: per k, the parts of the call with the median step time."""
+    """Plain and speculating engines (``SPEC_CONFIGS``) side by side on the same ``rows`` prompts, ``spec_tokens``
+    new tokens each, ``repeats`` interleaved rounds: per configuration, the parts of the call with the median step
+    time, and whether its forwards replayed graphs."""
     from atlas_rl.types import SamplingParams
 
-    engines = {k: _spec_engine(model, k) for k in SPEC_KS}
+    engines = {c: _spec_engine(model, *c) for c in SPEC_CONFIGS}
     prompts = _prompts(rows, model.get_output_embeddings().weight.shape[0]).tolist()
     warm = SamplingParams(temperature=temperature, max_new_tokens=4, ignore_eos=True)
     sp = SamplingParams(temperature=temperature, max_new_tokens=opts.spec_tokens, ignore_eos=True)
-    runs: dict[int, list[dict]] = {k: [] for k in SPEC_KS}
+    runs: dict[tuple[int, bool], list[dict]] = {c: [] for c in SPEC_CONFIGS}
     for eng in engines.values():
         eng.generate([p[:8] for p in prompts], warm)
+        eng.generate(prompts, sp)  # the timed calls' shapes seen once (their graphs captured)
     for _ in range(opts.repeats):
-        for k, eng in engines.items():
+        for c, eng in engines.items():
             _sync(eng.device)
-            runs[k].append(_step_parts(eng.generate(prompts, sp).stats, rows))
+            runs[c].append(_step_parts(eng.generate(prompts, sp).stats, rows))
     out = []
-    for k, calls in runs.items():
+    for (k, graphs), calls in runs.items():
         mid = sorted(calls, key=lambda d: d["step_ms"])[(len(calls) - 1) // 2]
-        out.append({"k": k, "temperature": temperature, **mid, "step_ms_all": [d["step_ms"] for d in calls]})
+        replayed = engines[(k, graphs)].captures_graphs
+        row = {"k": k, "graphs_requested": graphs, "graphs": replayed, "temperature": temperature, **mid}
+        out.append({**row, "step_ms_all": [d["step_ms"] for d in calls]})
     return out
 
 
@@ -298,6 +321,7 @@ class Recorder:
 
 
 def _measure_shape(rec: Recorder, name: str, shape: tuple, dev: torch.device, dtype: torch.dtype) -> None:
+    from atlas_rl.config import EngineConfig
     from atlas_rl.rollout import RolloutEngine
 
     opts = rec.opts
@@ -306,12 +330,15 @@ def _measure_shape(rec: Recorder, name: str, shape: tuple, dev: torch.device, dt
     rec.report["shapes"][name] = entry
     model = build_model(shape, dtype, dev)
     engine = RolloutEngine(model, eos_token_ids=[])
+    eager = RolloutEngine(model, eos_token_ids=[], config=EngineConfig(cuda_graphs=False))
     if "first" in opts.sections:  # before every other section: its decode shapes must be new
         rec.section(entry, "first", lambda: first_calls(model, opts))
     if "costs" in opts.sections:
         rec.section(entry, "costs", lambda: cost_table(engine, opts))
     if "decode" in opts.sections:
-        rec.section(entry, "decode", lambda: [decode_speed(model, engine, r, opts) for r in opts.decode_rows])
+        rec.section(entry, "decode", lambda: [decode_speed(model, engine, r, opts, eager) for r in opts.decode_rows])
+    if engine._graphs is not None and engine._graphs.failed:
+        entry["graph_failure"] = engine._graphs.failed
     for temp in TEMPERATURES if "spec" in opts.sections else ():
         for r in opts.spec_rows:
             rec.section(entry, f"spec_T{temp:g}_r{r}", lambda r=r, temp=temp: spec_cell(model, r, temp, opts))
@@ -345,12 +372,17 @@ def _cost_lines(e: dict, opts: GpuCostOptions) -> list[str]:
 
 
 def _decode_lines(e: dict) -> list[str]:
-    lines = ["| rows | engine k=0 tok/s | HF generate tok/s | step ms | forward ms | outside forward |"]
-    lines.append("|---|---|---|---|---|---|")
+    lines = [
+        "| rows | engine k=0 tok/s | eager k=0 tok/s | HF generate tok/s | step ms | eager step ms | forward ms "
+        "| outside forward |"
+    ]
+    lines.append("|---|---|---|---|---|---|---|---|")
     for d in e["decode"]:
+        eager = f"{d['eager_tok_s']:.1f} | " if "eager_tok_s" in d else "- | "
+        eager_step = f"{d['eager_step_ms']:.2f} | " if "eager_step_ms" in d else "- | "
         lines.append(
-            f"| {d['rows']} | {d['engine_tok_s']:.1f} | {d['hf_generate_tok_s']:.1f} | {d['step_ms']:.2f} | "
-            f"{d['forward_ms_per_step']:.2f} | {d['outside_forward_share']:.0%} |"
+            f"| {d['rows']} | {d['engine_tok_s']:.1f} | {eager}{d['hf_generate_tok_s']:.1f} | {d['step_ms']:.2f} | "
+            f"{eager_step}{d['forward_ms_per_step']:.2f} | {d['outside_forward_share']:.0%} |"
         )
     return lines + [""]
 
@@ -374,10 +406,11 @@ def _spec_lines(e: dict) -> list[str]:
     if not runs:
         return []
     lines = ["per decode step, ms (random draft head of the target's shape, fixed k)", ""]
-    lines += ["| T | k | rows | step | forward | propose | verify | plan | other |", "|---" * 9 + "|"]
-    for d in sorted(runs, key=lambda d: (d["temperature"], d["k"], d["rows"])):
+    lines += ["| T | k | graphs | rows | step | forward | propose | verify | plan | other |", "|---" * 10 + "|"]
+    for d in sorted(runs, key=lambda d: (d["temperature"], d["rows"], not d.get("graphs", False), d["k"])):
         parts = " | ".join(f"{d[p]:.2f}" for p in ("step_ms", "forward_ms", "propose_ms", "verify_ms", "plan_ms"))
-        lines.append(f"| {d['temperature']:g} | {d['k']} | {d['rows']} | {parts} | {d['other_ms']:.2f} |")
+        graphs = "yes" if d.get("graphs") else "no"
+        lines.append(f"| {d['temperature']:g} | {d['k']} | {graphs} | {d['rows']} | {parts} | {d['other_ms']:.2f} |")
     return lines + [""]
 
 
@@ -389,6 +422,8 @@ def render_markdown(report: dict, opts: GpuCostOptions) -> str:
         lines += _cost_lines(e, opts) if "costs" in e else []
         lines += _decode_lines(e) if "decode" in e else []
         lines += _spec_lines(e)
+        if e.get("graph_failure"):
+            lines.append(f"- **CUDA graph capture failed** (eager forwards): {e['graph_failure']}")
         for key, err in e.get("errors", {}).items():
             lines.append(f"- **{key} failed**: {err}")
         if e.get("skipped"):

@@ -66,15 +66,25 @@ def _forward_ratio(costs: dict, rows: int, k: int) -> float | None:
     return None if one is None or more is None else one / more
 
 
+def _requested(run: dict) -> bool:
+    """Whether the run's engine was asked for CUDA graphs (runs from before graphs existed: no)."""
+    return bool(run.get("graphs_requested", False))
+
+
+def _pair(run: dict) -> tuple[float, int, bool]:
+    """What a speculating run is compared on: its plain run at the same T, rows and graph setting."""
+    return run["temperature"], run["rows"], _requested(run)
+
+
 def project_shape(entry: dict, table: dict) -> list[dict]:
     """One line per (T, rows, k>0) with a measured speculating step: τ, step ratio, projected speed-ups."""
     from atlas_rl.bench.gpu_costs import spec_runs
 
     lines = []
     runs = spec_runs(entry)
-    plain = {(d["temperature"], d["rows"]): d for d in runs if d["k"] == 0}
-    for d in sorted(runs, key=lambda d: (d["temperature"], d["rows"], d["k"])):
-        base, tau = plain.get((d["temperature"], d["rows"])), _tau(table, d["temperature"], d["k"])
+    plain = {_pair(d): d for d in runs if d["k"] == 0}
+    for d in sorted(runs, key=lambda d: (d["temperature"], d["rows"], not _requested(d), d["k"])):
+        base, tau = plain.get(_pair(d)), _tau(table, d["temperature"], d["k"])
         if d["k"] == 0 or base is None or tau is None:
             continue
         fwd = _forward_ratio(entry.get("costs", {}), d["rows"], d["k"])
@@ -83,6 +93,7 @@ def project_shape(entry: dict, table: dict) -> list[dict]:
                 "temperature": d["temperature"],
                 "rows": d["rows"],
                 "k": d["k"],
+                "graphs": bool(d.get("graphs", False)),
                 "tau": tau,
                 "step_ratio": d["step_ms"] / base["step_ms"],
                 "speedup": tau * base["step_ms"] / d["step_ms"],
@@ -100,13 +111,15 @@ def render_projection(costs: dict, table: dict) -> str:
         f"best of {', '.join(table['speculators'])} at fixed k."
     )
     for name, entry in costs["shapes"].items():
-        out += ["", f"## {name}", "", "| T | rows | k | τ | step vs k=0 | drafting share | speed-up | forward only |"]
-        out.append("|---|---|---|---|---|---|---|---|")
+        out += ["", f"## {name}", ""]
+        out.append("| T | rows | k | graphs | τ | step vs k=0 | drafting share | speed-up | forward only |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
         for p in project_shape(entry, table):
             fwd = "n/a" if p["speedup_forward_only"] is None else f"{p['speedup_forward_only']:.2f}x"
+            graphs = "yes" if p["graphs"] else "no"
             out.append(
-                f"| {p['temperature']:g} | {p['rows']} | {p['k']} | {p['tau']:.2f} | {p['step_ratio']:.2f}x | "
-                f"{p['draft_share']:.0%} | **{p['speedup']:.2f}x** | {fwd} |"
+                f"| {p['temperature']:g} | {p['rows']} | {p['k']} | {graphs} | {p['tau']:.2f} | "
+                f"{p['step_ratio']:.2f}x | {p['draft_share']:.0%} | **{p['speedup']:.2f}x** | {fwd} |"
             )
     return "\n".join(out) + "\n"
 

@@ -8,7 +8,7 @@ import pytest
 
 from atlas_rl import attention_backends as ab
 from atlas_rl.attention_backends import DECODE_BACKENDS
-from atlas_rl.bench.gpu_costs import SPEC_KS, TEMPERATURES, main
+from atlas_rl.bench.gpu_costs import SPEC_CONFIGS, TEMPERATURES, main
 
 
 def test_gpu_cost_script_runs_tiny_on_cpu(tmp_path):
@@ -25,17 +25,19 @@ def test_gpu_cost_script_runs_tiny_on_cpu(tmp_path):
     assert all(v > 0 for v in tiny["costs"]["chain_ms"].values())
     assert [d["rows"] for d in tiny["decode"]] == [1, 4]
     assert all(d["engine_tok_s"] > 0 and d["hf_generate_tok_s"] > 0 for d in tiny["decode"])
+    assert all(d["eager_tok_s"] > 0 and d["graphs"] is False for d in tiny["decode"])
     for temp in TEMPERATURES:
         for r in (1, 4):
             cell = tiny[f"spec_T{temp:g}_r{r}"]
-            assert [d["k"] for d in cell] == list(SPEC_KS)
+            assert [(d["k"], d["graphs_requested"]) for d in cell] == list(SPEC_CONFIGS)
+            assert not any(d["graphs"] for d in cell), "a CPU engine never replays graphs"
             for d in cell:
                 assert (d["temperature"], d["rows"]) == (temp, r) and d["step_ms"] in d["step_ms_all"]
                 assert d["step_ms"] >= d["forward_ms"] > 0
                 assert (d["propose_ms"] > 0) == (d["k"] > 0)  # a plain step proposes nothing
                 assert d["tau"] >= 1.0 if d["k"] else d["tau"] == 1.0
     md = (tmp_path / "gpu_costs.md").read_text()
-    assert "| rows |" in md and "| T | k | rows | step |" in md and "| 1 | cuDNN left out |" in md
+    assert "| rows |" in md and "| T | k | graphs | rows | step |" in md and "| 1 | cuDNN left out |" in md
 
 
 def test_sections_past_the_deadline_are_skipped_and_said_so(tmp_path):

@@ -65,3 +65,14 @@ def test_tau_measures_each_temperature_and_draft_length_on_the_embedded_model(tm
     table = json.loads(out.read_text())
     assert [(c["temperature"], c["k"]) for c in table["cells"]] == [(0.0, 1), (0.0, 3), (1.0, 1), (1.0, 3)]
     assert all(1.0 <= c["tau"] <= c["k"] + 1 for c in table["cells"]) and table["prompts"] == 2
+
+
+def test_runs_pair_with_the_plain_run_of_their_graph_setting():
+    def run(k, step, graphs):
+        return {**_step(k, 0.0, 1, step, 1.0 if k else 0.0), "graphs_requested": graphs, "graphs": graphs}
+
+    entry = {"spec_T0_r1": [run(0, 5.0, True), run(2, 6.0, True), run(0, 15.0, False), run(2, 18.0, False)]}
+    lines = {(p["k"], p["graphs"]): p for p in project_shape(entry, TABLE)}
+    assert set(lines) == {(2, True), (2, False)}
+    assert lines[(2, True)]["step_ratio"] == pytest.approx(6.0 / 5.0)
+    assert lines[(2, False)]["step_ratio"] == pytest.approx(18.0 / 15.0)
