@@ -91,9 +91,10 @@ class EngineConfig:
     cuda_graphs: bool = field(
         default=True,
         metadata={
-            "help": "On a CUDA device, replay the lean decode/verification forward from CUDA graphs captured per "
-            "shape bucket (one launch a step instead of ~40 a layer; docs/decisions/cuda_graphs.md). Ignored on "
-            "other devices and without the lean forward."
+            "help": "On a CUDA device, replay the lean decode/verification forward and the draft heads' drafting "
+            "from CUDA graphs captured per shape bucket (one launch a step instead of ~40 a layer; "
+            "docs/decisions/cuda_graphs.md). Sets the draft heads' own cuda_graphs. Ignored on other devices and "
+            "without the lean forward."
         },
     )
     reuse_cache: bool = field(

@@ -5,9 +5,10 @@ On an H200 the eager forward is launch-bound (``docs/results/gpu_costs.md``: 13-
 :class:`~.forward.LeanForward` in its ``static`` mode (no host reads, a fixed RoPE table) once per shape bucket and
 replays it:
 
-* rows are padded up to :data:`ROW_BUCKETS` with dummy rows that write into cache slots past the active ones
-  (dead during a decode: a wave's active rows are always the first slots, :mod:`.kv_cache`), key positions are
-  rounded up to :data:`KV_BUCKET` and masked, so a rollout needs a handful of graphs, not one per step;
+* rows are padded up to :data:`~atlas_rl.graph_capture.ROW_BUCKETS` with dummy rows that write into cache slots
+  past the active ones (dead during a decode: a wave's active rows are always the first slots, :mod:`.kv_cache`),
+  key positions are rounded up to :data:`KV_BUCKET` and masked, so a rollout needs a handful of graphs, not one per
+  step;
 * the inputs are copied into static buffers, the outputs copied out after each replay (a speculator may keep the
   features it is handed past the next step);
 * the graphs are dropped when what they read moved: another KV cache, a regrown RoPE table, or a parameter that is
@@ -21,60 +22,24 @@ The math is the lean forward's (tested against it with a graph that re-runs the 
 
 from __future__ import annotations
 
-import bisect
 import logging
 from collections.abc import Callable
-from typing import Protocol
 
 import torch
 from torch import nn
+
+from atlas_rl.graph_capture import Graph, cuda_graph_factory, row_bucket
 
 from .forward import LeanForward
 from .kv_cache import SlotKVCache
 
 logger = logging.getLogger(__name__)
 
-ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 KV_BUCKET = 256  # key positions are rounded up to a multiple of this
 MAX_GRAPHS = 96  # shapes past this many run eagerly (each graph keeps its outputs on the device)
 MAX_COLUMNS = 2304  # rows x tokens past this run eagerly (compute-bound: launches no longer matter)
 
 Outputs = tuple[torch.Tensor, torch.Tensor | None]  # (last [nb, q, H], stacked hidden states [L + 1, nb, q, H])
-
-
-class Graph(Protocol):
-    """A captured computation: :meth:`capture` runs ``fn`` once to record it and returns its outputs;
-    :meth:`replay` recomputes them in place from the same input buffers."""
-
-    def capture(self, fn: Callable[[], Outputs]) -> Outputs: ...
-
-    def replay(self) -> None: ...
-
-
-class CudaGraph:
-    """:class:`Graph` on ``torch.cuda.CUDAGraph`` (warm-up on a side stream, then capture into a shared pool)."""
-
-    def __init__(self, pool: object) -> None:
-        self._graph = torch.cuda.CUDAGraph()
-        self._pool = pool
-
-    def capture(self, fn: Callable[[], Outputs]) -> Outputs:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()  # first calls pick kernels and allocate workspaces outside the capture
-        torch.cuda.current_stream().wait_stream(side)
-        with torch.cuda.graph(self._graph, pool=self._pool):
-            return fn()
-
-    def replay(self) -> None:
-        self._graph.replay()
-
-
-def row_bucket(n: int) -> int:
-    """The smallest of :data:`ROW_BUCKETS` >= ``n`` (``n`` itself past the last)."""
-    i = bisect.bisect_left(ROW_BUCKETS, n)
-    return ROW_BUCKETS[i] if i < len(ROW_BUCKETS) else n
 
 
 class _Captured:
@@ -91,14 +56,12 @@ class GraphedForward:
     """``(input_ids [n, q], starts [n], cache, want_hidden, kv_len) -> LeanForward's outputs``, replayed from a
     graph per (row bucket, q, key bucket, want_hidden); eager where no graph applies.
 
-    ``graph_factory``: makes one :class:`Graph` (default: :class:`CudaGraph` over one shared memory pool)."""
+    ``graph_factory``: makes one :class:`~atlas_rl.graph_capture.Graph` (default: CUDA graphs over one shared
+    memory pool)."""
 
     def __init__(self, lean: LeanForward, model: nn.Module, graph_factory: Callable[[], Graph] | None = None) -> None:
         self.lean, self.model = lean, model
-        if graph_factory is None:
-            pool = torch.cuda.graph_pool_handle()
-            graph_factory = lambda: CudaGraph(pool)  # noqa: E731
-        self._factory = graph_factory
+        self._factory = graph_factory or cuda_graph_factory()
         self._graphs: dict[tuple[int, int, int, bool], _Captured] = {}
         self._reads: tuple[int, int] | None = None  # data pointers of the KV cache and the RoPE table graphs read
         self._params: tuple[int, ...] | None = None  # data pointers of the parameters they read

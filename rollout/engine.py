@@ -48,6 +48,7 @@ from atlas_rl.controller import (
     VerificationCost,
 )
 from atlas_rl.controller.cost import cost_cache_key, load_or_calibrate
+from atlas_rl.graph_capture import row_bucket
 from atlas_rl.speculators.base import ResolvedExtras, Speculator, speculator_extras
 from atlas_rl.types import (
     CaptureRecord,
@@ -65,7 +66,7 @@ from atlas_rl.verification.base import Verifier
 
 from .cost_probe import engine_code_version
 from .cpu_linear import drop_packed_weights, install_cpu_linear, kernel_plan
-from .cuda_graphs import GraphedForward, row_bucket
+from .cuda_graphs import GraphedForward
 from .draft_probe import probe_drafting
 from .forward import LeanForward, lean_forward_unsupported
 from .kv_cache import SlotKVCache
@@ -174,6 +175,8 @@ class RolloutEngine:
             if s.name in self.speculators:
                 raise ValueError(f"two speculators are named {s.name!r}; names must be unique")
             speculator_extras(s)  # checks its optional members
+            if hasattr(s, "cuda_graphs"):  # draft heads replay their drafting from graphs as the target does
+                s.cuda_graphs = self.config.cuda_graphs
             self.speculators[s.name] = s
         self.verifier: Verifier = verifier or RejectionSampler()
         self.policy_version = 0

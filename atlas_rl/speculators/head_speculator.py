@@ -23,10 +23,13 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from atlas_rl.speculators.draft_head import DraftHead, head_cost_macs
+from atlas_rl.speculators.head_graphs import HeadGraphs
 from atlas_rl.types import Draft, ProposeInput, SamplingParams
 from atlas_rl.verification.processing import processed_probs, sample_inverse_cdf
 
 logger = logging.getLogger(__name__)
+
+MAX_GRAPHED_POSITIONS = 16  # catch-ups over more positions per row (prompts, long backlogs) run eagerly
 
 
 @dataclass
@@ -97,6 +100,10 @@ class DraftHeadSpeculator:
         self._k: torch.Tensor | None = None  # [layers, slots, kv_heads, max_len, head_dim]
         self._v: torch.Tensor | None = None
         self.policy_version = 0
+        # on a CUDA device, replay catch-up and drafting from CUDA graphs (head_graphs; the engine sets it from
+        # EngineConfig.cuda_graphs); made on first use
+        self.cuda_graphs = True
+        self._graphs: HeadGraphs | None = None
 
     # ------------------------------------------------------------------------------------------ storage
     @property
@@ -131,6 +138,26 @@ class DraftHeadSpeculator:
         if self._free:
             return self._free.pop()
         return len(self._rows) + len(self._free)
+
+    def _graph_runner(self) -> HeadGraphs | None:
+        """The graphs to replay drafting from, or None (eager): a CUDA device, ``cuda_graphs``, no failed capture."""
+        if self._graphs is None and self.cuda_graphs and self.device.type == "cuda":
+            self._graphs = HeadGraphs(self._graph_reads)
+        if self._graphs is None or not self.cuda_graphs or self._graphs.failed is not None:
+            return None
+        return self._graphs
+
+    def _graph_reads(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor the graphs read besides their inputs: the KV storage and the head's weights."""
+        head = self.head
+        return (self._k, self._v, head._embed, head.draft_to_target, *head.parameters())  # type: ignore[return-value]
+
+    def _reserve(self, max_slot: int, length: int, graphed: bool) -> int:
+        """Storage for slots ``0..max_slot`` and ``length`` positions, plus a scratch slot no row owns when
+        ``graphed`` (the padded rows of a graph write there); returns that slot (-1 when not graphed)."""
+        self._ensure_storage(max_slot + 1 + graphed, length)
+        assert self._k is not None
+        return self._k.shape[1] - 1 if graphed else -1
 
     # ------------------------------------------------------------------------------------------ lifecycle
     def start(self, group_id: int, prompt_ids: list[int], row_ids: list[int]) -> None:
@@ -248,7 +275,9 @@ class DraftHeadSpeculator:
         m = max(num_new[i] for i in todo)
         n = len(todo)
         start = torch.tensor([st.committed for st in states], device=dev)  # [n]
-        self._ensure_storage(max(st.slot for st in states) + 1, int(start.max()) + m + 1)
+        runner = self._graph_runner() if m <= MAX_GRAPHED_POSITIONS else None
+        top = max(st.committed for st in states) + m + 1
+        scratch = self._reserve(max(st.slot for st in states), top, runner is not None)
         nxt = torch.zeros((n, m), dtype=torch.long)
         for a, (i, st) in enumerate(zip(todo, states)):
             c = st.committed
@@ -259,7 +288,12 @@ class DraftHeadSpeculator:
         f = feats[idx, :m].to(device=dev, dtype=self.dtype)  # [n, m, n_layers*hidden]
         pos = start[:, None] + torch.arange(m, device=dev)[None]  # [n, m]
         slots = torch.tensor([st.slot for st in states], device=dev)
-        h = self._layers(nxt, head.fuse_features(f), pos, slots)  # [n, m, hidden]
+        h = None
+        if runner is not None:
+            ins = {"tokens": (nxt, 0), "feats": (f, 0.0), "pos": (pos, 0), "slots": (slots, scratch)}
+            h = (runner.run(("layers", m), ins, self._static_layers) or (None,))[0]
+        if h is None:
+            h = self._layers(nxt, head.fuse_features(f), pos, slots)  # [n, m, hidden]
         last = torch.tensor([num_new[i] - 1 for i in todo], device=dev)
         h_last = h[torch.arange(n, device=dev), last]
         for a, (i, st) in enumerate(zip(todo, states)):
@@ -272,16 +306,19 @@ class DraftHeadSpeculator:
         g: torch.Tensor,  # [n, m, hidden] fused target features, or the draft's own previous outputs
         pos: torch.Tensor,  # [n, m] long positions
         slots: torch.Tensor,  # [n] cache slots
+        static: bool = False,
     ) -> torch.Tensor:  # [n, m, hidden] the last layer's pre-norm output
         """The draft layers over ``(tokens, g)`` at ``pos``: each writes its keys/values into its cache of the rows'
-        ``slots`` and attends causally to that cache."""
+        ``slots`` and attends causally to that cache. ``static``: no host reads (over the whole storage length,
+        masked, and the slots' rows gathered): what a CUDA graph replays."""
         head = self.head
         e = head.token_embeddings(tokens, g)
-        kv_len = int(pos.max()) + 1
+        assert self._k is not None and self._v is not None
+        kv_len = self._k.shape[3] if static else int(pos.max()) + 1
         kpos = torch.arange(kv_len, device=self.device)
         mask = (kpos[None, None, :] <= pos[:, :, None])[:, None]  # [n, 1, m, kv]
         h = g
-        rows = self._cache_rows(slots)  # decided once for every layer
+        rows = slots if static else self._cache_rows(slots)  # decided once for every layer
         for i, layer in enumerate(head.layers):
             x, res = layer.layer_input(e if i == 0 else None, h)
             q, k, v = head.qkv(i, x, pos)
@@ -312,10 +349,10 @@ class DraftHeadSpeculator:
             return out
         states = [self._rows[rows.row_ids[i]] for i in live]
         kmax = max(max_tokens[i] for i in live)
-        tokens, confs, probs = self._draft_chains(states, kmax, sampling)
-        tok_all = torch.stack(tokens, 1).tolist()  # [n, kmax]
-        conf_all = torch.stack(confs, 1).tolist()
-        prob_all = torch.stack(probs, 1) if probs else None  # [n, kmax, vocab]
+        tokens, confs, probs = self._draft_chains(states, kmax, sampling)  # [n, kmax] x 2, [n, kmax, draft_vocab]
+        tok_all = tokens.tolist()
+        conf_all = confs.tolist()
+        prob_all = None if probs is None else self._to_target_vocab(probs)  # [n, kmax, vocab]
         for a, i in enumerate(live):
             k = max_tokens[i]
             out[i] = Draft(
@@ -343,33 +380,76 @@ class DraftHeadSpeculator:
 
     def _draft_chains(
         self, states: list[_RowState], kmax: int, sampling: SamplingParams
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """Unroll the head ``kmax`` steps from each row's last committed position: per step the tokens [n], their
-        confidences [n] and (sampling only) the draft distributions [n, vocab]."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Unroll the head ``kmax`` steps from each row's last committed position: the tokens ``[n, kmax]`` (target
+        ids), their confidences ``[n, kmax]`` and (sampling only) the draft distributions ``[n, kmax, draft_vocab]``;
+        replayed from a CUDA graph where :meth:`_graph_runner` says so."""
         dev = self.device
-        self._ensure_storage(max(st.slot for st in states) + 1, max(st.committed for st in states) + kmax + 1)
+        runner = self._graph_runner()
+        top = max(st.committed for st in states) + kmax + 1
+        scratch = self._reserve(max(st.slot for st in states), top, runner is not None)
         slots = torch.tensor([st.slot for st in states], device=dev)
         committed = torch.tensor([st.committed for st in states], device=dev)  # [n]
         h = torch.stack([st.h_last for st in states])  # [n, hidden]
-        tokens: list[torch.Tensor] = []
-        probs: list[torch.Tensor] = []
-        confs: list[torch.Tensor] = []
+        u = None
+        if not sampling.greedy:  # drawn in the eager path's order: per step, one per row
+            u = torch.stack([self._uniforms(len(states)) for _ in range(kmax)], 1)  # [n, kmax]
+        if runner is not None:
+            ins = {"h": (h, 0.0), "committed": (committed, 0), "slots": (slots, scratch)}
+            if u is not None:
+                ins["u"] = (u, 0.5)
+            key = ("chain", kmax, sampling.temperature, sampling.top_k, sampling.top_p)
+            out = runner.run(key, ins, lambda **b: self._chain(kmax=kmax, sampling=sampling, static=True, **b))
+            if out is not None:
+                return out  # type: ignore[return-value]
+        return self._chain(h, committed, slots, u, kmax=kmax, sampling=sampling)
+
+    def _chain(
+        self,
+        h: torch.Tensor,  # [n, hidden] each row's last draft-layer output
+        committed: torch.Tensor,  # [n] long
+        slots: torch.Tensor,  # [n] long
+        u: torch.Tensor | None = None,  # [n, kmax] float64 uniforms (sampling), None when greedy
+        *,
+        kmax: int,
+        sampling: SamplingParams,
+        static: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """:meth:`_draft_chains`' loop over its inputs (``static``: as a CUDA graph replays it)."""
+        tokens, confs, probs = [], [], []
         for j in range(kmax):
-            tok, conf, p = self._draft_token(h, sampling)
+            tok, conf, p = self._draft_token(h, sampling, None if u is None else u[:, j])
             tokens.append(tok)
             confs.append(conf)
             if p is not None:
                 probs.append(p)
             if j + 1 < kmax:
                 pos = (committed + j)[:, None]  # [n, 1] draft position L + j - 1 ... (L = committed)
-                h = self._layers(tok[:, None], h[:, None], pos, slots)[:, 0]
-        return tokens, confs, probs
+                h = self._layers(tok[:, None], h[:, None], pos, slots, static)[:, 0]
+        return torch.stack(tokens, 1), torch.stack(confs, 1), torch.stack(probs, 1) if probs else None
+
+    def _static_layers(
+        self, tokens: torch.Tensor, feats: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor
+    ) -> tuple[torch.Tensor]:  # tokens, pos: [n, m]; feats: [n, m, n_layers*hidden]; slots: [n] -> ([n, m, hidden],)
+        """The catch-up's draft layers over target features as a CUDA graph replays them."""
+        return (self._layers(tokens, self.head.fuse_features(feats), pos, slots, static=True),)
+
+    def _uniforms(self, n: int) -> torch.Tensor:  # [n] float64 on the head's device, from the draft sampler
+        return torch.rand(n, generator=self._gen, dtype=torch.float64).to(self.device)
+
+    def _to_target_vocab(self, p_d: torch.Tensor) -> torch.Tensor:  # [..., draft_vocab] -> [..., vocab]
+        """Draft distributions over the target vocabulary (zero outside the draft vocabulary)."""
+        head = self.head
+        p = torch.zeros((*p_d.shape[:-1], head.config.target_vocab_size), dtype=p_d.dtype, device=p_d.device)
+        p[..., head.draft_to_target] = p_d
+        return p
 
     def _draft_token(
-        self, h: torch.Tensor, sampling: SamplingParams
+        self, h: torch.Tensor, sampling: SamplingParams, u: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """One draft token per row from the head's state ``h`` [n, hidden]: ``(token ids [n], confidence [n],
-        draft distribution over the target vocabulary [n, vocab] or None when greedy)``."""
+        draft distribution over the draft vocabulary [n, draft_vocab] or None when greedy)``; ``u`` [n]: the
+        uniforms to sample with (drawn from the draft sampler when None)."""
         head = self.head
         d2t = head.draft_to_target
         logits_d = head.logits(h)  # [n, draft_vocab]
@@ -380,13 +460,10 @@ class DraftHeadSpeculator:
             return d2t[tok_d], conf, None
         # processing the draft-vocabulary logits equals processing the full-vocabulary logits with -inf outside the
         # draft vocabulary, restricted to it (temperature, top-k, top-p only see finite values): sample in draft
-        # space, then scatter into the [n, vocab] distribution the verifier needs
+        # space; the [n, vocab] distribution the verifier needs is scattered from it (_to_target_vocab)
         p_d = processed_probs(logits_d, sampling)  # [n, draft_vocab]
         # inverse CDF over a float64 cumsum, as torch's multinomial kernel, at a tenth of its time (0.03 vs 0.4 ms
         # over an 18k draft vocabulary on this CPU: its per-category exponentials cost 1-3% of a decode step per token)
-        u = torch.rand(p_d.shape[0], generator=self._gen, dtype=torch.float64).to(self.device)  # [n]
-        tok_d = sample_inverse_cdf(p_d, u)
+        tok_d = sample_inverse_cdf(p_d, self._uniforms(p_d.shape[0]) if u is None else u)
         conf = p_d.gather(1, tok_d[:, None])[:, 0]
-        p = torch.zeros((h.shape[0], head.config.target_vocab_size), dtype=p_d.dtype, device=self.device)
-        p[:, d2t] = p_d  # zero outside the draft vocabulary
-        return d2t[tok_d], conf, p
+        return d2t[tok_d], conf, p_d

@@ -113,3 +113,30 @@ def teacher_forced_logprobs(model, prompt: list[int], completion: list[int], sam
     logits = model(full).logits[0, len(prompt) - 1 : -1]  # [T, V]
     lp = processed_logprobs(logits, sampling)
     return lp[torch.arange(len(completion)), torch.tensor(completion)]
+
+
+class RerunGraph:
+    """A CUDA-graph stand-in (``atlas_rl.graph_capture.Graph``) for tests on any device: it replays by re-running
+    the captured function and copying its outputs into the tensors it returned at capture, which is what a CUDA
+    graph's replay computes (same static input buffers, outputs rewritten in place). The model, the caches and the
+    math are the real ones."""
+
+    def __init__(self) -> None:
+        self.fn = None
+        self.out = None
+
+    def capture(self, fn):
+        self.fn, self.out = fn, fn()
+        return self.out
+
+    def replay(self) -> None:
+        for dst, src in zip(self.out, self.fn()):
+            if dst is not None:
+                dst.copy_(src)
+
+
+class FailingGraph(RerunGraph):
+    """A graph whose capture fails as CUDA's does when a captured op syncs with the host."""
+
+    def capture(self, fn):
+        raise RuntimeError("operation not permitted when stream is capturing")

@@ -1,48 +1,26 @@
 """CUDA-graph replay of the lean forward: the static forward equals the eager one, and the graph runner's buffers,
 padding, buckets, invalidation and fallback keep every output equal to the eager forward's.
 
-No CUDA here: :class:`RerunGraph` stands in for ``torch.cuda.CUDAGraph`` by re-running the captured function over the
-same static buffers at each replay (what a replay computes); the model, the cache and the forward are the real ones.
+No CUDA here: ``engine_helpers.RerunGraph`` stands in for ``torch.cuda.CUDAGraph`` by re-running the captured
+function over the same static buffers at each replay (what a replay computes); the model, the cache and the forward
+are the real ones.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from engine_helpers import NoisyOracleSpeculator
+from engine_helpers import FailingGraph, NoisyOracleSpeculator, RerunGraph
 
 from atlas_rl import SamplingParams
 from atlas_rl.config import EngineConfig
+from atlas_rl.graph_capture import row_bucket
 from atlas_rl.models import tiny_llama
 from atlas_rl.rollout import RolloutEngine, SlotKVCache
 from atlas_rl.rollout import cuda_graphs as cg
 from atlas_rl.rollout.forward import LeanForward
 
 VOCAB = 96
-
-
-class RerunGraph:
-    """A :class:`~atlas_rl.rollout.cuda_graphs.Graph` that replays by re-running the captured function into the
-    outputs it returned at capture (the static-buffer contract of a CUDA graph, on any device)."""
-
-    def __init__(self) -> None:
-        self.fn = None
-        self.out = None
-
-    def capture(self, fn):
-        self.fn, self.out = fn, fn()
-        return self.out
-
-    def replay(self) -> None:
-        last, stacked = self.fn()
-        self.out[0].copy_(last)
-        if stacked is not None:
-            self.out[1].copy_(stacked)
-
-
-class FailingGraph(RerunGraph):
-    def capture(self, fn):
-        raise RuntimeError("operation not permitted when stream is capturing")
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +140,7 @@ def test_shapes_without_a_bucket_run_eagerly(model):
         cache = _prefilled(graphed.lean, model, 3, [4, 4, 4], 32, seed=7)  # 3 slots: the 4-row bucket does not fit
         graphed(_step(3, 1, 12), torch.tensor([4, 4, 4]), cache, False, kv_len=5)
     assert graphed.num_graphs == 0 and graphed.num_replays == 0
-    assert [cg.row_bucket(n) for n in (1, 3, 5, 9, 17, 33, 65, 257, 300)] == [1, 4, 8, 16, 24, 48, 96, 257, 300]
+    assert [row_bucket(n) for n in (1, 3, 5, 9, 17, 33, 65, 257, 300)] == [1, 4, 8, 16, 24, 48, 96, 257, 300]
 
 
 def test_engine_output_is_identical_with_graphs(model):
