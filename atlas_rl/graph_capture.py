@@ -55,3 +55,25 @@ def row_bucket(n: int) -> int:
     """The smallest of :data:`ROW_BUCKETS` >= ``n`` (``n`` itself past the last)."""
     i = bisect.bisect_left(ROW_BUCKETS, n)
     return ROW_BUCKETS[i] if i < len(ROW_BUCKETS) else n
+
+
+class GraphPool:
+    """Where one owner's graphs come from: a memory pool per *generation* of graphs. :meth:`renew` starts a new
+    generation when the owner drops every graph: CUDA's caching allocator refuses a capture into a pool whose graphs
+    were all destroyed (``use_count > 0`` internal assert, seen on the H200 when the cost probe's new caches dropped
+    an engine's graphs). ``graph_factory``: makes every graph instead (tests; then a generation is only counted)."""
+
+    def __init__(self, graph_factory: Callable[[], Graph] | None = None) -> None:
+        self._fixed = graph_factory
+        self._factory: Callable[[], Graph] | None = None
+        self.generations = 0
+
+    def make(self) -> Graph:
+        if self._factory is None:
+            self._factory = self._fixed or cuda_graph_factory()
+            self.generations += 1
+        return self._factory()
+
+    def renew(self) -> None:
+        """The next graph starts a new pool (call after dropping every graph of this one)."""
+        self._factory = None

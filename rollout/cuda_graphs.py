@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from atlas_rl.graph_capture import Graph, cuda_graph_factory, row_bucket
+from atlas_rl.graph_capture import Graph, GraphPool, row_bucket
 
 from .forward import LeanForward
 from .kv_cache import SlotKVCache
@@ -56,12 +56,12 @@ class GraphedForward:
     """``(input_ids [n, q], starts [n], cache, want_hidden, kv_len) -> LeanForward's outputs``, replayed from a
     graph per (row bucket, q, key bucket, want_hidden); eager where no graph applies.
 
-    ``graph_factory``: makes one :class:`~atlas_rl.graph_capture.Graph` (default: CUDA graphs over one shared
-    memory pool)."""
+    ``graph_factory``: makes one :class:`~atlas_rl.graph_capture.Graph` (default: CUDA graphs, one memory pool
+    per generation of graphs: :class:`~atlas_rl.graph_capture.GraphPool`)."""
 
     def __init__(self, lean: LeanForward, model: nn.Module, graph_factory: Callable[[], Graph] | None = None) -> None:
         self.lean, self.model = lean, model
-        self._factory = graph_factory or cuda_graph_factory()
+        self._pool = GraphPool(graph_factory)
         self._graphs: dict[tuple[int, int, int, bool], _Captured] = {}
         self._reads: tuple[int, int] | None = None  # data pointers of the KV cache and the RoPE table graphs read
         self._params: tuple[int, ...] | None = None  # data pointers of the parameters they read
@@ -77,12 +77,18 @@ class GraphedForward:
         """Drop every graph when a parameter is no longer the tensor its graphs read (once per ``generate``)."""
         params = tuple(p.data_ptr() for p in self.model.parameters())
         if params != self._params:
-            self._graphs.clear()
+            self._drop()
             self._params = params
 
     def clear(self) -> None:
-        self._graphs.clear()
+        self._drop()
         self._reads = self._params = None
+
+    def _drop(self) -> None:
+        """Drop every graph; the next ones are captured into a new memory pool (:class:`GraphPool`)."""
+        if self._graphs:
+            self._graphs.clear()
+            self._pool.renew()
 
     def __call__(
         self,
@@ -129,7 +135,7 @@ class GraphedForward:
         if entry is None:
             if len(self._graphs) >= MAX_GRAPHS:
                 return None
-            entry = self._graphs[key] = _Captured(self._factory(), nb, q, device)
+            entry = self._graphs[key] = _Captured(self._pool.make(), nb, q, device)
         return entry
 
     def _check_reads(self, cache: SlotKVCache) -> None:
@@ -138,7 +144,7 @@ class GraphedForward:
         cos, _ = self.lean.rope_tables(cache.max_len, emb.dtype, emb.device)
         reads = (cache.keys.data_ptr(), cos.data_ptr())
         if reads != self._reads:
-            self._graphs.clear()
+            self._drop()
             self._reads = reads
         if self._params is None:
             self.validate()
@@ -152,7 +158,7 @@ class GraphedForward:
             out = entry.graph.capture(fn)
         except Exception as exc:  # noqa: BLE001 - any failure: stay correct on the eager forward
             self.failed = f"{type(exc).__name__}: {exc}"
-            self._graphs.clear()
+            self._drop()
             logger.warning("CUDA graph capture failed, decoding eagerly from now on: %s", self.failed)
             return None
         self.num_captures += 1

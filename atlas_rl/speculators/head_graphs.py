@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from atlas_rl.graph_capture import Graph, cuda_graph_factory, row_bucket
+from atlas_rl.graph_capture import Graph, GraphPool, row_bucket
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +43,13 @@ class HeadGraphs:
 
     ``reads``: what the graphs read besides their inputs (weights, the KV storage) as a tuple of tensors; when one
     of them is another tensor (a new data pointer) every graph is dropped. ``graph_factory``: makes one
-    :class:`~atlas_rl.graph_capture.Graph` (default: CUDA graphs over one memory pool)."""
+    :class:`~atlas_rl.graph_capture.Graph` (default: CUDA graphs, one memory pool per generation of graphs)."""
 
     def __init__(
         self, reads: Callable[[], tuple[torch.Tensor, ...]], graph_factory: Callable[[], Graph] | None = None
     ) -> None:
         self._reads_fn = reads
-        self._factory = graph_factory or cuda_graph_factory()
+        self._pool = GraphPool(graph_factory)
         self._graphs: dict[tuple, _Entry] = {}
         self._reads: tuple[int, ...] | None = None
         self.failed: str | None = None
@@ -83,18 +83,24 @@ class HeadGraphs:
         self.num_replays += 1
         return tuple(None if o is None else o[:n].clone() for o in entry.outputs)
 
+    def _drop(self) -> None:
+        """Drop every graph; the next ones are captured into a new memory pool (:class:`GraphPool`)."""
+        if self._graphs:
+            self._graphs.clear()
+            self._pool.renew()
+
     def _entry(self, key: tuple, nb: int, inputs: Inputs) -> _Entry | None:
         if self.failed is not None:
             return None
         reads = tuple(t.data_ptr() for t in self._reads_fn())
         if reads != self._reads:
-            self._graphs.clear()
+            self._drop()
             self._reads = reads
         entry = self._graphs.get(key)
         if entry is None:
             if len(self._graphs) >= MAX_GRAPHS:
                 return None
-            entry = self._graphs[key] = _Entry(self._factory(), nb, inputs)
+            entry = self._graphs[key] = _Entry(self._pool.make(), nb, inputs)
         return entry
 
     def _capture(self, entry: _Entry, fn: Callable[..., tuple]) -> tuple | None:
@@ -102,7 +108,7 @@ class HeadGraphs:
             out = entry.graph.capture(lambda: fn(**entry.buffers))
         except Exception as exc:  # noqa: BLE001 - any failure: stay correct on the eager path
             self.failed = f"{type(exc).__name__}: {exc}"
-            self._graphs.clear()
+            self._drop()
             logger.warning("draft head CUDA graph capture failed, drafting eagerly from now on: %s", self.failed)
             return None
         self.num_captures += 1

@@ -165,3 +165,15 @@ def test_engine_output_is_identical_with_graphs(model):
     few = graphed.generate(prompts[:3], sp)
     assert few.completion_ids == base.generate(prompts[:3], sp).completion_ids
     assert graphed._graphs.num_replays == got.stats.num_steps + few.stats.num_steps
+
+
+def test_graphs_dropped_together_are_followed_by_a_new_memory_pool(model):
+    """CUDA's allocator refuses a capture into a pool whose graphs were all destroyed (the H200's ``use_count > 0``
+    assert after the cost probe's fresh caches dropped an engine's graphs): each generation gets its own pool."""
+    graphed, lean = _graphed(model), LeanForward(model, fuse=False)
+    with torch.inference_mode():
+        for gen, seed in enumerate((1, 2, 3), start=1):  # a new cache each time: every graph dropped
+            cache = _prefilled(lean, model, 2, [4, 4], 32, seed=seed)
+            graphed(_step(2, 1, seed), torch.tensor([4, 4]), cache, False, kv_len=5)
+            graphed(_step(2, 2, seed), torch.tensor([5, 5]), cache, False, kv_len=7)
+            assert graphed._pool.generations == gen and graphed.num_graphs == 2

@@ -124,3 +124,13 @@ def test_graphs_are_dropped_when_the_storage_or_a_weight_moves():
     a = torch.zeros(4)  # another tensor: every graph goes
     out = graphs.run(("double",), {"x": (x[:2], 0.0)}, lambda x: (x * 2,))
     assert out[0].tolist() == [0.0, 2.0] and graphs.num_captures == 2 and graphs.num_graphs == 1
+
+
+def test_a_new_storage_starts_a_new_memory_pool():
+    store = [torch.zeros(4)]
+    graphs = HeadGraphs(lambda: (store[0],), graph_factory=RerunGraph)
+    for gen in (1, 2):
+        graphs.run(("a",), {"x": (torch.ones(2), 0.0)}, lambda x: (x + 1,))
+        graphs.run(("b",), {"x": (torch.ones(2), 0.0)}, lambda x: (x + 2,))
+        assert graphs._pool.generations == gen and graphs.num_graphs == 2
+        store[0] = torch.zeros(4)
