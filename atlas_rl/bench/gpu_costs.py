@@ -52,7 +52,7 @@ SPEC_KS = (0, 2, 4)  # draft lengths of the speculating-step cells; k=0 is plain
 # (k, CUDA graphs) of the speculating-step cells: every k with graphs, and k=0 and k=2 eager beside them
 SPEC_CONFIGS = tuple((k, True) for k in SPEC_KS) + ((0, False), (2, False))
 TEMPERATURES = (0.0, 1.0)
-SECTIONS = ("first", "costs", "decode", "spec")
+SECTIONS = ("first", "costs", "decode", "spec", "outputs", "default")
 FIRST_ROWS = (1, 16)  # row counts of the first-call section
 
 
@@ -342,6 +342,21 @@ def _measure_shape(rec: Recorder, name: str, shape: tuple, dev: torch.device, dt
     for temp in TEMPERATURES if "spec" in opts.sections else ():
         for r in opts.spec_rows:
             rec.section(entry, f"spec_T{temp:g}_r{r}", lambda r=r, temp=temp: spec_cell(model, r, temp, opts))
+    _measure_checks(rec, entry, model)
+
+
+def _measure_checks(rec: Recorder, entry: dict, model: torch.nn.Module) -> None:
+    """The ``outputs`` and ``default`` sections (:mod:`atlas_rl.bench.gpu_checks`)."""
+    from atlas_rl.bench import gpu_checks as gc_
+
+    opts = rec.opts
+    if "outputs" in opts.sections:
+        rows = (1, 3) if opts.tiny else gc_.OUTPUT_ROWS
+        rec.section(entry, "outputs", lambda: [gc_.output_check(model, r, opts.spec_tokens) for r in rows])
+    if "default" in opts.sections:
+        rows = (1,) if opts.tiny else gc_.DEFAULT_ROWS
+        fn = gc_.default_vs_plain
+        rec.section(entry, "default", lambda: [fn(model, r, opts.new_tokens, min(opts.repeats, 2)) for r in rows])
 
 
 def run(opts: GpuCostOptions) -> dict:
@@ -415,6 +430,8 @@ def _spec_lines(e: dict) -> list[str]:
 
 
 def render_markdown(report: dict, opts: GpuCostOptions) -> str:
+    from atlas_rl.bench import gpu_checks as gc_
+
     lines = [f"# engine costs on {report['device']} ({report['dtype']}, torch {report['torch']})", ""]
     for name, e in report["shapes"].items():
         lines += [f"## {name} {e['shape']}", ""]
@@ -422,6 +439,8 @@ def render_markdown(report: dict, opts: GpuCostOptions) -> str:
         lines += _cost_lines(e, opts) if "costs" in e else []
         lines += _decode_lines(e) if "decode" in e else []
         lines += _spec_lines(e)
+        lines += gc_.outputs_lines(e) if "outputs" in e else []
+        lines += gc_.default_lines(e) if "default" in e else []
         if e.get("graph_failure"):
             lines.append(f"- **CUDA graph capture failed** (eager forwards): {e['graph_failure']}")
         for key, err in e.get("errors", {}).items():

@@ -81,7 +81,8 @@ def project_shape(entry: dict, table: dict) -> list[dict]:
     from atlas_rl.bench.gpu_costs import spec_runs
 
     lines = []
-    runs = spec_runs(entry)
+    # a run whose graphs were asked for but not replayed (a failed capture) measured another configuration: left out
+    runs = [d for d in spec_runs(entry) if _requested(d) == bool(d.get("graphs", False))]
     plain = {_pair(d): d for d in runs if d["k"] == 0}
     for d in sorted(runs, key=lambda d: (d["temperature"], d["rows"], not _requested(d), d["k"])):
         base, tau = plain.get(_pair(d)), _tau(table, d["temperature"], d["k"])

@@ -36,14 +36,22 @@ def test_gpu_cost_script_runs_tiny_on_cpu(tmp_path):
                 assert d["step_ms"] >= d["forward_ms"] > 0
                 assert (d["propose_ms"] > 0) == (d["k"] > 0)  # a plain step proposes nothing
                 assert d["tau"] >= 1.0 if d["k"] else d["tau"] == 1.0
+    for c in tiny["outputs"]:  # no graphs on a CPU: every engine decodes the same tokens
+        assert c["graphs_k2_vs_graphs_k0"] == [1.0, 1.0] and c["vs_eager_k0"]["eager_k2"] == [1.0, 1.0]
+        assert c["graphs"]["graphs_k0"]["forward"] is None
+    assert [c["rows"] for c in tiny["outputs"]] == [1, 3]
+    (d,) = tiny["default"]
+    assert len(d["k0_tok_s"]) == len(d["default_tok_s"]) == len(d["tau"]) == 2 and min(d["tau"]) >= 1.0
     md = (tmp_path / "gpu_costs.md").read_text()
     assert "| rows |" in md and "| T | k | graphs | rows | step |" in md and "| 1 | cuDNN left out |" in md
+    assert "| 3 | 1.00 (1.00) | 1.00 (1.00) | 1.00 (1.00) |" in md and "default engine vs k=0" in md
 
 
 def test_sections_past_the_deadline_are_skipped_and_said_so(tmp_path):
     assert main(["--out", str(tmp_path), "--tiny", "--device", "cpu", "--deadline-s", "1e-9"]) == 0
     tiny = json.loads((tmp_path / "gpu_costs.json").read_text())["shapes"]["tiny"]
-    assert tiny["skipped"][:3] == ["first", "costs", "decode"] and len(tiny["skipped"]) == 3 + 2 * len(TEMPERATURES)
+    assert tiny["skipped"][:3] == ["first", "costs", "decode"] and len(tiny["skipped"]) == 5 + 2 * len(TEMPERATURES)
+    assert tiny["skipped"][-2:] == ["outputs", "default"]
     assert "skipped at the deadline: first, costs, decode" in (tmp_path / "gpu_costs.md").read_text()
 
 

@@ -76,3 +76,6 @@ def test_runs_pair_with_the_plain_run_of_their_graph_setting():
     assert set(lines) == {(2, True), (2, False)}
     assert lines[(2, True)]["step_ratio"] == pytest.approx(6.0 / 5.0)
     assert lines[(2, False)]["step_ratio"] == pytest.approx(18.0 / 15.0)
+    failed = {**run(0, 15.5, True), "graphs": False}  # graphs asked for, capture failed: eager, not comparable
+    entry = {"spec_T0_r1": [failed, run(2, 6.0, True), run(0, 15.0, False), run(2, 18.0, False)]}
+    assert {(p["k"], p["graphs"]) for p in project_shape(entry, TABLE)} == {(2, False)}
