@@ -177,3 +177,33 @@ def test_graphs_dropped_together_are_followed_by_a_new_memory_pool(model):
             graphed(_step(2, 1, seed), torch.tensor([4, 4]), cache, False, kv_len=5)
             graphed(_step(2, 2, seed), torch.tensor([5, 5]), cache, False, kv_len=7)
             assert graphed._pool.generations == gen and graphed.num_graphs == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_real_cuda_graphs_equal_the_eager_forward_and_keep_the_engine_lossless():
+    """On a CUDA device (float64: exact comparisons): captured replays equal the eager lean forward, and an engine
+    with graphs decodes what one without them decodes, speculating or not."""
+    model = tiny_llama(vocab_size=VOCAB, num_heads=6, num_kv_heads=2, hidden_size=48, dtype=torch.float64, seed=3)
+    model = model.cuda()
+    lean = LeanForward(model, fuse=False)
+    graphed = cg.GraphedForward(LeanForward(model, fuse=False), model)
+    mc = model.config
+    with torch.inference_mode():
+        caches = [SlotKVCache(mc.num_hidden_layers, 4, 48, 2, 8, model.dtype, "cuda") for _ in range(2)]
+        pre = _step(3, 6, 1).cuda()
+        for c in caches:
+            lean(pre, torch.zeros(3, dtype=torch.long, device="cuda"), c, False)
+        ids, st = _step(3, 3, 2).cuda(), torch.tensor([6, 6, 6], device="cuda")
+        want, _ = lean(ids, st, caches[0], False)
+        got, _ = graphed(ids, st, caches[1], False, kv_len=9)
+    assert graphed.failed is None and graphed.num_replays == 1
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    sp = SamplingParams(temperature=0.0, max_new_tokens=16, ignore_eos=True)
+    prompts = [[1, 5, 7], [2, 9, 11, 13], [6]]
+    base = RolloutEngine(model, config=EngineConfig(cuda_graphs=False)).generate(prompts, sp)
+    spec = RolloutEngine(
+        model, speculators=[NoisyOracleSpeculator(model, noise=0.3)], config=EngineConfig(num_speculative_tokens=3)
+    )
+    out = spec.generate(prompts, sp)
+    assert out.completion_ids == base.completion_ids and spec.captures_graphs and spec._graphs.num_replays > 0

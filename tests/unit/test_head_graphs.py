@@ -134,3 +134,18 @@ def test_a_new_storage_starts_a_new_memory_pool():
         graphs.run(("b",), {"x": (torch.ones(2), 0.0)}, lambda x: (x + 2,))
         assert graphs._pool.generations == gen and graphs.num_graphs == 2
         store[0] = torch.zeros(4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_real_cuda_graphs_of_a_draft_head_keep_the_engine_lossless():
+    model = tiny_llama(vocab_size=V, dtype=torch.float64, seed=0).cuda()
+    head = _head(model.cpu()).cuda().bind_target(model.cuda())
+    sp = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)
+    base = RolloutEngine(model).generate(PROMPTS, sp, num_generations=2)
+    spec = DraftHeadSpeculator(head)
+    out = RolloutEngine(model, speculators=[spec], controller=FixedController(3)).generate(
+        PROMPTS, sp, num_generations=2
+    )
+    assert out.completion_ids == base.completion_ids and out.stats.num_draft_tokens > 0
+    assert spec._graphs is not None and spec._graphs.failed is None and spec._graphs.num_replays > 0
