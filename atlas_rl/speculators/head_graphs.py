@@ -23,6 +23,7 @@ from atlas_rl.graph_capture import Graph, GraphPool, row_bucket
 logger = logging.getLogger(__name__)
 
 MAX_GRAPHS = 128  # shapes past this many run eagerly
+CAPTURE_AFTER = 2  # a shape is captured the second time it is met (a one-off catch-up backlog never pays a capture)
 
 Inputs = dict[str, tuple[torch.Tensor, float]]  # name -> (live tensor [n, ...], the dummy rows' fill value)
 
@@ -51,6 +52,7 @@ class HeadGraphs:
         self._reads_fn = reads
         self._pool = GraphPool(graph_factory)
         self._graphs: dict[tuple, _Entry] = {}
+        self._seen: dict[tuple, int] = {}  # shapes met and not captured yet -> how often
         self._reads: tuple[int, ...] | None = None
         self.failed: str | None = None
         self.num_replays = 0
@@ -64,7 +66,8 @@ class HeadGraphs:
         self, key: tuple, inputs: Inputs, fn: Callable[..., tuple[torch.Tensor | None, ...]]
     ) -> tuple[torch.Tensor | None, ...] | None:
         """The outputs of ``fn`` over ``inputs`` (each ``[n, ...]``), rows ``:n`` copied out of the graph's; None
-        where no graph applies (capture failed, too many shapes): the caller runs eagerly."""
+        where no graph applies (a shape met for the first time, capture failed, too many shapes): the caller runs
+        eagerly."""
         n = next(iter(inputs.values()))[0].shape[0]
         nb = row_bucket(n)
         entry = self._entry((*key, nb), nb, inputs)
@@ -98,7 +101,8 @@ class HeadGraphs:
             self._reads = reads
         entry = self._graphs.get(key)
         if entry is None:
-            if len(self._graphs) >= MAX_GRAPHS:
+            self._seen[key] = seen = self._seen.get(key, 0) + 1
+            if seen < CAPTURE_AFTER or len(self._graphs) >= MAX_GRAPHS:
                 return None
             entry = self._graphs[key] = _Entry(self._pool.make(), nb, inputs)
         return entry
