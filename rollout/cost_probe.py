@@ -34,6 +34,7 @@ _COST_SOURCES = (
     "cost_probe.py",
     "cpu_glue.py",
     "csrc/decode_glue.cpp",
+    "cuda_graphs.py",
 )
 
 

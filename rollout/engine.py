@@ -261,16 +261,7 @@ class RolloutEngine:
         if self._verification_cost is None:
             from .cost_probe import forward_cost_ms
 
-            mc = self.model.config
-            key = cost_cache_key(
-                mc.to_dict(),
-                str(self.device) if self.device.type != "cuda" else torch.cuda.get_device_name(self.device),
-                str(self.dtype),
-                torch.get_num_threads(),
-                extra=f"cpu_linear={self.config.cpu_linear_kernel},lean={self._lean is not None},"
-                f"fused={self._lean is not None and self._lean.fused is not None},"
-                f"code={engine_code_version()},kernels={kernel_plan().digest()}",
-            )
+            key = self._cost_key()
 
             def timer(rows: int, tokens: int, repeats: int) -> float:
                 return forward_cost_ms(self.model, rows, tokens, repeats=repeats, warmup=0, engine=self) / 1000.0
@@ -288,6 +279,20 @@ class RolloutEngine:
                 if was_training:
                     self.model.train()
         return self._verification_cost
+
+    def _cost_key(self) -> str:
+        """The cache key of this engine's verification cost table: the model, device, dtype, threads and everything
+        of the forward path that changes what a forward costs (CUDA graphs replayed or not included)."""
+        mc = self.model.config
+        return cost_cache_key(
+            mc.to_dict(),
+            str(self.device) if self.device.type != "cuda" else torch.cuda.get_device_name(self.device),
+            str(self.dtype),
+            torch.get_num_threads(),
+            extra=f"cpu_linear={self.config.cpu_linear_kernel},lean={self._lean is not None},"
+            f"fused={self._lean is not None and self._lean.fused is not None},graphs={self.captures_graphs},"
+            f"code={engine_code_version()},kernels={kernel_plan().digest()}",
+        )
 
     def _default_controller(self) -> Controller:
         k = self.config.num_speculative_tokens

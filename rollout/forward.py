@@ -326,6 +326,8 @@ class LeanForward:
         n, q = input_ids.shape
         if kv_len is None:
             kv_len = int(starts.max()) + q
+        if static and (self._cos is None or self._cos.shape[0] < kv_len):
+            raise RuntimeError(f"a static forward needs RoPE tables of {kv_len} positions: call rope_tables() first")
         h = F.embedding(input_ids.reshape(-1), self.decoder.embed_tokens.weight)  # [c, H]
         cos_t, sin_t = (self._cos, self._sin) if static else self._rope_tables(kv_len, h.dtype, h.device)
         pos = starts[:, None] + torch.arange(q, device=starts.device)[None, :]  # [n, q]

@@ -65,6 +65,12 @@ def test_static_forward_equals_eager_with_keys_past_every_row(model, q, fuse):
     torch.testing.assert_close(b.keys[:, :, :, :20], a.keys[:, :, :, :20], rtol=0, atol=0)
 
 
+def test_a_static_forward_without_rope_tables_says_what_to_call(model):
+    lean = LeanForward(model, fuse=False)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="call rope_tables"):
+        lean(_step(1, 1, 0), torch.zeros(1, dtype=torch.long), _cache(model, 1, 8), False, kv_len=4, static=True)
+
+
 def _graphed(model, factory=RerunGraph) -> cg.GraphedForward:
     return cg.GraphedForward(LeanForward(model, fuse=False), model, graph_factory=factory)
 
@@ -207,3 +213,13 @@ def test_real_cuda_graphs_equal_the_eager_forward_and_keep_the_engine_lossless()
     )
     out = spec.generate(prompts, sp)
     assert out.completion_ids == base.completion_ids and spec.captures_graphs and spec._graphs.num_replays > 0
+
+
+def test_the_cost_table_of_an_engine_that_replays_graphs_is_cached_apart(model):
+    """A cost table measured eagerly must not price graph replays (on an H200: 13-15 ms against 3-7 ms a step)."""
+    engine = RolloutEngine(model, config=EngineConfig(num_speculative_tokens=0))
+    eager_key = engine._cost_key()
+    engine._graphs = cg.GraphedForward(engine._lean, model, graph_factory=RerunGraph)
+    assert engine.captures_graphs and engine._cost_key() != eager_key
+    engine._graphs.failed = "capture failed"  # eager again: the eager table applies
+    assert not engine.captures_graphs and engine._cost_key() == eager_key
