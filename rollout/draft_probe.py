@@ -43,13 +43,23 @@ class DraftProbeConfig:
     depths: tuple[int, ...] = field(default=(1, 3), metadata={"help": "Draft tokens per row timed."})
     prompt_len: int = field(default=32, metadata={"help": "Tokens of the synthetic prompt (>= 1)."})
     repeats: int = field(default=3, metadata={"help": "Timed proposals per (rows, depth); the median is kept."})
+    warmup: int = field(
+        default=0,
+        metadata={
+            "help": "Untimed rounds first (2 where drafting replays CUDA graphs: a draft head captures a shape the "
+            "second time it meets it, so the timed rounds are replays)."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the synthetic tokens and features."})
 
     def __post_init__(self) -> None:
         if not self.rows or not self.depths or min(self.rows) < 1 or min(self.depths) < 1:
             raise ValueError(f"rows and depths must be non-empty and >= 1, got {self.rows} and {self.depths}")
-        if self.prompt_len < 1 or self.repeats < 1:
-            raise ValueError(f"prompt_len and repeats must be >= 1, got {self.prompt_len} and {self.repeats}")
+        if self.prompt_len < 1 or self.repeats < 1 or self.warmup < 0:
+            raise ValueError(
+                f"prompt_len and repeats must be >= 1 and warmup >= 0, got {self.prompt_len}, {self.repeats} and "
+                f"{self.warmup}"
+            )
 
 
 @dataclass
@@ -124,6 +134,10 @@ def probe_drafting(
         group = _GROUP_ID - n
         try:
             b = _start(spec, extras, group, n, hidden_size, vocab_size, cfg)
+            for _ in range(cfg.warmup):  # untimed: shapes met (and captured where graphs are) before timing
+                for depth in cfg.depths:
+                    b.emit()
+                    b.propose(depth)
             out += _time_depths(b, cfg.depths, cfg.repeats, scratch, reference)
         finally:
             spec.stop(group)

@@ -67,7 +67,7 @@ from atlas_rl.verification.base import Verifier
 from .cost_probe import engine_code_version
 from .cpu_linear import drop_packed_weights, install_cpu_linear, kernel_plan
 from .cuda_graphs import GraphedForward
-from .draft_probe import probe_drafting
+from .draft_probe import DraftProbeConfig, probe_drafting
 from .forward import LeanForward, lean_forward_unsupported
 from .kv_cache import SlotKVCache
 from .step import (
@@ -454,8 +454,10 @@ class RolloutEngine:
         if name not in self._draft_timings:
             t0 = time.perf_counter()
             hidden = int(self.model.get_input_embeddings().weight.shape[1])
+            graphs = self.device.type == "cuda" and self.config.cuda_graphs  # heads capture on a second meeting
+            cfg = DraftProbeConfig(warmup=2) if graphs else None
             recs = probe_drafting(
-                self.speculators[name], extras, hidden, self.vocab_size, self.device, reference=self._reference_forward
+                self.speculators[name], extras, hidden, self.vocab_size, self.device, cfg, self._reference_forward
             )
             self._draft_timings[name] = recs
             logger.info(

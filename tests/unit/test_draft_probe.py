@@ -161,3 +161,25 @@ def test_controller_prices_probe_timings_at_the_speed_its_cost_table_was_measure
         assert ctls[0].draft_cost.predict("head", n, L) == pytest.approx(ctls[1].draft_cost.predict("head", n, L))
     far = ctls[0]._at_table_speed(ProposeRecord(1, 1, 0.009, 100 * table[1]))
     assert far.seconds == pytest.approx(0.009 / 3) and far.reference_s is None
+
+
+def test_warm_up_rounds_propose_untimed_before_the_timed_repeats(model):
+    """Where a head replays CUDA graphs it captures a shape the second time it meets it: the probe's warm-up rounds
+    meet every (rows, depth) first, so that its timed repeats are replays."""
+    spec = _spec(model)
+    depths_asked: list[int] = []
+    propose = spec.propose
+
+    def counting(rows, max_tokens):
+        depths_asked.append(max(max_tokens))
+        return propose(rows, max_tokens)
+
+    spec.propose = counting
+    cfg = DraftProbeConfig(rows=(1, 3), depths=(1, 2), prompt_len=5, repeats=3, warmup=2)
+    recs = probe_drafting(spec, speculator_extras(spec), model.config.hidden_size, V, torch.device("cpu"), cfg)
+    # per row count: the prompt's untimed pass at the deepest depth, then 2 warm-up and 3 timed rounds
+    assert depths_asked == ([2] + [1, 2] * 5) * 2
+    assert [(r.rows, r.tokens) for r in recs] == [(1, 1), (1, 2), (3, 3), (3, 6)]
+    assert not spec._rows and not spec._groups
+    with pytest.raises(ValueError, match="warmup >= 0"):
+        DraftProbeConfig(warmup=-1)
