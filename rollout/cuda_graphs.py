@@ -36,7 +36,7 @@ from .kv_cache import SlotKVCache
 logger = logging.getLogger(__name__)
 
 KV_BUCKET = 256  # key positions are rounded up to a multiple of this
-MAX_GRAPHS = 96  # shapes past this many run eagerly (each graph keeps its outputs on the device)
+MAX_GRAPHS = 96  # graphs kept at once (each keeps its outputs on the device); past it the least recently used goes
 MAX_COLUMNS = 2304  # rows x tokens past this run eagerly (compute-bound: launches no longer matter)
 
 Outputs = tuple[torch.Tensor, torch.Tensor | None]  # (last [nb, q, H], stacked hidden states [L + 1, nb, q, H])
@@ -133,9 +133,13 @@ class GraphedForward:
         key = (nb, q, self._kv_bucket(kv_len, cache), want_hidden)
         entry = self._graphs.get(key)
         if entry is None:
-            if len(self._graphs) >= MAX_GRAPHS:
-                return None
+            if len(self._graphs) >= MAX_GRAPHS:  # the least recently used goes
+                self._graphs.pop(next(iter(self._graphs)))
+                if not self._graphs:  # its pool is empty now: the next capture needs a new one (GraphPool)
+                    self._pool.renew()
             entry = self._graphs[key] = _Captured(self._pool.make(), nb, q, device)
+        else:
+            self._graphs[key] = self._graphs.pop(key)  # most recently used last
         return entry
 
     def _check_reads(self, cache: SlotKVCache) -> None:

@@ -22,7 +22,7 @@ from atlas_rl.graph_capture import Graph, GraphPool, row_bucket
 
 logger = logging.getLogger(__name__)
 
-MAX_GRAPHS = 128  # shapes past this many run eagerly
+MAX_GRAPHS = 128  # graphs kept at once; past it the least recently used goes
 CAPTURE_AFTER = 2  # a shape is captured the second time it is met (a one-off catch-up backlog never pays a capture)
 
 Inputs = dict[str, tuple[torch.Tensor, float]]  # name -> (live tensor [n, ...], the dummy rows' fill value)
@@ -66,8 +66,7 @@ class HeadGraphs:
         self, key: tuple, inputs: Inputs, fn: Callable[..., tuple[torch.Tensor | None, ...]]
     ) -> tuple[torch.Tensor | None, ...] | None:
         """The outputs of ``fn`` over ``inputs`` (each ``[n, ...]``), rows ``:n`` copied out of the graph's; None
-        where no graph applies (a shape met for the first time, capture failed, too many shapes): the caller runs
-        eagerly."""
+        where no graph applies (a shape met for the first time, capture failed): the caller runs eagerly."""
         n = next(iter(inputs.values()))[0].shape[0]
         nb = row_bucket(n)
         entry = self._entry((*key, nb), nb, inputs)
@@ -102,9 +101,15 @@ class HeadGraphs:
         entry = self._graphs.get(key)
         if entry is None:
             self._seen[key] = seen = self._seen.get(key, 0) + 1
-            if seen < CAPTURE_AFTER or len(self._graphs) >= MAX_GRAPHS:
+            if seen < CAPTURE_AFTER:
                 return None
+            if len(self._graphs) >= MAX_GRAPHS:  # the least recently used goes
+                self._graphs.pop(next(iter(self._graphs)))
+                if not self._graphs:  # its pool is empty now: the next capture needs a new one (GraphPool)
+                    self._pool.renew()
             entry = self._graphs[key] = _Entry(self._pool.make(), nb, inputs)
+        else:
+            self._graphs[key] = self._graphs.pop(key)  # most recently used last
         return entry
 
     def _capture(self, entry: _Entry, fn: Callable[..., tuple]) -> tuple | None:

@@ -223,3 +223,15 @@ def test_the_cost_table_of_an_engine_that_replays_graphs_is_cached_apart(model):
     assert engine.captures_graphs and engine._cost_key() != eager_key
     engine._graphs.failed = "capture failed"  # eager again: the eager table applies
     assert not engine.captures_graphs and engine._cost_key() == eager_key
+
+
+def test_past_the_graph_limit_the_least_recently_used_graph_goes(model, monkeypatch):
+    """A long run meets more shapes than it keeps graphs for (key buckets x tokens per row x row buckets): the
+    least recently used graph is dropped, never the shape in use, and every shape keeps replaying."""
+    monkeypatch.setattr(cg, "MAX_GRAPHS", 2)
+    graphed, lean = _graphed(model), LeanForward(model, fuse=False)
+    with torch.inference_mode():
+        cache = _prefilled(lean, model, 2, [4, 4], 64, seed=8)
+        for q in (1, 2, 1, 3, 1):  # q=1 used again before q=3 comes: q=2 is the one dropped
+            graphed(_step(2, q, q), torch.tensor([4, 4]), cache, False, kv_len=4 + q)
+    assert [k[1] for k in graphed._graphs] == [3, 1] and graphed.num_captures == 3 and graphed.num_replays == 5

@@ -154,3 +154,13 @@ def test_real_cuda_graphs_of_a_draft_head_keep_the_engine_lossless():
     )
     assert out.completion_ids == base.completion_ids and out.stats.num_draft_tokens > 0
     assert spec._graphs is not None and spec._graphs.failed is None and spec._graphs.num_replays > 0
+
+
+def test_a_head_keeps_its_most_recently_used_graphs(monkeypatch):
+    import atlas_rl.speculators.head_graphs as hg
+
+    monkeypatch.setattr(hg, "MAX_GRAPHS", 2)
+    graphs = HeadGraphs(lambda: (), graph_factory=RerunGraph)
+    for name in ("a", "a", "b", "b", "a", "c", "c"):
+        graphs.run((name,), {"x": (torch.ones(2), 0.0)}, lambda x: (x + 1,))
+    assert [k[0] for k in graphs._graphs] == ["a", "c"] and graphs.num_captures == 3
