@@ -87,7 +87,8 @@ class NoisyOracleSpeculator(StatelessSpeculator):
     def _next(self, seq: list[int]) -> int:
         key = tuple(seq)
         if key not in self._greedy_next:
-            self._greedy_next[key] = int(self.model(torch.tensor([seq])).logits[0, -1].argmax())
+            ids = torch.tensor([seq], device=next(self.model.parameters()).device)
+            self._greedy_next[key] = int(self.model(ids).logits[0, -1].argmax())
         return self._greedy_next[key]
 
     @torch.no_grad()
