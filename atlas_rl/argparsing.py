@@ -149,6 +149,11 @@ class ConfigParser(TrlParser):
     @staticmethod
     def _parse_dataclass_field(parser: argparse.ArgumentParser, field: dataclasses.Field) -> None:
         tp, _ = _optional(field.type)
+        if tp is dict or typing.get_origin(tp) is dict:  # a mapping flag takes YAML: --extra '{a: 1}'
+            kwargs = {k: v for k, v in field.metadata.items() if k != "aliases"}
+            default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
+            parser.add_argument(f"--{field.name}", type=_yaml_mapping, default=default, **kwargs)
+            return None
         items = _item_types(tp)
         if items is None or typing.get_origin(tp) is list:
             return TrlParser._parse_dataclass_field(parser, field)
@@ -302,6 +307,17 @@ def _load_config(path: str | None) -> dict[str, Any]:
     for key, value in (values.pop("env", None) or {}).items():  # TrlParser's convention: env vars for the run
         os.environ[str(key)] = str(value)
     return values
+
+
+def _yaml_mapping(text: str) -> dict[str, Any]:
+    """A mapping flag's value: a YAML (or JSON) mapping."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise argparse.ArgumentTypeError(f"not YAML: {one_line(e)}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a YAML mapping such as '{{key: value}}', got {text!r}")
+    return value
 
 
 def _parse_sets(items: Iterable[str]) -> dict[str, Any]:

@@ -307,6 +307,15 @@ def test_demo_flags_parse_into_the_task_config():
     assert (cfg.baseline_every, cfg.run_dir, cfg.seed, cfg.tiny) == (0, "runs/x", 7, False)
     tiny = demo_parser().parse(["--tiny"])
     assert tiny.tiny is True and tiny.baseline_every == 1 and tiny.run_dir == "runs/demo"
+    extra = demo_parser().parse(["--extra", "{atlas_controller: fixed, atlas_num_speculative_tokens: 2}"]).extra
+    assert extra == {"atlas_controller": "fixed", "atlas_num_speculative_tokens": 2}
+    assert demo_parser().parse(["--extra", '{"beta": 0.1}']).extra == {"beta": 0.1}  # JSON is YAML
+
+
+def test_a_mapping_flag_that_is_not_a_mapping_is_a_one_line_error(capsys):
+    assert main(["demo", "--tiny", "--extra", "[1, 2]"]) == 2
+    err = capsys.readouterr().err
+    assert "expected a YAML mapping" in err and len(err.strip().splitlines()) == 1
 
 
 def test_help_of_every_command_and_scenario_exits_0(capsys):
