@@ -5,14 +5,16 @@ any device with a graph that re-runs what it captured), its CUDA implementation,
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable
-from typing import Protocol, TypeVar
+import logging
+from collections.abc import Callable, Hashable
+from typing import Generic, Protocol, TypeVar
 
 import torch
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 
 _Out = TypeVar("_Out")
+_Entry = TypeVar("_Entry")
 
 
 class Graph(Protocol):
@@ -77,3 +79,52 @@ class GraphPool:
     def renew(self) -> None:
         """The next graph starts a new pool (call after dropping every graph of this one)."""
         self._factory = None
+
+
+class GraphSet(Generic[_Entry]):
+    """The bookkeeping an owner of graphs shares with every other (the target's forward, each draft head): its
+    entries by key with the least recently used dropped past ``limit``, one :class:`GraphPool` renewed whenever the
+    entries are all dropped, and one failed capture turning capture off for good (``failed`` says why)."""
+
+    def __init__(self, graph_factory: Callable[[], Graph] | None, limit: int, log: logging.Logger, off: str) -> None:
+        self._pool = GraphPool(graph_factory)
+        self._graphs: dict[Hashable, _Entry] = {}  # least recently used first
+        self._limit, self._log, self._off = limit, log, off  # off: what the owner does after a failure
+        self.failed: str | None = None
+        self.num_replays = 0
+        self.num_captures = 0
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self._graphs)
+
+    def _drop(self) -> None:
+        """Drop every graph; the next ones are captured into a new memory pool (:class:`GraphPool`)."""
+        if self._graphs:
+            self._graphs.clear()
+            self._pool.renew()
+
+    def _admit(self, key: Hashable, make: Callable[[Graph], _Entry]) -> _Entry:
+        """The entry of ``key``, made over a new graph where there is none (the least recently used goes past the
+        limit); either way it becomes the most recently used."""
+        entry = self._graphs.pop(key, None)
+        if entry is None:
+            if len(self._graphs) >= self._limit:
+                self._graphs.pop(next(iter(self._graphs)))
+                if not self._graphs:  # its pool is empty now: the next capture needs a new one
+                    self._pool.renew()
+            entry = make(self._pool.make())
+        self._graphs[key] = entry
+        return entry
+
+    def _capture(self, graph: Graph, fn: Callable[[], _Out]) -> _Out | None:
+        """``graph.capture(fn)``; None after a failure, which drops every graph and turns capture off."""
+        try:
+            out = graph.capture(fn)
+        except Exception as exc:  # noqa: BLE001 - any failure: the owner stays correct on its eager path
+            self.failed = f"{type(exc).__name__}: {exc}"
+            self._drop()
+            self._log.warning("CUDA graph capture failed, %s from now on: %s", self._off, self.failed)
+            return None
+        self.num_captures += 1
+        return out

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from atlas_rl.graph_capture import Graph, GraphPool, row_bucket
+from atlas_rl.graph_capture import Graph, GraphSet, row_bucket
 
 from .forward import LeanForward
 from .kv_cache import SlotKVCache
@@ -52,7 +52,7 @@ class _Captured:
         self.outputs: Outputs | None = None
 
 
-class GraphedForward:
+class GraphedForward(GraphSet[_Captured]):
     """``(input_ids [n, q], starts [n], cache, want_hidden, kv_len) -> LeanForward's outputs``, replayed from a
     graph per (row bucket, q, key bucket, want_hidden); eager where no graph applies.
 
@@ -60,18 +60,10 @@ class GraphedForward:
     per generation of graphs: :class:`~atlas_rl.graph_capture.GraphPool`)."""
 
     def __init__(self, lean: LeanForward, model: nn.Module, graph_factory: Callable[[], Graph] | None = None) -> None:
+        super().__init__(graph_factory, MAX_GRAPHS, logger, "decoding eagerly")
         self.lean, self.model = lean, model
-        self._pool = GraphPool(graph_factory)
-        self._graphs: dict[tuple[int, int, int, bool], _Captured] = {}
         self._reads: tuple[int, int] | None = None  # data pointers of the KV cache and the RoPE table graphs read
         self._params: tuple[int, ...] | None = None  # data pointers of the parameters they read
-        self.failed: str | None = None  # why capturing stopped (then every forward is eager)
-        self.num_replays = 0
-        self.num_captures = 0
-
-    @property
-    def num_graphs(self) -> int:
-        return len(self._graphs)
 
     def validate(self) -> None:
         """Drop every graph when a parameter is no longer the tensor its graphs read (once per ``generate``)."""
@@ -83,12 +75,6 @@ class GraphedForward:
     def clear(self) -> None:
         self._drop()
         self._reads = self._params = None
-
-    def _drop(self) -> None:
-        """Drop every graph; the next ones are captured into a new memory pool (:class:`GraphPool`)."""
-        if self._graphs:
-            self._graphs.clear()
-            self._pool.renew()
 
     def __call__(
         self,
@@ -107,7 +93,7 @@ class GraphedForward:
         if n < entry.starts.shape[0]:
             entry.starts[n:].zero_()  # dummy rows write positions 0 .. q-1 of dead slots, whatever ran before
         if entry.outputs is None:
-            entry.outputs = self._capture(entry, cache, want_hidden, self._kv_bucket(kv_len, cache))
+            entry.outputs = self._capture_forward(entry, cache, want_hidden, self._kv_bucket(kv_len, cache))
             if entry.outputs is None:
                 return self.lean(input_ids, starts, cache, want_hidden, kv_len)
         entry.graph.replay()
@@ -131,16 +117,7 @@ class GraphedForward:
             return None
         self._check_reads(cache)
         key = (nb, q, self._kv_bucket(kv_len, cache), want_hidden)
-        entry = self._graphs.get(key)
-        if entry is None:
-            if len(self._graphs) >= MAX_GRAPHS:  # the least recently used goes
-                self._graphs.pop(next(iter(self._graphs)))
-                if not self._graphs:  # its pool is empty now: the next capture needs a new one (GraphPool)
-                    self._pool.renew()
-            entry = self._graphs[key] = _Captured(self._pool.make(), nb, q, device)
-        else:
-            self._graphs[key] = self._graphs.pop(key)  # most recently used last
-        return entry
+        return self._admit(key, lambda graph: _Captured(graph, nb, q, device))
 
     def _check_reads(self, cache: SlotKVCache) -> None:
         """Drop the graphs when the KV cache or the RoPE table they read is another tensor now."""
@@ -153,17 +130,9 @@ class GraphedForward:
         if self._params is None:
             self.validate()
 
-    def _capture(self, entry: _Captured, cache: SlotKVCache, want_hidden: bool, kvb: int) -> Outputs | None:
+    def _capture_forward(self, entry: _Captured, cache: SlotKVCache, want_hidden: bool, kvb: int) -> Outputs | None:
         def fn() -> Outputs:
             last, hidden = self.lean(entry.ids, entry.starts, cache, want_hidden, kvb, static=True)
             return last, None if hidden is None else torch.stack(hidden)
 
-        try:
-            out = entry.graph.capture(fn)
-        except Exception as exc:  # noqa: BLE001 - any failure: stay correct on the eager forward
-            self.failed = f"{type(exc).__name__}: {exc}"
-            self._drop()
-            logger.warning("CUDA graph capture failed, decoding eagerly from now on: %s", self.failed)
-            return None
-        self.num_captures += 1
-        return out
+        return self._capture(entry.graph, fn)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from atlas_rl.graph_capture import Graph, GraphPool, row_bucket
+from atlas_rl.graph_capture import Graph, GraphSet, row_bucket
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class _Entry:
         self.outputs: tuple[torch.Tensor | None, ...] | None = None
 
 
-class HeadGraphs:
+class HeadGraphs(GraphSet[_Entry]):
     """Graph replay of ``fn(**static inputs) -> tuple of [nb, ...] tensors`` per key and row bucket.
 
     ``reads``: what the graphs read besides their inputs (weights, the KV storage) as a tuple of tensors; when one
@@ -49,18 +49,10 @@ class HeadGraphs:
     def __init__(
         self, reads: Callable[[], tuple[torch.Tensor, ...]], graph_factory: Callable[[], Graph] | None = None
     ) -> None:
+        super().__init__(graph_factory, MAX_GRAPHS, logger, "drafting eagerly")
         self._reads_fn = reads
-        self._pool = GraphPool(graph_factory)
-        self._graphs: dict[tuple, _Entry] = {}
         self._seen: dict[tuple, int] = {}  # shapes met and not captured yet -> how often
         self._reads: tuple[int, ...] | None = None
-        self.failed: str | None = None
-        self.num_replays = 0
-        self.num_captures = 0
-
-    @property
-    def num_graphs(self) -> int:
-        return len(self._graphs)
 
     def run(
         self, key: tuple, inputs: Inputs, fn: Callable[..., tuple[torch.Tensor | None, ...]]
@@ -78,18 +70,12 @@ class HeadGraphs:
             if n < nb:
                 buf[n:].fill_(fill)
         if entry.outputs is None:
-            entry.outputs = self._capture(entry, fn)
+            entry.outputs = self._capture(entry.graph, lambda: fn(**entry.buffers))
             if entry.outputs is None:
                 return None
         entry.graph.replay()
         self.num_replays += 1
         return tuple(None if o is None else o[:n].clone() for o in entry.outputs)
-
-    def _drop(self) -> None:
-        """Drop every graph; the next ones are captured into a new memory pool (:class:`GraphPool`)."""
-        if self._graphs:
-            self._graphs.clear()
-            self._pool.renew()
 
     def _entry(self, key: tuple, nb: int, inputs: Inputs) -> _Entry | None:
         if self.failed is not None:
@@ -98,27 +84,8 @@ class HeadGraphs:
         if reads != self._reads:
             self._drop()
             self._reads = reads
-        entry = self._graphs.get(key)
-        if entry is None:
+        if key not in self._graphs:
             self._seen[key] = seen = self._seen.get(key, 0) + 1
             if seen < CAPTURE_AFTER:
                 return None
-            if len(self._graphs) >= MAX_GRAPHS:  # the least recently used goes
-                self._graphs.pop(next(iter(self._graphs)))
-                if not self._graphs:  # its pool is empty now: the next capture needs a new one (GraphPool)
-                    self._pool.renew()
-            entry = self._graphs[key] = _Entry(self._pool.make(), nb, inputs)
-        else:
-            self._graphs[key] = self._graphs.pop(key)  # most recently used last
-        return entry
-
-    def _capture(self, entry: _Entry, fn: Callable[..., tuple]) -> tuple | None:
-        try:
-            out = entry.graph.capture(lambda: fn(**entry.buffers))
-        except Exception as exc:  # noqa: BLE001 - any failure: stay correct on the eager path
-            self.failed = f"{type(exc).__name__}: {exc}"
-            self._drop()
-            logger.warning("draft head CUDA graph capture failed, drafting eagerly from now on: %s", self.failed)
-            return None
-        self.num_captures += 1
-        return out
+        return self._admit(key, lambda graph: _Entry(graph, nb, inputs))
