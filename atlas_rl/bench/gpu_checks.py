@@ -20,11 +20,6 @@ DEFAULT_ROWS = (1, 16)
 OUTPUT_ENGINES = {"eager_k0": (0, False), "graphs_k0": (0, True), "graphs_k2": (2, True), "eager_k2": (2, False)}
 
 
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _identical(a: list[list[int]], b: list[list[int]]) -> tuple[float, float]:
     """(share of rows identical, share of tokens identical position by position)."""
     rows = sum(x == y for x, y in zip(a, b)) / len(a)
@@ -65,6 +60,7 @@ def output_check(model: torch.nn.Module, rows: int, new_tokens: int) -> dict:
 def default_vs_plain(model: torch.nn.Module, rows: int, new_tokens: int, repeats: int) -> dict:
     """The default engine and a k=0 engine on ``rows`` random prompts, greedy, ``repeats`` interleaved rounds after
     one warm-up call each: tok/s per round, the default's τ per round."""
+    from atlas_rl.bench.gpu_costs import _timed_generate
     from atlas_rl.config import EngineConfig
     from atlas_rl.rollout import RolloutEngine
     from atlas_rl.speculators.defaults import default_speculators
@@ -82,13 +78,10 @@ def default_vs_plain(model: torch.nn.Module, rows: int, new_tokens: int, repeats
         engine.generate(prompts, sp)
     for _ in range(repeats):
         for name, engine in (("k0", plain), ("default", default)):
-            _sync(engine.device)
-            t = time.perf_counter()
-            batch = engine.generate(prompts, sp)
-            _sync(engine.device)
-            out[f"{name}_tok_s"].append(rows * new_tokens / (time.perf_counter() - t))
+            seconds, stats = _timed_generate(engine, prompts, sp)
+            out[f"{name}_tok_s"].append(rows * new_tokens / seconds)
             if name == "default":
-                out["tau"].append(batch.stats.mean_acceptance_length)
+                out["tau"].append(stats.mean_acceptance_length)
     return {**out, "graphs": _graph_stats(default)}
 
 
