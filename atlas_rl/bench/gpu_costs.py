@@ -266,6 +266,17 @@ def _spec_engine(model, k: int, graphs: bool = True):
     return RolloutEngine(model, speculators=specs, controller=FixedController(k), eos_token_ids=[], config=config)
 
 
+def graph_counts(engine) -> dict[str, int]:
+    """Captures and replays so far of the engine's forward graphs and of its draft heads' graphs (0 where none)."""
+    owners = [engine._graphs, *(getattr(s, "_graphs", None) for s in engine.speculators.values())]
+    owners = [g for g in owners if g is not None]
+    return {
+        "captures": sum(g.num_captures for g in owners),
+        "replays": sum(g.num_replays for g in owners),
+        "target_captures": engine._graphs.num_captures if engine._graphs is not None else 0,
+    }
+
+
 def spec_cell(model, rows: int, temperature: float, opts: GpuCostOptions) -> list[dict]:
     """Plain and speculating engines (``SPEC_CONFIGS``) side by side on the same ``rows`` prompts, ``spec_tokens``
     new tokens each, ``repeats`` interleaved rounds: per configuration, the parts of the call with the median step
@@ -280,6 +291,7 @@ def spec_cell(model, rows: int, temperature: float, opts: GpuCostOptions) -> lis
     for eng in engines.values():
         eng.generate([p[:8] for p in prompts], warm)
         eng.generate(prompts, sp)  # the timed calls' shapes seen once (their graphs captured)
+    before = {c: graph_counts(eng) for c, eng in engines.items()}
     for _ in range(opts.repeats):
         for c, eng in engines.items():
             _sync(eng.device)
@@ -289,6 +301,8 @@ def spec_cell(model, rows: int, temperature: float, opts: GpuCostOptions) -> lis
         mid = sorted(calls, key=lambda d: d["step_ms"])[(len(calls) - 1) // 2]
         replayed = engines[(k, graphs)].captures_graphs
         row = {"k": k, "graphs_requested": graphs, "graphs": replayed, "temperature": temperature, **mid}
+        after = graph_counts(engines[(k, graphs)])
+        row["timed_graph_counts"] = {n: after[n] - before[(k, graphs)][n] for n in after}  # captures in timed calls
         out.append({**row, "step_ms_all": [d["step_ms"] for d in calls]})
     return out
 
