@@ -52,7 +52,7 @@ SPEC_KS = (0, 2, 4)  # draft lengths of the speculating-step cells; k=0 is plain
 # (k, CUDA graphs) of the speculating-step cells: every k with graphs, and k=0 and k=2 eager beside them
 SPEC_CONFIGS = tuple((k, True) for k in SPEC_KS) + ((0, False), (2, False))
 TEMPERATURES = (0.0, 1.0)
-SECTIONS = ("first", "costs", "decode", "spec", "outputs", "default")
+SECTIONS = ("first", "costs", "decode", "spec", "profile", "outputs", "default")
 FIRST_ROWS = (1, 16)  # row counts of the first-call section
 
 
@@ -307,6 +307,53 @@ def spec_cell(model, rows: int, temperature: float, opts: GpuCostOptions) -> lis
     return out
 
 
+PROFILE_ROWS, PROFILE_K = 4, 2  # the profiled speculating cell (T=1): where its eager verification time goes
+
+
+def _top_ops(prof, key: str, count: int = 25) -> list[dict]:
+    """The ``count`` ops of a finished profiler with the most ``key`` time: name, calls, self CPU ms, device ms."""
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0.0), reverse=True)[:count]
+    return [
+        {
+            "op": e.key,
+            "calls": e.count,
+            "self_cpu_ms": e.self_cpu_time_total / 1e3,
+            "device_ms": getattr(e, "self_device_time_total", 0.0) / 1e3,
+        }
+        for e in events
+    ]
+
+
+def profile_cell(model, opts: GpuCostOptions) -> dict:
+    """``torch.profiler`` over one warm T=1 call of plain decoding and of k=2 drafting at 4 rows (graphs on): the
+    ops with the most host time and the most device time, and the number of ops each call launched."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from atlas_rl.types import SamplingParams
+
+    prompts = _prompts(PROFILE_ROWS, model.get_output_embeddings().weight.shape[0]).tolist()
+    sp = SamplingParams(temperature=1.0, max_new_tokens=opts.spec_tokens, ignore_eos=True, seed=0)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    out = {}
+    for k in (0, PROFILE_K):
+        eng = _spec_engine(model, k)
+        for _ in range(2):
+            eng.generate(prompts, sp)  # the same seed: every shape of the profiled call captured
+        _sync(eng.device)
+        with profile(activities=acts) as prof:
+            stats = eng.generate(prompts, sp).stats
+            _sync(eng.device)
+        steps = max(1, stats.num_steps)
+        out[f"k{k}"] = {
+            "steps": stats.num_steps,
+            "ops_per_step": sum(e.count for e in prof.key_averages()) / steps,
+            "by_host": _top_ops(prof, "self_cpu_time_total"),
+            "by_device": _top_ops(prof, "self_device_time_total"),
+            "graph_counts": graph_counts(eng),
+        }
+    return out
+
+
 class Recorder:
     """Runs named sections, keeps their results (or their errors) and writes the report after each one."""
 
@@ -356,6 +403,8 @@ def _measure_shape(rec: Recorder, name: str, shape: tuple, dev: torch.device, dt
     for temp in TEMPERATURES if "spec" in opts.sections else ():
         for r in opts.spec_rows:
             rec.section(entry, f"spec_T{temp:g}_r{r}", lambda r=r, temp=temp: spec_cell(model, r, temp, opts))
+    if "profile" in opts.sections:
+        rec.section(entry, "profile", lambda: profile_cell(model, opts))
     _measure_checks(rec, entry, model)
 
 
@@ -443,6 +492,17 @@ def _spec_lines(e: dict) -> list[str]:
     return lines + [""]
 
 
+def _profile_lines(e: dict) -> list[str]:
+    lines = [f"profiled T=1 call at {PROFILE_ROWS} rows, graphs on: the 10 ops with the most host time", ""]
+    for name, p in e["profile"].items():
+        lines += [f"{name}: {p['steps']} steps, {p['ops_per_step']:.0f} ops a step", ""]
+        lines += ["| op | calls | self host ms | device ms |", "|---|---|---|---|"]
+        for d in p["by_host"][:10]:
+            lines.append(f"| {d['op']} | {d['calls']} | {d['self_cpu_ms']:.2f} | {d['device_ms']:.2f} |")
+        lines.append("")
+    return lines
+
+
 def render_markdown(report: dict, opts: GpuCostOptions) -> str:
     from atlas_rl.bench import gpu_checks as gc_
 
@@ -453,6 +513,7 @@ def render_markdown(report: dict, opts: GpuCostOptions) -> str:
         lines += _cost_lines(e, opts) if "costs" in e else []
         lines += _decode_lines(e) if "decode" in e else []
         lines += _spec_lines(e)
+        lines += _profile_lines(e) if "profile" in e else []
         lines += gc_.outputs_lines(e) if "outputs" in e else []
         lines += gc_.default_lines(e) if "default" in e else []
         if e.get("graph_failure"):

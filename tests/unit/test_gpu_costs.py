@@ -36,6 +36,12 @@ def test_gpu_cost_script_runs_tiny_on_cpu(tmp_path):
                 assert d["step_ms"] >= d["forward_ms"] > 0
                 assert (d["propose_ms"] > 0) == (d["k"] > 0)  # a plain step proposes nothing
                 assert d["tau"] >= 1.0 if d["k"] else d["tau"] == 1.0
+    for d in (d for cell in (tiny[k] for k in tiny if k.startswith("spec_")) for d in cell):
+        assert d["timed_graph_counts"] == {"captures": 0, "replays": 0, "target_captures": 0}  # none on a CPU
+    prof = tiny["profile"]
+    assert set(prof) == {"k0", "k2"} and all(p["steps"] > 0 and p["ops_per_step"] > 0 for p in prof.values())
+    assert prof["k2"]["ops_per_step"] > prof["k0"]["ops_per_step"]  # drafting and verifying drafts launch more
+    assert all(p["by_host"][0]["self_cpu_ms"] >= p["by_host"][-1]["self_cpu_ms"] > 0 for p in prof.values())
     for c in tiny["outputs"]:  # no graphs on a CPU: every engine decodes the same tokens
         assert c["graphs_k2_vs_graphs_k0"] == [1.0, 1.0] and c["vs_eager_k0"]["eager_k2"] == [1.0, 1.0]
         assert c["graphs"]["graphs_k0"]["forward"] is None
@@ -45,12 +51,13 @@ def test_gpu_cost_script_runs_tiny_on_cpu(tmp_path):
     md = (tmp_path / "gpu_costs.md").read_text()
     assert "| rows |" in md and "| T | k | graphs | rows | step |" in md and "| 1 | cuDNN left out |" in md
     assert "| 3 | 1.00 (1.00) | 1.00 (1.00) | 1.00 (1.00) |" in md and "default engine vs k=0" in md
+    assert "profiled T=1 call at 4 rows" in md and "| op | calls | self host ms | device ms |" in md
 
 
 def test_sections_past_the_deadline_are_skipped_and_said_so(tmp_path):
     assert main(["--out", str(tmp_path), "--tiny", "--device", "cpu", "--deadline-s", "1e-9"]) == 0
     tiny = json.loads((tmp_path / "gpu_costs.json").read_text())["shapes"]["tiny"]
-    assert tiny["skipped"][:3] == ["first", "costs", "decode"] and len(tiny["skipped"]) == 5 + 2 * len(TEMPERATURES)
+    assert tiny["skipped"][:3] == ["first", "costs", "decode"] and len(tiny["skipped"]) == 6 + 2 * len(TEMPERATURES)
     assert tiny["skipped"][-2:] == ["outputs", "default"]
     assert "skipped at the deadline: first, costs, decode" in (tmp_path / "gpu_costs.md").read_text()
 
