@@ -118,21 +118,34 @@ def _load(opts: OnPolicyCheckOptions) -> tuple[Any, Any, list[list[int]], bool]:
     return model, tok, prompts, static_head_path(model) is not None
 
 
-def _summary(raw: dict[str, dict[str, list]], tok: Any) -> dict[str, Any]:
+def _answer_lines(d: dict[str, list], tok: Any) -> tuple[int, int]:
+    """``(completions that state their answer on a line of its own, the others)``: the demo's format reward."""
     from atlas_rl.data.tasks import format_reward
 
+    hits = int(sum(format_reward(tok.decode(c, skip_special_tokens=True)) for c in d["completions"]))
+    return hits, len(d["completions"]) - hits
+
+
+def _summary(raw: dict[str, dict[str, list]], tok: Any) -> dict[str, Any]:
+    from scipy import stats as st
+
     summary: dict[str, Any] = {"significance_level": SIGNIFICANCE}
+    base = _answer_lines(raw["k0"], tok)
     for name, d in raw.items():
-        texts = [tok.decode(c, skip_special_tokens=True) for c in d["completions"]]
+        lines = _answer_lines(d, tok)
         row = {
             "samples": len(d["length"]),
             "mean_logprob": float(np.mean(d["mean_logprob"])),
             "mean_length": float(np.mean(d["length"])),
-            "answer_line_rate": float(np.mean([format_reward(t) for t in texts])),
+            "answer_line_rate": lines[0] / max(1, len(d["completions"])),
             "tau": float(np.mean(d["tau"])),
             "seconds": float(sum(d["seconds"])),
         }
-        summary[name] = row if name == "k0" else {**row, **compare(d, raw["k0"])}
+        if name != "k0":
+            row |= compare(d, raw["k0"])
+            row["answer_line_p_fisher"] = float(st.fisher_exact([list(lines), list(base)]).pvalue)
+            row["differ"] = row["differ"] or row["answer_line_p_fisher"] < SIGNIFICANCE
+        summary[name] = row
     return summary
 
 

@@ -60,6 +60,7 @@ def test_check_runs_on_a_tiny_model_and_writes_its_summary(tmp_path):
     assert set(summary) == {"significance_level", "k0", "default"}  # no static head ships for the tiny model
     assert summary["k0"]["samples"] == summary["default"]["samples"] == 4
     assert 0.0 <= summary["default"]["mean_logprob_p_ks"] <= 1.0 and "differ" in summary["default"]
+    assert 0.0 <= summary["default"]["answer_line_p_fisher"] <= 1.0
 
 
 def test_bad_options_are_a_usage_error():
