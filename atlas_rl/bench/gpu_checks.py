@@ -27,7 +27,7 @@ def _identical(a: list[list[int]], b: list[list[int]]) -> tuple[float, float]:
     return rows, toks
 
 
-def _graph_stats(engine: Any) -> dict:
+def graph_stats(engine: Any) -> dict:
     """Captures, replays and a failure of the engine's forward graphs and of its draft heads' graphs."""
 
     def one(g: Any) -> dict | None:
@@ -49,7 +49,7 @@ def output_check(model: torch.nn.Module, rows: int, new_tokens: int) -> dict:
     for name, (k, graphs) in OUTPUT_ENGINES.items():
         engine = _spec_engine(model, k, graphs)
         outs[name] = engine.generate(prompts, sp).completion_ids
-        stats[name] = _graph_stats(engine)
+        stats[name] = graph_stats(engine)
     ref = outs["eager_k0"]
     cell: dict = {"rows": rows, "vs_eager_k0": {n: _identical(o, ref) for n, o in outs.items() if n != "eager_k0"}}
     cell["graphs_k2_vs_graphs_k0"] = _identical(outs["graphs_k2"], outs["graphs_k0"])
@@ -82,7 +82,7 @@ def default_vs_plain(model: torch.nn.Module, rows: int, new_tokens: int, repeats
             out[f"{name}_tok_s"].append(rows * new_tokens / seconds)
             if name == "default":
                 out["tau"].append(stats.mean_acceptance_length)
-    return {**out, "graphs": _graph_stats(default)}
+    return {**out, "graphs": graph_stats(default)}
 
 
 def outputs_lines(entry: dict) -> list[str]:

@@ -267,13 +267,16 @@ def _spec_engine(model, k: int, graphs: bool = True):
 
 
 def graph_counts(engine) -> dict[str, int]:
-    """Captures and replays so far of the engine's forward graphs and of its draft heads' graphs (0 where none)."""
-    owners = [engine._graphs, *(getattr(s, "_graphs", None) for s in engine.speculators.values())]
-    owners = [g for g in owners if g is not None]
+    """Captures and replays so far of the engine's forward graphs and of its draft heads' graphs together (0 where
+    none), and the forward's captures alone: :func:`~atlas_rl.bench.gpu_checks.graph_stats` summed."""
+    from atlas_rl.bench.gpu_checks import graph_stats
+
+    stats = graph_stats(engine)
+    owners = [o for o in (stats["forward"], *stats["heads"].values()) if o is not None]
     return {
-        "captures": sum(g.num_captures for g in owners),
-        "replays": sum(g.num_replays for g in owners),
-        "target_captures": engine._graphs.num_captures if engine._graphs is not None else 0,
+        "captures": sum(o["captures"] for o in owners),
+        "replays": sum(o["replays"] for o in owners),
+        "target_captures": stats["forward"]["captures"] if stats["forward"] is not None else 0,
     }
 
 
