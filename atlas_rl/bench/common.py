@@ -85,3 +85,21 @@ def start_run(opts: Any, command: str, **fields: Any) -> BenchRun:
     out_dir.mkdir(parents=True, exist_ok=True)
     eos = list(RolloutEngine(model).eos_token_ids)
     return BenchRun(out_dir, model, tokenizer, eos, header(opts, model, command) | fields, t0)
+
+
+def check_options(cls: type, module: str, doc: str | None, argv: list[str] | None, needs_scipy: bool = False) -> Any:
+    """The options of a ``python -m atlas_rl.bench.<module>`` check parsed from ``argv`` (its usage error on bad
+    input), with INFO logging on; ``needs_scipy``: exit saying how to get scipy (the ``dev`` extra) where it is
+    missing."""
+    import logging
+
+    from atlas_rl.argparsing import ConfigParser
+
+    if needs_scipy:
+        try:
+            import scipy  # noqa: F401
+        except ImportError as e:  # a dev tool: scipy comes with the dev extra
+            raise SystemExit(f"{module} needs scipy: pip install -e '.[dev]'") from e
+    opts = ConfigParser([cls], prog=f"python -m atlas_rl.bench.{module}", description=doc).parse(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    return opts

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from atlas_rl.argparsing import ConfigParser
+from atlas_rl.bench.common import check_options
 from atlas_rl.jsonio import dumps
 
 logger = logging.getLogger(__name__)
@@ -39,10 +39,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     from .workloads import grpo_workload, left_pad
 
-    args = ConfigParser(
-        [LogprobCheckOptions], prog="python -m atlas_rl.bench.logprob_check", description=__doc__
-    ).parse(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args = check_options(LogprobCheckOptions, "logprob_check", __doc__, argv)
     model, tok = load_target(args.model)
     model.eval()
     ids = grpo_workload(tok, 8, 8, args.max_new_tokens, seed=0).prompt_ids

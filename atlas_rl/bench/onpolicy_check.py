@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from atlas_rl.argparsing import ConfigParser
+from atlas_rl.bench.common import check_options
 from atlas_rl.jsonio import dumps, write_json
 
 logger = logging.getLogger(__name__)
@@ -172,14 +172,7 @@ def run(opts: OnPolicyCheckOptions) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    try:
-        import scipy  # noqa: F401
-    except ImportError as e:  # a dev tool: scipy comes with the dev extra
-        raise SystemExit("onpolicy_check needs scipy: pip install -e '.[dev]'") from e
-    opts = ConfigParser(
-        [OnPolicyCheckOptions], prog="python -m atlas_rl.bench.onpolicy_check", description=__doc__
-    ).parse(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    opts = check_options(OnPolicyCheckOptions, "onpolicy_check", __doc__, argv, needs_scipy=True)
     summary = run(opts)
     logger.info("%s", dumps(summary))
     return summary

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from atlas_rl.argparsing import ConfigParser
+from atlas_rl.bench.common import check_options
 from atlas_rl.jsonio import dumps, write_json
 
 logger = logging.getLogger(__name__)
@@ -120,20 +120,13 @@ def _summary(out: dict[str, dict[str, list[float]]], max_new_tokens: int) -> dic
 
 
 def main(argv: list[str] | None = None) -> dict:
-    try:
-        import scipy  # noqa: F401
-    except ImportError as e:  # a dev tool: scipy comes with the dev extra
-        raise SystemExit("sampling_check needs scipy: pip install -e '.[dev]'") from e
+    opts = check_options(SamplingCheckOptions, "sampling_check", __doc__, argv, needs_scipy=True)
     from atlas_rl.data.tasks import arithmetic_tasks
     from atlas_rl.models import load_target
     from atlas_rl.rollout import RolloutEngine
 
     from .workloads import grpo_workload
 
-    opts = ConfigParser(
-        [SamplingCheckOptions], prog="python -m atlas_rl.bench.sampling_check", description=__doc__
-    ).parse(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     model, tok = load_target(opts.model)
     model.eval()
     answers = [t.answer for t in arithmetic_tasks(8, seed=0)]  # the prompts of grpo_workload(seed=0)
