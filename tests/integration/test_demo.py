@@ -78,5 +78,10 @@ def test_full_demo_on_the_embedded_default(tmp_path):
     h = rep["headline"]
     assert h["steps"] == 8 and h["rollout_tokens_per_s"] > 0 and h["baseline_rollout_tokens_per_s"] > 0
     assert h["speedup"] > 0 and "CI of the median" in h["speedup_ci"]
-    reward = [r for r in rep["series"]["reward"] if r is not None]
-    assert sum(reward[-3:]) / 3 > sum(reward[:3]) / 3  # the policy learns the task within the demo's steps
+    # The policy learns the answer format within the demo's steps. Measured on the format reward, not the sum: each
+    # step draws new prompts, and the correctness part's step-to-step spread (their difficulty) is larger than what
+    # 8 steps teach a 135M model; in 9 recorded runs the sum fell once (0.21 -> 0.20) while the format reward rose in
+    # all 9 (0.04 -> 0.27 in that one). docs/results/onpolicy_check.md.
+    formatted = [r for r in rep["series"]["rewards/formatted/mean"] if r is not None]
+    assert len(formatted) == 8
+    assert sum(formatted[-3:]) / 3 > sum(formatted[:3]) / 3
