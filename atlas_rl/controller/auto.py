@@ -32,6 +32,14 @@ Every decode step maximises *expected emitted tokens per second of wall time*:
   verification cost table (forward time) and each speculator's drafting cost (propose time) when the call ends
   (``finish``), so no decision within a call depends on wall-clock time (reproducible with a seed).
 
+Quiet steps: a step at which every speculator's last refusal at the batch size still stands plans nothing and
+prices nothing; a plain step's timings wait for ``probe_every`` of them (one refinement worth as many observations)
+and its acceptance decay until the calibration is next read. A near miss stands for one step where a full plan is
+cheap against a step (CPUs), up to ``probe_every`` where it is not (a graphed GPU step; :meth:`_near_miss_stand`).
+Where nothing pays, the controller then costs next to nothing a step (on an H200 the default engine read 0.77-0.81x
+k=0 with planning at every step and 0.85-0.90x with quiet steps at 16 random-weight rows; the rest is the
+speculators' own upkeep; ``docs/results/gpu_costs.md``).
+
 Cold start: a speculator never observed is assumed to accept ``prior_mean`` of its tokens (0.5) with a wide
 posterior, unless it states its own ``expected_acceptance`` (a draft head's held-out figure, worth
 ``informed_prior_strength`` observations); it is asked (cheap, or optimistic value) and verified where such an
@@ -303,7 +311,12 @@ class AutoController(Controller):
         self._cheap: set[str] = set()  # speculators asked this step because drafting is (predicted) negligible
         self._step_rows: list[int] = []
         self._plans = 0  # plan() calls so far (the cheap speculators' probing schedule)
-        self._declined: dict[tuple[str, bool, int], int] = {}  # (speculator, greedy, rows) -> plan that declined it
+        # (speculator, greedy, rows) -> the first plan() at which its last refusal no longer stands
+        self._declined: dict[tuple[str, bool, int], int] = {}
+        self._declined_cheap: set[str] = set()  # speculators that were cheap when last declined (probed anyway)
+        self._pending_decays = 0  # steps whose acceptance decay waits (applied before the calibration is read)
+        self._plan_cost_s = 0.0  # seconds of a full plan() as measured up to the last call's end (0: never timed)
+        self._call_plan = [0.0, 0]  # this call's full plans: (seconds, count)
         self._soft: dict[int, tuple[str, list[int], list[float]]] = {}
         self._greedy = False
         self._reproducible = False  # this call's timings wait for finish()
@@ -385,7 +398,12 @@ class AutoController(Controller):
 
     def _draft_curve(self, name: str, n: int, step_s: np.ndarray) -> np.ndarray:  # step_s: [K+1]
         """``[K]`` predicted seconds for ``name`` to draft L = 1 .. K tokens for ``n`` rows."""
-        return np.array([self._draft_s(name, n, L, step_s) for L in range(1, self.num_speculative_tokens + 1)])
+        K = self.num_speculative_tokens
+        seen = getattr(self.draft_cost, "observations", None)
+        curve = getattr(self.draft_cost, "predict_curve", None)  # a custom cost model may predict one at a time
+        if curve is None or seen is None or (seen(name) == 0 and name in self._draft_cost_prior):
+            return np.array([self._draft_s(name, n, L, step_s) for L in range(1, K + 1)])
+        return curve(name, n, K)
 
     def _cost(self) -> VerificationCost:
         if self.cost is None:
@@ -408,18 +426,33 @@ class AutoController(Controller):
     # ------------------------------------------------------------------------------------------ plan
     def plan(self, state: PlanState) -> Plan:
         n, K = len(state.row_ids), self.num_speculative_tokens
-        self._tracker.retain(set(state.row_ids))
+        if self._tracker.has_pending():
+            self._tracker.retain(set(state.row_ids))
         self._greedy = state.greedy
         self._reproducible = state.reproducible
-        step_s = self._step_cost(n)  # [K+1]
-        self._plan_step_s = (n, step_s)  # the step's prices, for a seeded call's own account in update()
-        base_rate = n / step_s[0]
         self._asked = {}
         self._cheap = set()
         self._plans += 1
-        # even perfect drafts (every token accepted) cannot pay: do not even ask
+        if self._refusals_stand(state.speculators, state.greedy, n):
+            return [[] for _ in state.remaining]  # a quiet step: nothing new to plan on, O(1) per row
+        t0 = self.clock()
+        out = self._full_plan(state, n, K)
+        self._call_plan[0] += self.clock() - t0
+        self._call_plan[1] += 1
+        return out
+
+    def _full_plan(self, state: PlanState, n: int, K: int) -> Plan:
+        self._flush_quiet()
+        step_s = self._step_cost(n)  # [K+1]
+        self._plan_step_s = (n, step_s)  # the step's prices, for a seeded call's own account in update()
+        base_rate = n / step_s[0]
+        # even perfect drafts (every token accepted) cannot pay: do not even ask (again for probe_every steps)
         perfect = n * np.arange(1, K + 2) / step_s
-        if perfect[1:].max() > base_rate:
+        if perfect[1:].max() <= base_rate:
+            until = self._plans + self.config.probe_every
+            self._declined.update({(name, state.greedy, n): until for name in state.speculators})
+            self._declined_cheap.difference_update(state.speculators)
+        else:
             for name in state.speculators:
                 L = self._plan_length(name, state.greedy, n, step_s, base_rate)
                 if L > 0:
@@ -430,6 +463,19 @@ class AutoController(Controller):
             cap = rem - 1
             out.append([(name, min(L, cap)) for name, L in self._asked.items()] if cap > 0 else [])
         return out
+
+    def _refusals_stand(self, names: list[str], greedy: bool, n: int) -> bool:
+        """Whether every speculator's last refusal at this batch size still stands (``probe_every`` steps, and no
+        cheap one due for its probe): then the step plans nothing, reads no model, and its bookkeeping waits
+        (``update``), so a call where speculation does not pay costs the controller next to nothing a step."""
+        if not names:
+            return False
+        probe = self._plans % self.config.probe_every == 0
+        for name in names:
+            until = self._declined.get((name, greedy, n))
+            if until is None or self._plans >= until or (probe and name in self._declined_cheap):
+                return False
+        return True
 
     def _keep_best_costly(self, n: int, step_s: np.ndarray) -> None:  # step_s: [K+1]
         """Of the costly speculators planning would ask, keep only the one of the best mean rate: each draws
@@ -469,16 +515,29 @@ class AutoController(Controller):
             self._cheap.add(name)
             return K  # a probing step: asked whatever it is worth
         key = (name, greedy, n)
-        if self._plans - self._declined.get(key, -self.config.probe_every) < self.config.probe_every:
+        if self._plans < self._declined.get(key, 0):
             return 0  # declined a few steps ago at this batch size: nothing new to plan on
         L, clear = (
             self._cheap_length(name, greedy, n, step_s, base_rate)
             if cheap
             else self._costly_length(name, greedy, n, step_s, base_rate)
         )
-        if L == 0 and clear:
-            self._declined[key] = self._plans
+        if L == 0:
+            self._declined[key] = self._plans + (self.config.probe_every if clear else self._near_miss_stand(step_s))
+            (self._declined_cheap.add if cheap else self._declined_cheap.discard)(name)
         return L
+
+    def _near_miss_stand(self, step_s: np.ndarray) -> int:  # step_s: [K+1]
+        """Steps a near miss stands (1: planned again at the next step): re-planning it is itself exploration, so
+        at most ``exploration_budget`` of a plain step may go to it — on a CPU (a full plan ~0.3 ms, a step 40-60 ms)
+        every step, as measured best there; on a GPU (a full plan ~0.4 ms of a 3.7 ms graphed SmolLM2 step) every
+        ``probe_every`` steps. The plan's cost is the one measured up to the last call's end (a seeded call's
+        decisions depend on the controller's state at its start, never on its own clock)."""
+        budget = self.config.exploration_budget * float(step_s[0])
+        if self._plan_cost_s <= 0.0:
+            return 1
+        share = self._plan_cost_s / budget if budget > 0.0 else math.inf
+        return int(min(self.config.probe_every, max(1, math.ceil(share))))
 
     def _cheap_length(self, name: str, greedy: bool, n: int, step_s: np.ndarray, base_rate: float) -> tuple[int, bool]:
         """A cheap speculator is asked for ``max_k`` tokens while free drafts of it could pay, else not (0); the
@@ -498,8 +557,8 @@ class AutoController(Controller):
         move, and re-planning at every step was ~0.1 ms of the controller's ~0.6 ms a step at 16 rows)."""
         K = self.num_speculative_tokens
         large = n >= _LARGE_BATCH[greedy]
-        if self._over_budget(name, greedy, n):
-            return 0, large  # its recent drafts in this regime cost more than the exploration budget: wait
+        if self._over_budget(name, greedy, n):  # its recent drafts in this regime cost more than the budget: wait
+            return 0, large or self._budget_wait_steps(name, greedy, n) >= self.config.probe_every
         draft_s = self._draft_curve(name, n, step_s)  # [K]
         # optimistic on purpose below 16 rows (it decides whether to *ask*): rows assumed alike, so the batch's
         # expected tokens are its effective tokens; choose() decides on the actual drafts, where the slowest row counts
@@ -608,6 +667,16 @@ class AutoController(Controller):
             if self._over_budget(s, greedy, n):
                 low[:, c, :] = 0.0
 
+    def _budget_wait_steps(self, name: str, greedy: bool, n: int) -> float:
+        """Steps until ``name``'s account in this regime decays under the exploration budget (recent time assumed
+        steady): a wait of ``probe_every`` steps or more is a clear refusal, planned again only after it."""
+        key = (name, greedy, _row_bucket(n))
+        account = self._wasted_s.get(key, 0.0) + self._call_wasted_s.get(key, 0.0)
+        limit = self.config.exploration_budget * (self._recent_s + self._call_recent_s)
+        if account <= limit:
+            return 0.0
+        return math.inf if limit <= 0.0 else math.log(limit / account) / math.log(self._decay)
+
     def _over_budget(self, name: str, greedy: bool, n: int) -> bool:
         """Whether ``name``'s account in the regime of ``n`` rows exceeds the exploration budget of recent time."""
         key = (name, greedy, _row_bucket(n))
@@ -696,12 +765,29 @@ class AutoController(Controller):
         self._cost()
         used = {o.draft.speculator for o in per_row if o.draft is not None}
         self._timings.append((record, used, self._last_update_s))
-        if not self._reproducible:
-            self._apply_timings()
-        else:
+        plain = not record.proposals and record.query_len <= 1
+        if self._reproducible:
             self._account_predicted(record, used)
+        elif not plain or len(self._timings) >= self.config.probe_every:
+            self._apply_timings()  # a plain step's timings wait for a few more (refined at once: _observe_plain)
+        self._pending_decays += 1
+        if self._soft or self._tracker.has_pending():
+            self._resolve(per_row)
+        self._soft = {}
+        self._last_update_s = self.clock() - t0
+
+    def _flush_quiet(self) -> None:
+        """Apply the acceptance decays that quiet steps left waiting (before the calibration is read again; their
+        timings wait for ``probe_every`` plain steps, a drafting step, or the call's end)."""
+        self.acceptance.decay(self._greedy, self._pending_decays)
+        self._pending_decays = 0
+
+    def _resolve(self, per_row: list[RowOutcome]) -> None:
+        """The step's acceptance evidence: pending one-hot drafts resolved by the emitted tokens, and verified soft
+        drafts."""
+        self.acceptance.decay(self._greedy, self._pending_decays)
+        self._pending_decays = 0
         greedy = self._greedy
-        self.acceptance.decay(greedy)
         outcomes: dict[tuple[str, bool], Outcomes] = {}
         for i, o in enumerate(per_row):
             if i < len(self._step_rows):
@@ -713,8 +799,6 @@ class AutoController(Controller):
                 for j in range(min(len(o.draft), len(bins), o.accepted + 1)):
                     out.add(j, bins[j], pred[j], j < o.accepted)
         self._observe(outcomes)
-        self._soft = {}
-        self._last_update_s = self.clock() - t0
 
     def _observe(self, outcomes: dict[tuple[str, bool], Outcomes]) -> None:
         for (name, greedy), obs in outcomes.items():
@@ -735,10 +819,15 @@ class AutoController(Controller):
         timings, self._timings = self._timings, []
         if not self.config.learn_timings:
             return
+        plain: list[tuple[int, float, float]] = []  # consecutive plain steps: (rows, forward s, overhead s)
         for record, used, update_s in timings:
             propose_s = sum(p.seconds for p in record.proposals.values())
             overhead = record.step_s - record.forward_s - propose_s + update_s
-            cost.observe(record.num_rows, record.query_len, record.forward_s, overhead)
+            if not record.proposals and record.query_len <= 1:
+                plain.append((record.num_rows, record.forward_s, overhead))
+            else:
+                self._observe_plain(plain)
+                cost.observe(record.num_rows, record.query_len, record.forward_s, overhead)
             self._recent_s = self._decay * self._recent_s + record.step_s
             for key in list(self._wasted_s):
                 self._wasted_s[key] *= self._decay
@@ -750,6 +839,21 @@ class AutoController(Controller):
                     self._wasted_s[key] = self._wasted_s.get(key, 0.0) + p.seconds
                     unused_s += p.seconds
             self._charge_realised(record, used, update_s, unused_s)
+        self._observe_plain(plain)
+
+    def _observe_plain(self, plain: list[tuple[int, float, float]]) -> None:
+        """Refine the cost table from plain steps (``(rows, forward s, overhead s)`` each, emptied): one update per
+        batch size, at their typical timings (geometric mean forward, mean overhead), worth as many observations
+        (:meth:`VerificationCost.observe`'s ``count``) — per step it was ~0.15 ms of numpy on a CPU, a twentieth of
+        a 3.7 ms graphed GPU step where nothing else of the controller runs."""
+        by_rows: dict[int, list[tuple[float, float]]] = {}
+        for rows, fwd, over in plain:
+            if fwd > 0 and math.isfinite(fwd):
+                by_rows.setdefault(rows, []).append((fwd, over))
+        plain.clear()
+        for rows, obs in by_rows.items():
+            a = np.asarray(obs)  # [m, 2]
+            self._cost().observe(rows, 1, float(np.exp(np.log(a[:, 0]).mean())), float(a[:, 1].mean()), len(obs))
 
     def _account_predicted(self, record: StepRecord, used: set[str]) -> None:
         """A seeded call's step in its own waste account, priced by the cost models (not by its clock): the step
@@ -793,10 +897,18 @@ class AutoController(Controller):
         hand its predicted-vs-realised acceptance to ``stats``; drafts still pending are censored."""
         if self._timings:
             self._apply_timings()
+        self.acceptance.decay(self._greedy, self._pending_decays)
+        self._pending_decays = 0
         self._call_wasted_s, self._call_recent_s = {}, 0.0  # the measured timings replace the call's estimates
         self._rng = np.random.default_rng(self.config.seed)  # every call plans from the same random stream
         self._plans = 0  # and probes its cheap speculators on the same schedule
         self._declined = {}
+        self._declined_cheap = set()
+        seconds, plans = self._call_plan
+        if plans:
+            mean = seconds / plans
+            self._plan_cost_s = mean if self._plan_cost_s <= 0.0 else 0.5 * (self._plan_cost_s + mean)
+        self._call_plan = [0.0, 0]
         for name, cal in self._call_calibration.items():
             stats.speculator(name).merge(SpeculatorStats(calibration=cal.tolist()))
         self._call_calibration = {}

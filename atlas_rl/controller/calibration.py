@@ -154,16 +154,19 @@ class AcceptanceModel:
         t = self._tables.get((name, greedy))
         return 0.0 if t is None else float(t.tot.sum())
 
-    def decay(self, greedy: bool) -> None:
-        """One step passed: every table of this mode loses weight (also those of speculators not used)."""
+    def decay(self, greedy: bool, steps: int = 1) -> None:
+        """``steps`` steps passed: every table of this mode loses weight (also those of speculators not used)."""
+        if steps <= 0:
+            return
+        f, f_long, f_fast = self.decay_factor**steps, self.long_decay_factor**steps, self.fast_decay_factor**steps
         for (_, g), t in self._tables.items():
             if g == greedy:
-                t.acc *= self.decay_factor
-                t.tot *= self.decay_factor
-                t.long_acc *= self.long_decay_factor
-                t.long_tot *= self.long_decay_factor
-                t.resid *= self.fast_decay_factor
-                t.var *= self.fast_decay_factor
+                t.acc *= f
+                t.tot *= f
+                t.long_acc *= f_long
+                t.long_tot *= f_long
+                t.resid *= f_fast
+                t.var *= f_fast
                 t.cache = None
 
     def observe(

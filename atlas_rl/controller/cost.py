@@ -132,11 +132,16 @@ class VerificationCost:
         return self.forward_curve(rows, max_tokens) + self.overhead_curve(rows, max_tokens)
 
     # ------------------------------------------------------------------------------------------ online
-    def observe(self, rows: int, tokens: int, forward_s: float, overhead_s: float | None = None) -> None:
-        """Move the table toward one measured step (``forward_s`` of the forward, ``overhead_s`` of the rest)."""
-        if rows < 1 or tokens < 1 or not (forward_s > 0) or not math.isfinite(forward_s):
+    def observe(
+        self, rows: int, tokens: int, forward_s: float, overhead_s: float | None = None, count: int = 1
+    ) -> None:
+        """Move the table toward one measured step (``forward_s`` of the forward, ``overhead_s`` of the rest), or
+        toward ``count`` alike steps at once (their typical timings): the refinement ``count`` single observations
+        of them would make (``1 - (1 - refine_rate) ** count`` of the error), in one update of the table."""
+        if rows < 1 or tokens < 1 or not (forward_s > 0) or not math.isfinite(forward_s) or count < 1:
             return
-        self.num_observations += 1
+        self.num_observations += count
+        rate = 1.0 - (1.0 - self.refine_rate) ** count
         self._ensure(rows, tokens)
         i, w = self._bracket(rows)
         pred = self.forward_s(rows, tokens)
@@ -147,17 +152,17 @@ class VerificationCost:
         for idx, wt in ((i, 1 - w), (i + 1, w)):
             if wt <= 0:
                 continue
-            self._refine(self._log, idx, tokens, wt * err)
+            self._refine(self._log, idx, tokens, wt * err, rate)
             if d is not None:
-                self._refine(self._overhead, idx, tokens, wt * d)
+                self._refine(self._overhead, idx, tokens, wt * d, rate)
                 np.maximum(self._overhead[idx], 0.0, out=self._overhead[idx])
 
-    def _refine(self, table: np.ndarray, idx: int, tokens: int, delta: float) -> None:  # table: [R, T]
-        """Move row ``idx`` of ``table`` (log forward seconds, or overhead seconds) toward one observation at
-        ``tokens``: the observed cell by ``refine_rate x delta``, the rest of the row by ``shared_rate`` of it (a
-        common drift, e.g. a longer context); then more tokens per row never cost less than fewer."""
-        table[idx] += self.refine_rate * self.shared_rate * delta
-        table[idx, tokens - 1] += self.refine_rate * (1 - self.shared_rate) * delta
+    def _refine(self, table: np.ndarray, idx: int, tokens: int, delta: float, rate: float) -> None:  # table: [R, T]
+        """Move row ``idx`` of ``table`` (log forward seconds, or overhead seconds) toward an observation at
+        ``tokens``: the observed cell by ``rate x delta``, the rest of the row by ``shared_rate`` of it (a common
+        drift, e.g. a longer context); then more tokens per row never cost less than fewer."""
+        table[idx] += rate * self.shared_rate * delta
+        table[idx, tokens - 1] += rate * (1 - self.shared_rate) * delta
         table[idx] = np.maximum.accumulate(table[idx])
 
     # ------------------------------------------------------------------------------------------ grid

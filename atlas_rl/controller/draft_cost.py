@@ -75,6 +75,15 @@ class DraftCost:
             return 0.0
         return max(0.0, float(m.features(depth, rows * depth) @ m.theta))
 
+    def predict_curve(self, name: str, rows: int, max_depth: int) -> np.ndarray:
+        """``[max_depth]`` :meth:`predict` for depth = 1 .. ``max_depth`` at once."""
+        m = self._models.get(name)
+        if m is None or rows <= 0:
+            return np.zeros(max(max_depth, 0))
+        depth = np.arange(1, max_depth + 1, dtype=float)
+        x = np.stack([np.ones_like(depth), depth, rows * depth / 64.0], 1)  # [max_depth, 3] = features per depth
+        return np.maximum(x @ m.theta, 0.0)
+
     def observations(self, name: str) -> int:
         m = self._models.get(name)
         return 0 if m is None else m.n

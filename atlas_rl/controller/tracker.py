@@ -57,6 +57,10 @@ class DraftTracker:
     def __len__(self) -> int:
         return sum(len(v) for v in self._pending.values())
 
+    def has_pending(self) -> bool:
+        """Whether any row has a draft not yet resolved (O(1): a step without one skips the per-row work)."""
+        return bool(self._pending)
+
     def add(self, row_id: int, draft: PendingDraft) -> None:
         if draft.length > 0:
             self._pending.setdefault(row_id, []).append(draft)
