@@ -10,7 +10,7 @@ draft distributions for the verifier, and emitting verified tokens into a row.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -58,6 +58,8 @@ class WaveContext:
     n_gen: int  # samples per prompt
     device: torch.device  # the model's (read once per call)
     group_left: dict[int, int] = field(default_factory=dict)  # group id -> rows still generating
+    # (observe_hidden, its layers) of each speculator that reads the target's hidden states
+    hidden_observers: list[tuple[Callable[..., None], tuple[int, ...]]] = field(default_factory=list)
 
 
 @dataclass
