@@ -4,7 +4,10 @@
   share of rows and tokens identical to the eager plain engine, and whether speculation under graphs equals plain
   decoding under graphs (it must: lossless) and speculation without them; with each engine's capture counts.
 * ``default``: the default engine (auto controller over the default speculators) against k=0, both as configured
-  by default, interleaved repeats: tok/s per repeat and τ (the first repeat shows what new shapes cost).
+  by default, interleaved repeats: tok/s per repeat and τ (the first repeat shows what new shapes cost); beside
+  them the same controller planning at every step (``probe_every=1``: no quiet steps, timings applied at every
+  step, as before 2026-12-04 evening) and the default speculators under ``FixedController(0)`` (their per-step
+  upkeep alone), with each engine's controller time a step and its steps that drafted.
 """
 
 from __future__ import annotations
@@ -61,28 +64,49 @@ def default_vs_plain(model: torch.nn.Module, rows: int, new_tokens: int, repeats
     """The default engine and a k=0 engine on ``rows`` random prompts, greedy, ``repeats`` interleaved rounds after
     one warm-up call each: tok/s per round, the default's τ per round."""
     from atlas_rl.bench.gpu_costs import _timed_generate
-    from atlas_rl.config import EngineConfig
-    from atlas_rl.rollout import RolloutEngine
-    from atlas_rl.speculators.defaults import default_speculators
     from atlas_rl.types import SamplingParams
 
     t0 = time.perf_counter()
-    plain = RolloutEngine(model, eos_token_ids=[], config=EngineConfig(num_speculative_tokens=0))
-    default = RolloutEngine(model, speculators=default_speculators(model), eos_token_ids=[])
+    engines = _default_engines(model)
     build_s = time.perf_counter() - t0
     vocab = model.get_output_embeddings().weight.shape[0]
     prompts = torch.randint(0, vocab, (rows, 24), generator=torch.Generator().manual_seed(rows)).tolist()
     sp = SamplingParams(temperature=0.0, max_new_tokens=new_tokens, ignore_eos=True)
-    out: dict = {"rows": rows, "build_s": build_s, "k0_tok_s": [], "default_tok_s": [], "tau": []}
-    for engine in (plain, default):
+    out: dict = {"rows": rows, "build_s": build_s, "tau": [], "controller_us_per_step": {}, "drafted_steps": {}}
+    for name, engine in engines.items():
         engine.generate(prompts, sp)
+        out[f"{name}_tok_s"], out["controller_us_per_step"][name], out["drafted_steps"][name] = [], [], []
     for _ in range(repeats):
-        for name, engine in (("k0", plain), ("default", default)):
+        for name, engine in engines.items():
             seconds, stats = _timed_generate(engine, prompts, sp)
             out[f"{name}_tok_s"].append(rows * new_tokens / seconds)
+            out["controller_us_per_step"][name].append(1e6 * stats.plan_s / max(stats.num_steps, 1))
+            out["drafted_steps"][name].append(sum(1 for s in stats.steps if s.proposals))
             if name == "default":
                 out["tau"].append(stats.mean_acceptance_length)
-    return {**out, "graphs": graph_stats(default)}
+    return {**out, "graphs": graph_stats(engines["default"])}
+
+
+def _default_engines(model: torch.nn.Module) -> dict[str, Any]:
+    """The ``default`` section's engines: k=0, the default one, its controller planning at every step, and the
+    default speculators' upkeep under ``FixedController(0)``."""
+    from atlas_rl.config import EngineConfig
+    from atlas_rl.controller import AutoController, AutoControllerConfig, FixedController
+    from atlas_rl.rollout import RolloutEngine
+    from atlas_rl.speculators.defaults import default_speculators
+
+    k = EngineConfig().num_speculative_tokens
+    every_step = AutoController(AutoControllerConfig(num_speculative_tokens=k, probe_every=1))
+    return {
+        "k0": RolloutEngine(model, eos_token_ids=[], config=EngineConfig(num_speculative_tokens=0)),
+        "default": RolloutEngine(model, speculators=default_speculators(model), eos_token_ids=[]),
+        "every_step": RolloutEngine(
+            model, speculators=default_speculators(model), eos_token_ids=[], controller=every_step
+        ),
+        "upkeep": RolloutEngine(
+            model, speculators=default_speculators(model), eos_token_ids=[], controller=FixedController(0)
+        ),
+    }
 
 
 def outputs_lines(entry: dict) -> list[str]:
@@ -98,14 +122,25 @@ def outputs_lines(entry: dict) -> list[str]:
 
 
 def default_lines(entry: dict) -> list[str]:
-    lines = ["default engine vs k=0 (tok/s per interleaved repeat)", ""]
-    lines += ["| rows | k=0 | default | ratio | τ |", "|---|---|---|---|---|"]
+    lines = ["default engine vs k=0 (tok/s per interleaved repeat; ratios to k=0 of the same repeat)", ""]
+    lines += [
+        "| rows | k=0 | default | ratio | τ | planning every step | upkeep only | controller µs/step (default) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for c in entry["default"]:
-        ratio = [d / p for d, p in zip(c["default_tok_s"], c["k0_tok_s"])]
         cells = [", ".join(f"{v:.{p}f}" for v in c[key]) for key, p in (("k0_tok_s", 1), ("default_tok_s", 1))]
+        ratios = [_ratios(c, name) for name in ("default", "every_step", "upkeep")]
+        ctl = ", ".join(f"{v:.0f}" for v in c.get("controller_us_per_step", {}).get("default", []))
         lines.append(
-            f"| {c['rows']} | {cells[0]} | {cells[1]} | {', '.join(f'{r:.2f}x' for r in ratio)} | "
+            f"| {c['rows']} | {cells[0]} | {cells[1]} | {ratios[0]} | "
             + ", ".join(f"{t:.2f}" for t in c["tau"])
-            + " |"
+            + f" | {ratios[1]} | {ratios[2]} | {ctl or 'n/a'} |"
         )
     return lines + [""]
+
+
+def _ratios(cell: dict, name: str) -> str:
+    """``name``'s tok/s over k=0's, per repeat ('n/a' for a record made before that engine was measured)."""
+    if f"{name}_tok_s" not in cell:
+        return "n/a"
+    return ", ".join(f"{d / p:.2f}x" for d, p in zip(cell[f"{name}_tok_s"], cell["k0_tok_s"]))

@@ -48,9 +48,13 @@ def test_gpu_cost_script_runs_tiny_on_cpu(tmp_path):
     assert [c["rows"] for c in tiny["outputs"]] == [1, 3]
     (d,) = tiny["default"]
     assert len(d["k0_tok_s"]) == len(d["default_tok_s"]) == len(d["tau"]) == 2 and min(d["tau"]) >= 1.0
+    assert len(d["every_step_tok_s"]) == len(d["upkeep_tok_s"]) == 2
+    assert set(d["controller_us_per_step"]) == {"k0", "default", "every_step", "upkeep"}
+    assert d["drafted_steps"]["k0"] == d["drafted_steps"]["upkeep"] == [0, 0]  # neither engine can draft
     md = (tmp_path / "gpu_costs.md").read_text()
     assert "| rows |" in md and "| T | k | graphs | rows | step |" in md and "| 1 | cuDNN left out |" in md
     assert "| 3 | 1.00 (1.00) | 1.00 (1.00) | 1.00 (1.00) |" in md and "default engine vs k=0" in md
+    assert "| planning every step | upkeep only | controller µs/step (default) |" in md
     assert "profiled T=1 call at 4 rows" in md and "| op | calls | self host ms | device ms |" in md
 
 
