@@ -65,6 +65,7 @@ from atlas_rl.verification import RejectionSampler, draw_uniforms
 from atlas_rl.verification.base import Verifier
 
 from .cost_probe import engine_code_version
+from .cpu_glue import glue_kernels
 from .cpu_linear import drop_packed_weights, install_cpu_linear, kernel_plan
 from .cuda_graphs import GraphedForward
 from .draft_probe import DraftProbeConfig, probe_drafting
@@ -188,6 +189,7 @@ class RolloutEngine:
         self._lean: LeanForward | None = None
         self._graphs: GraphedForward | None = None
         self._uninstall_linear = self._install_forward_path(model)
+        self._hand_cpu_glue()
 
         mc = model.config
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
@@ -238,6 +240,14 @@ class RolloutEngine:
             if isinstance(getattr(s, "head", None), torch.nn.Module):
                 install_cpu_linear(s.head, tune=False, low_precision=self.config.draft_bf16)
         return uninstall
+
+    def _hand_cpu_glue(self) -> None:
+        """The decode glue kernels to the draft heads that take them (``cpu_glue``) when the lean forward runs on a
+        CPU: their draft layers then run through the loops the target's forward uses (``speculators/head_cpu.py``)."""
+        glue = glue_kernels() if self._lean is not None and self.device.type == "cpu" else None
+        for s in self.speculators.values():
+            if hasattr(s, "cpu_glue"):
+                s.cpu_glue = glue
 
     # ------------------------------------------------------------------------------------------ public
     @property

@@ -17,15 +17,18 @@ past ``committed``, where the next verified features overwrite them.
 from __future__ import annotations
 
 import functools
+import heapq
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any, TypeVar
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from atlas_rl.speculators.draft_head import DraftHead, head_cost_macs
+from atlas_rl.speculators.head_cpu import CpuDraftLayers
 from atlas_rl.speculators.head_graphs import HeadGraphs
 from atlas_rl.types import Draft, ProposeInput, SamplingParams
 from atlas_rl.verification.processing import processed_probs, sample_inverse_cdf
@@ -113,7 +116,7 @@ class DraftHeadSpeculator:
         self._rows: dict[int, _RowState] = {}
         self._groups: dict[int, list[int]] = {}
         self._prompts: dict[int, _GroupPrompt] = {}
-        self._free: list[int] = []
+        self._free: list[int] = []  # a min-heap: rows started in order get consecutive ascending slots again
         self.max_pending = max_pending
         self._k: torch.Tensor | None = None  # [layers, slots, kv_heads, max_len, head_dim]
         self._v: torch.Tensor | None = None
@@ -122,6 +125,10 @@ class DraftHeadSpeculator:
         # EngineConfig.cuda_graphs); made on first use
         self.cuda_graphs = True
         self._graphs: HeadGraphs | None = None
+        # on a CPU, the decode glue kernels for the draft layers (head_cpu; the engine hands them over with its lean
+        # forward); None: the PyTorch ops of _layers
+        self.cpu_glue: ModuleType | None = None
+        self._cpu: CpuDraftLayers | None = None
 
     # ------------------------------------------------------------------------------------------ storage
     @property
@@ -153,8 +160,8 @@ class DraftHeadSpeculator:
         self._k, self._v = k, v
 
     def _alloc_slot(self) -> int:
-        if self._free:
-            return self._free.pop()
+        if self._free:  # the lowest free slot: a wave's rows then sit in consecutive slots, read as one view
+            return heapq.heappop(self._free)
         return len(self._rows) + len(self._free)
 
     def _graph_runner(self) -> HeadGraphs | None:
@@ -164,6 +171,14 @@ class DraftHeadSpeculator:
         if self._graphs is None or not self.cuda_graphs or self._graphs.failed is not None:
             return None
         return self._graphs
+
+    def _cpu_layers(self) -> CpuDraftLayers | None:
+        """The glue path of the draft layers, or None (no kernels handed over, or a head it cannot run)."""
+        if self.cpu_glue is None or not CpuDraftLayers.supports(self.head):
+            return None
+        if self._cpu is None or self._cpu.glue is not self.cpu_glue or self._cpu.head is not self.head:
+            self._cpu = CpuDraftLayers(self.head, self.cpu_glue)
+        return self._cpu
 
     def _graph_reads(self) -> tuple[torch.Tensor, ...]:
         """Every tensor the graphs read besides their inputs: the KV storage and the head's weights."""
@@ -193,7 +208,7 @@ class DraftHeadSpeculator:
         for r in self._groups.pop(group_id, []):
             st = self._rows.pop(r, None)
             if st is not None:
-                self._free.append(st.slot)
+                heapq.heappush(self._free, st.slot)
 
     def reset(self) -> None:
         self._rows.clear()
@@ -331,13 +346,18 @@ class DraftHeadSpeculator:
         ``slots`` and attends causally to that cache. ``static``: no host reads (over the whole storage length,
         masked, and the slots' rows gathered): what a CUDA graph replays."""
         head = self.head
-        e = head.token_embeddings(tokens, g)
         assert self._k is not None and self._v is not None
+        rows = slots if static else self._cache_rows(slots)  # decided once for every layer
+        cpu = None if static or not isinstance(rows, slice) else self._cpu_layers()
+        if cpu is not None:
+            h = cpu.run(self._k, self._v, tokens, g, pos, rows.start)
+            if h is not None:
+                return h
+        e = head.token_embeddings(tokens, g)
         kv_len = self._k.shape[3] if static else int(pos.max()) + 1
         kpos = torch.arange(kv_len, device=self.device)
         mask = (kpos[None, None, :] <= pos[:, :, None])[:, None]  # [n, 1, m, kv]
         h = g
-        rows = slots if static else self._cache_rows(slots)  # decided once for every layer
         for i, layer in enumerate(head.layers):
             x, res = layer.layer_input(e if i == 0 else None, h)
             q, k, v = head.qkv(i, x, pos)
@@ -471,7 +491,8 @@ class DraftHeadSpeculator:
         uniforms to sample with (drawn from the draft sampler when None)."""
         head = self.head
         d2t = head.draft_to_target
-        logits_d = head.logits(h)  # [n, draft_vocab]
+        cpu = self._cpu_layers()
+        logits_d = cpu.logits(h) if cpu is not None else head.logits(h)  # [n, draft_vocab]
         if logits_d.dtype not in (torch.float32, torch.float64):
             logits_d = logits_d.float()
         if sampling.greedy:
