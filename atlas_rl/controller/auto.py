@@ -810,7 +810,7 @@ class AutoController(Controller):
             pred = np.array(obs.predicted, dtype=float)
             self.acceptance.observe(name, greedy, pos, bins, ok, pred)
             cal = self._call_calibration.setdefault(name, np.zeros((CALIBRATION_BINS, 3)))
-            pb = np.clip((pred * CALIBRATION_BINS).astype(np.int64), 0, CALIBRATION_BINS - 1)
+            pb = np.minimum(np.maximum((pred * CALIBRATION_BINS).astype(np.int64), 0), CALIBRATION_BINS - 1)
             np.add.at(cal, pb, np.stack([np.ones_like(pred), pred, ok], 1))
 
     def _apply_timings(self) -> None:

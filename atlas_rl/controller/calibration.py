@@ -40,7 +40,8 @@ LONG_MEMORY = 10.0  # the speculator level's half-life, in cell half-lives
 
 def confidence_bins(confidence: np.ndarray) -> np.ndarray:
     """Bin index (0 .. NUM_BINS-1) of each confidence value (values outside [0, 1] are clipped)."""
-    return np.clip(np.searchsorted(CONFIDENCE_EDGES, confidence, side="right") - 1, 0, NUM_BINS - 1)
+    # minimum/maximum, not np.clip: its dtype checks were ~10 us a call, 4% of the controller's time a step
+    return np.minimum(np.maximum(np.searchsorted(CONFIDENCE_EDGES, confidence, side="right") - 1, 0), NUM_BINS - 1)
 
 
 def position_groups(max_k: int) -> np.ndarray:

@@ -145,7 +145,7 @@ class VerificationCost:
         self._ensure(rows, tokens)
         i, w = self._bracket(rows)
         pred = self.forward_s(rows, tokens)
-        err = float(np.clip(math.log(forward_s / pred), -0.5, 0.5))
+        err = min(0.5, max(-0.5, math.log(forward_s / pred)))
         d = None
         if overhead_s is not None and math.isfinite(overhead_s):
             d = max(0.0, overhead_s) - self.overhead_s(rows, tokens)
