@@ -529,10 +529,10 @@ class AutoController(Controller):
 
     def _near_miss_stand(self, step_s: np.ndarray) -> int:  # step_s: [K+1]
         """Steps a near miss stands (1: planned again at the next step): re-planning it is itself exploration, so
-        at most ``exploration_budget`` of a plain step may go to it — on a CPU (a full plan ~0.3 ms, a step 40-60 ms)
-        every step, as measured best there; on a GPU (a full plan ~0.4 ms of a 3.7 ms graphed SmolLM2 step) every
-        ``probe_every`` steps. The plan's cost is the one measured up to the last call's end (a seeded call's
-        decisions depend on the controller's state at its start, never on its own clock)."""
+        at most ``exploration_budget`` of a plain step may go to it — on this project's CPU (a full plan 0.4 ms, a
+        plain step 34-45 ms at 1-4 rows) every step, as measured best there; on a GPU (a full plan ~0.4 ms of a
+        3.7 ms graphed SmolLM2 step) every ``probe_every`` steps. The plan's cost is the one measured up to the last
+        call's end (a seeded call's decisions depend on the controller's state at its start, never on its clock)."""
         budget = self.config.exploration_budget * float(step_s[0])
         if self._plan_cost_s <= 0.0:
             return 1

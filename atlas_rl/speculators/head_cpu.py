@@ -5,7 +5,7 @@ weights; the rest was ~1000 small PyTorch ops a ``propose`` (RMSNorm as six ops,
 an index_put per KV write, a boolean mask per layer). Here one layer is: two RMSNorms and a concatenation (first
 layer), three projections, RoPE + KV write + attention as one glue call over the head's own cache (each row attends
 its own positions only), the output projection with residual add + RMSNorm as one call, the MLP. RoPE reads a
-cos/sin table made once (grown on demand), the same float32 values as :func:`~.draft_head.rope_cos_sin`.
+cos/sin table made once by :func:`~.draft_head.rope_cos_sin` (grown on demand).
 
 Used for float32 heads on a CPU when the glue kernels are built, for steps of up to ``ROW_ATTENTION_MAX_Q``
 positions per row over consecutive cache slots (a wave's rows usually are); everything else (CUDA, long catch-ups
@@ -23,7 +23,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from atlas_rl.speculators.draft_head import DraftHead, DraftLayer, RMSNorm
+from atlas_rl.speculators.draft_head import DraftHead, DraftLayer, RMSNorm, rope_cos_sin
 
 _HEAD_DIMS = (64, 128)  # the head sizes the glue's row attention is compiled for
 _MAX_Q = 16  # positions per row the glue attends row by row (its ROW_ATTENTION_MAX_Q)
@@ -50,14 +50,10 @@ class CpuDraftLayers:
     def _rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pos: [c] long -> ([c, d], [c, d])
         top = int(pos.max()) + 1
         if top > self._cos.shape[0]:
-            c = self.head.config
             n = max(top, 2 * self._cos.shape[0], 256)
-            inv = 1.0 / (c.rope_theta ** (torch.arange(0, self.d, 2, dtype=torch.float32) / self.d))
-            ang = torch.arange(n, dtype=torch.float32)[:, None] * inv  # [n, d/2]
-            emb = torch.cat([ang, ang], -1)
-            sin = emb.sin()
+            cos, sin = rope_cos_sin(torch.arange(n), self.d, self.head.config.rope_theta, torch.float32)  # [n, d] each
             sin[:, : self.d // 2].neg_()
-            self._cos, self._sin = emb.cos(), sin
+            self._cos, self._sin = cos, sin
         return self._cos[pos], self._sin[pos]
 
     def run(
