@@ -670,18 +670,22 @@ class AutoController(Controller):
     def _budget_wait_steps(self, name: str, greedy: bool, n: int) -> float:
         """Steps until ``name``'s account in this regime decays under the exploration budget (recent time assumed
         steady): a wait of ``probe_every`` steps or more is a clear refusal, planned again only after it."""
-        key = (name, greedy, _row_bucket(n))
-        account = self._wasted_s.get(key, 0.0) + self._call_wasted_s.get(key, 0.0)
-        limit = self.config.exploration_budget * (self._recent_s + self._call_recent_s)
+        account, limit = self._account(name, greedy, n)
         if account <= limit:
             return 0.0
         return math.inf if limit <= 0.0 else math.log(limit / account) / math.log(self._decay)
 
     def _over_budget(self, name: str, greedy: bool, n: int) -> bool:
         """Whether ``name``'s account in the regime of ``n`` rows exceeds the exploration budget of recent time."""
+        account, limit = self._account(name, greedy, n)
+        return account > limit
+
+    def _account(self, name: str, greedy: bool, n: int) -> tuple[float, float]:
+        """(``name``'s account in the regime of ``n`` rows: unused drafting plus realised losses, the exploration
+        budget of recent time it is held to), in seconds."""
         key = (name, greedy, _row_bucket(n))
         account = self._wasted_s.get(key, 0.0) + self._call_wasted_s.get(key, 0.0)
-        return account > self.config.exploration_budget * (self._recent_s + self._call_recent_s)
+        return account, self.config.exploration_budget * (self._recent_s + self._call_recent_s)
 
     def _candidate_arrays(
         self, candidates: list[dict[str, Draft]], names: list[str], greedy: bool

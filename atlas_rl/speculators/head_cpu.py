@@ -43,9 +43,10 @@ class CpuDraftLayers:
 
     @staticmethod
     def supports(head: DraftHead) -> bool:
-        """Whether this path can run ``head`` (float32 on a CPU, a compiled head size)."""
-        w = head.fc.weight
-        return w.device.type == "cpu" and w.dtype == torch.float32 and head.config.head_dim in _HEAD_DIMS
+        """Whether this path can run ``head`` (float32 on a CPU, its target's embedding too, a compiled head size)."""
+        w, emb = head.fc.weight, head._embed
+        cpu32 = w.device.type == "cpu" and w.dtype == torch.float32
+        return cpu32 and emb is not None and emb.dtype == torch.float32 and head.config.head_dim in _HEAD_DIMS
 
     def _rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pos: [c] long -> ([c, d], [c, d])
         top = int(pos.max()) + 1
